@@ -1,0 +1,84 @@
+//! Command-line syntax (clap). Values that belong to the layered configuration stay text here and
+//! are parsed in `walvault::config`, so a bad value gets the same message from a flag, the
+//! environment or the config file.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "walvault",
+    version,
+    about = "PostgreSQL WAL archiving and point-in-time recovery",
+    after_help = "Configuration: flags > environment (WALVAULT_*) > config file (TOML). \
+                  Repository URLs: file:///abs/path or s3://bucket/prefix."
+)]
+pub struct Cli {
+    /// Config file (TOML); also WALVAULT_CONFIG
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Repository URL: file:///abs/path or s3://bucket/prefix; also WALVAULT_REPO
+    #[arg(long, global = true, value_name = "URL")]
+    pub repo: Option<String>,
+    /// More detail in logs (repeat for more)
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only warnings and errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Archive one WAL file: archive_command = 'walvault wal-push %p'
+    ///
+    /// Exits 0 only once the file is durable in the repository. Also pushes the next segments
+    /// PostgreSQL has marked ready, so its following calls return at once.
+    WalPush {
+        /// The WAL file (%p)
+        path: PathBuf,
+        /// Files pushed in parallel, this one included; also WALVAULT_PUSH_CONCURRENCY
+        #[arg(long, value_name = "N")]
+        concurrency: Option<String>,
+    },
+    /// Restore one WAL file: restore_command = 'walvault wal-fetch %f %p'
+    ///
+    /// Exit 0: restored. Exit 1: not in the archive. Exit 128: any other failure (also a
+    /// usage error), so that PostgreSQL stops recovery instead of ending it early.
+    WalFetch {
+        /// The WAL file name (%f)
+        name: String,
+        /// Where to write it (%p)
+        dest: PathBuf,
+        /// Segments to prefetch ahead of recovery (0 disables); also WALVAULT_PREFETCH
+        #[arg(long, value_name = "N")]
+        prefetch: Option<String>,
+    },
+    /// Re-read every object in the repository and check its checksum
+    Verify {
+        /// Objects read in parallel
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        concurrency: usize,
+    },
+    /// Internal: the background prefetcher started by wal-fetch
+    #[command(hide = true)]
+    WalPrefetch {
+        #[arg(long)]
+        spool: PathBuf,
+        segments: Vec<String>,
+    },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::WalPush { .. } => "wal-push",
+            Command::WalFetch { .. } => "wal-fetch",
+            Command::Verify { .. } => "verify",
+            Command::WalPrefetch { .. } => "wal-prefetch",
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! Settings: where the repository is and how to talk to it, gathered from three layers.
+//!
+//! Precedence is flags > environment (`WALVAULT_*`) > config file (TOML, `--config` or
+//! `WALVAULT_CONFIG`). Every value remembers the layer it came from, so an error names both the key
+//! and its source ("invalid value "x" for s3.timeout (from environment variable WALVAULT_S3_TIMEOUT)").
+//! All layers are read as text and parsed once, here, into [`Settings`]; the rest of walvault
+//! only sees typed values. Used by the CLI edge (`main.rs`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::codec::Compression;
+
+/// Every setting: its key in the config file (dotted for tables) and its environment variable.
+const KEYS: &[(&str, &str)] = &[
+    ("repo", "WALVAULT_REPO"),
+    ("spool_dir", "WALVAULT_SPOOL_DIR"),
+    ("push_concurrency", "WALVAULT_PUSH_CONCURRENCY"),
+    ("prefetch", "WALVAULT_PREFETCH"),
+    ("compression", "WALVAULT_COMPRESSION"),
+    ("s3.endpoint", "WALVAULT_S3_ENDPOINT"),
+    ("s3.region", "WALVAULT_S3_REGION"),
+    ("s3.force_path_style", "WALVAULT_S3_FORCE_PATH_STYLE"),
+    ("s3.access_key_id", "WALVAULT_S3_ACCESS_KEY_ID"),
+    ("s3.secret_access_key", "WALVAULT_S3_SECRET_ACCESS_KEY"),
+    ("s3.timeout", "WALVAULT_S3_TIMEOUT"),
+    ("s3.max_attempts", "WALVAULT_S3_MAX_ATTEMPTS"),
+    ("s3.part_size", "WALVAULT_S3_PART_SIZE"),
+];
+
+/// Where a value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Env(&'static str),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "config file {}", p.display()),
+            Source::Env(v) => write!(f, "environment variable {v}"),
+            Source::Flag(n) => write!(f, "flag {n}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("invalid value {value:?} for {key} (from {origin}): {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        origin: Source,
+        reason: String,
+    },
+    #[error(
+        "no repository configured: pass --repo, set WALVAULT_REPO, or set `repo` in a config file"
+    )]
+    NoRepo,
+}
+
+/// A repository location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepoUrl {
+    /// `file:///abs/path`
+    Local(PathBuf),
+    /// `s3://bucket/prefix`; the prefix has no leading or trailing slash and may be empty.
+    S3 { bucket: String, prefix: String },
+}
+
+impl FromStr for RepoUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("file://") {
+            let path = Path::new(path);
+            if !path.is_absolute() {
+                return Err("a file:// repository needs an absolute path (file:///path)".into());
+            }
+            Ok(RepoUrl::Local(path.to_path_buf()))
+        } else if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err("an s3:// repository needs a bucket (s3://bucket/prefix)".into());
+            }
+            Ok(RepoUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.trim_matches('/').to_owned(),
+            })
+        } else {
+            Err("expected file:///abs/path or s3://bucket/prefix".into())
+        }
+    }
+}
+
+impl fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RepoUrl::Local(p) => write!(f, "file://{}", p.display()),
+            RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            RepoUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// How to reach an S3-compatible service.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Bound on one request attempt (and on each read of a response body).
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    /// Objects larger than this are uploaded in parts of this size.
+    pub part_size: usize,
+}
+
+/// Everything a command needs to know, typed.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub repo: RepoUrl,
+    pub s3: S3Settings,
+    /// Spool for push-ahead markers and prefetched WAL; `None` means next to `pg_wal`.
+    pub spool_dir: Option<PathBuf>,
+    pub push_concurrency: usize,
+    pub prefetch: usize,
+    pub compression: Compression,
+}
+
+/// Values set on the command line; `None` where the flag was not given.
+#[derive(Clone, Debug, Default)]
+pub struct FlagValues {
+    pub config: Option<PathBuf>,
+    pub repo: Option<String>,
+    pub push_concurrency: Option<String>,
+    pub prefetch: Option<String>,
+}
+
+struct Value {
+    text: String,
+    source: Source,
+}
+
+/// The merged text values, highest precedence winning.
+struct Layers(BTreeMap<&'static str, Value>);
+
+impl Settings {
+    /// Reads the config file (if any), the environment and the flags, and parses them.
+    pub fn load(flags: &FlagValues) -> Result<Settings, ConfigError> {
+        Self::from_sources(flags, |name| std::env::var(name).ok())
+    }
+
+    fn from_sources(
+        flags: &FlagValues,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut layers = Layers(BTreeMap::new());
+        let config_file = flags
+            .config
+            .clone()
+            .or_else(|| env("WALVAULT_CONFIG").map(PathBuf::from));
+        if let Some(path) = config_file {
+            layers.read_file(&path)?;
+        }
+        for (key, var) in KEYS {
+            if let Some(text) = env(var) {
+                layers.set(key, text, Source::Env(var));
+            }
+        }
+        let flag_values = [
+            ("repo", "--repo", &flags.repo),
+            ("push_concurrency", "--concurrency", &flags.push_concurrency),
+            ("prefetch", "--prefetch", &flags.prefetch),
+        ];
+        for (key, flag, value) in flag_values {
+            if let Some(text) = value {
+                layers.set(key, text.clone(), Source::Flag(flag));
+            }
+        }
+        layers.settings()
+    }
+}
+
+impl Layers {
+    fn set(&mut self, key: &str, text: String, source: Source) {
+        if let Some((k, _)) = KEYS.iter().find(|(k, _)| *k == key) {
+            self.0.insert(k, Value { text, source });
+        }
+    }
+
+    fn read_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let file_err = |reason: String| ConfigError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_err(e.to_string().trim_end().replace('\n', " ")))?;
+        self.read_table(&table, "", path)
+    }
+
+    fn read_table(
+        &mut self,
+        table: &toml::Table,
+        prefix: &str,
+        path: &Path,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in table {
+            let key = format!("{prefix}{name}");
+            let text = match value {
+                toml::Value::Table(inner) if prefix.is_empty() && name == "s3" => {
+                    self.read_table(inner, "s3.", path)?;
+                    continue;
+                }
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => {
+                    return Err(ConfigError::File {
+                        path: path.to_path_buf(),
+                        reason: format!("key {key}: expected a string, number or boolean"),
+                    })
+                }
+            };
+            if !KEYS.iter().any(|(k, _)| *k == key) {
+                return Err(ConfigError::File {
+                    path: path.to_path_buf(),
+                    reason: format!("unknown key {key}"),
+                });
+            }
+            self.set(&key, text, Source::File(path.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Parses one value, if set, with an error naming key and source.
+    fn get<T>(
+        &self,
+        key: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(v) = self.0.get(key) else {
+            return Ok(None);
+        };
+        parse(v.text.trim())
+            .map(Some)
+            .map_err(|reason| ConfigError::Invalid {
+                key,
+                value: v.text.clone(),
+                origin: v.source.clone(),
+                reason,
+            })
+    }
+
+    fn settings(&self) -> Result<Settings, ConfigError> {
+        let repo = self
+            .get("repo", RepoUrl::from_str)?
+            .ok_or(ConfigError::NoRepo)?;
+        let s3 = S3Settings {
+            endpoint: self.get("s3.endpoint", |s| Ok(s.to_owned()))?,
+            region: self.get("s3.region", |s| Ok(s.to_owned()))?,
+            force_path_style: self
+                .get("s3.force_path_style", parse_bool)?
+                .unwrap_or(false),
+            access_key_id: self.get("s3.access_key_id", |s| Ok(s.to_owned()))?,
+            secret_access_key: self.get("s3.secret_access_key", |s| Ok(s.to_owned()))?,
+            timeout: self
+                .get("s3.timeout", parse_duration)?
+                .unwrap_or(Duration::from_secs(30)),
+            max_attempts: self
+                .get("s3.max_attempts", |s| parse_in_range(s, 1, 20))?
+                .unwrap_or(5),
+            part_size: self
+                .get("s3.part_size", |s| parse_in_range(s, 5 << 20, 5 << 30))?
+                .unwrap_or(16 << 20),
+        };
+        Ok(Settings {
+            repo,
+            s3,
+            spool_dir: self.get("spool_dir", |s| Ok(PathBuf::from(s)))?,
+            push_concurrency: self
+                .get("push_concurrency", |s| parse_in_range(s, 1, 64))?
+                .unwrap_or(4),
+            prefetch: self
+                .get("prefetch", |s| parse_in_range(s, 0, 64))?
+                .unwrap_or(8),
+            compression: self
+                .get("compression", |s| match s {
+                    "lz4" => Ok(Compression::Lz4),
+                    "none" => Ok(Compression::None),
+                    _ => Err("expected lz4 or none".into()),
+                })?
+                .unwrap_or(Compression::Lz4),
+        })
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_in_range<T>(s: &str, min: T, max: T) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + fmt::Display + Copy,
+{
+    let v: T = s
+        .parse()
+        .map_err(|_| format!("expected a whole number from {min} to {max}"))?;
+    if v < min || v > max {
+        return Err(format!("must be from {min} to {max}"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(flags: FlagValues, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_sources(&flags, |k| env.get(k).cloned())
+    }
+
+    fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walvault.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let (_d, path) = config_file(
+            "repo = \"file:///from/file\"\nprefetch = 3\npush_concurrency = 2\n[s3]\ntimeout = \"7s\"\n",
+        );
+        let flags = FlagValues {
+            config: Some(path),
+            repo: Some("s3://flag-bucket/a/b/".into()),
+            ..Default::default()
+        };
+        let s = load(
+            flags,
+            &[
+                ("WALVAULT_REPO", "file:///from/env"),
+                ("WALVAULT_PREFETCH", "5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            s.repo,
+            RepoUrl::S3 {
+                bucket: "flag-bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(s.prefetch, 5);
+        assert_eq!(s.push_concurrency, 2);
+        assert_eq!(s.s3.timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn config_file_comes_from_the_environment_too() {
+        let (_d, path) = config_file("repo = \"file:///r\"\n");
+        let s = load(
+            FlagValues::default(),
+            &[("WALVAULT_CONFIG", path.to_str().unwrap())],
+        )
+        .unwrap();
+        assert_eq!(s.repo, RepoUrl::Local("/r".into()));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_its_source() {
+        let err = load(
+            FlagValues::default(),
+            &[
+                ("WALVAULT_REPO", "file:///r"),
+                ("WALVAULT_S3_TIMEOUT", "soon"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("s3.timeout") && err.contains("WALVAULT_S3_TIMEOUT"),
+            "{err}"
+        );
+
+        let (_d, path) = config_file("repo = \"relative/path\"\n");
+        let err = load(
+            FlagValues {
+                config: Some(path.clone()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("repo") && err.contains(path.to_str().unwrap()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_and_unknown_file_content_is_refused() {
+        let (_d, path) = config_file("repo = \n");
+        let err = load(
+            FlagValues {
+                config: Some(path),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::File { .. }), "{err}");
+
+        let (_d, path) = config_file("repo = \"file:///r\"\n[s3]\nendpiont = \"x\"\n");
+        let err = load(
+            FlagValues {
+                config: Some(path),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown key s3.endpiont"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_and_missing_repo_are_clear() {
+        let flags = FlagValues {
+            config: Some("/nonexistent/walvault.toml".into()),
+            ..Default::default()
+        };
+        let err = load(flags, &[]).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/walvault.toml"), "{err}");
+        assert!(matches!(
+            load(FlagValues::default(), &[]),
+            Err(ConfigError::NoRepo)
+        ));
+    }
+
+    #[test]
+    fn repo_urls_parse_and_display() {
+        for (text, shown) in [
+            ("file:///var/lib/walvault", "file:///var/lib/walvault"),
+            ("s3://bucket", "s3://bucket"),
+            ("s3://bucket/", "s3://bucket"),
+            ("s3://bucket/x/y", "s3://bucket/x/y"),
+        ] {
+            assert_eq!(text.parse::<RepoUrl>().unwrap().to_string(), shown);
+        }
+        for bad in ["file://rel", "s3://", "/abs/path", "http://x"] {
+            assert!(bad.parse::<RepoUrl>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Repository identity: which PostgreSQL cluster a repository belongs to.
+//!
+//! One repository holds one cluster. The first WAL segment pushed records the cluster's system
+//! identifier, major version and WAL segment size in the `repository` object; from then on WAL
+//! whose page headers say otherwise is refused, so two clusters can never interleave their WAL
+//! in one archive. Used by archive (wal-push) and by anything that needs the segment size.
+
+use serde::{Deserialize, Serialize};
+use walvault_wal::page::{LongPageHeader, PgMajor};
+use walvault_wal::WalSegmentSize;
+
+use crate::repo::{RepoError, Repository};
+use crate::store::{Committed, PutMode};
+
+const KEY: &str = "repository";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub system_identifier: u64,
+    pub pg_major: u32,
+    pub wal_segment_size: u32,
+    pub created_at: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("repository object {KEY} in {repo} is not valid identity JSON: {reason}")]
+    Malformed { repo: String, reason: String },
+    #[error(
+        "{what} belongs to a different cluster: it has system identifier {found_sysid} \
+         (PostgreSQL {found_major}, {found_seg} byte segments), but repository {repo} holds \
+         cluster {repo_sysid} (PostgreSQL {repo_major}, {repo_seg} byte segments); use a separate \
+         repository per cluster"
+    )]
+    Mismatch {
+        what: String,
+        repo: String,
+        found_sysid: u64,
+        found_major: u32,
+        found_seg: u32,
+        repo_sysid: u64,
+        repo_major: u32,
+        repo_seg: u32,
+    },
+}
+
+impl Identity {
+    /// The identity a WAL segment's long page header describes.
+    pub fn from_header(header: &LongPageHeader) -> Identity {
+        Identity {
+            system_identifier: header.system_identifier,
+            pg_major: header.major.number(),
+            wal_segment_size: header.seg_size.bytes(),
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
+
+    pub fn segment_size(&self) -> Option<WalSegmentSize> {
+        WalSegmentSize::new(u64::from(self.wal_segment_size)).ok()
+    }
+
+    pub fn major(&self) -> Option<PgMajor> {
+        PgMajor::from_number(self.pg_major)
+    }
+}
+
+/// Refuses `found` (described as `what`) unless it is the cluster `recorded` names.
+pub fn check(
+    recorded: &Identity,
+    found: &Identity,
+    what: &str,
+    repo: &str,
+) -> Result<(), IdentityError> {
+    let same = recorded.system_identifier == found.system_identifier
+        && recorded.pg_major == found.pg_major
+        && recorded.wal_segment_size == found.wal_segment_size;
+    if same {
+        return Ok(());
+    }
+    Err(IdentityError::Mismatch {
+        what: what.to_owned(),
+        repo: repo.to_owned(),
+        found_sysid: found.system_identifier,
+        found_major: found.pg_major,
+        found_seg: found.wal_segment_size,
+        repo_sysid: recorded.system_identifier,
+        repo_major: recorded.pg_major,
+        repo_seg: recorded.wal_segment_size,
+    })
+}
+
+/// The recorded identity, if any.
+pub async fn load(repo: &Repository) -> Result<Option<Identity>, IdentityError> {
+    let Some(bytes) = repo.get_bytes(KEY).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| IdentityError::Malformed {
+            repo: repo.url().to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// Checks `found` (described as `what` in errors) against the repository, recording it first if
+/// the repository has no identity yet. Concurrent first pushes are safe: only one record wins and
+/// the others are checked against it.
+pub async fn ensure(
+    repo: &Repository,
+    found: &Identity,
+    what: &str,
+) -> Result<Identity, IdentityError> {
+    let recorded = match load(repo).await? {
+        Some(id) => id,
+        None => {
+            let json = serde_json::to_vec_pretty(found).map_err(|e| IdentityError::Malformed {
+                repo: repo.url().to_owned(),
+                reason: e.to_string(),
+            })?;
+            match repo.put_bytes(KEY, &json, PutMode::IfAbsent).await? {
+                Committed::Created => {
+                    tracing::info!(
+                        "repository {} now belongs to cluster {} (PostgreSQL {})",
+                        repo.url(),
+                        found.system_identifier,
+                        found.pg_major
+                    );
+                    found.clone()
+                }
+                Committed::AlreadyExists => {
+                    load(repo).await?.ok_or_else(|| IdentityError::Malformed {
+                        repo: repo.url().to_owned(),
+                        reason: "identity vanished while it was being read".into(),
+                    })?
+                }
+            }
+        }
+    };
+    check(&recorded, found, what, repo.url())?;
+    Ok(recorded)
+}

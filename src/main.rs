@@ -1,0 +1,218 @@
+//! The `walvault` command: argument parsing, logging, and the exit codes callers rely on.
+//!
+//! This is the edge where typed library errors become messages: each failure is printed as one
+//! line naming the file, object or setting at fault. Exit codes follow the command contract:
+//! 0 success, 1 for `wal-fetch` when the file is definitely not in the archive, 2 for usage
+//! errors, and for `wal-fetch` every other failure (usage errors included) exits 128 so that
+//! PostgreSQL stops recovery instead of taking the failure for the end of the archive.
+
+mod cli;
+mod logging;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use walvault::archive::{Archiver, Pushed};
+use walvault::config::{FlagValues, Settings};
+use walvault::repo::Repository;
+use walvault::restore::{self, Fetched};
+use walvault::spool::{self, Spool};
+use walvault::verify;
+use walvault_wal::{SegmentName, WalFileName};
+
+use cli::{Cli, Command};
+
+/// Exit code for a `wal-fetch` failure that is not "not found": above 125, so PostgreSQL aborts
+/// recovery rather than ending it early.
+const EXIT_FETCH_FAILED: u8 = 128;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let is_fetch = std::env::args().any(|a| a == "wal-fetch");
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ if is_fetch => ExitCode::from(EXIT_FETCH_FAILED),
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    logging::init(cli.command.name(), cli.verbose, cli.quiet);
+    let failure_code = match cli.command {
+        Command::WalFetch { .. } => EXIT_FETCH_FAILED,
+        _ => 1,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(failure_code);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(failure_code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut flags = FlagValues {
+        config: cli.config.clone(),
+        repo: cli.repo.clone(),
+        ..Default::default()
+    };
+    match &cli.command {
+        Command::WalPush { concurrency, .. } => flags.push_concurrency = concurrency.clone(),
+        Command::WalFetch { prefetch, .. } => flags.prefetch = prefetch.clone(),
+        _ => {}
+    }
+    let settings = Settings::load(&flags)?;
+    let repo = Arc::new(
+        Repository::open(&settings)
+            .await
+            .with_context(|| format!("opening repository {}", settings.repo))?,
+    );
+    match cli.command {
+        Command::WalPush { path, .. } => wal_push(&settings, repo, &path).await,
+        Command::WalFetch { name, dest, .. } => {
+            wal_fetch(&settings, &flags, repo, &name, &dest).await
+        }
+        Command::WalPrefetch { spool, segments } => {
+            let window = segments
+                .iter()
+                .map(|s| s.parse::<SegmentName>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let stored =
+                restore::prefetch(repo, &Spool::locate(Some(&spool), &spool), window, 4).await?;
+            tracing::debug!("prefetched {stored} segments");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { concurrency } => {
+            let report = verify::verify_all(repo, concurrency).await?;
+            for problem in &report.problems {
+                println!("problem: {problem}");
+            }
+            println!(
+                "verify: {} objects checked ({} WAL files, {} of content), {} problems",
+                report.checked,
+                report.wal_files,
+                human_bytes(report.content_bytes),
+                report.problems.len()
+            );
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+async fn wal_push(
+    settings: &Settings,
+    repo: Arc<Repository>,
+    path: &Path,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let spool = Spool::locate(settings.spool_dir.as_deref(), spool::wal_dir_of(path));
+    let (name, pushed) = Archiver::new(repo)
+        .push_with_ahead(path, &spool, settings.push_concurrency)
+        .await?;
+    let ms = started.elapsed().as_millis();
+    match pushed {
+        Pushed::Stored { content, stored } => tracing::info!(
+            "{name}: stored {} as {} in {ms} ms",
+            human_bytes(content),
+            human_bytes(stored)
+        ),
+        Pushed::AlreadyArchived => {
+            tracing::info!("{name}: already archived with identical content")
+        }
+        Pushed::PushedAhead => tracing::info!("{name}: already stored by push-ahead"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wal_fetch(
+    settings: &Settings,
+    flags: &FlagValues,
+    repo: Arc<Repository>,
+    name: &str,
+    dest: &Path,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let name: WalFileName = name
+        .parse()
+        .with_context(|| format!("{name} is not a WAL file name recovery asks for"))?;
+    let spool = Spool::locate(settings.spool_dir.as_deref(), spool::wal_dir_of(dest));
+    let fetched = restore::fetch(&repo, &spool, &name, dest)
+        .await
+        .with_context(|| format!("fetching {name} from {}", repo.url()))?;
+    let ms = started.elapsed().as_millis();
+    match fetched {
+        Fetched::NotFound => {
+            tracing::info!("{name}: not in the archive");
+            return Ok(ExitCode::from(1));
+        }
+        Fetched::Found { from_spool } => {
+            tracing::info!(
+                "{name}: restored{} in {ms} ms",
+                if from_spool { " from prefetch" } else { "" }
+            )
+        }
+    }
+    let window = restore::prefetch_window(&name, dest, settings.prefetch).await;
+    if !window.is_empty() && restore::prefetch_needed(&spool, &window) {
+        if let Err(e) = restore::spawn_prefetcher(&global_args(flags), &spool, &window) {
+            // Prefetch only saves time; recovery goes on fetching one segment at a time.
+            tracing::warn!("could not start the prefetcher: {e}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The configuration flags of this call, for a child process that must see the same settings.
+fn global_args(flags: &FlagValues) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(config) = &flags.config {
+        let config = std::path::absolute(config).unwrap_or_else(|_| PathBuf::from(config));
+        args.extend(["--config".to_owned(), config.display().to_string()]);
+    }
+    if let Some(repo) = &flags.repo {
+        args.extend(["--repo".to_owned(), repo.clone()]);
+    }
+    if let Some(prefetch) = &flags.prefetch {
+        args.extend(["--prefetch".to_owned(), prefetch.clone()]);
+    }
+    args
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,279 @@
+//! A walvault repository: the [`Store`] seen through the object [`codec`](crate::codec).
+//!
+//! Everything above this layer deals in content (files, byte buffers, checksums of content); this
+//! layer frames it on the way in and verifies it on the way out, streaming one block at a time so
+//! memory does not grow with object size. No content reaches a caller's destination file before
+//! its checksum has been verified: files are written under a temporary name and renamed only
+//! afterwards. Used by archive, restore, identity and verify.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::fs::{self, File};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::codec::{self, Checksum, CodecError, Compression, Decoder, Encoder, MAX_BLOCK};
+use crate::config::Settings;
+use crate::store::{Committed, PutMode, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("{op} {path}: {source}")]
+    File {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} changed size while it was being stored ({announced} bytes at the start, {read} read)")]
+    FileChanged {
+        path: PathBuf,
+        announced: u64,
+        read: u64,
+    },
+}
+
+impl RepoError {
+    fn file<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
+        move |source| RepoError::File {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What storing a file did.
+#[derive(Clone, Copy, Debug)]
+pub struct Stored {
+    pub committed: Committed,
+    pub checksum: Checksum,
+    pub content_len: u64,
+    pub stored_len: u64,
+}
+
+/// A stored object compared with a local file.
+#[derive(Clone, Copy, Debug)]
+pub struct Comparison {
+    pub identical: bool,
+    pub stored: Checksum,
+    pub local: Checksum,
+}
+
+pub struct Repository {
+    store: Store,
+    url: String,
+    compression: Compression,
+}
+
+impl Repository {
+    pub async fn open(settings: &Settings) -> Result<Repository, RepoError> {
+        Ok(Repository {
+            store: Store::open(settings).await?,
+            url: settings.repo.to_string(),
+            compression: settings.compression,
+        })
+    }
+
+    /// The repository URL, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stores the content of the file at `path` under `key`.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        mode: PutMode,
+    ) -> Result<Stored, RepoError> {
+        let mut file = File::open(path)
+            .await
+            .map_err(RepoError::file("open", path))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(RepoError::file("stat", path))?
+            .len();
+        let mut encoder = Encoder::new(self.compression, len);
+        let mut writer = self.store.writer(key)?;
+        let header = Bytes::copy_from_slice(&encoder.header());
+        let mut stored_len = header.len() as u64;
+        writer.write(header).await?;
+        let mut raw = vec![0u8; MAX_BLOCK];
+        let mut read = 0u64;
+        loop {
+            let n = read_full(&mut file, &mut raw)
+                .await
+                .map_err(RepoError::file("read", path))?;
+            if n == 0 {
+                break;
+            }
+            read += n as u64;
+            if read > len {
+                break;
+            }
+            let mut out = Vec::with_capacity(n / 2 + 16);
+            encoder.block(&raw[..n], &mut out);
+            stored_len += out.len() as u64;
+            writer.write(out.into()).await?;
+        }
+        let mut trailer = Vec::with_capacity(8);
+        let checksum = encoder
+            .finish(&mut trailer)
+            .map_err(|_| RepoError::FileChanged {
+                path: path.to_path_buf(),
+                announced: len,
+                read,
+            })?;
+        stored_len += trailer.len() as u64;
+        writer.write(trailer.into()).await?;
+        let committed = writer.commit(mode).await?;
+        Ok(Stored {
+            committed,
+            checksum,
+            content_len: len,
+            stored_len,
+        })
+    }
+
+    /// Stores a small in-memory object.
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        content: &[u8],
+        mode: PutMode,
+    ) -> Result<Committed, RepoError> {
+        let mut writer = self.store.writer(key)?;
+        writer
+            .write(codec::encode_all(self.compression, content).into())
+            .await?;
+        Ok(writer.commit(mode).await?)
+    }
+
+    /// A small object's verified content, or `None` when absent.
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(codec::decode_all(reader, key).await?))
+    }
+
+    /// Restores an object into `dest`: decoded into a temporary file beside it, verified, fsynced,
+    /// then renamed, so `dest` appears only with whole, verified content. `None` when absent.
+    pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<Option<Checksum>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let temp = temp_beside(dest);
+        let result = async {
+            let mut decoder = Decoder::new(reader, key).await?;
+            let mut out = File::create(&temp)
+                .await
+                .map_err(RepoError::file("create", &temp))?;
+            while let Some(block) = decoder.next_block().await? {
+                out.write_all(block)
+                    .await
+                    .map_err(RepoError::file("write", &temp))?;
+            }
+            out.flush().await.map_err(RepoError::file("write", &temp))?;
+            out.sync_all()
+                .await
+                .map_err(RepoError::file("fsync", &temp))?;
+            fs::rename(&temp, dest)
+                .await
+                .map_err(RepoError::file("rename", dest))?;
+            // The decoder returned None only after checking the content checksum.
+            Ok(decoder.checksum().unwrap_or(Checksum(0)))
+        }
+        .await;
+        if result.is_err() {
+            let _ = fs::remove_file(&temp).await;
+        }
+        result.map(Some)
+    }
+
+    /// Reads an object to its end, verifying it; returns its content length and checksum.
+    pub async fn verify(&self, key: &str) -> Result<Option<(u64, Checksum)>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let mut decoder = Decoder::new(reader, key).await?;
+        while decoder.next_block().await?.is_some() {}
+        Ok(Some((
+            decoder.header().content_length,
+            decoder.checksum().unwrap_or(Checksum(0)),
+        )))
+    }
+
+    /// Compares a stored object with a local file, reading both to the end so that both
+    /// checksums can be reported. `None` when the object is absent.
+    pub async fn compare_with_file(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> Result<Option<Comparison>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let mut decoder = Decoder::new(reader, key).await?;
+        let mut file = File::open(path)
+            .await
+            .map_err(RepoError::file("open", path))?;
+        let mut local_crc = crc32fast::Hasher::new();
+        let mut identical = true;
+        let mut local = vec![0u8; MAX_BLOCK];
+        while let Some(block) = decoder.next_block().await? {
+            let n = read_full(&mut file, &mut local[..block.len()])
+                .await
+                .map_err(RepoError::file("read", path))?;
+            local_crc.update(&local[..n]);
+            identical &= n == block.len() && local[..n] == *block;
+        }
+        // Whatever the file holds past the stored content also counts towards its checksum.
+        loop {
+            let n = read_full(&mut file, &mut local)
+                .await
+                .map_err(RepoError::file("read", path))?;
+            if n == 0 {
+                break;
+            }
+            identical = false;
+            local_crc.update(&local[..n]);
+        }
+        Ok(Some(Comparison {
+            identical,
+            stored: decoder.checksum().unwrap_or(Checksum(0)),
+            local: Checksum(local_crc.finalize()),
+        }))
+    }
+}
+
+/// A temporary name in the same directory as `dest`, so the final rename stays atomic.
+pub fn temp_beside(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.walvault-{}.tmp", std::process::id()))
+}
+
+/// Fills `buf` unless the file ends first; returns how much was read.
+async fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,240 @@
+//! WAL restore: `wal-fetch`, what PostgreSQL's `restore_command` runs for every file recovery
+//! needs, and the prefetcher that keeps the next segments local.
+//!
+//! The outcome must be unambiguous, because PostgreSQL treats any exit from 1 to 125 as "the
+//! archive ends here" and promotes: [`Fetched::NotFound`] is returned only when the repository was
+//! reached and said the object does not exist. Every other failure (network, credentials, a
+//! checksum that does not match) is retried within a bound and then returned as an error, which the
+//! CLI turns into an exit code above 125 so that recovery stops instead of ending early.
+//!
+//! Prefetch: after serving segment N, a detached `wal-prefetch` process downloads N+1..N+k into
+//! the spool (outside `pg_wal`), verified and fsynced, so later calls only rename a local file. The
+//! spool never holds more than k segments: each run first deletes what recovery has passed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use walvault_wal::page::LongPageHeader;
+use walvault_wal::{SegmentName, WalFileName};
+
+use crate::archive::wal_key;
+use crate::repo::{RepoError, Repository};
+use crate::spool::Spool;
+
+/// Attempts at a fetch that failed for a reason other than "not found", on top of the store's
+/// own per-request retries (this also covers a body cut off mid-stream or read back corrupt).
+const FETCH_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// Written to the destination; `true` when it came from the prefetch spool.
+    Found {
+        from_spool: bool,
+    },
+    NotFound,
+}
+
+/// Fetches `name` into `dest`.
+pub async fn fetch(
+    repo: &Repository,
+    spool: &Spool,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Fetched, RepoError> {
+    if let WalFileName::Segment(_) = name {
+        let spooled = spool.prefetch_dir().join(name.to_string());
+        // Spooled files were verified and fsynced when they were fetched.
+        if tokio::fs::rename(&spooled, dest).await.is_ok() {
+            return Ok(Fetched::Found { from_spool: true });
+        }
+    }
+    let key = wal_key(name);
+    let mut attempt = 1;
+    loop {
+        match repo.get_to_file(&key, dest).await {
+            Ok(Some(_)) => return Ok(Fetched::Found { from_spool: false }),
+            Ok(None) => return Ok(Fetched::NotFound),
+            Err(e) if attempt < FETCH_ATTEMPTS => {
+                tracing::warn!(
+                    "fetching {name} failed (attempt {attempt} of {FETCH_ATTEMPTS}): {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The segments a prefetcher should fetch after `current`, which was just restored to `restored`.
+/// Reads the segment size from the restored file's own header, so no repository round trip is
+/// needed to plan.
+pub async fn prefetch_window(
+    current: &WalFileName,
+    restored: &Path,
+    count: usize,
+) -> Vec<SegmentName> {
+    let (WalFileName::Segment(seg), true) = (current, count > 0) else {
+        return Vec::new();
+    };
+    let Ok(head) = read_head(restored).await else {
+        return Vec::new();
+    };
+    let Ok(header) = LongPageHeader::parse(&head) else {
+        return Vec::new();
+    };
+    let mut window = Vec::with_capacity(count);
+    let mut next = *seg;
+    for _ in 0..count {
+        match next.next(header.seg_size) {
+            Ok(n) => {
+                window.push(n);
+                next = n;
+            }
+            Err(_) => break,
+        }
+    }
+    window
+}
+
+async fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; walvault_wal::page::SIZE_OF_XLOG_LONG_PHD];
+    tokio::fs::File::open(path)
+        .await?
+        .read_exact(&mut buf)
+        .await?;
+    Ok(buf)
+}
+
+/// Whether some segment of the window is neither spooled nor being fetched by a running
+/// prefetcher, i.e. whether starting one would do anything.
+pub fn prefetch_needed(spool: &Spool, window: &[SegmentName]) -> bool {
+    let dir = spool.prefetch_dir();
+    if window.iter().all(|s| dir.join(s.to_string()).exists()) {
+        return false;
+    }
+    match lock(&dir) {
+        // A prefetcher holds the lock; it will take care of the window or the next call will.
+        Ok(None) => false,
+        Ok(Some(_released_on_drop)) => true,
+        Err(_) => true,
+    }
+}
+
+/// Runs one prefetch pass for `window` (the detached `wal-prefetch` process). Returns how many
+/// segments it stored. Exits quietly if another prefetcher holds the spool.
+pub async fn prefetch(
+    repo: Arc<Repository>,
+    spool: &Spool,
+    window: Vec<SegmentName>,
+    concurrency: usize,
+) -> Result<usize, RepoError> {
+    let dir = spool.prefetch_dir();
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|source| RepoError::File {
+            op: "create",
+            path: dir.clone(),
+            source,
+        })?;
+    let Ok(Some(_lock)) = lock(&dir) else {
+        return Ok(0);
+    };
+    forget_outside(&dir, &window).await;
+    let wanted: Vec<SegmentName> = window
+        .into_iter()
+        .filter(|s| !dir.join(s.to_string()).exists())
+        .collect();
+    let mut stored = 0;
+    // Fetch in order, a few at a time; the first miss is the end of the archive for now.
+    for batch in wanted.chunks(concurrency.max(1)) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for seg in batch {
+            let (repo, dest, key) = (
+                Arc::clone(&repo),
+                dir.join(seg.to_string()),
+                wal_key(&WalFileName::Segment(*seg)),
+            );
+            tasks.spawn(async move { repo.get_to_file(&key, &dest).await });
+        }
+        let mut end = false;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(Some(_))) => stored += 1,
+                Ok(Ok(None)) => end = true,
+                Ok(Err(e)) => {
+                    // wal-fetch will fetch (and retry) it itself when recovery asks.
+                    tracing::debug!("prefetch failed: {e}");
+                    end = true;
+                }
+                Err(e) => {
+                    tracing::debug!("prefetch task failed: {e}");
+                    end = true;
+                }
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(stored)
+}
+
+/// Deletes spooled segments (and leftover temporary files) that are not in the window: recovery
+/// has passed them or moved to another timeline, so they would only take space.
+async fn forget_outside(dir: &Path, window: &[SegmentName]) {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    let keep: Vec<String> = window.iter().map(|s| s.to_string()).collect();
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != LOCK_FILE && !keep.contains(&name) {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+    }
+}
+
+const LOCK_FILE: &str = "lock";
+
+/// Takes the prefetcher's lock on `dir` without waiting: `Ok(None)` when another process holds it.
+fn lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Starts `walvault ... wal-prefetch` detached from this process, so wal-fetch can return to
+/// PostgreSQL at once. `global_args` repeats the caller's configuration flags.
+pub fn spawn_prefetcher(
+    global_args: &[String],
+    spool: &Spool,
+    window: &[SegmentName],
+) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe: PathBuf = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(global_args)
+        .arg("wal-prefetch")
+        .arg("--spool")
+        .arg(spool.dir())
+        .args(window.iter().map(|s| s.to_string()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: a signal meant for the restore_command shell must not stop it
+        // half-way (it would only leave a temporary file, but also waste the work).
+        .process_group(0);
+    cmd.spawn().map(|_| ())
+}

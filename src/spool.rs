@@ -1,0 +1,79 @@
+//! The local spool: walvault's scratch directory on the database host.
+//!
+//! It holds two kinds of small state, both safe to delete at any time:
+//! - `pushed/<name>`: a marker that a segment was already stored by push-ahead, with the checksum
+//!   and length of what was stored, so the archiver's later call for it returns at once;
+//! - `prefetch/<name>`: segments that wal-fetch downloaded, verified and fsynced ahead of
+//!   recovery asking for them.
+//!
+//! It lives outside `pg_wal` (by default `<PGDATA>/walvault_spool`, next to `pg_wal`), so nothing
+//! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. Used by archive and restore.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+impl Spool {
+    /// The configured spool, or the default next to `wal_dir` (the directory of the WAL file
+    /// PostgreSQL named: `pg_wal` for both `%p` of archive_command and restore_command).
+    pub fn locate(configured: Option<&Path>, wal_dir: &Path) -> Spool {
+        let dir = match configured {
+            Some(dir) => dir.to_path_buf(),
+            None => {
+                let data_dir = match wal_dir.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                data_dir.join("walvault_spool")
+            }
+        };
+        Spool { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn pushed_dir(&self) -> PathBuf {
+        self.dir.join("pushed")
+    }
+
+    pub fn prefetch_dir(&self) -> PathBuf {
+        self.dir.join("prefetch")
+    }
+}
+
+/// The directory a WAL path lives in, `.` for a bare name.
+pub fn wal_dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_spool_sits_next_to_pg_wal() {
+        let s = Spool::locate(
+            None,
+            wal_dir_of(Path::new("pg_wal/000000010000000000000001")),
+        );
+        assert_eq!(s.dir(), Path::new("./walvault_spool"));
+        let s = Spool::locate(None, Path::new("/data/pg/pg_wal"));
+        assert_eq!(
+            s.prefetch_dir(),
+            Path::new("/data/pg/walvault_spool/prefetch")
+        );
+        let s = Spool::locate(
+            Some(Path::new("/var/spool/wv")),
+            Path::new("/data/pg/pg_wal"),
+        );
+        assert_eq!(s.pushed_dir(), Path::new("/var/spool/wv/pushed"));
+    }
+}

@@ -1,0 +1,305 @@
+//! Local-directory backend: each key is a file below the repository root.
+//!
+//! Writes go to a dot-file beside the target, are fsynced, then published with a hard link
+//! (`IfAbsent`: the kernel refuses an existing name, so nothing is ever replaced) or a rename
+//! (`Overwrite`), and the directory is fsynced so the new name survives a crash. A writer that is
+//! dropped or killed leaves at most a dot-file, which listings ignore.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::fs::{self, File};
+use tokio::io::AsyncWriteExt;
+
+use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl LocalStore {
+    pub fn new(root: PathBuf) -> Self {
+        LocalStore { root }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Turns "not found" into an error when it is the repository itself that is missing.
+    async fn absent(&self) -> Result<(), StoreError> {
+        match fs::metadata(&self.root).await {
+            Ok(m) if m.is_dir() => Ok(()),
+            _ => Err(StoreError::MissingRoot(self.root.display().to_string())),
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
+        let path = self.path(key);
+        match File::open(&path).await {
+            Ok(f) => Ok(Some(Box::pin(tokio::io::BufReader::with_capacity(
+                256 << 10,
+                f,
+            )))),
+            Err(e) if e.kind() == ErrorKind::NotFound => self.absent().await.map(|_| None),
+            Err(e) => Err(io_err("open", &path)(e)),
+        }
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let path = self.path(key);
+        match fs::metadata(&path).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => self.absent().await.map(|_| None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.absent().await?;
+        // Walk only the directory the prefix names, not the whole repository.
+        let (dir, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let mut out = Vec::new();
+        let mut pending = vec![dir.to_owned()];
+        while let Some(rel) = pending.pop() {
+            let path = self.root.join(&rel);
+            let mut entries = match fs::read_dir(&path).await {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("list", &path)(e)),
+            };
+            while let Some(entry) = entries.next_entry().await.map_err(io_err("list", &path))? {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let key = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let meta = entry
+                    .metadata()
+                    .await
+                    .map_err(io_err("stat", &entry.path()))?;
+                if meta.is_dir() {
+                    if format!("{key}/").starts_with(prefix)
+                        || prefix.starts_with(&format!("{key}/"))
+                    {
+                        pending.push(key);
+                    }
+                } else if key.starts_with(prefix) {
+                    out.push(ObjectInfo {
+                        key,
+                        size: meta.len(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn writer(&self, key: &str) -> LocalWriter {
+        LocalWriter {
+            root: self.root.clone(),
+            target: self.path(key),
+            temp: None,
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key);
+        match fs::remove_file(&path).await {
+            Ok(()) => sync_dir(parent(&path)).await,
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("delete", &path)(e)),
+        }
+    }
+}
+
+pub struct LocalWriter {
+    root: PathBuf,
+    target: PathBuf,
+    temp: Option<(PathBuf, File)>,
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl LocalWriter {
+    async fn create_temp(&self) -> Result<(PathBuf, File), StoreError> {
+        if !fs::metadata(&self.root).await.is_ok_and(|m| m.is_dir()) {
+            return Err(StoreError::MissingRoot(self.root.display().to_string()));
+        }
+        let dir = parent(&self.target);
+        create_dirs(&self.root, dir).await?;
+        let name = self
+            .target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(
+            ".{name}.tmp.{}.{}",
+            std::process::id(),
+            TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .await
+            .map_err(io_err("create", &temp))?;
+        Ok((temp, file))
+    }
+
+    async fn take_temp(&mut self) -> Result<(PathBuf, File), StoreError> {
+        match self.temp.take() {
+            Some(t) => Ok(t),
+            None => self.create_temp().await,
+        }
+    }
+
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        let temp = self.take_temp().await?;
+        let (_, file) = self.temp.insert(temp);
+        file.write_all(chunk)
+            .await
+            .map_err(io_err("write", &self.target))
+    }
+
+    pub async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
+        // An empty object still gets its file.
+        let (temp, mut file) = self.take_temp().await?;
+        let result = async {
+            file.flush().await.map_err(io_err("write", &temp))?;
+            file.sync_all().await.map_err(io_err("fsync", &temp))?;
+            drop(file);
+            let outcome = match mode {
+                PutMode::IfAbsent => match fs::hard_link(&temp, &self.target).await {
+                    Ok(()) => Committed::Created,
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Committed::AlreadyExists,
+                    Err(e) => return Err(io_err("link", &self.target)(e)),
+                },
+                PutMode::Overwrite => {
+                    fs::rename(&temp, &self.target)
+                        .await
+                        .map_err(io_err("rename", &self.target))?;
+                    Committed::Created
+                }
+            };
+            if outcome == Committed::Created {
+                sync_dir(parent(&self.target)).await?;
+            }
+            Ok(outcome)
+        }
+        .await;
+        let _ = std::fs::remove_file(&temp);
+        result
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if let Some((temp, _)) = self.temp.take() {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("/"))
+}
+
+/// Creates the directories between `root` and `dir`, fsyncing each new entry's parent so the
+/// directory itself survives a crash.
+async fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
+    if dir == root || fs::metadata(dir).await.is_ok() {
+        return Ok(());
+    }
+    Box::pin(create_dirs(root, parent(dir))).await?;
+    match fs::create_dir(dir).await {
+        Ok(()) => sync_dir(parent(dir)).await,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err("mkdir", dir)(e)),
+    }
+}
+
+async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let d = File::open(dir).await.map_err(io_err("open", dir))?;
+    d.sync_all().await.map_err(io_err("fsync", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn read(store: &LocalStore, key: &str) -> Option<Vec<u8>> {
+        let mut r = store.get(key).await.unwrap()?;
+        let mut v = Vec::new();
+        r.read_to_end(&mut v).await.unwrap();
+        Some(v)
+    }
+
+    #[tokio::test]
+    async fn put_get_list_and_no_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        assert_eq!(read(&store, "wal/a").await, None);
+
+        let mut w = store.writer("wal/a");
+        w.write(b"hello").await.unwrap();
+        assert_eq!(
+            w.commit(PutMode::IfAbsent).await.unwrap(),
+            Committed::Created
+        );
+
+        let mut w = store.writer("wal/a");
+        w.write(b"other").await.unwrap();
+        assert_eq!(
+            w.commit(PutMode::IfAbsent).await.unwrap(),
+            Committed::AlreadyExists
+        );
+        assert_eq!(read(&store, "wal/a").await.unwrap(), b"hello");
+
+        let mut w = store.writer("wal/a");
+        w.write(b"replaced").await.unwrap();
+        w.commit(PutMode::Overwrite).await.unwrap();
+        assert_eq!(read(&store, "wal/a").await.unwrap(), b"replaced");
+
+        // An abandoned writer leaves nothing listed.
+        let mut w = store.writer("wal/b");
+        w.write(b"partial").await.unwrap();
+        drop(w);
+        let listed = store.list("wal/").await.unwrap();
+        assert_eq!(
+            listed.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
+            ["wal/a"]
+        );
+        assert_eq!(store.head("wal/a").await.unwrap(), Some(8));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("wal")).unwrap().count(),
+            1
+        );
+
+        store.delete("wal/a").await.unwrap();
+        assert_eq!(store.head("wal/a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_missing_root_is_an_error_not_a_miss() {
+        let store = LocalStore::new(PathBuf::from("/nonexistent/walvault-repo"));
+        let err = store.get("wal/x").await.err().expect("must fail");
+        assert!(matches!(err, StoreError::MissingRoot(_)), "{err}");
+        let mut w = store.writer("wal/x");
+        assert!(w.write(b"x").await.is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The repository store: named byte objects in a local directory or an S3 bucket.
+//!
+//! This layer knows nothing of WAL or of the object format; it moves bytes under keys such as
+//! `wal/000000010000000000000003` and promises three things callers build on:
+//! - a committed object appears whole or not at all (an interrupted upload is never visible);
+//! - [`PutMode::IfAbsent`] never replaces an existing object;
+//! - "not found" is reported only for a missing object in a reachable repository: a missing
+//!   directory or bucket, a timeout or a refused credential is an error.
+//!
+//! Used by [`crate::repo`], which adds the object codec on top.
+
+mod local;
+mod s3;
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+
+use crate::config::{RepoUrl, Settings};
+
+/// A stream of an object's stored bytes.
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// One listed object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key, relative to the repository root.
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+}
+
+/// What a commit may do when the key already exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutMode {
+    IfAbsent,
+    Overwrite,
+}
+
+/// How a commit ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    Created,
+    /// `IfAbsent` found the key taken; nothing was written.
+    AlreadyExists,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("repository directory {0} does not exist (create it, or fix the repository URL)")]
+    MissingRoot(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("S3 {op} s3://{bucket}/{key}: {message}")]
+    S3 {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        message: String,
+    },
+    #[error("invalid object key {0:?}")]
+    BadKey(String),
+}
+
+/// A repository's storage backend.
+pub enum Store {
+    Local(local::LocalStore),
+    S3(s3::S3Store),
+}
+
+impl Store {
+    pub async fn open(settings: &Settings) -> Result<Store, StoreError> {
+        Ok(match &settings.repo {
+            RepoUrl::Local(root) => Store::Local(local::LocalStore::new(root.clone())),
+            RepoUrl::S3 { bucket, prefix } => {
+                Store::S3(s3::S3Store::new(&settings.s3, bucket.clone(), prefix.clone()).await)
+            }
+        })
+    }
+
+    /// The object's bytes, or `None` when the repository is reachable and the key absent.
+    pub async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
+        check_key(key)?;
+        match self {
+            Store::Local(s) => s.get(key).await,
+            Store::S3(s) => s.get(key).await,
+        }
+    }
+
+    /// The stored size, or `None` when absent.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        check_key(key)?;
+        match self {
+            Store::Local(s) => s.head(key).await,
+            Store::S3(s) => s.head(key).await,
+        }
+    }
+
+    /// Every object whose key starts with `prefix`, sorted by key. Temporary files of
+    /// unfinished local uploads are never listed.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut objects = match self {
+            Store::Local(s) => s.list(prefix).await?,
+            Store::S3(s) => s.list(prefix).await?,
+        };
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    /// Starts a new object; nothing is visible until [`ObjectWriter::commit`].
+    pub fn writer(&self, key: &str) -> Result<ObjectWriter, StoreError> {
+        check_key(key)?;
+        Ok(ObjectWriter {
+            key: key.to_owned(),
+            inner: match self {
+                Store::Local(s) => WriterInner::Local(s.writer(key)),
+                Store::S3(s) => WriterInner::S3(s.writer(key)),
+            },
+        })
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        match self {
+            Store::Local(s) => s.delete(key).await,
+            Store::S3(s) => s.delete(key).await,
+        }
+    }
+}
+
+/// An object being written.
+pub struct ObjectWriter {
+    key: String,
+    inner: WriterInner,
+}
+
+enum WriterInner {
+    Local(local::LocalWriter),
+    S3(s3::S3Writer),
+}
+
+impl ObjectWriter {
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        match &mut self.inner {
+            WriterInner::Local(w) => w.write(&chunk).await,
+            WriterInner::S3(w) => w.write(chunk).await,
+        }
+    }
+
+    /// Makes the object durable and visible under its key, all at once.
+    pub async fn commit(self, mode: PutMode) -> Result<Committed, StoreError> {
+        crate::failpoint::pause_if_enabled("store-before-commit").await;
+        tracing::debug!(key = %self.key, ?mode, "committing object");
+        match self.inner {
+            WriterInner::Local(w) => w.commit(mode).await,
+            WriterInner::S3(w) => w.commit(mode).await,
+        }
+    }
+}
+
+/// Keys are relative, `/`-separated, and never name a parent, a hidden file or an empty part;
+/// this keeps local temp files (dot-files) out of the key space.
+fn check_key(key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && !part.starts_with('.') && part != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadKey(key.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_key;
+
+    #[test]
+    fn keys_are_checked() {
+        for good in [
+            "repository",
+            "wal/000000010000000000000001",
+            "a/b/c.partial",
+        ] {
+            assert!(check_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/abs", "a//b", "../x", "wal/.tmp", "a/", "wal/../x"] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! S3 backend (AWS and S3-compatible servers such as MinIO, Garage, Ceph) over aws-sdk-s3.
+//!
+//! Every request is bounded: each attempt by `s3.timeout`, the whole call by the attempts times
+//! that, with the SDK's standard retry (exponential backoff with jitter) for throttling, 5xx and
+//! connection failures. Reads of a response body are bounded per read, so a stalled download
+//! fails instead of hanging. Uploads buffer at most one part (`s3.part_size`): a smaller object
+//! is one `PutObject`, a larger one a multipart upload that becomes visible only when completed,
+//! and is aborted if the writer fails. `IfAbsent` sends `If-None-Match: *`.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::{Bytes, BytesMut};
+
+use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
+use crate::config::S3Settings;
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// Empty, or ending in `/`.
+    prefix: String,
+    read_timeout: Duration,
+    part_size: usize,
+}
+
+impl S3Store {
+    pub async fn new(s: &S3Settings, bucket: String, prefix: String) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(s.timeout)
+                    .operation_attempt_timeout(s.timeout)
+                    .operation_timeout(s.timeout * (s.max_attempts + 1))
+                    .build(),
+            )
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(s.max_attempts)
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(5)),
+            );
+        // A region known up front avoids the default chain's instance-metadata probe, which would
+        // cost every short-lived wal-push/wal-fetch call time on machines outside a cloud.
+        let region = s.region.clone().or_else(|| {
+            ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok().filter(|r| !r.is_empty()))
+                .or_else(|| s.endpoint.as_ref().map(|_| "us-east-1".to_owned()))
+        });
+        if let Some(region) = region {
+            loader = loader.region(Region::new(region));
+        }
+        if let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) {
+            loader = loader.credentials_provider(Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "walvault-config",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut config =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(s.force_path_style);
+        if let Some(endpoint) = &s.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        S3Store {
+            client: Client::from_conf(config.build()),
+            bucket,
+            prefix: if prefix.is_empty() {
+                prefix
+            } else {
+                format!("{prefix}/")
+            },
+            read_timeout: s.timeout,
+            part_size: s.part_size,
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn error<E>(&self, op: &'static str, key: &str, err: &SdkError<E>) -> StoreError
+    where
+        E: std::error::Error + 'static,
+    {
+        StoreError::S3 {
+            op,
+            bucket: self.bucket.clone(),
+            key: self.full_key(key),
+            message: DisplayErrorContext(err).to_string(),
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
+        let result = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let mut reader = tokio_io_timeout::TimeoutReader::new(out.body.into_async_read());
+                reader.set_timeout(Some(self.read_timeout));
+                Ok(Some(Box::pin(reader)))
+            }
+            // Only the explicit NoSuchKey code means "absent": a bare 404 may come from a wrong
+            // endpoint or a missing bucket, and must not look like the end of the archive.
+            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
+            Err(e) => Err(self.error("GetObject", key, &e)),
+        }
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let result = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
+            Err(e) => Err(self.error("HeadObject", key, &e)),
+        }
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(prefix))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("ListObjectsV2", prefix, &e))?;
+            for object in page.contents() {
+                let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                out.push(ObjectInfo {
+                    key: key.to_owned(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| self.error("DeleteObject", key, &e))?;
+        Ok(())
+    }
+
+    pub fn writer(&self, key: &str) -> S3Writer {
+        S3Writer {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            full_key: self.full_key(key),
+            part_size: self.part_size,
+            buffer: BytesMut::new(),
+            upload: None,
+        }
+    }
+}
+
+struct Multipart {
+    id: String,
+    parts: Vec<CompletedPart>,
+}
+
+pub struct S3Writer {
+    client: Client,
+    bucket: String,
+    key: String,
+    full_key: String,
+    part_size: usize,
+    buffer: BytesMut,
+    upload: Option<Multipart>,
+}
+
+impl S3Writer {
+    fn error<E>(&self, op: &'static str, err: &SdkError<E>) -> StoreError
+    where
+        E: std::error::Error + 'static,
+    {
+        StoreError::S3 {
+            op,
+            bucket: self.bucket.clone(),
+            key: self.full_key.clone(),
+            message: DisplayErrorContext(err).to_string(),
+        }
+    }
+
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        self.buffer.extend_from_slice(&chunk);
+        while self.buffer.len() >= self.part_size {
+            let part = self.buffer.split_to(self.part_size).freeze();
+            if let Err(e) = self.upload_part(part).await {
+                self.abort().await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload_part(&mut self, body: Bytes) -> Result<(), StoreError> {
+        if self.upload.is_none() {
+            let created = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.full_key)
+                .send()
+                .await
+                .map_err(|e| self.error("CreateMultipartUpload", &e))?;
+            let id = created.upload_id().unwrap_or_default().to_owned();
+            self.upload = Some(Multipart {
+                id,
+                parts: Vec::new(),
+            });
+        }
+        let Some(upload) = &self.upload else {
+            return Ok(());
+        };
+        // Part numbers start at 1 and S3 allows 10,000, far more than any object here needs.
+        let number = upload.parts.len() as i32 + 1;
+        let done = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&self.full_key)
+            .upload_id(&upload.id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.error("UploadPart", &e))?;
+        if let Some(upload) = &mut self.upload {
+            upload.parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(done.e_tag().map(str::to_owned))
+                    .set_checksum_crc32(done.checksum_crc32().map(str::to_owned))
+                    .build(),
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
+        let if_none_match = (mode == PutMode::IfAbsent).then(|| "*".to_owned());
+        let result = if self.upload.is_none() {
+            let body = std::mem::take(&mut self.buffer).freeze();
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&self.full_key)
+                .set_if_none_match(if_none_match)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| precondition_or(e, |e| self.error("PutObject", e)))
+        } else {
+            let rest = std::mem::take(&mut self.buffer).freeze();
+            if !rest.is_empty() {
+                if let Err(e) = self.upload_part(rest).await {
+                    self.abort().await;
+                    return Err(e);
+                }
+            }
+            let Some(upload) = self.upload.take() else {
+                return Ok(Committed::Created);
+            };
+            let completed = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.full_key)
+                .upload_id(&upload.id)
+                .set_if_none_match(if_none_match)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(upload.parts.clone()))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| precondition_or(e, |e| self.error("CompleteMultipartUpload", e)));
+            if completed.is_err() {
+                self.upload = Some(upload);
+                self.abort().await;
+            }
+            completed
+        };
+        match result {
+            Ok(()) => Ok(Committed::Created),
+            Err(Outcome::Exists) => Ok(Committed::AlreadyExists),
+            Err(Outcome::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn abort(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.full_key)
+                .upload_id(&upload.id)
+                .send()
+                .await;
+            if let Err(e) = aborted {
+                tracing::warn!(key = %self.key, "could not abort multipart upload {}: {}", upload.id, DisplayErrorContext(&e));
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Exists,
+    Failed(StoreError),
+}
+
+/// `412 Precondition Failed` answers `If-None-Match: *` when the key exists.
+fn precondition_or<E>(err: SdkError<E>, other: impl FnOnce(&SdkError<E>) -> StoreError) -> Outcome
+where
+    E: ProvideErrorMetadata,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    if status == Some(412) || err.code() == Some("PreconditionFailed") {
+        Outcome::Exists
+    } else {
+        Outcome::Failed(other(&err))
+    }
+}
