@@ -283,7 +283,7 @@ impl Layers {
                 .unwrap_or(5),
             part_size: self
                 .get("s3.part_size", |s| parse_in_range(s, 5 << 20, 5 << 30))?
-                .unwrap_or(16 << 20),
+                .unwrap_or(8 << 20),
         };
         Ok(Settings {
             repo,
