@@ -1,0 +1,280 @@
+//! Repositories (a local directory or an S3 bucket), their walvault config files, and access to
+//! the stored objects behind walvault's back.
+
+use super::{s3, TestEnv};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoKind {
+    Local,
+    S3,
+}
+
+/// A walvault config file's content. Values are TOML literals: use [`toml_str`] for strings.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigFile {
+    top: Vec<(String, String)>,
+    s3: Vec<(String, String)>,
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn set_key(entries: &mut Vec<(String, String)>, key: &str, value: &str) {
+    entries.retain(|(k, _)| k != key);
+    entries.push((key.to_string(), value.to_string()));
+}
+
+impl ConfigFile {
+    /// `repo = url`, lz4 compression.
+    pub fn new(repo_url: &str) -> ConfigFile {
+        ConfigFile::default()
+            .set("repo", &toml_str(repo_url))
+            .set("compression", &toml_str("lz4"))
+    }
+
+    /// A config for an S3 repository at `url` served by `endpoint` (path-style, test keys).
+    pub fn s3(url: &str, endpoint: &str) -> ConfigFile {
+        ConfigFile::new(url)
+            .set_s3("endpoint", &toml_str(endpoint))
+            .set_s3("region", &toml_str(s3::REGION))
+            .set_s3("force_path_style", "true")
+            .set_s3("access_key_id", &toml_str(s3::ACCESS_KEY))
+            .set_s3("secret_access_key", &toml_str(s3::SECRET_KEY))
+    }
+
+    /// Sets a top-level key (replacing it).
+    pub fn set(mut self, key: &str, toml_value: &str) -> Self {
+        set_key(&mut self.top, key, toml_value);
+        self
+    }
+
+    /// Sets a key of the `[s3]` table (replacing it).
+    pub fn set_s3(mut self, key: &str, toml_value: &str) -> Self {
+        set_key(&mut self.s3, key, toml_value);
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let mut text: String = self
+            .top
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect();
+        if !self.s3.is_empty() {
+            text.push_str("\n[s3]\n");
+            text.extend(self.s3.iter().map(|(k, v)| format!("{k} = {v}\n")));
+        }
+        text
+    }
+}
+
+enum Location {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+/// A fresh, empty repository of one test, with its config file.
+pub struct Repo {
+    kind: RepoKind,
+    url: String,
+    location: Location,
+    config: ConfigFile,
+    config_path: PathBuf,
+}
+
+impl Repo {
+    pub(crate) fn create(env: &TestEnv, kind: RepoKind) -> Repo {
+        let (url, location, config) = match kind {
+            RepoKind::Local => {
+                let dir = env.mkdir("repo");
+                let url = format!("file://{}", dir.display());
+                (url.clone(), Location::Local(dir), ConfigFile::new(&url))
+            }
+            RepoKind::S3 => {
+                let server = s3::server();
+                let bucket = server.new_bucket();
+                let prefix = "cluster-a".to_string();
+                let url = format!("s3://{bucket}/{prefix}");
+                let config = ConfigFile::s3(&url, server.endpoint());
+                (url, Location::S3 { bucket, prefix }, config)
+            }
+        };
+        let config_path = env.write_config("walvault.toml", &config);
+        Repo {
+            kind,
+            url,
+            location,
+            config,
+            config_path,
+        }
+    }
+
+    pub fn kind(&self) -> RepoKind {
+        self.kind
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The config file pointing at this repository.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The content of that config file, to derive variants from.
+    pub fn config(&self) -> ConfigFile {
+        self.config.clone()
+    }
+
+    /// Every stored key relative to the repository root (`repository`, `wal/...`), temporary
+    /// files included, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        match &self.location {
+            Location::Local(dir) => {
+                let mut keys = Vec::new();
+                walk(dir, dir, &mut keys);
+                keys.sort();
+                keys
+            }
+            Location::S3 { bucket, prefix } => s3::server()
+                .list(bucket, &format!("{prefix}/"))
+                .into_iter()
+                .map(|k| k[prefix.len() + 1..].to_string())
+                .collect(),
+        }
+    }
+
+    /// The keys a reader sees: without temporary (dot-) files.
+    pub fn objects(&self) -> Vec<String> {
+        self.keys()
+            .into_iter()
+            .filter(|k| !k.split('/').any(|part| part.starts_with('.')))
+            .collect()
+    }
+
+    /// Names of the WAL files stored under `wal/`.
+    pub fn wal_files(&self) -> Vec<String> {
+        self.objects()
+            .iter()
+            .filter_map(|k| k.strip_prefix("wal/").map(String::from))
+            .collect()
+    }
+
+    pub fn read(&self, key: &str) -> Vec<u8> {
+        match &self.location {
+            Location::Local(dir) => {
+                fs::read(dir.join(key)).unwrap_or_else(|e| panic!("read {key} in repository: {e}"))
+            }
+            Location::S3 { bucket, prefix } => s3::server().get(bucket, &format!("{prefix}/{key}")),
+        }
+    }
+
+    /// Overwrites an object in place (a local file keeps its owner).
+    pub fn write(&self, key: &str, data: Vec<u8>) {
+        match &self.location {
+            Location::Local(dir) => fs::write(dir.join(key), data)
+                .unwrap_or_else(|e| panic!("write {key} in repository: {e}")),
+            Location::S3 { bucket, prefix } => {
+                s3::server().put(bucket, &format!("{prefix}/{key}"), data)
+            }
+        }
+    }
+
+    pub fn delete(&self, key: &str) {
+        match &self.location {
+            Location::Local(dir) => fs::remove_file(dir.join(key))
+                .unwrap_or_else(|e| panic!("delete {key} in repository: {e}")),
+            Location::S3 { bucket, prefix } => {
+                s3::server().delete(bucket, &format!("{prefix}/{key}"))
+            }
+        }
+    }
+
+    /// Flips every bit of the byte at `offset` of an object.
+    pub fn corrupt(&self, key: &str, offset: usize) {
+        let mut data = self.read(key);
+        assert!(offset < data.len(), "{key} has only {} bytes", data.len());
+        data[offset] ^= 0xff;
+        self.write(key, data);
+    }
+
+    /// Every key with the size and a hash of its content.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(
+            self.keys()
+                .into_iter()
+                .map(|key| {
+                    let data = self.read(&key);
+                    let mut hasher = DefaultHasher::new();
+                    data.hash(&mut hasher);
+                    (key, (data.len(), hasher.finish()))
+                })
+                .collect(),
+        )
+    }
+}
+
+fn walk(root: &Path, dir: &Path, keys: &mut Vec<String>) {
+    for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("list {}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            walk(root, &path, keys);
+        } else {
+            let key = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            keys.push(key);
+        }
+    }
+}
+
+/// The repository's content at one moment: key -> (size, content hash).
+#[derive(PartialEq, Eq)]
+pub struct Snapshot(BTreeMap<String, (usize, u64)>);
+
+impl Snapshot {
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// Panics, listing the differences, unless `now` equals `self`.
+    pub fn assert_unchanged(&self, now: &Snapshot, after: &str) {
+        assert!(
+            self == now,
+            "repository changed after {after}:\n{}",
+            SnapshotDiff(self, now)
+        );
+    }
+}
+
+struct SnapshotDiff<'a>(&'a Snapshot, &'a Snapshot);
+
+impl fmt::Display for SnapshotDiff<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (before, after) = (&self.0 .0, &self.1 .0);
+        for (key, value) in before {
+            match after.get(key) {
+                None => writeln!(f, "  removed: {key}")?,
+                Some(v) if v != value => {
+                    writeln!(f, "  changed: {key} ({} -> {} bytes)", value.0, v.0)?
+                }
+                Some(_) => {}
+            }
+        }
+        for key in after.keys().filter(|k| !before.contains_key(*k)) {
+            writeln!(f, "  added:   {key}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests of the walvault binary against real PostgreSQL clusters and repositories (a
+//! local directory and an S3 server). Run them with `integration/run.sh`, which first installs what
+//! they need (PostgreSQL 15, moto).
+
+mod harness;
+
+mod wal_archive;
