@@ -24,6 +24,7 @@ repo_kind_tests!(
     wal_fetch_missing_and_corrupt,
     push_killed_before_commit_exposes_nothing,
     config_errors_are_reported,
+    full_size_segments_in_parts,
 );
 
 fn small_segments(name: &str) -> ClusterConfig {
@@ -464,4 +465,47 @@ fn unreachable_s3_endpoint_fails_in_bounded_time() {
         );
         assert_nothing_written(&dest);
     }
+}
+
+/// 16 MiB segments stored uncompressed in 5 MiB parts: on S3 each push is a multipart upload, and
+/// one killed before `CompleteMultipartUpload` must expose nothing.
+fn full_size_segments_in_parts(kind: RepoKind) {
+    let env = TestEnv::new("multipart");
+    let repo = env.repo(kind);
+    let config = repo
+        .config()
+        .set("compression", &toml_str("none"))
+        .set_s3("part_size", &(5u64 << 20).to_string());
+    let walvault = env.walvault(&env.write_config("parts.toml", &config));
+    let source = env.cluster(ClusterConfig::new("source").wal_segsize_mb(16));
+    let dir = env.mkdir("segments");
+    let first = source.switch_wal_and_copy(&dir);
+    let second = source.switch_wal_and_copy(&dir);
+    walvault.wal_push(&first).assert_success();
+
+    let visible = repo.objects();
+    let mut push = walvault.spawn(
+        &["wal-push", second.to_str().unwrap()],
+        &[("WALVAULT_FAILPOINTS", "store-before-commit")],
+    );
+    push.wait_for_stderr(
+        "failpoint store-before-commit reached",
+        Duration::from_secs(60),
+    );
+    push.kill();
+    assert_eq!(
+        repo.objects(),
+        visible,
+        "a killed multipart upload exposed an object"
+    );
+
+    walvault.wal_push(&second).assert_success();
+    for segment in [&first, &second] {
+        let content = fs::read(segment).unwrap();
+        assert_eq!(content.len(), 16 << 20);
+        assert_eq!(fetch(&env, &walvault, file_name(segment)), content);
+    }
+    let verify = walvault.run(&["verify"]);
+    verify.assert_success();
+    assert_eq!(verify_summary(&verify), (3, 0), "{verify}");
 }

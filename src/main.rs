@@ -30,6 +30,9 @@ use cli::{Cli, Command};
 /// recovery rather than ending it early.
 const EXIT_FETCH_FAILED: u8 = 128;
 
+/// Prefetched segments untouched this long are left over from a finished recovery.
+const STALE_PREFETCH: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -146,6 +149,7 @@ async fn wal_push(
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let spool = Spool::locate(settings.spool_dir.as_deref(), spool::wal_dir_of(path));
+    spool.drop_stale_prefetch(STALE_PREFETCH).await;
     let (name, pushed) = Archiver::new(repo)
         .push_with_ahead(path, &spool, settings.push_concurrency)
         .await?;

@@ -44,6 +44,24 @@ impl Spool {
     pub fn prefetch_dir(&self) -> PathBuf {
         self.dir.join("prefetch")
     }
+
+    /// Deletes prefetched segments nobody has asked for in `max_age`: what a finished recovery
+    /// left behind. Called by wal-push, which runs once recovery is over (on a standby with
+    /// `archive_mode = always` it runs during recovery too, hence the age limit).
+    pub async fn drop_stale_prefetch(&self, max_age: std::time::Duration) {
+        let Ok(mut entries) = tokio::fs::read_dir(self.prefetch_dir()).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let stale = match entry.metadata().await.and_then(|m| m.modified()) {
+                Ok(modified) => modified.elapsed().is_ok_and(|age| age > max_age),
+                Err(_) => false,
+            };
+            if stale {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+    }
 }
 
 /// The directory a WAL path lives in, `.` for a bare name.
@@ -57,6 +75,20 @@ pub fn wal_dir_of(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn stale_prefetched_segments_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::locate(Some(dir.path()), dir.path());
+        std::fs::create_dir_all(spool.prefetch_dir()).unwrap();
+        let segment = spool.prefetch_dir().join("000000010000000000000001");
+        std::fs::write(&segment, b"wal").unwrap();
+        spool.drop_stale_prefetch(Duration::from_secs(3600)).await;
+        assert!(segment.exists(), "a fresh file must stay");
+        spool.drop_stale_prefetch(Duration::ZERO).await;
+        assert!(!segment.exists(), "an old file must go");
+    }
 
     #[test]
     fn default_spool_sits_next_to_pg_wal() {
