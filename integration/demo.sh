@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+if [ ! -x "$PGBIN/initdb" ] && [ "$(id -u)" = 0 ]; then
+  echo "== installing PostgreSQL 15 (Debian packages, no default cluster)"
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/walvault-demo.conf
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15
+fi
 [ -x "$PGBIN/initdb" ] || { echo "PostgreSQL 15 not found at $PGBIN (apt-get install postgresql-15)"; exit 1; }
 
 echo "== building walvault (release)"
