@@ -127,9 +127,9 @@ impl Archiver {
                 Err(e) => tracing::warn!("push-ahead task failed: {e}"),
             }
         }
-        markers
-            .forget_before(&result.as_ref().map_or(None, |(n, _)| Some(n.to_string())))
-            .await;
+        if let Ok((name, _)) = &result {
+            markers.forget_before(&name.to_string()).await;
+        }
         result
     }
 
@@ -295,6 +295,23 @@ async fn ready_segments(
     picked
 }
 
+/// The content checksum and length of a local file, read a block at a time.
+async fn checksum_file(path: &Path) -> std::io::Result<(Checksum, u64)> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; crate::codec::MAX_BLOCK];
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut buf).await? {
+            0 => return Ok((Checksum(hasher.finalize()), len)),
+            n => {
+                hasher.update(&buf[..n]);
+                len += n as u64;
+            }
+        }
+    }
+}
+
 /// Push-ahead markers in the spool: `pushed/<name>` holding "<crc32 hex> <length>".
 #[derive(Clone)]
 struct Markers {
@@ -335,19 +352,17 @@ impl Markers {
         let _ = tokio::fs::remove_file(&marker).await;
         let (crc, len) = text.trim().split_once(' ')?;
         let (crc, len) = (u32::from_str_radix(crc, 16).ok()?, len.parse::<u64>().ok()?);
-        let content = tokio::fs::read(path).await.ok()?;
-        (content.len() as u64 == len && Checksum::of(&content) == Checksum(crc))
-            .then_some(Pushed::PushedAhead)
+        let (local_crc, local_len) = checksum_file(path).await.ok()?;
+        (local_len == len && local_crc == Checksum(crc)).then_some(Pushed::PushedAhead)
     }
 
     /// Drops markers older than `name`: PostgreSQL has moved past them.
-    async fn forget_before(&self, name: &Option<String>) {
-        let Some(name) = name else { return };
+    async fn forget_before(&self, name: &str) {
         let Ok(mut entries) = tokio::fs::read_dir(&self.dir).await else {
             return;
         };
         while let Ok(Some(entry)) = entries.next_entry().await {
-            if entry.file_name().to_string_lossy().as_ref() < name.as_str() {
+            if entry.file_name().to_string_lossy().as_ref() < name {
                 let _ = tokio::fs::remove_file(entry.path()).await;
             }
         }
