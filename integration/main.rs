@@ -4,4 +4,6 @@
 
 mod harness;
 
+mod backup;
+
 mod wal_archive;

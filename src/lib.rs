@@ -3,10 +3,13 @@
 //! The module map is in ARCHITECTURE.md.
 
 pub mod archive;
+pub mod backup;
+pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod failpoint;
 pub mod identity;
+pub mod pg;
 pub mod repo;
 pub mod restore;
 pub mod spool;

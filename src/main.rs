@@ -6,6 +6,7 @@
 //! errors, and for `wal-fetch` every other failure (usage errors included) exits 128 so that
 //! PostgreSQL stops recovery instead of taking the failure for the end of the archive.
 
+mod backup_cmd;
 mod cli;
 mod logging;
 
@@ -98,6 +99,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::WalPush { concurrency, .. } => flags.push_concurrency = concurrency.clone(),
         Command::WalFetch { prefetch, .. } => flags.prefetch = prefetch.clone(),
+        Command::BackupPush {
+            concurrency,
+            delta_max_steps,
+            ..
+        } => {
+            flags.backup_concurrency = concurrency.clone();
+            flags.delta_max_steps = delta_max_steps.clone();
+        }
+        Command::BackupFetch { concurrency, .. } => flags.backup_concurrency = concurrency.clone(),
         _ => {}
     }
     let settings = Settings::load(&flags)?;
@@ -106,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("opening repository {}", settings.repo))?,
     );
+    let cli_quiet = cli.quiet;
     match cli.command {
         Command::WalPush { path, .. } => wal_push(&settings, repo, &path).await,
         Command::WalFetch { name, dest, .. } => {
@@ -121,6 +132,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::debug!("prefetched {stored} segments");
             Ok(ExitCode::SUCCESS)
         }
+        Command::BackupPush {
+            pgdata,
+            dbname,
+            full,
+            delta,
+            spread_checkpoint,
+            ..
+        } => {
+            let mode = backup_cmd::mode(full, delta);
+            let opts = backup_cmd::push_options(
+                &settings,
+                cli_quiet,
+                pgdata,
+                dbname,
+                mode,
+                !spread_checkpoint,
+            );
+            backup_cmd::push(repo, &opts).await
+        }
+        Command::BackupFetch {
+            name,
+            dir,
+            tablespaces,
+            ..
+        } => backup_cmd::fetch(&settings, cli_quiet, repo, &name, &dir, &tablespaces).await,
+        Command::BackupList { json } => backup_cmd::list(&repo, json).await,
         Command::Verify { concurrency } => {
             let report = verify::verify_all(repo, concurrency).await?;
             for problem in &report.problems {

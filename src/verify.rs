@@ -2,8 +2,11 @@
 //!
 //! Each object is read to its end through the codec, so its framing, length and content checksum
 //! are all checked, exactly as a restore would check them. Objects are read a few at a time, and
-//! one object's problem never stops the others from being checked. Used by the CLI and by cron.
+//! one object's problem never stops the others from being checked. Then every backup's manifest
+//! is checked against the objects that read back whole (`backup::consistency`). Used by the CLI
+//! and by cron.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::repo::{RepoError, Repository};
@@ -21,6 +24,7 @@ pub struct Report {
 pub async fn verify_all(repo: Arc<Repository>, concurrency: usize) -> Result<Report, RepoError> {
     let objects = repo.store().list("").await?;
     let mut report = Report::default();
+    let mut contents = HashMap::new();
     if !objects.iter().any(|o| o.key == "repository") {
         report.problems.push(format!(
             "{}: no repository identity object (nothing was ever archived here?)",
@@ -48,6 +52,7 @@ pub async fn verify_all(repo: Arc<Repository>, concurrency: usize) -> Result<Rep
             match result {
                 Ok(Some((len, _))) => {
                     report.content_bytes += len;
+                    contents.insert(key.clone(), len);
                     report.wal_files += usize::from(key.starts_with("wal/"));
                 }
                 Ok(None) => report
@@ -57,6 +62,10 @@ pub async fn verify_all(repo: Arc<Repository>, concurrency: usize) -> Result<Rep
             }
         }
     }
+    // Backups: every manifest's pieces, chains and WAL, against what read back whole.
+    report
+        .problems
+        .extend(crate::backup::consistency::check(&repo, &contents).await);
     report.problems.sort();
     Ok(report)
 }

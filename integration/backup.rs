@@ -1,0 +1,469 @@
+//! Base backups end to end: backup-push (full and deltas), backup-fetch of every backup of a
+//! chain, recovery from the archive, and the restored data compared with what the source held
+//! when each backup was taken; plus the failures a user must get a clear answer to.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{
+    give_to_postgres, repo_kind_tests, Cluster, ClusterConfig, PgInstall, RepoKind, TestEnv,
+    Walvault,
+};
+
+/// The libpq environment that reaches `cluster` through its socket in the test dir.
+fn pg_env<'a>(env: &'a TestEnv, cluster: &'a Cluster, port: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("PGHOST", env.path().to_str().unwrap()),
+        ("PGPORT", port),
+        ("PGUSER", "postgres"),
+        ("PGDATABASE", "postgres"),
+        ("PGDATA", cluster.datadir().to_str().unwrap()),
+    ]
+}
+
+fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster, args: &[&str]) -> String {
+    let port = cluster.port().to_string();
+    let mut all = vec!["backup-push"];
+    all.extend_from_slice(args);
+    let out = wv.run_with_env(&all, &pg_env(env, cluster, &port));
+    out.assert_success();
+    out.stderr
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Listed {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    parent: Option<String>,
+    start_time: String,
+    stop_time: String,
+    start_lsn: String,
+    stop_lsn: String,
+    timeline: u32,
+    original_size: u64,
+    stored_size: u64,
+    page_checksum_failures: u64,
+}
+
+fn backup_list(wv: &Walvault) -> Vec<Listed> {
+    let out = wv.run(&["backup-list", "--json"]);
+    out.assert_success();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("backup-list --json: {e}\n{out}"))
+}
+
+/// md5 of every user table's rows, by table name.
+fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
+    let tables = cluster.psql(
+        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname = 'public' ORDER BY 1",
+    );
+    tables
+        .lines()
+        .map(|t| {
+            let md5 = cluster.psql(&format!(
+                "SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {t} t"
+            ));
+            (t.to_string(), md5)
+        })
+        .collect()
+}
+
+/// Checks every B-tree index (with heapallindexed) and returns how many were checked.
+fn amcheck(cluster: &Cluster) -> u64 {
+    cluster
+        .psql(
+            "SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_class c \
+             JOIN pg_am am ON am.oid = c.relam WHERE am.amname = 'btree' AND c.relkind = 'i' \
+             AND c.relpersistence = 'p') s",
+        )
+        .parse()
+        .unwrap()
+}
+
+/// Turns data checksums on in a stopped cluster (pg_checksums), so backups verify pages.
+fn enable_checksums(cluster: &mut Cluster) {
+    cluster.stop();
+    let tool = cluster.install().program("pg_checksums");
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(tool);
+        c
+    } else {
+        Command::new(tool)
+    };
+    let out = cmd
+        .args(["--enable", "--no-sync", "-D"])
+        .arg(cluster.datadir())
+        .output()
+        .expect("run pg_checksums");
+    assert!(
+        out.status.success(),
+        "pg_checksums: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.start();
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Restores `name` into a new directory, recovers it to the backup's end with WAL from the
+/// archive, and returns the running cluster.
+fn restore(
+    env: &TestEnv,
+    wv: &Walvault,
+    name: &str,
+    install: &PgInstall,
+    tablespace: Option<(&str, &Path)>,
+) -> Cluster {
+    let dir = env.unique_dir("restored");
+    let mut args = vec![
+        "backup-fetch".to_string(),
+        name.to_string(),
+        dir.display().to_string(),
+    ];
+    if let Some((oid, ts_dir)) = tablespace {
+        args.push("--tablespace".into());
+        args.push(format!("{oid}={}", ts_dir.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    wv.run(&args).assert_success();
+    assert!(dir.join("backup_label").is_file());
+    let config = ClusterConfig::new(dir.file_name().unwrap().to_str().unwrap())
+        .install(install.clone())
+        .set("archive_mode", "off")
+        .set("restore_command", wv.restore_command())
+        .set("recovery_target", "immediate")
+        .set("recovery_target_action", "promote");
+    let mut restored = env.cluster_from_copy(config, &dir);
+    restored.touch("recovery.signal");
+    restored.start();
+    restored.wait_for_promotion(Duration::from_secs(120));
+    restored
+}
+
+fn backup_chain(kind: RepoKind) {
+    let env = TestEnv::new("backup-chain");
+    let repo = env.repo(kind);
+    let wv = env.walvault(repo.config_path());
+    let mut src = env.cluster(ClusterConfig::new("src").archive_with(&wv));
+    enable_checksums(&mut src);
+    let ts_dir = env.mkdir("ts1");
+    src.psql(&format!(
+        "CREATE TABLESPACE ts1 LOCATION '{}'",
+        ts_dir.display()
+    ));
+    let ts_oid = src.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'");
+    src.psql("CREATE EXTENSION amcheck");
+    src.pgbench(&["-i", "-q", "-s", "3"]);
+    src.psql(
+        "CREATE TABLE t_keep (id int PRIMARY KEY, v text); \
+         INSERT INTO t_keep SELECT g, md5(g::text) FROM generate_series(1, 20000) g; \
+         CREATE TABLE t_drop AS SELECT g AS id FROM generate_series(1, 5000) g; \
+         CREATE TABLE t_trunc (id int PRIMARY KEY, v text); \
+         INSERT INTO t_trunc SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g; \
+         CREATE TABLE t_ts (id int PRIMARY KEY, v text) TABLESPACE ts1; \
+         INSERT INTO t_ts SELECT g, md5(g::text) FROM generate_series(1, 10000) g; \
+         CREATE TABLE t_shrink (id int, v text); \
+         INSERT INTO t_shrink SELECT g, md5(g::text) FROM generate_series(1, 20000) g; \
+         CREATE UNLOGGED TABLE t_unlogged AS SELECT g FROM generate_series(1, 1000) g",
+    );
+
+    // Set hint bits and visibility first: with data checksums the first hint-bit write to a
+    // page after a checkpoint is WAL-logged, which would make every page read after the full
+    // backup count as changed.
+    src.psql("VACUUM (FREEZE, ANALYZE)");
+    let mut expected = vec![table_md5s(&src)];
+    backup_push(&env, &wv, &src, &[]);
+
+    // A few percent of pgbench_accounts' pages and some rows elsewhere.
+    src.pgbench(&["-n", "-c", "1", "-t", "300", "-b", "simple-update"]);
+    src.psql(
+        "UPDATE t_keep SET v = 'one' WHERE id % 100 = 0; UPDATE t_ts SET v = 'one' WHERE id < 50",
+    );
+    expected.push(table_md5s(&src));
+    backup_push(&env, &wv, &src, &[]);
+
+    src.psql(
+        "CREATE TABLE t_new (id int PRIMARY KEY, v text); \
+         INSERT INTO t_new SELECT g, md5(g::text) FROM generate_series(1, 30000) g; \
+         INSERT INTO t_ts SELECT g, 'two' FROM generate_series(10001, 12000) g",
+    );
+    expected.push(table_md5s(&src));
+    backup_push(&env, &wv, &src, &[]);
+
+    src.psql("DROP TABLE t_drop; TRUNCATE t_trunc; UPDATE t_keep SET v = 'three' WHERE id % 7 = 0");
+    src.psql("INSERT INTO t_trunc VALUES (1, 'after truncate')");
+    // VACUUM gives the empty tail of t_shrink back: the same file, shorter.
+    let keep_file = src.psql("SELECT pg_relation_filepath('t_shrink')");
+    let keep_path = src.datadir().join(&keep_file);
+    let before = std::fs::metadata(&keep_path).unwrap().len();
+    src.psql("DELETE FROM t_shrink WHERE id > 5000");
+    src.psql("VACUUM t_shrink");
+    let after = std::fs::metadata(&keep_path).unwrap().len();
+    assert!(
+        after < before,
+        "VACUUM did not shorten {keep_file} ({before} -> {after})"
+    );
+    expected.push(table_md5s(&src));
+    backup_push(&env, &wv, &src, &[]);
+
+    let listed = backup_list(&wv);
+    let kinds: Vec<&str> = listed.iter().map(|b| b.kind.as_str()).collect();
+    assert_eq!(kinds, ["full", "delta", "delta", "delta"], "{listed:#?}");
+    for pair in listed.windows(2) {
+        assert_eq!(pair[1].parent.as_deref(), Some(pair[0].name.as_str()));
+        assert!(pair[0].start_time <= pair[1].start_time);
+        assert!(pair[0].stop_time <= pair[1].stop_time);
+    }
+    for b in &listed {
+        assert_eq!(b.timeline, 1);
+        assert!(b.start_lsn.contains('/') && b.stop_lsn.contains('/'));
+    }
+    let (full, delta) = (&listed[0], &listed[1]);
+    assert!(
+        delta.stored_size * 5 < full.stored_size,
+        "delta after a small workload stored {} bytes, the full backup {}",
+        delta.stored_size,
+        full.stored_size
+    );
+    assert!(delta.original_size > full.original_size / 2);
+
+    for (i, backup) in listed.iter().enumerate() {
+        let ts_restore = env.path().join(format!("ts-restored-{i}"));
+        let restored = restore(
+            &env,
+            &wv,
+            &backup.name,
+            src.install(),
+            Some((&ts_oid, &ts_restore)),
+        );
+        assert_eq!(
+            table_md5s(&restored),
+            expected[i],
+            "data restored from {} ({}) differs from the source at that backup",
+            backup.name,
+            backup.kind
+        );
+        assert!(amcheck(&restored) > 10);
+        // The tablespace came back where it was asked to, with its table.
+        assert!(std::fs::read_dir(&ts_restore).unwrap().next().is_some());
+        assert_eq!(restored.psql("SELECT count(*) > 0 FROM t_ts"), "t");
+        assert_eq!(restored.psql("SELECT count(*) FROM t_unlogged"), "0");
+    }
+    // LATEST is the newest delta.
+    let latest = env.unique_dir("latest");
+    let ts_latest = env.path().join("ts-latest");
+    let ts_arg = format!("{ts_oid}={}", ts_latest.display());
+    wv.run(&[
+        "backup-fetch",
+        "LATEST",
+        latest.to_str().unwrap(),
+        "--tablespace",
+        &ts_arg,
+    ])
+    .assert_success();
+    wv.run(&["verify"]).assert_success();
+}
+
+fn backup_failures(kind: RepoKind) {
+    let env = TestEnv::new("backup-failures");
+    let repo = env.repo(kind);
+    let wv = env.walvault(repo.config_path());
+    let mut src = env.cluster(ClusterConfig::new("src").archive_with(&wv));
+    src.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 100000) g");
+    src.psql("CREATE TABLE t_bad AS SELECT g FROM generate_series(1, 10000) g");
+    // A damaged page on disk in a cluster with data checksums: found, reported, not fatal.
+    let bad_file = src
+        .datadir()
+        .join(src.psql("SELECT pg_relation_filepath('t_bad')"));
+    enable_checksums(&mut src);
+    src.stop();
+    let mut bytes = std::fs::read(&bad_file).unwrap();
+    bytes[5 * 8192 + 4000] ^= 0xFF;
+    std::fs::write(&bad_file, bytes).unwrap();
+    src.start();
+    let port = src.port().to_string();
+
+    // PostgreSQL down: a clear error naming the connection.
+    let dead_port = crate::harness::free_port().to_string();
+    let mut down = pg_env(&env, &src, &dead_port);
+    down.retain(|(k, _)| *k != "PGDATA");
+    let out = wv.run_with_env(&["backup-push"], &down);
+    out.assert_failure()
+        .assert_stderr_contains("cannot connect to PostgreSQL");
+
+    // Wrong PGDATA: refused before anything is stored.
+    let elsewhere = env.mkdir("not-pgdata");
+    let mut wrong = pg_env(&env, &src, &port);
+    wrong.retain(|(k, _)| *k != "PGDATA");
+    wrong.push(("PGDATA", elsewhere.to_str().unwrap()));
+    let out = wv.run_with_env(&["backup-push"], &wrong);
+    out.assert_failure().assert_stderr_contains("not-pgdata");
+    assert!(backup_list(&wv).is_empty());
+
+    let log = backup_push(&env, &wv, &src, &[]);
+    assert!(log.contains("data checksum failures"), "{log}");
+    assert_eq!(backup_list(&wv)[0].page_checksum_failures, 1);
+
+    // Another cluster into this repository: refused, nothing stored.
+    let other = env.cluster(ClusterConfig::new("other"));
+    let other_port = other.port().to_string();
+    let out = wv.run_with_env(&["backup-push"], &pg_env(&env, &other, &other_port));
+    out.assert_failure()
+        .assert_stderr_contains("belongs to a different cluster");
+    drop(other);
+    assert_eq!(backup_list(&wv).len(), 1);
+
+    // Killed while storing: not listed, and the next push works.
+    let mut envs = pg_env(&env, &src, &port);
+    envs.push(("WALVAULT_FAILPOINTS", "store-before-commit"));
+    let mut running = wv.spawn(&["backup-push", "--full"], &envs);
+    running.wait_for_stderr(
+        "failpoint store-before-commit reached",
+        Duration::from_secs(60),
+    );
+    running.kill();
+    assert_eq!(backup_list(&wv).len(), 1);
+    backup_push(&env, &wv, &src, &["--full"]);
+    let listed = backup_list(&wv);
+    assert_eq!(listed.len(), 2);
+
+    // Into a non-empty directory: refused, nothing touched.
+    let busy = env.mkdir("busy");
+    let keep = busy.join("keep-me");
+    std::fs::write(&keep, "x").unwrap();
+    give_to_postgres(&keep);
+    let out = wv.run(&["backup-fetch", "LATEST", busy.to_str().unwrap()]);
+    out.assert_failure().assert_stderr_contains("not empty");
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+
+    // A corrupted pack: the restore fails and names the pack and a file in it.
+    let pack = format!("backups/{}/packs/000000", listed[1].name);
+    let size = repo.read(&pack).len();
+    repo.corrupt(&pack, size / 2);
+    let target = env.path().join("from-corrupt");
+    let out = wv.run(&["backup-fetch", &listed[1].name, target.to_str().unwrap()]);
+    out.assert_failure().assert_stderr_contains(&pack);
+    assert!(
+        out.stderr.contains("restoring ") || out.stderr.contains("do not match"),
+        "the error names no file:\n{out}"
+    );
+    // verify reports the damaged backup too.
+    wv.run(&["verify"]).assert_failure();
+    // The other backup still restores.
+    let fine = restore(&env, &wv, &listed[0].name, src.install(), None);
+    assert_eq!(fine.psql("SELECT count(*) FROM t"), "100000");
+}
+
+/// PostgreSQL 13 and 14 use the older backup functions; each major available gets a full and a
+/// delta backup restored and compared.
+#[test]
+fn older_majors_back_up_and_restore() {
+    let installs: Vec<PgInstall> = PgInstall::all()
+        .into_iter()
+        .filter(|i| i.major() != 15)
+        .collect();
+    if installs.is_empty() {
+        eprintln!("no other PostgreSQL major available (integration/run.sh installs one)");
+    }
+    for install in installs {
+        let env = TestEnv::new(&format!("backup-pg{}", install.major()));
+        let repo = env.repo(RepoKind::Local);
+        let wv = env.walvault(repo.config_path());
+        let src = env.cluster(
+            ClusterConfig::new("src")
+                .install(install.clone())
+                .archive_with(&wv),
+        );
+        src.psql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
+        backup_push(&env, &wv, &src, &[]);
+        src.psql("UPDATE t SET v = 'changed' WHERE id % 50 = 0; CREATE TABLE t2 AS SELECT 1 AS x");
+        backup_push(&env, &wv, &src, &[]);
+        let expected = table_md5s(&src);
+        let listed = backup_list(&wv);
+        assert_eq!(listed[1].kind, "delta");
+        let restored = restore(&env, &wv, &listed[1].name, &install, None);
+        assert_eq!(
+            table_md5s(&restored),
+            expected,
+            "PostgreSQL {}",
+            install.major()
+        );
+    }
+}
+
+/// pgbench's invariant holds at every consistent point: what the history table recorded equals
+/// the balances of accounts, tellers and branches.
+fn pgbench_consistent(cluster: &Cluster) -> bool {
+    cluster.psql(
+        "SELECT (SELECT coalesce(sum(delta), 0) FROM pgbench_history) = ALL (ARRAY[ \
+         (SELECT sum(abalance) FROM pgbench_accounts), \
+         (SELECT sum(tbalance) FROM pgbench_tellers), \
+         (SELECT sum(bbalance) FROM pgbench_branches)])",
+    ) == "t"
+}
+
+/// Backups taken while pgbench writes (files grow, pages are written while they are read):
+/// the full and the delta both restore to a consistent database with sound indexes.
+#[test]
+fn backups_under_load() {
+    let env = TestEnv::new("backup-load");
+    let repo = env.repo(RepoKind::Local);
+    let wv = env.walvault(repo.config_path());
+    let mut src = env.cluster(ClusterConfig::new("src").archive_with(&wv));
+    enable_checksums(&mut src);
+    src.psql("CREATE EXTENSION amcheck");
+    src.pgbench(&["-i", "-q", "-s", "2"]);
+    let mut load = Command::new(src.install().program("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &src.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-n", "-c", "2", "-T", "120", "postgres"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pgbench");
+    crate::harness::wait_until("pgbench to commit", Duration::from_secs(30), || {
+        src.psql("SELECT count(*) > 100 FROM pgbench_history") == "t"
+    });
+    backup_push(&env, &wv, &src, &[]);
+    backup_push(&env, &wv, &src, &[]);
+    let still_running = matches!(load.try_wait(), Ok(None));
+    let _ = load.kill();
+    let _ = load.wait();
+    assert!(still_running, "pgbench ended before the backups did");
+    let listed = backup_list(&wv);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1].kind, "delta");
+    for backup in &listed {
+        let restored = restore(&env, &wv, &backup.name, src.install(), None);
+        assert!(
+            pgbench_consistent(&restored),
+            "{} restored inconsistent",
+            backup.name
+        );
+        assert!(amcheck(&restored) >= 4);
+        assert_eq!(
+            backup.page_checksum_failures, 0,
+            "torn reads reported as damage"
+        );
+    }
+}
+
+repo_kind_tests!(backup_chain, backup_failures);

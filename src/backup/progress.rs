@@ -1,0 +1,22 @@
+//! Progress bars for long backup and restore runs: bytes done, rate and ETA on a terminal,
+//! nothing at all under cron or PostgreSQL (stderr not a terminal) or with `--quiet`.
+//! Used by push and fetch.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// A bar over `total` bytes, drawn only when `wanted` and stderr is a terminal.
+pub fn bytes_bar(total: u64, wanted: bool, prefix: &str) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix.to_owned());
+    bar
+}
