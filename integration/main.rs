@@ -6,4 +6,6 @@ mod harness;
 
 mod backup;
 
+mod stream;
+
 mod wal_archive;

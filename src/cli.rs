@@ -57,6 +57,39 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         prefetch: Option<String>,
     },
+    /// Stream WAL into the repository through a replication slot (a long-running service)
+    ///
+    /// Connects like libpq (PGHOST, PGPORT, PGUSER, PGPASSWORD, or --dbname) with
+    /// replication=true. Received WAL becomes durable in the repository within --flush-interval;
+    /// the slot advances only to what is durable. Needs a local spool directory (spool_dir in the
+    /// config file or WALVAULT_SPOOL_DIR). Exits only on permanent errors.
+    WalReceive {
+        /// Physical replication slot to stream through
+        #[arg(long, default_value = "walvault", value_name = "NAME")]
+        slot: String,
+        /// Create the slot (reserving WAL at once) if it does not exist
+        #[arg(long)]
+        create_slot: bool,
+        /// Longest time received WAL waits before it is stored (e.g. 1s, 500ms)
+        #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+        flush_interval: std::time::Duration,
+        /// Store every message at once and report it durable right after, so the receiver can
+        /// be named in synchronous_standby_names (RPO zero)
+        #[arg(long)]
+        synchronous: bool,
+        /// Name shown in pg_stat_replication and matched by synchronous_standby_names
+        #[arg(long, default_value = "walvault", value_name = "NAME")]
+        application_name: String,
+        /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9187)
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Connection string (key=value or postgresql:// URI); PG* variables fill the rest
+        #[arg(long, value_name = "CONNINFO")]
+        dbname: Option<String>,
+        /// MiB in the local spool (received, not yet stored whole) beyond which reading pauses
+        #[arg(long, default_value_t = 1024, value_name = "MIB")]
+        spool_max_mib: u64,
+    },
     /// Take a base backup of the running cluster on this host (full or page-level delta)
     ///
     /// Connects like libpq (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, or --dbname), runs a
@@ -126,11 +159,20 @@ impl Command {
         match self {
             Command::WalPush { .. } => "wal-push",
             Command::WalFetch { .. } => "wal-fetch",
+            Command::WalReceive { .. } => "wal-receive",
             Command::BackupPush { .. } => "backup-push",
             Command::BackupFetch { .. } => "backup-fetch",
             Command::BackupList { .. } => "backup-list",
             Command::Verify { .. } => "verify",
             Command::WalPrefetch { .. } => "wal-prefetch",
         }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (examples: 1s, 500ms)")),
     }
 }

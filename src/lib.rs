@@ -10,6 +10,8 @@ pub mod config;
 pub mod failpoint;
 pub mod identity;
 pub mod pg;
+pub mod receive;
+pub mod replication;
 pub mod repo;
 pub mod restore;
 pub mod spool;

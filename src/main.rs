@@ -19,6 +19,8 @@ use anyhow::Context;
 use clap::Parser;
 use walvault::archive::{Archiver, Pushed};
 use walvault::config::{FlagValues, Settings};
+use walvault::receive;
+use walvault::replication::ConnParams;
 use walvault::repo::Repository;
 use walvault::restore::{self, Fetched};
 use walvault::spool::{self, Spool};
@@ -130,6 +132,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let stored =
                 restore::prefetch(repo, &Spool::locate(Some(&spool), &spool), window, 4).await?;
             tracing::debug!("prefetched {stored} segments");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WalReceive {
+            slot,
+            create_slot,
+            flush_interval,
+            synchronous,
+            application_name,
+            metrics_addr,
+            dbname,
+            spool_max_mib,
+        } => {
+            let spool = settings.spool_dir.as_ref().with_context(|| {
+                "wal-receive needs a local spool directory: set spool_dir in the config file or \
+                 WALVAULT_SPOOL_DIR"
+            })?;
+            let options = receive::ReceiveOptions {
+                conn: ConnParams::resolve(dbname.as_deref(), &application_name)?,
+                slot: slot.parse().map_err(anyhow::Error::msg)?,
+                create_slot,
+                flush_interval,
+                synchronous,
+                metrics_addr,
+                spool: spool.join("receive"),
+                spool_max: spool_max_mib.saturating_mul(1 << 20),
+            };
+            receive::run(repo, options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BackupPush {

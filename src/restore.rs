@@ -7,6 +7,10 @@
 //! checksum that does not match) is retried within a bound and then returned as an error, which the
 //! CLI turns into an exit code above 125 so that recovery stops instead of ending early.
 //!
+//! A segment that exists only as fragments streamed by `wal-receive` is served assembled and
+//! padded with zeros, like a pg_receivewal `.partial`, so that recovery reaches the newest
+//! streamed commit.
+//!
 //! Prefetch: after serving segment N, a detached `wal-prefetch` process downloads N+1..N+k into
 //! the spool (outside `pg_wal`), verified and fsynced, so later calls only rename a local file. The
 //! spool never holds more than k segments: each run first deletes what recovery has passed.
@@ -19,6 +23,7 @@ use walvault_wal::page::LongPageHeader;
 use walvault_wal::{SegmentName, WalFileName};
 
 use crate::archive::wal_key;
+use crate::receive::fragments::{self, Partial};
 use crate::repo::{RepoError, Repository};
 use crate::spool::Spool;
 
@@ -52,9 +57,24 @@ pub async fn fetch(
     let key = wal_key(name);
     let mut attempt = 1;
     loop {
-        match repo.get_to_file(&key, dest).await {
-            Ok(Some(_)) => return Ok(Fetched::Found { from_spool: false }),
-            Ok(None) => return Ok(Fetched::NotFound),
+        let fetched = match repo.get_to_file(&key, dest).await {
+            Ok(Some(_)) => Ok(Some(Fetched::Found { from_spool: false })),
+            Ok(None) => fetch_streamed(repo, name, dest).await,
+            Err(e) => Err(e),
+        };
+        match fetched {
+            Ok(Some(fetched)) => return Ok(fetched),
+            // Completed while we looked: fetch the whole segment on the next round.
+            Ok(None) if attempt < FETCH_ATTEMPTS => attempt += 1,
+            Ok(None) => {
+                return Err(RepoError::Store(crate::store::StoreError::Io {
+                    op: "assemble streamed fragments of",
+                    path: key,
+                    source: std::io::Error::other(
+                        "they changed while being read and the whole segment is not stored",
+                    ),
+                }))
+            }
             Err(e) if attempt < FETCH_ATTEMPTS => {
                 tracing::warn!(
                     "fetching {name} failed (attempt {attempt} of {FETCH_ATTEMPTS}): {e}"
@@ -64,6 +84,32 @@ pub async fn fetch(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// A segment that is not archived whole may exist as fragments streamed by wal-receive: serve
+/// them (padded like a `.partial`), so recovery reaches the last streamed commit. `None` when the
+/// fragments vanished while being read, which means the segment was just completed.
+async fn fetch_streamed(
+    repo: &Repository,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Option<Fetched>, RepoError> {
+    let WalFileName::Segment(seg) = name else {
+        return Ok(Some(Fetched::NotFound));
+    };
+    match fragments::fetch_partial(repo, seg, dest).await? {
+        Partial::Written(bytes) => {
+            tracing::info!("{name}: serving the {bytes} bytes streamed so far (partial segment)");
+            Ok(Some(Fetched::Found { from_spool: false }))
+        }
+        // The segment is stored whole before its fragments are deleted, so no fragments after a
+        // miss means a true miss unless the segment appeared in between: look once more.
+        Partial::None => match repo.store().head(&wal_key(name)).await? {
+            Some(_) => Ok(None),
+            None => Ok(Some(Fetched::NotFound)),
+        },
+        Partial::Vanished => Ok(None),
     }
 }
 

@@ -87,10 +87,13 @@ impl LocalStore {
                 } else {
                     format!("{rel}/{name}")
                 };
-                let meta = entry
-                    .metadata()
-                    .await
-                    .map_err(io_err("stat", &entry.path()))?;
+                // A file deleted between the directory read and this stat (a finished upload's
+                // temp file, a fragment cleaned up) is simply no longer there to list.
+                let meta = match entry.metadata().await {
+                    Ok(meta) => meta,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("stat", &entry.path())(e)),
+                };
                 if meta.is_dir() {
                     if format!("{key}/").starts_with(prefix)
                         || prefix.starts_with(&format!("{key}/"))
@@ -119,7 +122,15 @@ impl LocalStore {
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path(key);
         match fs::remove_file(&path).await {
-            Ok(()) => sync_dir(parent(&path)).await,
+            Ok(()) => {
+                let dir = parent(&path);
+                // A directory whose last object went (a streamed segment's fragments) goes too,
+                // so deletions do not leave a trail of empty directories; a non-empty one stays.
+                if dir != self.root && fs::remove_dir(dir).await.is_ok() {
+                    return sync_dir(parent(dir)).await;
+                }
+                sync_dir(dir).await
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("delete", &path)(e)),
         }
@@ -151,12 +162,18 @@ impl LocalWriter {
             std::process::id(),
             TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .await
-            .map_err(io_err("create", &temp))?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        let open = || options.open(&temp);
+        let file = match open().await {
+            // A delete may have just removed the emptied directory: make it again, once.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                create_dirs(&self.root, dir).await?;
+                open().await
+            }
+            other => other,
+        }
+        .map_err(io_err("create", &temp))?;
         Ok((temp, file))
     }
 
@@ -292,6 +309,11 @@ mod tests {
 
         store.delete("wal/a").await.unwrap();
         assert_eq!(store.head("wal/a").await.unwrap(), None);
+        assert!(
+            !dir.path().join("wal").exists(),
+            "an emptied directory is removed"
+        );
+        assert!(dir.path().exists(), "the repository root stays");
     }
 
     #[tokio::test]

@@ -1,0 +1,218 @@
+//! Fragments: the streamed part of a segment that is not complete yet, stored as small ordered
+//! objects `stream/<segment>/<start>-<end>` (byte offsets in the segment, 8 hex digits each), so
+//! that each flush uploads only what arrived since the last one. A prefix per segment keeps the
+//! listing of one segment's fragments from touching the others, which are being written and
+//! deleted at the same time.
+//!
+//! wal-receive writes them and deletes them once the whole segment is stored at `wal/<segment>`;
+//! wal-fetch assembles them when recovery asks for a segment that exists only this way, so PITR
+//! reaches the last streamed commit. Fragments may overlap (a restarted receiver re-sends from
+//! the start of the segment, and WAL once flushed never changes), so assembly follows the chain
+//! that covers the segment from offset 0 and stops at the first hole.
+
+use std::path::Path;
+
+use tokio::io::AsyncWriteExt;
+use walvault_wal::page::LongPageHeader;
+use walvault_wal::SegmentName;
+
+use crate::repo::{temp_beside, RepoError, Repository};
+
+/// One stored fragment: bytes `start..end` of its segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    pub key: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The prefix under which the fragments of `seg` live.
+pub fn prefix(seg: &SegmentName) -> String {
+    format!("stream/{seg}/")
+}
+
+/// The key of the fragment holding bytes `start..end` of `seg`.
+pub fn key(seg: &SegmentName, start: u64, end: u64) -> String {
+    format!("{}{start:08X}-{end:08X}", prefix(seg))
+}
+
+fn parse(key: &str, prefix: &str) -> Option<Fragment> {
+    let (start, end) = key.strip_prefix(prefix)?.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    (start < end).then(|| Fragment {
+        key: key.to_owned(),
+        start,
+        end,
+    })
+}
+
+/// The stored fragments of `seg`, by start offset.
+pub async fn list(repo: &Repository, seg: &SegmentName) -> Result<Vec<Fragment>, RepoError> {
+    let prefix = prefix(seg);
+    let mut fragments: Vec<Fragment> = repo
+        .store()
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|o| parse(&o.key, &prefix))
+        .collect();
+    fragments.sort_by_key(|f| (f.start, f.end));
+    Ok(fragments)
+}
+
+/// The fragments that cover the segment from offset 0 without a hole, in order, each reaching
+/// further than the one before.
+pub fn chain(fragments: &[Fragment]) -> Vec<&Fragment> {
+    let mut chain = Vec::new();
+    let mut covered = 0;
+    loop {
+        let next = fragments
+            .iter()
+            .filter(|f| f.start <= covered && f.end > covered)
+            .max_by_key(|f| f.end);
+        match next {
+            Some(f) => {
+                covered = f.end;
+                chain.push(f);
+            }
+            None => return chain,
+        }
+    }
+}
+
+/// How far the fragments cover the segment from its start.
+pub fn covered(fragments: &[Fragment]) -> u64 {
+    chain(fragments).last().map_or(0, |f| f.end)
+}
+
+/// What [`fetch_partial`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Partial {
+    /// Written to the destination: this many streamed bytes, then zeros to the segment size.
+    Written(u64),
+    /// No fragment of the segment exists.
+    None,
+    /// Fragments were listed but disappeared while being read: the segment was completed in the
+    /// meantime, so the caller should look for the whole segment again.
+    Vanished,
+}
+
+/// Assembles the streamed part of `seg` into `dest`, padded with zeros to the segment size like
+/// a pg_receivewal `.partial` (recovery reads the zeros as the end of WAL). Written beside `dest`,
+/// fsynced and renamed, like every restore.
+pub async fn fetch_partial(
+    repo: &Repository,
+    seg: &SegmentName,
+    dest: &Path,
+) -> Result<Partial, RepoError> {
+    let fragments = list(repo, seg).await?;
+    if fragments.is_empty() {
+        return Ok(Partial::None);
+    }
+    let chain = chain(&fragments);
+    if chain.is_empty() {
+        // Fragments but none at offset 0: the completed segment's cleanup is under way.
+        return Ok(Partial::Vanished);
+    }
+    let temp = temp_beside(dest);
+    let file_err = |op: &'static str| {
+        let path = temp.clone();
+        move |source| RepoError::File { op, path, source }
+    };
+    let result = async {
+        let mut out = tokio::fs::File::create(&temp)
+            .await
+            .map_err(file_err("create"))?;
+        let mut written = 0u64;
+        let mut seg_size = None;
+        for f in &chain {
+            let Some(bytes) = repo.get_bytes(&f.key).await? else {
+                return Ok(Partial::Vanished);
+            };
+            if seg_size.is_none() {
+                let header = LongPageHeader::parse(&bytes).map_err(|e| RepoError::File {
+                    op: "parse the first page of",
+                    path: f.key.clone().into(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?;
+                seg_size = Some(u64::from(header.seg_size.bytes()));
+            }
+            // Skip what an overlapping earlier fragment already gave.
+            let skip = usize::try_from(written - f.start).unwrap_or(usize::MAX);
+            if let Some(fresh) = bytes.get(skip..) {
+                out.write_all(fresh).await.map_err(file_err("write"))?;
+            }
+            written = f.end;
+        }
+        let seg_size = seg_size.unwrap_or(written);
+        out.set_len(seg_size.max(written))
+            .await
+            .map_err(file_err("extend"))?;
+        out.sync_all().await.map_err(file_err("fsync"))?;
+        tokio::fs::rename(&temp, dest)
+            .await
+            .map_err(|source| RepoError::File {
+                op: "rename",
+                path: dest.to_path_buf(),
+                source,
+            })?;
+        Ok(Partial::Written(written))
+    }
+    .await;
+    if !matches!(result, Ok(Partial::Written(_))) {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walvault_wal::TimelineId;
+
+    fn frag(start: u64, end: u64) -> Fragment {
+        Fragment {
+            key: String::new(),
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let seg = SegmentName {
+            tli: TimelineId(2),
+            log: 0,
+            seg: 0x1A,
+        };
+        let k = key(&seg, 0x2000, 0x3F10);
+        assert_eq!(k, "stream/00000002000000000000001A/00002000-00003F10");
+        assert_eq!(
+            parse(&k, &prefix(&seg)),
+            Some(Fragment {
+                key: k.clone(),
+                start: 0x2000,
+                end: 0x3F10
+            })
+        );
+        assert_eq!(parse("stream/x/zz-1", "stream/x/"), None);
+        assert_eq!(parse("stream/x/00000010-00000010", "stream/x/"), None);
+    }
+
+    #[test]
+    fn chain_follows_overlaps_and_stops_at_holes() {
+        let fs = [
+            frag(0, 100),
+            frag(0, 250),
+            frag(100, 300),
+            frag(300, 310),
+            frag(400, 500),
+        ];
+        let c: Vec<(u64, u64)> = chain(&fs).iter().map(|f| (f.start, f.end)).collect();
+        assert_eq!(c, [(0, 250), (100, 300), (300, 310)]);
+        assert_eq!(covered(&fs), 310);
+        assert_eq!(covered(&[frag(10, 20)]), 0);
+        assert_eq!(covered(&[]), 0);
+    }
+}

@@ -1,0 +1,322 @@
+//! The byte level of a replication connection: the socket, message framing, the startup and
+//! authentication exchange. postgres-protocol encodes and decodes the messages; the one it does
+//! not know, CopyBothResponse (`W`), is recognised here. Used by the parent module only.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::conninfo::{ConnParams, Endpoint};
+use super::ReplError;
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+const COPY_BOTH_RESPONSE: u8 = b'W';
+
+/// A backend message, reduced to what the replication client acts on.
+#[derive(Debug)]
+pub(super) enum Backend {
+    DataRow(Vec<Option<String>>),
+    RowDescription,
+    CommandComplete,
+    EmptyQuery,
+    ReadyForQuery,
+    Notice,
+    Error(ReplError),
+    CopyBoth,
+    CopyData(Bytes),
+    CopyDone,
+    Other,
+}
+
+pub(super) struct Wire {
+    socket: Box<dyn Socket>,
+    buf: BytesMut,
+}
+
+impl Wire {
+    /// Opens the socket and runs the startup exchange, all within the connect timeout. Returns
+    /// the wire and the server's major version.
+    pub(super) async fn connect(params: &ConnParams) -> Result<(Wire, Option<u32>), ReplError> {
+        let timeout = params.connect_timeout;
+        tokio::time::timeout(timeout, Self::connect_unbounded(params))
+            .await
+            .map_err(|_| ReplError::Timeout {
+                what: "connecting and authenticating",
+                after: timeout,
+            })?
+    }
+
+    async fn connect_unbounded(params: &ConnParams) -> Result<(Wire, Option<u32>), ReplError> {
+        let connect_err = |source| ReplError::Connect {
+            endpoint: params.endpoint.to_string(),
+            source,
+        };
+        let socket: Box<dyn Socket> = match &params.endpoint {
+            Endpoint::Tcp { host, port } => {
+                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(connect_err)?;
+                // Status updates are small and latency matters for synchronous commits.
+                stream.set_nodelay(true).map_err(connect_err)?;
+                Box::new(stream)
+            }
+            Endpoint::Unix(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(connect_err)?,
+            ),
+        };
+        let mut wire = Wire {
+            socket,
+            buf: BytesMut::with_capacity(64 * 1024),
+        };
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", params.user.as_str()),
+                ("replication", "true"),
+                ("application_name", params.application_name.as_str()),
+            ],
+            &mut out,
+        )?;
+        wire.send(out).await?;
+        // A PostgreSQL server answers a startup message with an authentication request, an error
+        // or a protocol negotiation. Anything else is another kind of server, and waiting for a
+        // message length it never meant would only end in a timeout.
+        wire.fill().await?;
+        if !matches!(wire.buf.first(), Some(b'R' | b'E' | b'v' | b'N')) {
+            let head = String::from_utf8_lossy(&wire.buf[..wire.buf.len().min(16)]).into_owned();
+            return Err(ReplError::Protocol(format!(
+                "{} answered the startup message with {head:?}",
+                params.endpoint
+            )));
+        }
+        wire.authenticate(params).await?;
+        let mut major = None;
+        loop {
+            match wire.next_message().await? {
+                Message::ReadyForQuery(_) => return Ok((wire, major)),
+                Message::ParameterStatus(p) if p.name()? == "server_version" => {
+                    major = p
+                        .value()?
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|m| m.parse().ok());
+                }
+                Message::ErrorResponse(e) => return Err(server_error(&e)),
+                _ => {}
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, params: &ConnParams) -> Result<(), ReplError> {
+        let password = || {
+            params.password.as_deref().ok_or_else(|| {
+                ReplError::Auth(format!(
+                    "the server asks user {} for a password; set PGPASSWORD or password= in the \
+                     connection string",
+                    params.user
+                ))
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let mut out = BytesMut::new();
+            match self.next_message().await? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?, &mut out)?
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(params.user.as_bytes(), password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out)?
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut offered = Vec::new();
+                    let mut mechanisms = body.mechanisms();
+                    while let Some(m) = mechanisms.next()? {
+                        offered.push(m.to_owned());
+                    }
+                    if !offered.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(ReplError::Auth(format!(
+                            "the server offers SASL mechanisms {offered:?}, none of them SCRAM-SHA-256"
+                        )));
+                    }
+                    // No TLS, so no channel binding.
+                    let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplError::Auth(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut out)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data()).map_err(|e| {
+                        ReplError::Auth(format!("the server's SCRAM signature is wrong: {e}"))
+                    })?;
+                    continue;
+                }
+                Message::ErrorResponse(e) => return Err(server_error(&e)),
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(ReplError::Auth(
+                        "the server asks for an authentication method walvault does not support \
+                         (use trust, md5 or scram-sha-256 for replication in pg_hba.conf)"
+                            .into(),
+                    ))
+                }
+                _ => {
+                    return Err(ReplError::Protocol(
+                        "unexpected message during authentication".into(),
+                    ))
+                }
+            }
+            self.send(out).await?;
+        }
+    }
+
+    pub(super) async fn send_query(&mut self, sql: &str) -> Result<(), ReplError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.send(out).await
+    }
+
+    pub(super) async fn send_copy_data(&mut self, body: Bytes) -> Result<(), ReplError> {
+        let mut out = BytesMut::with_capacity(body.len() + 5);
+        frontend::CopyData::new(body)?.write(&mut out);
+        self.send(out).await
+    }
+
+    pub(super) async fn send_copy_done(&mut self) -> Result<(), ReplError> {
+        let mut out = BytesMut::with_capacity(5);
+        frontend::copy_done(&mut out);
+        self.send(out).await
+    }
+
+    async fn send(&mut self, out: BytesMut) -> Result<(), ReplError> {
+        self.socket.write_all(&out).await?;
+        self.socket.flush().await?;
+        Ok(())
+    }
+
+    /// The next message within `timeout`.
+    pub(super) async fn recv(
+        &mut self,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Backend, ReplError> {
+        tokio::time::timeout(timeout, self.recv_any())
+            .await
+            .map_err(|_| ReplError::Timeout {
+                what,
+                after: timeout,
+            })?
+    }
+
+    /// The next message, however long it takes. Cancel-safe: bytes read so far stay in `buf`.
+    pub(super) async fn recv_any(&mut self) -> Result<Backend, ReplError> {
+        // postgres-protocol does not know CopyBothResponse; take it off the buffer here.
+        loop {
+            if self.buf.len() >= 5 && self.buf[0] == COPY_BOTH_RESPONSE {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                let total = len as usize + 1;
+                if self.buf.len() >= total {
+                    let _ = self.buf.split_to(total);
+                    return Ok(Backend::CopyBoth);
+                }
+            } else if let Some(message) =
+                Message::parse(&mut self.buf).map_err(|e| ReplError::Protocol(e.to_string()))?
+            {
+                return backend(message);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// A message during startup, where postgres-protocol's own types are what we need.
+    async fn next_message(&mut self) -> Result<Message, ReplError> {
+        loop {
+            if let Some(message) =
+                Message::parse(&mut self.buf).map_err(|e| ReplError::Protocol(e.to_string()))?
+            {
+                return Ok(message);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), ReplError> {
+        self.buf.reserve(64 * 1024);
+        if self.socket.read_buf(&mut self.buf).await? == 0 {
+            return Err(ReplError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn backend(message: Message) -> Result<Backend, ReplError> {
+    Ok(match message {
+        Message::DataRow(row) => {
+            let buf = row.buffer();
+            let mut values = Vec::new();
+            let mut ranges = row.ranges();
+            while let Some(range) = ranges.next()? {
+                values.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+            }
+            Backend::DataRow(values)
+        }
+        Message::RowDescription(_) => Backend::RowDescription,
+        Message::CommandComplete(_) => Backend::CommandComplete,
+        Message::EmptyQueryResponse => Backend::EmptyQuery,
+        Message::ReadyForQuery(_) => Backend::ReadyForQuery,
+        Message::NoticeResponse(_) | Message::ParameterStatus(_) => Backend::Notice,
+        Message::ErrorResponse(e) => Backend::Error(server_error(&e)),
+        Message::CopyData(body) => Backend::CopyData(body.into_bytes()),
+        Message::CopyDone => Backend::CopyDone,
+        _ => Backend::Other,
+    })
+}
+
+fn server_error(body: &ErrorResponseBody) -> ReplError {
+    let (mut severity, mut code, mut message, mut detail) =
+        (String::new(), String::new(), String::new(), None);
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'S' => severity = value,
+            b'C' => code = value,
+            b'M' => message = value,
+            b'D' => detail = Some(value),
+            _ => {}
+        }
+    }
+    ReplError::Server {
+        severity,
+        code,
+        message,
+        detail,
+    }
+}
