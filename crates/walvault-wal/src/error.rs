@@ -160,6 +160,15 @@ pub enum WalError {
         problem: String,
     },
 
+    /// A WAL record whose headers cannot be decoded.
+    #[error("WAL record at {lsn}: {problem}")]
+    BadRecord {
+        /// Where the record starts.
+        lsn: Lsn,
+        /// What is wrong with it.
+        problem: String,
+    },
+
     /// A backup history file without its one mandatory line.
     #[error("backup history file has no START WAL LOCATION line")]
     BackupHistoryNoStart,

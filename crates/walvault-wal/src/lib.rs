@@ -1,7 +1,8 @@
 //! PostgreSQL WAL knowledge for walvault, free of I/O and of any runtime.
 //!
 //! Understands LSNs, timeline IDs, WAL file names, XLOG page headers and
-//! timeline/backup history files as PostgreSQL 13 to 18 write them. The
+//! timeline/backup history files as PostgreSQL 13 to 18 write them, and
+//! enough of WAL records to find commit times and restore points. The
 //! walvault binary uses it to decide what an archived file is, whether its
 //! contents match its name, and which timeline owns which part of the WAL.
 //! Modelled on Neon's `postgres_ffi`, but without bindgen: every layout is
@@ -15,6 +16,7 @@ pub mod history;
 pub mod lsn;
 pub mod name;
 pub mod page;
+pub mod record;
 pub mod timeline;
 
 pub use error::WalError;
@@ -24,4 +26,5 @@ pub use name::{SegmentName, SegmentNo, WalFileName, WalSegmentSize};
 pub use page::{
     short_page_header, validate_partial, validate_segment, LongPageHeader, PgMajor, ShortPageHeader,
 };
+pub use record::{PgTimestamp, RecordReader, TargetEvent, WalRecord, XactEnd};
 pub use timeline::TimelineId;
