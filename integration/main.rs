@@ -6,6 +6,8 @@ mod harness;
 
 mod backup;
 
+mod recover;
+
 mod stream;
 
 mod wal_archive;

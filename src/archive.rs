@@ -6,6 +6,9 @@
 //! content for content: identical is success (PostgreSQL may retry after a crash), different is a
 //! loud failure that overwrites nothing.
 //!
+//! Each segment stored also gets a [summary](crate::walsummary) of its commit times and restore
+//! points, computed from the bytes streamed into the store and written after the segment.
+//!
 //! Push-ahead: while storing the file it was asked for, a call also stores the next segments that
 //! PostgreSQL has marked `.ready`, in parallel, and leaves a marker in the spool for each one that
 //! is durable. When the archiver then asks for those segments, the call checks the file against
@@ -25,6 +28,7 @@ use crate::identity::{self, Identity, IdentityError};
 use crate::repo::{RepoError, Repository};
 use crate::spool::{self, Spool};
 use crate::store::{Committed, PutMode};
+use crate::walsummary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -153,7 +157,10 @@ impl Archiver {
         {
             return self.compare_existing(name, &key, path).await;
         }
-        let stored = repo.put_file(&key, path, PutMode::IfAbsent).await?;
+        let stored = match name {
+            WalFileName::Segment(seg) => walsummary::put_segment(repo, &key, seg, path).await?,
+            _ => repo.put_file(&key, path, PutMode::IfAbsent).await?,
+        };
         match stored.committed {
             Committed::Created => Ok((
                 Pushed::Stored {
@@ -186,14 +193,7 @@ impl Archiver {
                 local: cmp.local,
             });
         }
-        let len = tokio::fs::metadata(path)
-            .await
-            .map_err(|source| ArchiveError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        Ok((Pushed::AlreadyArchived, cmp.local, len))
+        Ok((Pushed::AlreadyArchived, cmp.local, file_len(path).await?))
     }
 
     /// Refuses what is not WAL of this repository's cluster, before anything is stored.
@@ -239,6 +239,16 @@ impl Archiver {
         }
         Ok(())
     }
+}
+
+async fn file_len(path: &Path) -> Result<u64, ArchiveError> {
+    tokio::fs::metadata(path)
+        .await
+        .map(|m| m.len())
+        .map_err(|source| ArchiveError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Where a WAL file is stored.

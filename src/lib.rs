@@ -17,3 +17,4 @@ pub mod restore;
 pub mod spool;
 pub mod store;
 pub mod verify;
+pub mod walsummary;

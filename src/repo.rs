@@ -95,6 +95,18 @@ impl Repository {
         path: &Path,
         mode: PutMode,
     ) -> Result<Stored, RepoError> {
+        self.put_file_tapped(key, path, mode, |_| {}).await
+    }
+
+    /// Like [`Repository::put_file`], also handing each block of content to `tap` as it streams
+    /// past, so a caller can examine the file without reading it twice.
+    pub async fn put_file_tapped(
+        &self,
+        key: &str,
+        path: &Path,
+        mode: PutMode,
+        mut tap: impl FnMut(&[u8]) + Send,
+    ) -> Result<Stored, RepoError> {
         let mut file = File::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
@@ -121,6 +133,7 @@ impl Repository {
             if read > len {
                 break;
             }
+            tap(&raw[..n]);
             let mut out = Vec::with_capacity(n / 2 + 16);
             encoder.block(&raw[..n], &mut out);
             stored_len += out.len() as u64;

@@ -373,7 +373,9 @@ impl Cluster {
         let mut last = String::new();
         let archived = poll_until(timeout, || {
             last = self.psql(
-                "SELECT coalesce(last_archived_wal, '') || ' failed=' || failed_count || \
+                // '-' sorts before every WAL file name; an empty first field would be trimmed
+                // away by psql, and "failed=..." would then compare as "archived".
+                "SELECT coalesce(last_archived_wal, '-') || ' failed=' || failed_count || \
                  ' last_failed=' || coalesce(last_failed_wal, '') FROM pg_stat_archiver",
             );
             last.split(' ').next().unwrap_or("") >= wal_file

@@ -29,6 +29,7 @@ use super::ReceiveError;
 use crate::archive::wal_key;
 use crate::repo::{RepoError, Repository};
 use crate::store::{Committed, PutMode};
+use crate::walsummary;
 
 /// Longest wait between two attempts while the repository fails.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
@@ -530,7 +531,7 @@ impl Ladder {
     /// repository now holds this content at `wal/<segment>`.
     async fn store_segment(&self, name: &SegmentName, path: &Path) -> Result<bool, RepoError> {
         let key = wal_key(&WalFileName::Segment(*name));
-        let stored = self.repo.put_file(&key, path, PutMode::IfAbsent).await?;
+        let stored = walsummary::put_segment(&self.repo, &key, name, path).await?;
         if let Committed::AlreadyExists = stored.committed {
             match self.repo.compare_with_file(&key, path).await? {
                 Some(cmp) if !cmp.identical => {

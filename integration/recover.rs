@@ -1,0 +1,294 @@
+//! Point-in-time recovery groundwork: the WAL record reader checked record for record against
+//! `pg_waldump` on real WAL, and the per-segment summaries wal-push stores for the recovery
+//! planner (commit times and restore points) checked against what the source cluster says.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use walvault_wal::{
+    Lsn, RecordReader, SegmentName, TargetEvent, WalFileName, WalSegmentSize, XactEnd,
+};
+
+use crate::harness::cmd::run_bounded;
+use crate::harness::{repo_kind_tests, Cluster, ClusterConfig, RepoKind, TestEnv};
+
+repo_kind_tests!(summaries_are_stored_on_push);
+
+const SEGSIZE_MB: u32 = 1;
+
+fn seg_size() -> WalSegmentSize {
+    WalSegmentSize::new(u64::from(SEGSIZE_MB) << 20).unwrap()
+}
+
+/// Commits, aborts, a prepared transaction committed and one rolled back, a restore point, rows
+/// large enough to span WAL pages, and full-page images after a checkpoint.
+fn varied_workload(cluster: &Cluster) {
+    cluster.psql("CREATE TABLE t (id int, pad text)");
+    cluster.psql("INSERT INTO t SELECT g, repeat('x', 300) FROM generate_series(1, 2000) g");
+    cluster.psql("INSERT INTO t VALUES (0, repeat(md5('a'), 500))");
+    cluster.psql("BEGIN; INSERT INTO t VALUES (-1, 'gone'); ROLLBACK");
+    cluster.psql("BEGIN; INSERT INTO t VALUES (-2, 'p1'); PREPARE TRANSACTION 'p1'");
+    cluster.psql("COMMIT PREPARED 'p1'");
+    cluster.psql("BEGIN; INSERT INTO t VALUES (-3, 'p2'); PREPARE TRANSACTION 'p2'");
+    cluster.psql("ROLLBACK PREPARED 'p2'");
+    cluster.psql("SELECT pg_create_restore_point('before update')");
+    cluster.psql("CHECKPOINT");
+    cluster.psql("UPDATE t SET pad = pad || 'y' WHERE id % 7 = 0");
+    for i in 0..20 {
+        cluster.psql(&format!("INSERT INTO t VALUES ({i}, 'small')"));
+    }
+}
+
+/// A target-relevant record as `pg_waldump` prints it: LSN, kind and time (UTC, microseconds).
+type Event = (Lsn, String, String);
+
+/// The commit/abort/restore-point records `pg_waldump` finds starting in `segment`, leaving out
+/// one that continues into the next segment (the reader skips those by design), and the number
+/// of records it printed.
+fn waldump_events(cluster: &Cluster, segment: &Path, seg_end: Lsn) -> (Vec<Event>, usize) {
+    let out = run_bounded(
+        Command::new(cluster.install().program("pg_waldump"))
+            .arg(segment)
+            .env("TZ", "UTC"),
+        Duration::from_secs(60),
+    );
+    let mut events = Vec::new();
+    let mut records = 0;
+    for line in out.stdout.lines().filter(|l| l.starts_with("rmgr:")) {
+        let field = |name: &str| {
+            let rest = &line[line
+                .find(name)
+                .unwrap_or_else(|| panic!("{name} in {line}"))
+                + name.len()..];
+            rest.split(',').next().unwrap().trim().to_string()
+        };
+        let lsn: Lsn = field("lsn: ").parse().unwrap();
+        let tot: u64 = field("len (rec/tot): ")
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if lsn.0 + tot > seg_end.0 {
+            continue;
+        }
+        records += 1;
+        let desc = &line[line.find("desc: ").unwrap() + 6..];
+        let (kind, rest) = desc.split_once(' ').unwrap_or((desc, ""));
+        let kind = kind.trim_end_matches(';');
+        let time = |s: &str| {
+            s.split(" UTC")
+                .next()
+                .unwrap()
+                .trim_start_matches(|c: char| !c.is_ascii_digit())
+                .to_string()
+        };
+        if line.starts_with("rmgr: Transaction")
+            && ["COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED"].contains(&kind)
+        {
+            // COMMIT_PREPARED/ABORT_PREPARED print the prepared xid before the time.
+            let rest = if kind.ends_with("_PREPARED") {
+                rest.split_once(": ").map_or(rest, |(_, t)| t)
+            } else {
+                rest
+            };
+            events.push((lsn, kind.to_string(), time(rest)));
+        } else if kind == "RESTORE_POINT" {
+            events.push((lsn, format!("RESTORE_POINT {}", rest.trim()), String::new()));
+        }
+    }
+    (events, records)
+}
+
+fn utc_micros(unix_micros: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(unix_micros).unwrap());
+    humantime::format_rfc3339_micros(time)
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
+}
+
+fn reader_events(segment: &[u8], start: Lsn) -> (Vec<Event>, usize) {
+    let mut events = Vec::new();
+    let mut records = 0;
+    for record in RecordReader::new(segment, start).unwrap() {
+        let record = record.unwrap();
+        records += 1;
+        match record.target_event() {
+            Some(TargetEvent::XactEnd { kind, time, .. }) => {
+                let kind = match kind {
+                    XactEnd::Commit => "COMMIT",
+                    XactEnd::Abort => "ABORT",
+                    XactEnd::CommitPrepared => "COMMIT_PREPARED",
+                    XactEnd::AbortPrepared => "ABORT_PREPARED",
+                };
+                events.push((record.lsn, kind.to_string(), utc_micros(time.unix_micros())));
+            }
+            Some(TargetEvent::RestorePoint { name, .. }) => {
+                events.push((record.lsn, format!("RESTORE_POINT {name}"), String::new()));
+            }
+            None => {}
+        }
+    }
+    (events, records)
+}
+
+#[test]
+fn record_reader_matches_pg_waldump() {
+    let env = TestEnv::new("recover-waldump");
+    let cluster = env.cluster(
+        ClusterConfig::new("src")
+            .wal_segsize_mb(SEGSIZE_MB)
+            .set("max_prepared_transactions", "4")
+            .set("wal_keep_size", "64MB")
+            .set("autovacuum", "off"),
+    );
+    let dir = env.mkdir("segments");
+    let first = cluster.switch_wal_and_copy(&dir);
+    varied_workload(&cluster);
+    let last = cluster.switch_wal_and_copy(&dir);
+    let first: SegmentName = segment_name(&first);
+    let last: SegmentName = segment_name(&last);
+    let mut seg = first.next(seg_size()).unwrap();
+    let mut kinds = BTreeSet::new();
+    let mut checked = 0;
+    // Every segment the workload filled, read in pg_wal (wal_keep_size keeps them there), where
+    // pg_waldump also finds the next segment of a record that crosses the boundary.
+    while seg <= last {
+        let path = cluster.wal_dir().join(seg.to_string());
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let start = seg.start_lsn(seg_size()).unwrap();
+        let end = seg.next(seg_size()).unwrap().start_lsn(seg_size()).unwrap();
+        let (ours, our_records) = reader_events(&bytes, start);
+        let (theirs, their_records) = waldump_events(&cluster, &path, end);
+        assert_eq!(ours, theirs, "events of {seg}");
+        assert_eq!(our_records, their_records, "record count of {seg}");
+        kinds.extend(
+            ours.iter()
+                .map(|e| e.1.split(' ').next().unwrap().to_string()),
+        );
+        checked += 1;
+        seg = seg.next(seg_size()).unwrap();
+    }
+    assert!(checked >= 2, "only {checked} segments checked");
+    let expected: BTreeSet<String> = [
+        "COMMIT",
+        "ABORT",
+        "COMMIT_PREPARED",
+        "ABORT_PREPARED",
+        "RESTORE_POINT",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(kinds, expected, "the workload exercises every kind");
+}
+
+fn segment_name(path: &Path) -> SegmentName {
+    match path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse::<WalFileName>()
+    {
+        Ok(WalFileName::Segment(seg)) => seg,
+        other => panic!("{} is not a segment: {other:?}", path.display()),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Mark {
+    lsn: String,
+    time_us: i64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct RestorePoint {
+    name: String,
+    lsn: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Summary {
+    last_xact_end: Option<Mark>,
+    restore_points: Vec<RestorePoint>,
+}
+
+/// The JSON content of an object stored without compression: a 20-byte header, one block framed
+/// by two u32 lengths, and an 8-byte trailer.
+fn uncompressed_content(object: &[u8]) -> &[u8] {
+    &object[28..object.len() - 8]
+}
+
+fn summaries_are_stored_on_push(kind: RepoKind) {
+    let env = TestEnv::new("recover-summaries");
+    let repo = env.repo(kind);
+    let config = env.write_config(
+        "walvault.toml",
+        &repo.config().set("compression", "\"none\""),
+    );
+    let wv = env.walvault(&config);
+    let cluster = env.cluster(
+        ClusterConfig::new("src")
+            .wal_segsize_mb(SEGSIZE_MB)
+            .set("track_commit_timestamp", "on")
+            .set("autovacuum", "off")
+            .archive_with(&wv),
+    );
+    cluster.psql("CREATE TABLE t (id int)");
+    let rp_end: Lsn = cluster
+        .psql("SELECT pg_create_restore_point('rp-one')")
+        .parse()
+        .unwrap();
+    for i in 0..5 {
+        cluster.psql(&format!("INSERT INTO t VALUES ({i})"));
+    }
+    let last_commit: i64 = cluster
+        .psql("SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint FROM t WHERE id = 4")
+        .parse()
+        .unwrap();
+    let last_lsn: Lsn = cluster
+        .psql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    let segment = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    cluster.wait_for_archived(&segment, Duration::from_secs(60));
+
+    let wal: Vec<String> = repo
+        .wal_files()
+        .into_iter()
+        .filter(|n| n.len() == 24)
+        .collect();
+    let summaries: Vec<String> = repo
+        .objects()
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("walsummary/").map(String::from))
+        .collect();
+    assert_eq!(summaries, wal, "one summary per archived segment");
+    assert!(wal.contains(&segment), "{segment} archived: {wal:?}");
+
+    let read = |name: &str| -> Summary {
+        let object = repo.read(&format!("walsummary/{name}"));
+        serde_json::from_slice(uncompressed_content(&object)).unwrap()
+    };
+    let last = read(&segment);
+    let mark = last.last_xact_end.expect("the last segment holds commits");
+    assert_eq!(mark.time_us, last_commit, "last commit time");
+    assert!(mark.lsn.parse::<Lsn>().unwrap() < last_lsn);
+    let points: Vec<(String, Lsn)> = wal
+        .iter()
+        .flat_map(|name| read(name).restore_points)
+        .map(|rp| (rp.name, rp.lsn.parse().unwrap()))
+        .collect();
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert_eq!(points[0].0, "rp-one");
+    assert!(
+        points[0].1 < rp_end,
+        "restore point starts before its end LSN"
+    );
+}
