@@ -1,6 +1,7 @@
-//! Point-in-time recovery groundwork: the WAL record reader checked record for record against
-//! `pg_waldump` on real WAL, and the per-segment summaries wal-push stores for the recovery
-//! planner (commit times and restore points) checked against what the source cluster says.
+//! Point-in-time recovery: the WAL record reader checked record for record against `pg_waldump`
+//! on real WAL; the per-segment summaries wal-push stores for the planner; `walvault recover`
+//! to times (compared row for row with the source's commit timestamps), LSNs, restore points and
+//! the end of a backup; and its refusals, each before anything is written to the target.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,9 +13,15 @@ use walvault_wal::{
 };
 
 use crate::harness::cmd::run_bounded;
-use crate::harness::{repo_kind_tests, Cluster, ClusterConfig, RepoKind, TestEnv};
+use crate::harness::{
+    free_port, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, TestEnv, Walvault,
+};
 
-repo_kind_tests!(summaries_are_stored_on_push);
+repo_kind_tests!(
+    summaries_are_stored_on_push,
+    recover_to_times_exactly,
+    recover_to_lsn_name_and_immediate,
+);
 
 const SEGSIZE_MB: u32 = 1;
 
@@ -291,4 +298,222 @@ fn summaries_are_stored_on_push(kind: RepoKind) {
         points[0].1 < rp_end,
         "restore point starts before its end LSN"
     );
+}
+
+/// A source cluster archiving into `kind` with commit timestamps on, and its walvault.
+fn archiving_source(env: &TestEnv, kind: RepoKind) -> (Repo, Walvault, Cluster) {
+    let repo = env.repo(kind);
+    let wv = env.walvault(repo.config_path());
+    let cluster = env.cluster(
+        ClusterConfig::new("src")
+            .wal_segsize_mb(SEGSIZE_MB)
+            .set("track_commit_timestamp", "on")
+            .set("autovacuum", "off")
+            .archive_with(&wv),
+    );
+    cluster.psql("CREATE TABLE t (id serial PRIMARY KEY, client int)");
+    backup_push(env, &wv, &cluster);
+    // Backup stop times are whole seconds, and the planner only trusts times a second past one.
+    std::thread::sleep(Duration::from_millis(1100));
+    (repo, wv, cluster)
+}
+
+fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster) {
+    let port = cluster.port().to_string();
+    wv.run_with_env(
+        &["backup-push"],
+        &[
+            ("PGHOST", env.path().to_str().unwrap()),
+            ("PGPORT", &port),
+            ("PGUSER", "postgres"),
+            ("PGDATABASE", "postgres"),
+            ("PGDATA", cluster.datadir().to_str().unwrap()),
+        ],
+    )
+    .assert_success();
+}
+
+/// Ends the current segment and waits until it is archived, so the WAL after the workload is in
+/// the repository.
+fn archive_everything(cluster: &Cluster) {
+    let segment = cluster.switch_wal();
+    cluster.wait_for_archived(&segment, Duration::from_secs(60));
+}
+
+/// `recover --start` into a fresh directory; returns the recovered cluster (promoted, running on
+/// a port of its own) and the command's stdout.
+fn recover_and_start(
+    env: &TestEnv,
+    wv: &Walvault,
+    name: &str,
+    target: &[&str],
+) -> (Cluster, String) {
+    let dir = env.path().join(name);
+    let port = free_port().to_string();
+    let mut args = vec!["recover", "--pgdata", dir.to_str().unwrap()];
+    args.extend_from_slice(target);
+    args.extend_from_slice(&[
+        "--start",
+        "--port",
+        &port,
+        "--socket-dir",
+        env.path().to_str().unwrap(),
+    ]);
+    let out = wv.run(&args);
+    out.assert_success();
+    // Adopt the running server so the harness stops it; restart it on the adopted port.
+    let mut cluster = env.cluster_from_copy(ClusterConfig::new(name), &dir);
+    cluster.stop();
+    cluster.start();
+    (cluster, out.stdout)
+}
+
+fn ids(cluster: &Cluster, filter: &str) -> String {
+    cluster.psql(&format!(
+        "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM t {filter}"
+    ))
+}
+
+fn recover_to_times_exactly(kind: RepoKind) {
+    let env = TestEnv::new("recover-times");
+    let (_repo, wv, source) = archiving_source(&env, kind);
+    // Four autocommit clients inserting concurrently: commit order interleaves.
+    let script = env.write_file(
+        "insert.sql",
+        "INSERT INTO t (client) VALUES (:client_id);\n",
+    );
+    crate::harness::give_to_postgres(&script);
+    source.pgbench(&["-n", "-c", "4", "-t", "50", "-f", script.to_str().unwrap()]);
+    // A commit after every target, so each target is reachable.
+    source.psql("INSERT INTO t (client) VALUES (-1)");
+    archive_everything(&source);
+
+    let commit_times = source.psql(
+        "SELECT string_agg(to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), ',' \
+         ORDER BY ts) FROM (SELECT pg_xact_commit_timestamp(xmin) ts FROM t) s",
+    );
+    let commit_times: Vec<&str> = commit_times.split(',').collect();
+    let n = commit_times.len();
+    // An exact commit time (inclusive targets keep it), and times between commits.
+    let targets = [
+        commit_times[n / 4].to_string(),
+        format!("{}Z", commit_times[n / 2]),
+        commit_times[3 * n / 4].replace(' ', "T") + "+00:00",
+    ];
+    for (i, target) in targets.iter().enumerate() {
+        let (recovered, stdout) =
+            recover_and_start(&env, &wv, &format!("r{i}"), &["--target-time", target]);
+        let utc = target
+            .trim_end_matches("+00:00")
+            .trim_end_matches('Z')
+            .replace('T', " ");
+        let expected = ids(
+            &source,
+            &format!("WHERE pg_xact_commit_timestamp(xmin) <= '{utc}+00'"),
+        );
+        assert!(!expected.is_empty());
+        assert_eq!(
+            ids(&recovered, ""),
+            expected,
+            "rows recovered to {target}\n{stdout}"
+        );
+        assert!(stdout.contains("promoted"), "{stdout}");
+    }
+}
+
+fn recover_to_lsn_name_and_immediate(kind: RepoKind) {
+    let env = TestEnv::new("recover-targets");
+    let (_repo, wv, source) = archiving_source(&env, kind);
+    let insert = |n: usize| {
+        for _ in 0..n {
+            source.psql("INSERT INTO t (client) VALUES (0)");
+        }
+    };
+    insert(5);
+    source.psql("SELECT pg_create_restore_point('after five')");
+    let at_five = ids(&source, "");
+    insert(5);
+    let lsn = source.psql("SELECT pg_current_wal_lsn()");
+    let at_ten = ids(&source, "");
+    insert(5);
+    archive_everything(&source);
+
+    let (r, out) = recover_and_start(&env, &wv, "by-name", &["--target-name", "after five"]);
+    assert_eq!(ids(&r, ""), at_five, "{out}");
+    let (r, out) = recover_and_start(&env, &wv, "by-lsn", &["--target-lsn", &lsn]);
+    assert_eq!(ids(&r, ""), at_ten, "{out}");
+    let (r, out) = recover_and_start(&env, &wv, "immediate", &["--target-immediate"]);
+    assert_eq!(
+        ids(&r, ""),
+        "",
+        "the backup was taken before any row\n{out}"
+    );
+}
+
+/// Every refusal names its reason and the window and leaves the target directory untouched.
+#[test]
+fn recover_refusals() {
+    let env = TestEnv::new("recover-refusals");
+    let (repo, wv, source) = archiving_source(&env, RepoKind::Local);
+    let before_backup = "2000-01-01 00:00:00Z";
+    for _ in 0..3 {
+        source.psql("INSERT INTO t (client) VALUES (0)");
+        archive_everything(&source);
+    }
+    let dir = env.path().join("target");
+    let pgdata = dir.to_str().unwrap();
+    let refused = |args: &[&str], needle: &str| {
+        let mut all = vec!["recover", "--pgdata", pgdata];
+        all.extend_from_slice(args);
+        let out = wv.run(&all);
+        out.assert_failure().assert_stderr_contains(needle);
+        out
+    };
+    let window = "recoverable window: from ";
+    refused(
+        &["--target-time", before_backup],
+        "is before the end of the oldest backup",
+    )
+    .assert_stderr_contains(window);
+    assert!(!dir.exists());
+    refused(
+        &["--target-time", "2999-01-01 00:00:00Z"],
+        "after the last archived transaction end",
+    )
+    .assert_stderr_contains(window);
+    assert!(!dir.exists());
+    refused(
+        &["--backup", "base_nosuch", "--target-immediate"],
+        "not found",
+    );
+    assert!(!dir.exists());
+
+    // A gap: the planner needs every segment from the backup's start.
+    let mut segments: Vec<String> = repo
+        .wal_files()
+        .into_iter()
+        .filter(|n| n.len() == 24)
+        .collect();
+    segments.sort();
+    let middle = segments[segments.len() - 2].clone();
+    repo.delete(&format!("wal/{middle}"));
+    // The last row's commit is in the newest segment: reaching it needs the deleted one.
+    let last_commit = source.psql(
+        "SELECT to_char(max(pg_xact_commit_timestamp(xmin)) AT TIME ZONE 'UTC', \
+         'YYYY-MM-DD HH24:MI:SS.US') || 'Z' FROM t",
+    );
+    refused(&["--target-time", &last_commit], "missing from the archive")
+        .assert_stderr_contains(&middle)
+        .assert_stderr_contains(window);
+    assert!(!dir.exists());
+
+    // A non-empty directory is refused before planning, and left as it was.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("keep"), "x").unwrap();
+    refused(&["--target-immediate"], "is not empty");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["keep"]);
 }

@@ -84,6 +84,20 @@ pub async fn fetch(
     tablespaces: &[String],
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let opts = fetch_options(settings, quiet, tablespaces)?;
+    let fetched = fetch::fetch(repo, name, dir, &opts)
+        .await
+        .with_context(|| format!("backup-fetch {name} into {}", dir.display()))?;
+    report_fetched(&fetched, dir, started);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fetch options from the settings and `--tablespace OID=DIR` flags.
+pub fn fetch_options(
+    settings: &Settings,
+    quiet: bool,
+    tablespaces: &[String],
+) -> anyhow::Result<FetchOptions> {
     let relocate = tablespaces
         .iter()
         .map(|t| {
@@ -96,14 +110,14 @@ pub async fn fetch(
             Ok((oid, PathBuf::from(dir)))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let opts = FetchOptions {
+    Ok(FetchOptions {
         concurrency: settings.backup_concurrency,
         progress: !quiet,
         relocate,
-    };
-    let fetched = fetch::fetch(repo, name, dir, &opts)
-        .await
-        .with_context(|| format!("backup-fetch {name} into {}", dir.display()))?;
+    })
+}
+
+pub fn report_fetched(fetched: &fetch::Fetched, dir: &Path, started: Instant) {
     tracing::info!(
         "restored {} ({} backups in the chain, {} files, {} written) into {} in {:.1} s",
         fetched.name,
@@ -113,7 +127,6 @@ pub async fn fetch(
         dir.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// One backup as `backup-list --json` prints it: the fields DESIGN.md promises, then more.

@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod identity;
 pub mod pg;
 pub mod receive;
+pub mod recover;
 pub mod replication;
 pub mod repo;
 pub mod restore;

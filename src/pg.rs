@@ -128,6 +128,24 @@ impl ConnTarget {
     pub fn shown(&self) -> &str {
         &self.shown
     }
+
+    /// Opens a session; its connection is driven by a background task until the client drops.
+    pub async fn connect(&self) -> Result<Client, PgError> {
+        let (client, connection) =
+            self.config
+                .connect(NoTls)
+                .await
+                .map_err(|source| PgError::Connect {
+                    target: self.shown.clone(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!("PostgreSQL connection ended: {e}");
+            }
+        });
+        Ok(client)
+    }
 }
 
 /// What a backup needs to know about the server.
@@ -168,20 +186,7 @@ pub struct BackupStop {
 impl BackupSession {
     pub async fn connect(target: &ConnTarget) -> Result<BackupSession, PgError> {
         let shown = target.shown.clone();
-        let (client, connection) =
-            target
-                .config
-                .connect(NoTls)
-                .await
-                .map_err(|source| PgError::Connect {
-                    target: shown.clone(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!("PostgreSQL connection ended: {e}");
-            }
-        });
+        let client = target.connect().await?;
         let query = |what| {
             let target = shown.clone();
             move |source| PgError::Query {

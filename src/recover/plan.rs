@@ -1,0 +1,570 @@
+//! Recovery planning: which backup, which WAL, and whether the target can be reached at all,
+//! decided from the repository alone before anything is written to the target directory.
+//!
+//! Understands the catalog (backups with their start/stop LSNs and times and timelines), the
+//! archived WAL names, timeline history files and the per-segment [summaries](crate::walsummary)
+//! of transaction ends and restore points. A plan picks the newest backup that ends before the
+//! target, checks that every segment from the backup's start to the segment where recovery will
+//! stop is archived on the timeline the target timeline's history says owns it, and refuses a
+//! target that no archived transaction end (or restore point) can satisfy, which is the case
+//! where PostgreSQL would otherwise replay everything and stop with "recovery ended before
+//! configured recovery target was reached". Used by `walvault recover`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use walvault_wal::{
+    Lsn, SegmentName, SegmentNo, TimelineHistory, TimelineId, WalFileName, WalSegmentSize,
+};
+
+use super::target::{Target, UnixMicros};
+use super::RecoverError;
+use crate::backup::manifest::Summary;
+use crate::repo::Repository;
+use crate::walsummary::{self, SegmentSummary};
+
+/// Which timeline to recover along (`recovery_target_timeline`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimelineChoice {
+    /// The newest timeline with a history file in the archive.
+    Latest,
+    Id(TimelineId),
+}
+
+impl TimelineChoice {
+    pub fn parse(text: &str) -> Result<TimelineChoice, String> {
+        if text == "latest" {
+            return Ok(TimelineChoice::Latest);
+        }
+        match text.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(TimelineChoice::Id(TimelineId(n))),
+            _ => Err(format!(
+                "{text:?} is not a timeline: expected latest or a number from 1"
+            )),
+        }
+    }
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub target: Target,
+    pub timeline: TimelineChoice,
+    /// A backup name (or LATEST) to restore instead of the planner's choice.
+    pub backup: Option<String>,
+}
+
+/// What can be recovered: from the end of the oldest backup to the last transaction end in the
+/// archive. Printed with every refusal.
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    pub oldest_backup_end: Option<(String, Lsn)>,
+    pub last_xact_end: Option<walsummary::Mark>,
+    pub newest_segment: Option<SegmentName>,
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.oldest_backup_end {
+            None => return f.write_str("nothing is recoverable: the repository has no backups"),
+            Some((time, lsn)) => write!(f, "from {time} (LSN {lsn}, end of the oldest backup)")?,
+        }
+        match (&self.last_xact_end, &self.newest_segment) {
+            (Some(mark), _) => write!(
+                f,
+                " to {} (LSN {}, the last archived transaction end)",
+                UnixMicros(mark.time_us),
+                mark.lsn
+            ),
+            (None, Some(seg)) => write!(f, " to the end of segment {seg} (no commit times known)"),
+            (None, None) => f.write_str(" to the backup's end (no WAL is archived)"),
+        }
+    }
+}
+
+/// How recovery will go.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub backup: Summary,
+    pub target: Target,
+    pub timeline: TimelineId,
+    /// The segments replay needs, in order.
+    pub segments: Vec<SegmentName>,
+    /// The record recovery is expected to stop at, when the summaries tell.
+    pub stop: Option<walsummary::Mark>,
+    /// Why the stopping point is not known exactly, if it is not.
+    pub caveat: Option<String>,
+    pub window: Window,
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = &self.backup;
+        writeln!(f, "target:   {}", self.target)?;
+        writeln!(
+            f,
+            "backup:   {} ({}, timeline {}, LSN {} to {}, ended {})",
+            b.name,
+            b.kind.as_str(),
+            b.timeline,
+            b.start_lsn,
+            b.stop_lsn,
+            b.stop_time
+        )?;
+        writeln!(f, "timeline: {}", self.timeline.0)?;
+        match (self.segments.first(), self.segments.last()) {
+            (Some(first), Some(last)) => writeln!(
+                f,
+                "WAL:      {} segments, {first} to {last}, all archived",
+                self.segments.len()
+            )?,
+            _ => writeln!(f, "WAL:      none needed")?,
+        }
+        if let Some(stop) = &self.stop {
+            writeln!(
+                f,
+                "stops at: the transaction end or restore point at LSN {} ({})",
+                stop.lsn,
+                UnixMicros(stop.time_us)
+            )?;
+        }
+        if let Some(caveat) = &self.caveat {
+            writeln!(f, "note:     {caveat}")?;
+        }
+        write!(f, "window:   {}", self.window)
+    }
+}
+
+/// The archived WAL, by kind.
+struct Archive {
+    segments: BTreeSet<SegmentName>,
+    histories: BTreeSet<TimelineId>,
+    seg_size: WalSegmentSize,
+}
+
+impl Archive {
+    async fn load(repo: &Repository, seg_size: WalSegmentSize) -> Result<Archive, RecoverError> {
+        let mut archive = Archive {
+            segments: BTreeSet::new(),
+            histories: BTreeSet::new(),
+            seg_size,
+        };
+        for object in repo
+            .store()
+            .list("wal/")
+            .await
+            .map_err(crate::repo::RepoError::from)?
+        {
+            match object
+                .key
+                .strip_prefix("wal/")
+                .map(str::parse::<WalFileName>)
+            {
+                Some(Ok(WalFileName::Segment(seg))) => {
+                    archive.segments.insert(seg);
+                }
+                Some(Ok(WalFileName::History(tli))) => {
+                    archive.histories.insert(tli);
+                }
+                _ => {}
+            }
+        }
+        Ok(archive)
+    }
+
+    fn segno(&self, seg: &SegmentName) -> Option<SegmentNo> {
+        seg.segno(self.seg_size).ok()
+    }
+
+    /// The name segment `segno` has on the path of `history`: the timeline that owns the
+    /// segment's last byte, since that timeline's copy also holds the part before a switch.
+    fn name_on(&self, history: &TimelineHistory, segno: SegmentNo) -> Option<SegmentName> {
+        let end = SegmentNo(segno.0 + 1).start_lsn(self.seg_size).ok()?;
+        let tli = history.timeline_at(Lsn(end.0.saturating_sub(1)));
+        SegmentName::new(tli, segno, self.seg_size).ok()
+    }
+
+    /// The highest segment number archived on any timeline of `history`.
+    fn newest_on(&self, history: &TimelineHistory) -> Option<SegmentName> {
+        self.segments
+            .iter()
+            .filter(|s| history.contains(s.tli))
+            .filter_map(|s| self.segno(s).and_then(|n| self.name_on(history, n)))
+            .filter(|s| self.segments.contains(s))
+            .max_by_key(|s| self.segno(s))
+    }
+}
+
+/// Plans a recovery, or says why it cannot work.
+pub async fn plan(repo: &Repository, request: &Request) -> Result<Plan, RecoverError> {
+    let backups = crate::catalog::list(repo).await?;
+    let Some(newest) = backups.last() else {
+        return Err(RecoverError::NoBackups);
+    };
+    let seg_size = WalSegmentSize::new(u64::from(newest.wal_segment_size))
+        .map_err(|e| RecoverError::Invalid(format!("backup {}: {e}", newest.name)))?;
+    let archive = Archive::load(repo, seg_size).await?;
+    let history = target_history(repo, &archive, request.timeline, newest).await?;
+    // Backups recovery can start from along this history: taken on a timeline of it, before
+    // that timeline ended.
+    let usable: Vec<&Summary> = backups
+        .iter()
+        .filter(|b| history.timeline_at(b.start_lsn) == TimelineId(b.timeline))
+        .collect();
+    let newest_segment = archive.newest_on(&history);
+    let mut window = Window {
+        oldest_backup_end: usable.first().map(|b| (b.stop_time.clone(), b.stop_lsn)),
+        last_xact_end: None,
+        newest_segment,
+    };
+    window.last_xact_end = last_xact_end(repo, &archive, &history, newest_segment).await;
+
+    let refuse = |reason: String, window: &Window| RecoverError::Refused {
+        reason,
+        window: window.to_string(),
+    };
+    let candidates: Vec<&Summary> = match &request.backup {
+        Some(wanted) => {
+            let name = crate::catalog::resolve_name(repo, wanted).await?;
+            let found = backups.iter().find(|b| b.name == name).ok_or_else(|| {
+                RecoverError::Backup(crate::backup::BackupError::NotFound(name.to_string()))
+            })?;
+            if !usable.iter().any(|b| b.name == found.name) {
+                return Err(refuse(
+                    format!(
+                        "backup {} is on timeline {}, which is not on the history of timeline {}",
+                        found.name, found.timeline, history.timeline.0
+                    ),
+                    &window,
+                ));
+            }
+            vec![found]
+        }
+        None => usable.clone(),
+    };
+    // Newest first: the least WAL to replay.
+    let backup = candidates
+        .iter()
+        .rev()
+        .find(|b| ends_before(b, &request.target))
+        .copied()
+        .ok_or_else(|| {
+            refuse(
+                format!(
+                    "{} is before the end of {}",
+                    request.target,
+                    match &request.backup {
+                        Some(_) => "the chosen backup",
+                        None => "the oldest backup",
+                    }
+                ),
+                &window,
+            )
+        })?;
+
+    let first = backup.start_lsn.segment_number(seg_size);
+    let walk = Walk {
+        repo,
+        archive: &archive,
+        history: &history,
+        window: &window,
+    };
+    let (last, stop, caveat) = match &request.target {
+        Target::Time(t) => walk.find_time(first, *t).await?,
+        Target::Name(name) => {
+            walk.find_restore_point(first, name, backup.stop_lsn)
+                .await?
+        }
+        Target::Lsn(lsn) => {
+            if *lsn < backup.stop_lsn {
+                return Err(refuse(
+                    format!(
+                        "{} is before the end of backup {}",
+                        request.target, backup.name
+                    ),
+                    &window,
+                ));
+            }
+            (lsn.segment_number(seg_size), None, None)
+        }
+        Target::Immediate => (backup.stop_lsn.end_segment_number(seg_size), None, None),
+        Target::Xid(_) | Target::EndOfArchive => {
+            let last = newest_segment
+                .and_then(|s| archive.segno(&s))
+                .unwrap_or_else(|| backup.stop_lsn.end_segment_number(seg_size));
+            let caveat = matches!(request.target, Target::Xid(_)).then(|| {
+                "whether the transaction ended in the archived WAL is only known when recovery \
+                 reaches it"
+                    .to_string()
+            });
+            (last, None, caveat)
+        }
+    };
+    let segments = walk.require(first, last.max(first), &request.target)?;
+    Ok(Plan {
+        backup: backup.clone(),
+        target: request.target.clone(),
+        timeline: history.timeline,
+        segments,
+        stop,
+        caveat,
+        window,
+    })
+}
+
+/// Whether recovery from `backup` can stop at `target` only after the backup is consistent.
+fn ends_before(backup: &Summary, target: &Target) -> bool {
+    match target {
+        // Manifests record whole seconds, truncated: the backup may have ended up to a second
+        // after its recorded stop, and a target before the real end cannot be recovered to.
+        Target::Time(t) => UnixMicros::parse_rfc3339(&backup.stop_time)
+            .is_some_and(|stop| stop.0.saturating_add(1_000_000) <= t.0),
+        Target::Lsn(lsn) => backup.stop_lsn <= *lsn,
+        // Restore points are matched to backups once found; xids cannot be placed in advance.
+        Target::Name(_) | Target::Xid(_) | Target::Immediate | Target::EndOfArchive => true,
+    }
+}
+
+async fn target_history(
+    repo: &Repository,
+    archive: &Archive,
+    choice: TimelineChoice,
+    newest_backup: &Summary,
+) -> Result<TimelineHistory, RecoverError> {
+    let tli = match choice {
+        TimelineChoice::Id(tli) => tli,
+        TimelineChoice::Latest => archive
+            .histories
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(TimelineId(1))
+            .max(TimelineId(newest_backup.timeline)),
+    };
+    if tli == TimelineId(1) {
+        return Ok(TimelineHistory {
+            timeline: tli,
+            entries: Vec::new(),
+        });
+    }
+    let key = crate::archive::wal_key(&WalFileName::History(tli));
+    let Some(bytes) = repo.get_bytes(&key).await? else {
+        if archive.segments.iter().any(|s| s.tli == tli) {
+            // A timeline without a history file has no ancestors (initdb's timeline, or a
+            // cluster whose history was never archived): follow it alone.
+            return Ok(TimelineHistory {
+                timeline: tli,
+                entries: Vec::new(),
+            });
+        }
+        return Err(RecoverError::Invalid(format!(
+            "timeline {} has neither a history file nor WAL in the archive",
+            tli.0
+        )));
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    TimelineHistory::parse(tli, &text).map_err(|e| RecoverError::Invalid(e.to_string()))
+}
+
+/// The newest transaction end in the archive, looking back from the newest segment through at
+/// most a bounded number of summaries (a quiet cluster writes segments without commits).
+async fn last_xact_end(
+    repo: &Repository,
+    archive: &Archive,
+    history: &TimelineHistory,
+    newest: Option<SegmentName>,
+) -> Option<walsummary::Mark> {
+    const LOOK_BACK: u64 = 64;
+    let newest = archive.segno(&newest?)?;
+    for back in 0..LOOK_BACK.min(newest.0 + 1) {
+        let name = archive.name_on(history, SegmentNo(newest.0 - back))?;
+        if let Some(mark) = walsummary::load(repo, &name)
+            .await
+            .and_then(|s| s.last_xact_end)
+        {
+            return Some(mark);
+        }
+    }
+    None
+}
+
+/// Walks the archived segments of one history from a backup's start.
+struct Walk<'a> {
+    repo: &'a Repository,
+    archive: &'a Archive,
+    history: &'a TimelineHistory,
+    window: &'a Window,
+}
+
+type Found = (SegmentNo, Option<walsummary::Mark>, Option<String>);
+
+/// A segment recovery would need that is not archived.
+enum Missing {
+    /// Later segments exist: replay would stop early. The refusal to report.
+    Gap(RecoverError),
+    /// The archive simply ends here; why, for messages.
+    End(String),
+}
+
+impl Walk<'_> {
+    fn refuse(&self, reason: String) -> RecoverError {
+        RecoverError::Refused {
+            reason,
+            window: self.window.to_string(),
+        }
+    }
+
+    /// The archived name of `segno`, or why recovery cannot get past it.
+    fn segment(&self, segno: SegmentNo, target: &Target) -> Result<SegmentName, Missing> {
+        let name = self.archive.name_on(self.history, segno).ok_or_else(|| {
+            Missing::Gap(RecoverError::Invalid(format!(
+                "segment number {segno} is out of range"
+            )))
+        })?;
+        if self.archive.segments.contains(&name) {
+            return Ok(name);
+        }
+        let later = self
+            .archive
+            .newest_on(self.history)
+            .and_then(|s| self.archive.segno(&s))
+            .is_some_and(|newest| newest > segno);
+        if later {
+            Err(Missing::Gap(self.refuse(format!(
+                "WAL segment {name} is missing from the archive (later segments exist): recovery \
+                 to {target} would stop there"
+            ))))
+        } else {
+            Err(Missing::End(format!("segment {name} is not archived")))
+        }
+    }
+
+    /// Every segment from `first` to `last`, each archived.
+    fn require(
+        &self,
+        first: SegmentNo,
+        last: SegmentNo,
+        target: &Target,
+    ) -> Result<Vec<SegmentName>, RecoverError> {
+        (first.0..=last.0)
+            .map(|n| {
+                self.segment(SegmentNo(n), target)
+                    .map_err(|missing| match missing {
+                        Missing::Gap(e) => e,
+                        Missing::End(end) => self.refuse(format!(
+                            "{target} is after the end of the archived WAL ({end})"
+                        )),
+                    })
+            })
+            .collect()
+    }
+
+    async fn summaries(&self, first: SegmentNo) -> SummaryStream<'_> {
+        SummaryStream {
+            walk: self,
+            next: first,
+        }
+    }
+
+    /// The segment holding the first transaction end after `time`: PostgreSQL stops there.
+    async fn find_time(&self, first: SegmentNo, time: UnixMicros) -> Result<Found, RecoverError> {
+        let target = Target::Time(time);
+        let mut stream = self.summaries(first).await;
+        let mut unknown = Vec::new();
+        loop {
+            let (segno, summary) = match stream.next(&target).await {
+                Ok(next) => next,
+                Err(Missing::Gap(gap)) => return Err(gap),
+                Err(Missing::End(end)) if unknown.is_empty() => {
+                    return Err(self.refuse(format!(
+                        "{target} is after the last archived transaction end, so recovery could \
+                         never stop there ({end})"
+                    )))
+                }
+                Err(_) => {
+                    // Without every summary the planner cannot rule the target out; recovery
+                    // will tell. Plan to the end of the archive.
+                    let last = SegmentNo(stream.next.0.saturating_sub(1));
+                    let caveat = format!(
+                        "no summary for {} segment(s) (archived before walvault recorded \
+                         summaries?): whether a transaction ends after the target is only known \
+                         when recovery reaches it",
+                        unknown.len()
+                    );
+                    return Ok((last, None, Some(caveat)));
+                }
+            };
+            match summary {
+                None => unknown.push(segno),
+                Some(s) => {
+                    if let Some(last) = s.last_xact_end.filter(|m| m.time_us > time.0) {
+                        let first_after = s.first_xact_end.filter(|m| m.time_us > time.0);
+                        return Ok((segno, first_after.or(Some(last)), None));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The segment holding restore point `name`, which must come after the backup's end.
+    async fn find_restore_point(
+        &self,
+        first: SegmentNo,
+        name: &str,
+        backup_stop: Lsn,
+    ) -> Result<Found, RecoverError> {
+        let target = Target::Name(name.to_string());
+        let mut stream = self.summaries(first).await;
+        let mut unknown = 0usize;
+        loop {
+            let (segno, summary) = match stream.next(&target).await {
+                Ok(next) => next,
+                Err(Missing::Gap(gap)) => return Err(gap),
+                Err(Missing::End(end)) if unknown == 0 => {
+                    return Err(self.refuse(format!(
+                        "no restore point named {name:?} after the backup in the archived WAL \
+                         ({end})"
+                    )))
+                }
+                Err(_) => {
+                    let last = SegmentNo(stream.next.0.saturating_sub(1));
+                    let caveat = format!(
+                        "no summary for {unknown} segment(s): the restore point is only found \
+                         when recovery reaches it"
+                    );
+                    return Ok((last, None, Some(caveat)));
+                }
+            };
+            let Some(summary) = summary else {
+                unknown += 1;
+                continue;
+            };
+            if let Some(rp) = summary
+                .restore_points
+                .iter()
+                .find(|rp| rp.name == name && rp.at.lsn >= backup_stop)
+            {
+                return Ok((segno, Some(rp.at), None));
+            }
+        }
+    }
+}
+
+/// Summaries of consecutive archived segments; ends (with the reason) at the first segment that
+/// is not archived.
+struct SummaryStream<'a> {
+    walk: &'a Walk<'a>,
+    next: SegmentNo,
+}
+
+impl SummaryStream<'_> {
+    async fn next(
+        &mut self,
+        target: &Target,
+    ) -> Result<(SegmentNo, Option<SegmentSummary>), Missing> {
+        let segno = self.next;
+        let name = self.walk.segment(segno, target)?;
+        self.next = SegmentNo(segno.0 + 1);
+        Ok((segno, walsummary::load(self.walk.repo, &name).await))
+    }
+}

@@ -1,0 +1,230 @@
+//! `recover --start`: starts PostgreSQL on the restored directory, follows recovery to its end
+//! and reports the point it reached.
+//!
+//! Understands `pg_ctl start`, the recovery functions (`pg_is_in_recovery()`,
+//! `pg_last_wal_replay_lsn()`, `pg_last_xact_replay_timestamp()`, `pg_is_wal_replay_paused()`)
+//! and the log lines that say how recovery ended, in particular PostgreSQL's FATAL "recovery
+//! ended before configured recovery target was reached", which walvault turns into a failure
+//! instead of letting the server look healthy. The server's log goes to
+//! `<pgdata>/walvault-recover.log` (logging_collector off, so nothing else captures it). Used by
+//! `recover`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::settings::TargetAction;
+use super::RecoverError;
+use crate::pg::ConnTarget;
+
+/// How to run the server.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// Directory holding `pg_ctl`; default: `PATH`, then the Debian/Ubuntu location of the
+    /// backup's major version.
+    pub pg_bin: Option<PathBuf>,
+    pub port: u16,
+    /// Where the server puts its socket, and where walvault connects to follow recovery.
+    pub socket_dir: PathBuf,
+    /// Extra server options (`pg_ctl -o`), e.g. `-c shared_buffers=1GB`.
+    pub pg_options: Vec<String>,
+    /// The database user walvault connects as; default: PGUSER, then the OS user.
+    pub user: Option<String>,
+    pub major: u32,
+}
+
+/// Where recovery ended.
+#[derive(Clone, Debug)]
+pub struct Reached {
+    pub replay_lsn: Option<String>,
+    pub last_commit: Option<String>,
+    /// The timeline the server is on afterwards (a new one after promotion).
+    pub timeline: Option<u32>,
+    pub state: &'static str,
+    pub elapsed: Duration,
+}
+
+const LOG_FILE: &str = "walvault-recover.log";
+const ENDED_EARLY: &str = "recovery ended before configured recovery target was reached";
+const POLL: Duration = Duration::from_millis(250);
+
+/// Starts the server and waits until recovery reaches its end as `action` says it should.
+pub async fn start(
+    pgdata: &Path,
+    opts: &StartOptions,
+    action: TargetAction,
+) -> Result<Reached, RecoverError> {
+    let started = Instant::now();
+    let pg_ctl = find_pg_ctl(opts)?;
+    let log = pgdata.join(LOG_FILE);
+    let mut server_options = vec![
+        "-p".to_string(),
+        opts.port.to_string(),
+        "-k".to_string(),
+        sh_word(&opts.socket_dir.display().to_string()),
+        "-c logging_collector=off".to_string(),
+    ];
+    server_options.extend(opts.pg_options.iter().cloned());
+    // Without -w: pg_ctl would give up (and report failure) on a long recovery before the
+    // server accepts connections; walvault follows the log and the server itself instead.
+    let mut command = std::process::Command::new(&pg_ctl);
+    command
+        .arg("start")
+        .arg("-D")
+        .arg(pgdata)
+        .arg("-l")
+        .arg(&log)
+        .arg("-o")
+        .arg(server_options.join(" "))
+        .arg("-W")
+        .stdin(Stdio::null());
+    // pg_ctl returns as soon as the postmaster is forked (its output goes to the log file).
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .map_err(|e| RecoverError::Start(format!("pg_ctl task failed: {e}")))?
+        .map_err(|source| RecoverError::Io {
+            what: "run",
+            path: pg_ctl.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(RecoverError::Start(format!(
+            "{} start failed ({}): {}; server log {}:\n{}",
+            pg_ctl.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            log.display(),
+            log_tail(&log)
+        )));
+    }
+    let conninfo = format!(
+        "host={} port={} dbname=postgres",
+        opts.socket_dir.display(),
+        opts.port
+    );
+    let mut target = ConnTarget::resolve(Some(&conninfo))?;
+    if let Some(user) = &opts.user {
+        target = ConnTarget::resolve(Some(&format!("{conninfo} user={user}")))?;
+    }
+    let pid_file = pgdata.join("postmaster.pid");
+    let mut seen_running = false;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let running = pid_file.exists();
+        seen_running |= running;
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        if log_text.contains(ENDED_EARLY) {
+            return Err(RecoverError::EndedEarly {
+                log: log.clone(),
+                tail: log_tail(&log),
+            });
+        }
+        if !running && (seen_running || started.elapsed() > Duration::from_secs(30)) {
+            if action == TargetAction::Shutdown && log_text.contains("shutdown at recovery target")
+            {
+                return Ok(Reached {
+                    replay_lsn: last_match(&log_text, "redo done at "),
+                    last_commit: last_match(
+                        &log_text,
+                        "last completed transaction was at log time ",
+                    ),
+                    timeline: None,
+                    state: "shut down at the target",
+                    elapsed: started.elapsed(),
+                });
+            }
+            return Err(RecoverError::Start(format!(
+                "the server stopped during recovery; server log {}:\n{}",
+                log.display(),
+                log_tail(&log)
+            )));
+        }
+        let Ok(client) = target.connect().await else {
+            continue; // not accepting connections yet (before consistency)
+        };
+        let Ok(row) = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), \
+                 pg_last_wal_replay_lsn()::text, \
+                 to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', \
+                         'YYYY-MM-DD HH24:MI:SS.US') || '+00', \
+                 CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
+                 CASE WHEN pg_is_in_recovery() THEN NULL \
+                      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+                &[],
+            )
+            .await
+        else {
+            continue;
+        };
+        let in_recovery: bool = row.get(0);
+        let paused: bool = row.get(3);
+        let done = match action {
+            TargetAction::Promote => !in_recovery,
+            TargetAction::Pause => paused || !in_recovery,
+            TargetAction::Shutdown => false,
+        };
+        if done {
+            return Ok(Reached {
+                replay_lsn: row.get(1),
+                last_commit: row.get(2),
+                timeline: row
+                    .get::<_, Option<i32>>(4)
+                    .and_then(|t| u32::try_from(t).ok()),
+                state: if in_recovery {
+                    "paused at the target (resume with SELECT pg_wal_replay_resume())"
+                } else {
+                    "promoted"
+                },
+                elapsed: started.elapsed(),
+            });
+        }
+    }
+}
+
+/// `pg_ctl` from `--pg-bin`, `PATH`, or the packaged location of the backup's major version.
+fn find_pg_ctl(opts: &StartOptions) -> Result<PathBuf, RecoverError> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = &opts.pg_bin {
+        candidates.push(dir.join("pg_ctl"));
+    } else {
+        if let Some(path) = std::env::var_os("PATH") {
+            candidates.extend(std::env::split_paths(&path).map(|d| d.join("pg_ctl")));
+        }
+        candidates.push(PathBuf::from(format!(
+            "/usr/lib/postgresql/{}/bin/pg_ctl",
+            opts.major
+        )));
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        RecoverError::Start(format!(
+            "cannot find pg_ctl for PostgreSQL {} (give its directory with --pg-bin)",
+            opts.major
+        ))
+    })
+}
+
+/// The text after the last occurrence of `prefix` in the log, to the end of its line.
+fn last_match(log: &str, prefix: &str) -> Option<String> {
+    log.lines()
+        .filter_map(|l| {
+            l.split_once(prefix)
+                .map(|(_, rest)| rest.trim().to_string())
+        })
+        .next_back()
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Quotes a word for the server's option parsing, which splits `-o` on unescaped spaces.
+fn sh_word(word: &str) -> String {
+    if word.contains([' ', '\'', '"', '\\']) {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    } else {
+        word.to_string()
+    }
+}

@@ -1,0 +1,166 @@
+//! The `recover` command at the CLI edge: turns flags into a recovery request, prints the plan,
+//! restores, writes the recovery configuration and, with `--start`, reports where recovery
+//! ended. The order is the promise: nothing touches the target directory until the plan holds.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use walvault::backup::fetch;
+use walvault::config::{FlagValues, Settings};
+use walvault::recover::check_target_dir;
+use walvault::recover::plan::{self, Request, TimelineChoice};
+use walvault::recover::settings::{RecoverySettings, TargetAction};
+use walvault::recover::start::{self, StartOptions};
+use walvault::recover::target::{self, Target, UnixMicros};
+use walvault::repo::Repository;
+
+use crate::backup_cmd;
+
+/// The `recover` flags, as parsed by clap.
+pub struct RecoverArgs {
+    pub pgdata: PathBuf,
+    pub target_time: Option<String>,
+    pub target_lsn: Option<String>,
+    pub target_xid: Option<u32>,
+    pub target_name: Option<String>,
+    pub target_immediate: bool,
+    pub target_action: TargetAction,
+    pub target_timeline: String,
+    pub backup: Option<String>,
+    pub dry_run: bool,
+    pub start: bool,
+    pub keep_archive_command: bool,
+    pub pg_bin: Option<PathBuf>,
+    pub port: u16,
+    pub socket_dir: Option<PathBuf>,
+    pub pg_options: Vec<String>,
+    pub tablespaces: Vec<String>,
+}
+
+impl RecoverArgs {
+    fn target(&self) -> anyhow::Result<Target> {
+        Ok(if let Some(time) = &self.target_time {
+            Target::Time(target::parse_time(time, UnixMicros::now())?)
+        } else if let Some(lsn) = &self.target_lsn {
+            Target::Lsn(lsn.parse().map_err(anyhow::Error::msg)?)
+        } else if let Some(xid) = self.target_xid {
+            Target::Xid(xid)
+        } else if let Some(name) = &self.target_name {
+            Target::Name(target::parse_name(name)?)
+        } else if self.target_immediate {
+            Target::Immediate
+        } else {
+            Target::EndOfArchive
+        })
+    }
+}
+
+pub async fn recover(
+    settings: &Settings,
+    flags: &FlagValues,
+    quiet: bool,
+    repo: Arc<Repository>,
+    args: RecoverArgs,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let request = Request {
+        target: args.target()?,
+        timeline: TimelineChoice::parse(&args.target_timeline).map_err(anyhow::Error::msg)?,
+        backup: args.backup.clone(),
+    };
+    let dir = std::path::absolute(&args.pgdata).unwrap_or_else(|_| args.pgdata.clone());
+    check_target_dir(&dir)?;
+    let fetch_opts = backup_cmd::fetch_options(settings, quiet, &args.tablespaces)?;
+    let plan = plan::plan(&repo, &request).await?;
+    println!("{plan}");
+    if args.dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let fetch_started = Instant::now();
+    let fetched = fetch::fetch(
+        Arc::clone(&repo),
+        plan.backup.name.as_str(),
+        &dir,
+        &fetch_opts,
+    )
+    .await
+    .with_context(|| format!("restoring {} into {}", plan.backup.name, dir.display()))?;
+    backup_cmd::report_fetched(&fetched, &dir, fetch_started);
+    let recovery = RecoverySettings {
+        fetch_command: fetch_command(settings, flags)?,
+        target: plan.target.clone(),
+        action: args.target_action,
+        timeline: request.timeline,
+        keep_archive_command: args.keep_archive_command,
+    };
+    recovery.write(&dir)?;
+    println!(
+        "restored {} into {}; recovery.signal and postgresql.auto.conf are in place",
+        plan.backup.name,
+        dir.display()
+    );
+    if !args.start {
+        println!(
+            "start PostgreSQL on {} to recover to {}",
+            dir.display(),
+            plan.target
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let start_opts = StartOptions {
+        pg_bin: args.pg_bin,
+        port: args.port,
+        socket_dir: args.socket_dir.unwrap_or_else(default_socket_dir),
+        pg_options: args.pg_options,
+        user: None,
+        major: plan.backup.pg_version_num / 10_000,
+    };
+    let reached = start::start(&dir, &start_opts, args.target_action).await?;
+    println!(
+        "recovery {}: last replayed LSN {}, last replayed transaction end {}{}; {:.1} s in \
+         total ({:.1} s of recovery)",
+        reached.state,
+        reached.replay_lsn.as_deref().unwrap_or("unknown"),
+        reached.last_commit.as_deref().unwrap_or("unknown"),
+        reached
+            .timeline
+            .map(|t| format!(", now on timeline {t}"))
+            .unwrap_or_default(),
+        started.elapsed().as_secs_f64(),
+        reached.elapsed.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// This walvault binary with the configuration this call used, so the restored cluster fetches
+/// WAL from the same repository however walvault was configured here (flags, environment or a
+/// config file).
+fn fetch_command(settings: &Settings, flags: &FlagValues) -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe().context("locating the walvault binary")?;
+    let mut command = vec![exe.display().to_string()];
+    let config = flags
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("WALVAULT_CONFIG").map(PathBuf::from));
+    if let Some(config) = config {
+        let config = std::path::absolute(&config).unwrap_or(config);
+        command.extend(["--config".to_string(), config.display().to_string()]);
+    }
+    // The repository URL is always spelled out: PostgreSQL's environment may lack WALVAULT_REPO.
+    command.extend(["--repo".to_string(), settings.repo.to_string()]);
+    command.push("wal-fetch".to_string());
+    Ok(command)
+}
+
+fn default_socket_dir() -> PathBuf {
+    let debian = Path::new("/var/run/postgresql");
+    if debian.is_dir() {
+        debian.to_path_buf()
+    } else {
+        PathBuf::from("/tmp")
+    }
+}
