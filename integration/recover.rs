@@ -14,7 +14,8 @@ use walvault_wal::{
 
 use crate::harness::cmd::run_bounded;
 use crate::harness::{
-    free_port, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, TestEnv, Walvault,
+    free_port, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, RunOutput, TestEnv,
+    Walvault,
 };
 
 repo_kind_tests!(
@@ -240,13 +241,7 @@ fn summaries_are_stored_on_push(kind: RepoKind) {
         &repo.config().set("compression", "\"none\""),
     );
     let wv = env.walvault(&config);
-    let cluster = env.cluster(
-        ClusterConfig::new("src")
-            .wal_segsize_mb(SEGSIZE_MB)
-            .set("track_commit_timestamp", "on")
-            .set("autovacuum", "off")
-            .archive_with(&wv),
-    );
+    let cluster = env.cluster(source_config(&wv));
     cluster.psql("CREATE TABLE t (id int)");
     let rp_end: Lsn = cluster
         .psql("SELECT pg_create_restore_point('rp-one')")
@@ -300,17 +295,20 @@ fn summaries_are_stored_on_push(kind: RepoKind) {
     );
 }
 
+/// Small segments, commit timestamps on, no autovacuum transactions, archiving with `wv`.
+fn source_config(wv: &Walvault) -> ClusterConfig {
+    ClusterConfig::new("src")
+        .wal_segsize_mb(SEGSIZE_MB)
+        .set("track_commit_timestamp", "on")
+        .set("autovacuum", "off")
+        .archive_with(wv)
+}
+
 /// A source cluster archiving into `kind` with commit timestamps on, and its walvault.
 fn archiving_source(env: &TestEnv, kind: RepoKind) -> (Repo, Walvault, Cluster) {
     let repo = env.repo(kind);
     let wv = env.walvault(repo.config_path());
-    let cluster = env.cluster(
-        ClusterConfig::new("src")
-            .wal_segsize_mb(SEGSIZE_MB)
-            .set("track_commit_timestamp", "on")
-            .set("autovacuum", "off")
-            .archive_with(&wv),
-    );
+    let cluster = env.cluster(source_config(&wv));
     cluster.psql("CREATE TABLE t (id serial PRIMARY KEY, client int)");
     backup_push(env, &wv, &cluster);
     // Backup stop times are whole seconds, and the planner only trusts times a second past one.
@@ -349,6 +347,18 @@ fn recover_and_start(
     target: &[&str],
 ) -> (Cluster, String) {
     let dir = env.path().join(name);
+    let out = recover_start(env, wv, &dir, target);
+    out.assert_success();
+    // Adopt the running server so the harness stops it; restart it on the adopted port.
+    let mut cluster = env.cluster_from_copy(ClusterConfig::new(name), &dir);
+    cluster.stop();
+    cluster.start();
+    (cluster, out.stdout)
+}
+
+/// `recover --pgdata dir <target> --start`, the server on a free port with its socket in the
+/// test directory.
+fn recover_start(env: &TestEnv, wv: &Walvault, dir: &Path, target: &[&str]) -> RunOutput {
     let port = free_port().to_string();
     let mut args = vec!["recover", "--pgdata", dir.to_str().unwrap()];
     args.extend_from_slice(target);
@@ -359,13 +369,7 @@ fn recover_and_start(
         "--socket-dir",
         env.path().to_str().unwrap(),
     ]);
-    let out = wv.run(&args);
-    out.assert_success();
-    // Adopt the running server so the harness stops it; restart it on the adopted port.
-    let mut cluster = env.cluster_from_copy(ClusterConfig::new(name), &dir);
-    cluster.stop();
-    cluster.start();
-    (cluster, out.stdout)
+    wv.run(&args)
 }
 
 fn ids(cluster: &Cluster, filter: &str) -> String {
@@ -516,4 +520,37 @@ fn recover_refusals() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["keep"]);
+}
+
+/// Without summaries (segments archived by an older walvault) the planner cannot rule a target
+/// out; then `--start` must turn PostgreSQL's "recovery ended before configured recovery target
+/// was reached" into a failure.
+#[test]
+fn recover_start_fails_when_target_not_reached() {
+    let env = TestEnv::new("recover-not-reached");
+    let (repo, wv, source) = archiving_source(&env, RepoKind::Local);
+    source.psql("INSERT INTO t (client) VALUES (0)");
+    archive_everything(&source);
+    for key in repo
+        .objects()
+        .into_iter()
+        .filter(|k| k.starts_with("walsummary/"))
+    {
+        repo.delete(&key);
+    }
+    let dir = env.path().join("target");
+    let target = ["--target-time", "2999-01-01 00:00:00Z"];
+    let dry = wv.run(&[
+        "recover",
+        "--pgdata",
+        dir.to_str().unwrap(),
+        target[0],
+        target[1],
+        "--dry-run",
+    ]);
+    dry.assert_success();
+    assert!(dry.stdout.contains("no summary"), "{dry}");
+    let out = recover_start(&env, &wv, &dir, &target);
+    out.assert_failure()
+        .assert_stderr_contains("recovery ended before configured recovery target was reached");
 }

@@ -139,66 +139,7 @@ pub enum Command {
     /// segment from its start to the target archived (across timeline switches), and a target
     /// the archive can reach. Refusals print the reason and the recoverable window. Without a
     /// target, recovery replays all archived WAL.
-    #[command(group(clap::ArgGroup::new("target").multiple(false).args([
-        "target_time", "target_lsn", "target_xid", "target_name", "target_immediate"
-    ])))]
-    Recover {
-        /// The directory to restore into (empty or absent)
-        #[arg(long, value_name = "DIR")]
-        pgdata: PathBuf,
-        /// Stop at the first transaction end after this time: RFC 3339, YYYY-MM-DD
-        /// HH:MM:SS[.ffffff][±TZ] (local time without a zone) or -15m (before now)
-        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
-        target_time: Option<String>,
-        /// Stop at this WAL location (X/Y)
-        #[arg(long, value_name = "LSN")]
-        target_lsn: Option<String>,
-        /// Stop after this transaction ends
-        #[arg(long, value_name = "XID")]
-        target_xid: Option<u32>,
-        /// Stop at this restore point (pg_create_restore_point)
-        #[arg(long, value_name = "NAME")]
-        target_name: Option<String>,
-        /// Stop as soon as the backup is consistent
-        #[arg(long)]
-        target_immediate: bool,
-        /// What the server does at the target
-        #[arg(long, value_enum, default_value = "promote")]
-        target_action: walvault::recover::settings::TargetAction,
-        /// Timeline to recover along: latest or a number
-        #[arg(long, default_value = "latest", value_name = "TLI")]
-        target_timeline: String,
-        /// Restore this backup (or LATEST) instead of the planner's choice
-        #[arg(long, value_name = "NAME")]
-        backup: Option<String>,
-        /// Print the plan and stop
-        #[arg(long)]
-        dry_run: bool,
-        /// Start PostgreSQL on DIR and follow recovery to its end
-        #[arg(long)]
-        start: bool,
-        /// Keep the backup's archive_mode (default: archive_mode = off in the restored cluster)
-        #[arg(long)]
-        keep_archive_command: bool,
-        /// With --start: directory of pg_ctl (default: PATH, then /usr/lib/postgresql/<major>/bin)
-        #[arg(long, value_name = "DIR")]
-        pg_bin: Option<PathBuf>,
-        /// With --start: the server's port
-        #[arg(long, default_value_t = 5432)]
-        port: u16,
-        /// With --start: the server's socket directory (default: /var/run/postgresql, else /tmp)
-        #[arg(long, value_name = "DIR")]
-        socket_dir: Option<PathBuf>,
-        /// With --start: more server options, passed to pg_ctl -o (repeatable)
-        #[arg(long = "pg-option", value_name = "OPTION", allow_hyphen_values = true)]
-        pg_options: Vec<String>,
-        /// Restore tablespace OID into DIR instead of its recorded location (repeatable)
-        #[arg(long = "tablespace", value_name = "OID=DIR")]
-        tablespaces: Vec<String>,
-        /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
-        #[arg(long, value_name = "N")]
-        concurrency: Option<String>,
-    },
+    Recover(RecoverArgs),
     /// List base backups, oldest first, and the recoverable window
     BackupList {
         /// One JSON array for scripts
@@ -229,7 +170,7 @@ impl Command {
             Command::BackupPush { .. } => "backup-push",
             Command::BackupFetch { .. } => "backup-fetch",
             Command::BackupList { .. } => "backup-list",
-            Command::Recover { .. } => "recover",
+            Command::Recover(_) => "recover",
             Command::Verify { .. } => "verify",
             Command::WalPrefetch { .. } => "wal-prefetch",
         }
@@ -242,4 +183,67 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(format!("{e} (examples: 1s, 500ms)")),
     }
+}
+
+/// The `recover` flags (see `walvault recover --help`).
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").multiple(false).args([
+    "target_time", "target_lsn", "target_xid", "target_name", "target_immediate"
+])))]
+pub struct RecoverArgs {
+    /// The directory to restore into (empty or absent)
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Stop at the first transaction end after this time: RFC 3339, YYYY-MM-DD
+    /// HH:MM:SS[.ffffff][±TZ] (local time without a zone) or -15m (before now)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub target_time: Option<String>,
+    /// Stop at this WAL location (X/Y)
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<String>,
+    /// Stop after this transaction ends
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<u32>,
+    /// Stop at this restore point (pg_create_restore_point)
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// Stop as soon as the backup is consistent
+    #[arg(long)]
+    pub target_immediate: bool,
+    /// What the server does at the target
+    #[arg(long, value_enum, default_value = "promote")]
+    pub target_action: walvault::recover::settings::TargetAction,
+    /// Timeline to recover along: latest or a number
+    #[arg(long, default_value = "latest", value_name = "TLI")]
+    pub target_timeline: String,
+    /// Restore this backup (or LATEST) instead of the planner's choice
+    #[arg(long, value_name = "NAME")]
+    pub backup: Option<String>,
+    /// Print the plan and stop
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start PostgreSQL on DIR and follow recovery to its end
+    #[arg(long)]
+    pub start: bool,
+    /// Keep the backup's archive_mode (default: archive_mode = off in the restored cluster)
+    #[arg(long)]
+    pub keep_archive_command: bool,
+    /// With --start: directory of pg_ctl (default: PATH, then /usr/lib/postgresql/<major>/bin)
+    #[arg(long, value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
+    /// With --start: the server's port
+    #[arg(long, default_value_t = 5432)]
+    pub port: u16,
+    /// With --start: the server's socket directory (default: /var/run/postgresql, else /tmp)
+    #[arg(long, value_name = "DIR")]
+    pub socket_dir: Option<PathBuf>,
+    /// With --start: more server options, passed to pg_ctl -o (repeatable)
+    #[arg(long = "pg-option", value_name = "OPTION", allow_hyphen_values = true)]
+    pub pg_options: Vec<String>,
+    /// Restore tablespace OID into DIR instead of its recorded location (repeatable)
+    #[arg(long = "tablespace", value_name = "OID=DIR")]
+    pub tablespaces: Vec<String>,
+    /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<String>,
 }

@@ -110,7 +110,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             flags.backup_concurrency = concurrency.clone();
             flags.delta_max_steps = delta_max_steps.clone();
         }
-        Command::BackupFetch { concurrency, .. } | Command::Recover { concurrency, .. } => {
+        Command::BackupFetch { concurrency, .. }
+        | Command::Recover(cli::RecoverArgs { concurrency, .. }) => {
             flags.backup_concurrency = concurrency.clone()
         }
         _ => {}
@@ -190,45 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => backup_cmd::fetch(&settings, cli_quiet, repo, &name, &dir, &tablespaces).await,
         Command::BackupList { json } => backup_cmd::list(&repo, json).await,
-        Command::Recover {
-            pgdata,
-            target_time,
-            target_lsn,
-            target_xid,
-            target_name,
-            target_immediate,
-            target_action,
-            target_timeline,
-            backup,
-            dry_run,
-            start,
-            keep_archive_command,
-            pg_bin,
-            port,
-            socket_dir,
-            pg_options,
-            tablespaces,
-            concurrency: _,
-        } => {
-            let args = recover_cmd::RecoverArgs {
-                pgdata,
-                target_time,
-                target_lsn,
-                target_xid,
-                target_name,
-                target_immediate,
-                target_action,
-                target_timeline,
-                backup,
-                dry_run,
-                start,
-                keep_archive_command,
-                pg_bin,
-                port,
-                socket_dir,
-                pg_options,
-                tablespaces,
-            };
+        Command::Recover(args) => {
             recover_cmd::recover(&settings, &flags, cli_quiet, repo, args).await
         }
         Command::Verify { concurrency } => {

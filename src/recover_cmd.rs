@@ -12,33 +12,13 @@ use walvault::backup::fetch;
 use walvault::config::{FlagValues, Settings};
 use walvault::recover::check_target_dir;
 use walvault::recover::plan::{self, Request, TimelineChoice};
-use walvault::recover::settings::{RecoverySettings, TargetAction};
+use walvault::recover::settings::RecoverySettings;
 use walvault::recover::start::{self, StartOptions};
 use walvault::recover::target::{self, Target, UnixMicros};
 use walvault::repo::Repository;
 
 use crate::backup_cmd;
-
-/// The `recover` flags, as parsed by clap.
-pub struct RecoverArgs {
-    pub pgdata: PathBuf,
-    pub target_time: Option<String>,
-    pub target_lsn: Option<String>,
-    pub target_xid: Option<u32>,
-    pub target_name: Option<String>,
-    pub target_immediate: bool,
-    pub target_action: TargetAction,
-    pub target_timeline: String,
-    pub backup: Option<String>,
-    pub dry_run: bool,
-    pub start: bool,
-    pub keep_archive_command: bool,
-    pub pg_bin: Option<PathBuf>,
-    pub port: u16,
-    pub socket_dir: Option<PathBuf>,
-    pub pg_options: Vec<String>,
-    pub tablespaces: Vec<String>,
-}
+use crate::cli::RecoverArgs;
 
 impl RecoverArgs {
     fn target(&self) -> anyhow::Result<Target> {

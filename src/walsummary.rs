@@ -28,7 +28,7 @@ pub fn summary_key(name: &SegmentName) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark {
     /// Where the record starts.
-    #[serde(with = "lsn_text")]
+    #[serde(with = "crate::backup::manifest::lsn_text")]
     pub lsn: Lsn,
     /// The record's timestamp, in microseconds since the Unix epoch.
     pub time_us: i64,
@@ -167,19 +167,4 @@ pub async fn load(repo: &Repository, name: &SegmentName) -> Option<SegmentSummar
     serde_json::from_slice(&bytes)
         .inspect_err(|e| tracing::debug!("ignoring unreadable summary of {name}: {e}"))
         .ok()
-}
-
-/// LSNs as PostgreSQL writes them, `X/Y`, so summaries are readable by people.
-mod lsn_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use walvault_wal::Lsn;
-
-    pub fn serialize<S: Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(lsn)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
 }

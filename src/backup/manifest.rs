@@ -89,8 +89,8 @@ impl BackupKind {
     }
 }
 
-/// LSNs are kept in PostgreSQL's `X/Y` text form in the JSON.
-mod lsn_text {
+/// LSNs are kept in PostgreSQL's `X/Y` text form in the JSON (also in segment summaries).
+pub(crate) mod lsn_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use walvault_wal::Lsn;
 
