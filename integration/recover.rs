@@ -22,6 +22,7 @@ repo_kind_tests!(
     summaries_are_stored_on_push,
     recover_to_times_exactly,
     recover_to_lsn_name_and_immediate,
+    recover_across_a_timeline_switch,
 );
 
 const SEGSIZE_MB: u32 = 1;
@@ -553,4 +554,47 @@ fn recover_start_fails_when_target_not_reached() {
     let out = recover_start(&env, &wv, &dir, &target);
     out.assert_failure()
         .assert_stderr_contains("recovery ended before configured recovery target was reached");
+}
+
+/// A backup on timeline 1, a point-in-time recovery that promotes to timeline 2 and archives on
+/// into the same repository, then recovery from the timeline-1 backup to a time on timeline 2:
+/// the planner must follow `00000002.history` across the switch.
+fn recover_across_a_timeline_switch(kind: RepoKind) {
+    let env = TestEnv::new("recover-timelines");
+    let (_repo, wv, mut source) = archiving_source(&env, kind);
+    for _ in 0..5 {
+        source.psql("INSERT INTO t (client) VALUES (1)");
+    }
+    source.psql("SELECT pg_create_restore_point('end of one')");
+    let rows_one = ids(&source, "");
+    // Rows the fork never sees.
+    source.psql("INSERT INTO t (client) VALUES (-1)");
+    archive_everything(&source);
+    source.stop();
+
+    // The fork keeps archiving (same archive_command) on timeline 2.
+    let (fork, out) = recover_and_start(
+        &env,
+        &wv,
+        "fork",
+        &["--target-name", "end of one", "--keep-archive-command"],
+    );
+    assert_eq!(ids(&fork, ""), rows_one, "{out}");
+    assert_eq!(
+        fork.psql("SELECT timeline_id FROM pg_control_checkpoint()"),
+        "2"
+    );
+    for _ in 0..5 {
+        fork.psql("INSERT INTO t (client) VALUES (2)");
+    }
+    let last_commit = fork.psql(
+        "SELECT to_char(max(pg_xact_commit_timestamp(xmin)) AT TIME ZONE 'UTC', \
+         'YYYY-MM-DD HH24:MI:SS.US') || 'Z' FROM t",
+    );
+    let rows_two = ids(&fork, "");
+    archive_everything(&fork);
+
+    let (again, out) = recover_and_start(&env, &wv, "again", &["--target-time", &last_commit]);
+    assert!(out.contains("timeline: 2"), "{out}");
+    assert_eq!(ids(&again, ""), rows_two, "{out}");
 }

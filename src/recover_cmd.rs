@@ -96,7 +96,6 @@ pub async fn recover(
         port: args.port,
         socket_dir: args.socket_dir.unwrap_or_else(default_socket_dir),
         pg_options: args.pg_options,
-        user: None,
         major: plan.backup.pg_version_num / 10_000,
     };
     let reached = start::start(&dir, &start_opts, args.target_action).await?;

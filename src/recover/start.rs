@@ -28,8 +28,6 @@ pub struct StartOptions {
     pub socket_dir: PathBuf,
     /// Extra server options (`pg_ctl -o`), e.g. `-c shared_buffers=1GB`.
     pub pg_options: Vec<String>,
-    /// The database user walvault connects as; default: PGUSER, then the OS user.
-    pub user: Option<String>,
     pub major: u32,
 }
 
@@ -102,10 +100,8 @@ pub async fn start(
         opts.socket_dir.display(),
         opts.port
     );
-    let mut target = ConnTarget::resolve(Some(&conninfo))?;
-    if let Some(user) = &opts.user {
-        target = ConnTarget::resolve(Some(&format!("{conninfo} user={user}")))?;
-    }
+    // The user comes from PGUSER, else the OS user, as libpq would pick it.
+    let target = ConnTarget::resolve(Some(&conninfo))?;
     let pid_file = pgdata.join("postmaster.pid");
     let mut seen_running = false;
     loop {
