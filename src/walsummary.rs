@@ -1,5 +1,5 @@
-//! Segment summaries: for each archived segment, the first and last transaction end (commit or
-//! abort, with its time and LSN) and the restore points it holds, stored as a small JSON object
+//! Segment summaries: for each archived segment, the first, last and latest-timed transaction end
+//! (commit or abort, with its time and LSN) and the restore points it holds, stored as a small JSON object
 //! `walsummary/<segment>` next to `wal/<segment>`.
 //!
 //! A recovery target time is only reached at a transaction end, and a target name only at its
@@ -49,10 +49,20 @@ pub struct SegmentSummary {
     pub first_xact_end: Option<Mark>,
     /// The last one.
     pub last_xact_end: Option<Mark>,
+    /// The one with the latest time. Sessions take their commit time before inserting the
+    /// commit record, so times are not in LSN order: a segment whose last commit is before a
+    /// target may still hold one after it. Absent from summaries of older walvault versions.
+    #[serde(default)]
+    pub latest_xact_end: Option<Mark>,
     pub restore_points: Vec<RestorePoint>,
 }
 
 impl SegmentSummary {
+    /// The transaction end with the latest time, as far as this summary knows.
+    pub fn latest(&self) -> Option<Mark> {
+        self.latest_xact_end.or(self.last_xact_end)
+    }
+
     /// Summarises the records starting in `segment`, the content of the segment `name`. A record
     /// that cannot be decoded ends the scan with what was found before it: a summary of a prefix
     /// is still true, just less complete.
@@ -83,8 +93,15 @@ impl SegmentSummary {
             };
             match record.target_event() {
                 Some(TargetEvent::XactEnd { time, .. }) => {
-                    summary.first_xact_end.get_or_insert(mark(time));
-                    summary.last_xact_end = Some(mark(time));
+                    let here = mark(time);
+                    summary.first_xact_end.get_or_insert(here);
+                    summary.last_xact_end = Some(here);
+                    if summary
+                        .latest_xact_end
+                        .is_none_or(|m| m.time_us < here.time_us)
+                    {
+                        summary.latest_xact_end = Some(here);
+                    }
                 }
                 Some(TargetEvent::RestorePoint { time, name }) => {
                     summary.restore_points.push(RestorePoint {

@@ -366,7 +366,7 @@ async fn target_history(
     TimelineHistory::parse(tli, &text).map_err(|e| RecoverError::Invalid(e.to_string()))
 }
 
-/// The newest transaction end in the archive, looking back from the newest segment through at
+/// The latest-timed transaction end in the archive, looking back from the newest segment through at
 /// most a bounded number of summaries (a quiet cluster writes segments without commits).
 async fn last_xact_end(
     repo: &Repository,
@@ -378,10 +378,7 @@ async fn last_xact_end(
     let newest = archive.segno(&newest?)?;
     for back in 0..LOOK_BACK.min(newest.0 + 1) {
         let name = archive.name_on(history, SegmentNo(newest.0 - back))?;
-        if let Some(mark) = walsummary::load(repo, &name)
-            .await
-            .and_then(|s| s.last_xact_end)
-        {
+        if let Some(mark) = walsummary::load(repo, &name).await.and_then(|s| s.latest()) {
             return Some(mark);
         }
     }
@@ -497,9 +494,11 @@ impl Walk<'_> {
             match summary {
                 None => unknown.push(segno),
                 Some(s) => {
-                    if let Some(last) = s.last_xact_end.filter(|m| m.time_us > time.0) {
+                    if s.latest().is_some_and(|m| m.time_us > time.0) {
+                        // The stopping record is the segment's first end after the target;
+                        // only when that is its first end overall does the summary name it.
                         let first_after = s.first_xact_end.filter(|m| m.time_us > time.0);
-                        return Ok((segno, first_after.or(Some(last)), None));
+                        return Ok((segno, first_after, None));
                     }
                 }
             }
@@ -522,8 +521,9 @@ impl Walk<'_> {
                 Err(Missing::Gap(gap)) => return Err(gap),
                 Err(Missing::End(end)) if unknown == 0 => {
                     return Err(self.refuse(format!(
-                        "no restore point named {name:?} after the backup in the archived WAL \
-                         ({end})"
+                        "no restore point named {name:?} after the end of the chosen backup in \
+                         the archived WAL ({end}); if it is older, name an older backup with \
+                         --backup"
                     )))
                 }
                 Err(_) => {
