@@ -19,6 +19,9 @@ use walvault_wal::{
 use crate::repo::{RepoError, Repository, Stored};
 use crate::store::{Committed, PutMode};
 
+/// Largest segment [`put_segment`] buffers to summarise: the 16 MiB default and up to 64 MiB.
+const MAX_SUMMARISED_SEGMENT: u64 = 64 << 20;
+
 /// Where the summary of `name` is stored.
 pub fn summary_key(name: &SegmentName) -> String {
     format!("walsummary/{name}")
@@ -130,13 +133,23 @@ pub async fn put_segment(
         .await
         .map(|m| m.len())
         .unwrap_or(0);
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // The scan needs the whole segment in memory; beyond this size (segments of up to 1 GiB
+    // exist) memory would no longer be bounded, so such segments go without a summary, which
+    // the planner treats as "unknown", until the record reader can scan block by block.
+    let summarise = len <= MAX_SUMMARISED_SEGMENT;
+    let mut bytes = Vec::with_capacity(if summarise {
+        usize::try_from(len).unwrap_or(0)
+    } else {
+        0
+    });
     let stored = repo
         .put_file_tapped(key, path, PutMode::IfAbsent, |block| {
-            bytes.extend_from_slice(block)
+            if summarise {
+                bytes.extend_from_slice(block)
+            }
         })
         .await?;
-    if stored.committed == Committed::Created {
+    if summarise && stored.committed == Committed::Created {
         store_summary(repo, name, &bytes).await;
     }
     Ok(stored)
