@@ -14,15 +14,16 @@ use walvault_wal::{
 
 use crate::harness::cmd::run_bounded;
 use crate::harness::{
-    free_port, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, RunOutput, TestEnv,
-    Walvault,
+    free_port, repo_kind_tests, wait_until, Cluster, ClusterConfig, Repo, RepoKind, RunOutput,
+    TestEnv, Walvault,
 };
 
 repo_kind_tests!(
     summaries_are_stored_on_push,
     recover_to_times_exactly,
-    recover_to_lsn_name_and_immediate,
+    recover_to_lsn_xid_name_and_immediate,
     recover_across_a_timeline_switch,
+    recover_start_fails_when_wal_fetch_fails,
 );
 
 const SEGSIZE_MB: u32 = 1;
@@ -332,11 +333,12 @@ fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster) {
     .assert_success();
 }
 
-/// Ends the current segment and waits until it is archived, so the WAL after the workload is in
-/// the repository.
-fn archive_everything(cluster: &Cluster) {
+/// Ends the current segment (after one more commit) and waits until it is archived, so the WAL
+/// after the workload is in the repository; returns the segment's name.
+fn archive_everything(cluster: &Cluster) -> String {
     let segment = cluster.switch_wal();
     cluster.wait_for_archived(&segment, Duration::from_secs(60));
+    segment
 }
 
 /// `recover --start` into a fresh directory; returns the recovered cluster (promoted, running on
@@ -373,6 +375,24 @@ fn recover_start(env: &TestEnv, wv: &Walvault, dir: &Path, target: &[&str]) -> R
     wv.run(&args)
 }
 
+/// The commit time of the newest row of `t` (`filter` chooses rows), UTC with a `Z`.
+fn last_commit_time(cluster: &Cluster, filter: &str) -> String {
+    cluster.psql(&format!(
+        "SELECT to_char(max(pg_xact_commit_timestamp(xmin)) AT TIME ZONE 'UTC', \
+         'YYYY-MM-DD HH24:MI:SS.US') || 'Z' FROM t {filter}"
+    ))
+}
+
+/// Waits until a cluster recovering with `recovery_target_action = pause` is paused at its target
+/// (it accepts queries as soon as it is consistent, possibly before).
+fn wait_for_pause(cluster: &Cluster) {
+    wait_until(
+        "recovery to pause at the target",
+        Duration::from_secs(60),
+        || cluster.psql("SELECT pg_is_wal_replay_paused()") == "t",
+    );
+}
+
 fn ids(cluster: &Cluster, filter: &str) -> String {
     cluster.psql(&format!(
         "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM t {filter}"
@@ -399,12 +419,39 @@ fn recover_to_times_exactly(kind: RepoKind) {
     );
     let commit_times: Vec<&str> = commit_times.split(',').collect();
     let n = commit_times.len();
-    // An exact commit time (inclusive targets keep it), and times between commits.
+    // Exact commit times (inclusive targets keep them) in each accepted format, and a random
+    // time between commits (printed on failure).
+    let random_between = source.psql(&format!(
+        "SELECT to_char(('{a}+00'::timestamptz + random() * \
+         ('{b}+00'::timestamptz - '{a}+00'::timestamptz)) AT TIME ZONE 'UTC', \
+         'YYYY-MM-DD HH24:MI:SS.US')",
+        a = commit_times[n / 3],
+        b = commit_times[2 * n / 3],
+    ));
     let targets = [
         commit_times[n / 4].to_string(),
-        format!("{}Z", commit_times[n / 2]),
+        format!("{random_between}Z"),
         commit_times[3 * n / 4].replace(' ', "T") + "+00:00",
     ];
+    // Exclusive: the transactions ending exactly at the target are left out too.
+    let (recovered, stdout) = recover_and_start(
+        &env,
+        &wv,
+        "exclusive",
+        &["--target-time", &targets[0], "--exclusive"],
+    );
+    let expected = ids(
+        &source,
+        &format!("WHERE pg_xact_commit_timestamp(xmin) < '{}+00'", targets[0]),
+    );
+    assert_ne!(expected, ids(&source, ""));
+    assert_eq!(
+        ids(&recovered, ""),
+        expected,
+        "rows recovered to just before {}\n{stdout}",
+        targets[0]
+    );
+    assert!(stdout.contains("exclusive"), "{stdout}");
     for (i, target) in targets.iter().enumerate() {
         let (recovered, stdout) =
             recover_and_start(&env, &wv, &format!("r{i}"), &["--target-time", target]);
@@ -426,7 +473,7 @@ fn recover_to_times_exactly(kind: RepoKind) {
     }
 }
 
-fn recover_to_lsn_name_and_immediate(kind: RepoKind) {
+fn recover_to_lsn_xid_name_and_immediate(kind: RepoKind) {
     let env = TestEnv::new("recover-targets");
     let (_repo, wv, source) = archiving_source(&env, kind);
     let insert = |n: usize| {
@@ -437,22 +484,68 @@ fn recover_to_lsn_name_and_immediate(kind: RepoKind) {
     insert(5);
     source.psql("SELECT pg_create_restore_point('after five')");
     let at_five = ids(&source, "");
-    insert(5);
+    insert(2);
+    let xid = source.psql("INSERT INTO t (client) VALUES (7) RETURNING xmin::text");
+    let with_xid = ids(&source, "");
+    let before_xid = ids(&source, "WHERE client <> 7");
+    insert(3);
     let lsn = source.psql("SELECT pg_current_wal_lsn()");
-    let at_ten = ids(&source, "");
+    let at_lsn = ids(&source, "");
     insert(5);
     archive_everything(&source);
 
-    let (r, out) = recover_and_start(&env, &wv, "by-name", &["--target-name", "after five"]);
+    // Paused at the restore point; readable there, and promoted on resume.
+    let (r, out) = recover_and_start(
+        &env,
+        &wv,
+        "by-name",
+        &["--target-name", "after five", "--target-action", "pause"],
+    );
+    assert!(out.contains("paused at the target"), "{out}");
+    wait_for_pause(&r);
     assert_eq!(ids(&r, ""), at_five, "{out}");
+    r.psql("SELECT pg_wal_replay_resume()");
+    r.wait_for_promotion(Duration::from_secs(60));
+    assert_eq!(ids(&r, ""), at_five, "{out}");
+
     let (r, out) = recover_and_start(&env, &wv, "by-lsn", &["--target-lsn", &lsn]);
-    assert_eq!(ids(&r, ""), at_ten, "{out}");
+    assert_eq!(ids(&r, ""), at_lsn, "{out}");
+    let (r, out) = recover_and_start(&env, &wv, "by-xid", &["--target-xid", &xid]);
+    assert_eq!(ids(&r, ""), with_xid, "{out}");
     let (r, out) = recover_and_start(&env, &wv, "immediate", &["--target-immediate"]);
     assert_eq!(
         ids(&r, ""),
         "",
         "the backup was taken before any row\n{out}"
     );
+
+    // Shut down just before the transaction; started again with pause, it replays to the same
+    // point and shows what the shutdown kept.
+    let dir = env.path().join("shutdown");
+    let out = recover_start(
+        &env,
+        &wv,
+        &dir,
+        &[
+            "--target-xid",
+            &xid,
+            "--exclusive",
+            "--target-action",
+            "shutdown",
+        ],
+    );
+    out.assert_success();
+    assert!(out.stdout.contains("shut down at the target"), "{out}");
+    assert!(!dir.join("postmaster.pid").exists(), "{out}");
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("postgresql.auto.conf"))
+        .unwrap();
+    std::io::Write::write_all(&mut conf, b"recovery_target_action = 'pause'\n").unwrap();
+    let mut r = env.cluster_from_copy(ClusterConfig::new("shutdown"), &dir);
+    r.start();
+    wait_for_pause(&r);
+    assert_eq!(ids(&r, ""), before_xid, "{out}");
 }
 
 /// Every refusal names its reason and the window and leaves the target directory untouched.
@@ -493,6 +586,17 @@ fn recover_refusals() {
     );
     assert!(!dir.exists());
 
+    // backup-list shows the same window.
+    let listed = wv.run(&["backup-list"]);
+    listed.assert_success();
+    assert!(
+        listed
+            .stdout
+            .contains("recoverable window (latest timeline): from ")
+            && listed.stdout.contains("the last archived transaction end"),
+        "{listed}"
+    );
+
     // A gap: the planner needs every segment from the backup's start.
     let mut segments: Vec<String> = repo
         .wal_files()
@@ -503,10 +607,7 @@ fn recover_refusals() {
     let middle = segments[segments.len() - 2].clone();
     repo.delete(&format!("wal/{middle}"));
     // The last row's commit is in the newest segment: reaching it needs the deleted one.
-    let last_commit = source.psql(
-        "SELECT to_char(max(pg_xact_commit_timestamp(xmin)) AT TIME ZONE 'UTC', \
-         'YYYY-MM-DD HH24:MI:SS.US') || 'Z' FROM t",
-    );
+    let last_commit = last_commit_time(&source, "");
     refused(&["--target-time", &last_commit], "missing from the archive")
         .assert_stderr_contains(&middle)
         .assert_stderr_contains(window);
@@ -557,18 +658,27 @@ fn recover_start_fails_when_target_not_reached() {
 }
 
 /// A backup on timeline 1, a point-in-time recovery that promotes to timeline 2 and archives on
-/// into the same repository, then recovery from the timeline-1 backup to a time on timeline 2:
-/// the planner must follow `00000002.history` across the switch.
+/// into the same repository, then recovery from the timeline-1 backup to a time on timeline 2
+/// (the planner must follow `00000002.history` across the switch), to a time on timeline 1
+/// before the switch, and along timeline 1 alone to the rows timeline 2 never saw.
 fn recover_across_a_timeline_switch(kind: RepoKind) {
     let env = TestEnv::new("recover-timelines");
     let (_repo, wv, mut source) = archiving_source(&env, kind);
-    for _ in 0..5 {
-        source.psql("INSERT INTO t (client) VALUES (1)");
-    }
+    let insert = |cluster: &Cluster, client: i32, n: usize| {
+        for _ in 0..n {
+            cluster.psql(&format!("INSERT INTO t (client) VALUES ({client})"));
+        }
+    };
+    insert(&source, 1, 3);
+    let early = last_commit_time(&source, "");
+    let rows_early = ids(&source, "");
+    insert(&source, 1, 2);
     source.psql("SELECT pg_create_restore_point('end of one')");
     let rows_one = ids(&source, "");
     // Rows the fork never sees.
     source.psql("INSERT INTO t (client) VALUES (-1)");
+    let lost = last_commit_time(&source, "");
+    let rows_lost = ids(&source, "");
     archive_everything(&source);
     source.stop();
 
@@ -584,17 +694,57 @@ fn recover_across_a_timeline_switch(kind: RepoKind) {
         fork.psql("SELECT timeline_id FROM pg_control_checkpoint()"),
         "2"
     );
-    for _ in 0..5 {
-        fork.psql("INSERT INTO t (client) VALUES (2)");
-    }
-    let last_commit = fork.psql(
-        "SELECT to_char(max(pg_xact_commit_timestamp(xmin)) AT TIME ZONE 'UTC', \
-         'YYYY-MM-DD HH24:MI:SS.US') || 'Z' FROM t",
-    );
+    insert(&fork, 2, 5);
+    let last_commit = last_commit_time(&fork, "");
     let rows_two = ids(&fork, "");
     archive_everything(&fork);
 
     let (again, out) = recover_and_start(&env, &wv, "again", &["--target-time", &last_commit]);
     assert!(out.contains("timeline: 2"), "{out}");
     assert_eq!(ids(&again, ""), rows_two, "{out}");
+
+    let (r, out) = recover_and_start(&env, &wv, "early", &["--target-time", &early]);
+    assert!(out.contains("timeline: 2"), "{out}");
+    assert_eq!(ids(&r, ""), rows_early, "{out}");
+    let (r, out) = recover_and_start(
+        &env,
+        &wv,
+        "old",
+        &["--target-time", &lost, "--target-timeline", "1"],
+    );
+    assert!(out.contains("timeline: 1"), "{out}");
+    assert_eq!(ids(&r, ""), rows_lost, "{out}");
+}
+
+/// A corrupt archived segment makes wal-fetch fail (not "not found") in the middle of recovery:
+/// `--start` must fail naming the segment, and leave a server that has neither promoted nor
+/// kept running at a point short of the target.
+fn recover_start_fails_when_wal_fetch_fails(kind: RepoKind) {
+    let env = TestEnv::new("recover-fetch-fails");
+    let (repo, wv, source) = archiving_source(&env, kind);
+    for _ in 0..3 {
+        source.psql("INSERT INTO t (client) VALUES (0)");
+    }
+    let target = last_commit_time(&source, "");
+    let segment = archive_everything(&source);
+    let key = format!("wal/{segment}");
+    let len = repo.read(&key).len();
+    repo.corrupt(&key, len / 2);
+
+    let dir = env.path().join("target");
+    let out = recover_start(&env, &wv, &dir, &["--target-time", &target]);
+    out.assert_failure()
+        .assert_stderr_contains(&format!(
+            "the server stopped during recovery: fetching {segment} from"
+        ))
+        .assert_stderr_contains("did not promote");
+    assert!(!dir.join("postmaster.pid").exists(), "{out}");
+    let control = run_bounded(
+        Command::new(source.install().program("pg_controldata")).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(
+        control.stdout.contains("in archive recovery"),
+        "the cluster must still be in recovery:\n{control}"
+    );
 }

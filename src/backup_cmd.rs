@@ -11,6 +11,7 @@ use walvault::backup::fetch::{self, FetchOptions};
 use walvault::backup::manifest::Summary;
 use walvault::backup::push::{self, Mode, PushOptions};
 use walvault::config::Settings;
+use walvault::recover::plan::TimelineChoice;
 use walvault::repo::Repository;
 
 use crate::human_bytes;
@@ -203,26 +204,12 @@ pub async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCode> {
             println!("    delta of {parent}");
         }
     }
-    // The newest segment (`.backup`, `.history` and `.partial` names sort among them).
-    let newest_wal = repo.store().list("wal/").await.ok().and_then(|objects| {
-        objects
-            .iter()
-            .filter_map(|o| o.key.strip_prefix("wal/"))
-            .filter(|name| name.parse::<walvault_wal::SegmentName>().is_ok())
-            .max()
-            .map(str::to_owned)
-    });
-    match (listed.first(), newest_wal) {
-        (Some(oldest), Some(wal)) => println!(
-            "recoverable window: from {} (end of the oldest backup) to the end of the archived \
-             WAL (newest archived segment: {wal})",
-            oldest.stop_time
-        ),
-        (Some(oldest), None) => println!(
-            "recoverable window: only the backups' own end points (from {}); no WAL is archived",
-            oldest.stop_time
-        ),
-        (None, _) => println!("no backups: nothing is recoverable yet"),
+    match walvault::recover::plan::window(repo, TimelineChoice::Latest).await {
+        Ok(window) => println!("recoverable window (latest timeline): {window}"),
+        Err(walvault::recover::RecoverError::NoBackups) => {
+            println!("no backups: nothing is recoverable yet")
+        }
+        Err(e) => println!("recoverable window: unknown ({e})"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -190,6 +190,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[command(group(clap::ArgGroup::new("target").multiple(false).args([
     "target_time", "target_lsn", "target_xid", "target_name", "target_immediate"
 ])))]
+#[command(group(clap::ArgGroup::new("exclusive_target").multiple(false).args([
+    "target_time", "target_lsn", "target_xid"
+])))]
 pub struct RecoverArgs {
     /// The directory to restore into (empty or absent)
     #[arg(long, value_name = "DIR")]
@@ -210,6 +213,10 @@ pub struct RecoverArgs {
     /// Stop as soon as the backup is consistent
     #[arg(long)]
     pub target_immediate: bool,
+    /// Stop just before the target transaction end instead of just after it
+    /// (recovery_target_inclusive = off); with --target-time, --target-lsn or --target-xid
+    #[arg(long, requires = "exclusive_target")]
+    pub exclusive: bool,
     /// What the server does at the target
     #[arg(long, value_enum, default_value = "promote")]
     pub target_action: walvault::recover::settings::TargetAction,

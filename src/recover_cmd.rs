@@ -48,6 +48,7 @@ pub async fn recover(
     let started = Instant::now();
     let request = Request {
         target: args.target()?,
+        inclusive: !args.exclusive,
         timeline: TimelineChoice::parse(&args.target_timeline).map_err(anyhow::Error::msg)?,
         backup: args.backup.clone(),
     };
@@ -73,6 +74,7 @@ pub async fn recover(
     let recovery = RecoverySettings {
         fetch_command: fetch_command(settings, flags)?,
         target: plan.target.clone(),
+        inclusive: plan.inclusive,
         action: args.target_action,
         timeline: request.timeline,
         keep_archive_command: args.keep_archive_command,

@@ -10,8 +10,9 @@
 //! where PostgreSQL would otherwise replay everything and stop with "recovery ended before
 //! configured recovery target was reached". Used by `walvault recover`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 
 use walvault_wal::{
     Lsn, SegmentName, SegmentNo, TimelineHistory, TimelineId, WalFileName, WalSegmentSize,
@@ -49,6 +50,9 @@ impl TimelineChoice {
 #[derive(Clone, Debug)]
 pub struct Request {
     pub target: Target,
+    /// Stop just after the target transaction end (PostgreSQL's default) or, when false, just
+    /// before it (`recovery_target_inclusive = off`).
+    pub inclusive: bool,
     pub timeline: TimelineChoice,
     /// A backup name (or LATEST) to restore instead of the planner's choice.
     pub backup: Option<String>,
@@ -87,6 +91,7 @@ impl fmt::Display for Window {
 pub struct Plan {
     pub backup: Summary,
     pub target: Target,
+    pub inclusive: bool,
     pub timeline: TimelineId,
     /// The segments replay needs, in order.
     pub segments: Vec<SegmentName>,
@@ -100,7 +105,12 @@ pub struct Plan {
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = &self.backup;
-        writeln!(f, "target:   {}", self.target)?;
+        let exclusive = if self.inclusive {
+            ""
+        } else {
+            " (exclusive: stops just before it)"
+        };
+        writeln!(f, "target:   {}{exclusive}", self.target)?;
         writeln!(
             f,
             "backup:   {} ({}, timeline {}, LSN {} to {}, ended {})",
@@ -195,29 +205,64 @@ impl Archive {
     }
 }
 
+/// What the repository holds along one timeline's history.
+struct Loaded {
+    backups: Vec<Summary>,
+    archive: Archive,
+    history: TimelineHistory,
+    window: Window,
+}
+
+impl Loaded {
+    async fn load(repo: &Repository, timeline: TimelineChoice) -> Result<Loaded, RecoverError> {
+        let backups = crate::catalog::list(repo).await?;
+        let Some(newest) = backups.last() else {
+            return Err(RecoverError::NoBackups);
+        };
+        let seg_size = WalSegmentSize::new(u64::from(newest.wal_segment_size))
+            .map_err(|e| RecoverError::Invalid(format!("backup {}: {e}", newest.name)))?;
+        let archive = Archive::load(repo, seg_size).await?;
+        let history = target_history(repo, &archive, timeline, newest).await?;
+        let newest_segment = archive.newest_on(&history);
+        let window = Window {
+            oldest_backup_end: backups
+                .iter()
+                .find(|b| usable_on(b, &history))
+                .map(|b| (b.stop_time.clone(), b.stop_lsn)),
+            last_xact_end: last_xact_end(repo, &archive, &history, newest_segment).await,
+            newest_segment,
+        };
+        Ok(Loaded {
+            backups,
+            archive,
+            history,
+            window,
+        })
+    }
+}
+
+/// Whether recovery along `history` can start from `backup`: taken on a timeline of it, before
+/// that timeline ended.
+fn usable_on(backup: &Summary, history: &TimelineHistory) -> bool {
+    history.timeline_at(backup.start_lsn) == TimelineId(backup.timeline)
+}
+
+/// What can be recovered along `timeline`: the window every refusal prints, for `backup-list`.
+pub async fn window(repo: &Repository, timeline: TimelineChoice) -> Result<Window, RecoverError> {
+    Ok(Loaded::load(repo, timeline).await?.window)
+}
+
 /// Plans a recovery, or says why it cannot work.
-pub async fn plan(repo: &Repository, request: &Request) -> Result<Plan, RecoverError> {
-    let backups = crate::catalog::list(repo).await?;
-    let Some(newest) = backups.last() else {
-        return Err(RecoverError::NoBackups);
-    };
-    let seg_size = WalSegmentSize::new(u64::from(newest.wal_segment_size))
-        .map_err(|e| RecoverError::Invalid(format!("backup {}: {e}", newest.name)))?;
-    let archive = Archive::load(repo, seg_size).await?;
-    let history = target_history(repo, &archive, request.timeline, newest).await?;
-    // Backups recovery can start from along this history: taken on a timeline of it, before
-    // that timeline ended.
-    let usable: Vec<&Summary> = backups
-        .iter()
-        .filter(|b| history.timeline_at(b.start_lsn) == TimelineId(b.timeline))
-        .collect();
-    let newest_segment = archive.newest_on(&history);
-    let mut window = Window {
-        oldest_backup_end: usable.first().map(|b| (b.stop_time.clone(), b.stop_lsn)),
-        last_xact_end: None,
-        newest_segment,
-    };
-    window.last_xact_end = last_xact_end(repo, &archive, &history, newest_segment).await;
+pub async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, RecoverError> {
+    let Loaded {
+        backups,
+        archive,
+        history,
+        window,
+    } = Loaded::load(repo, request.timeline).await?;
+    let seg_size = archive.seg_size;
+    let usable: Vec<&Summary> = backups.iter().filter(|b| usable_on(b, &history)).collect();
+    let newest_segment = window.newest_segment;
 
     let refuse = |reason: String, window: &Window| RecoverError::Refused {
         reason,
@@ -246,7 +291,7 @@ pub async fn plan(repo: &Repository, request: &Request) -> Result<Plan, RecoverE
     let backup = candidates
         .iter()
         .rev()
-        .find(|b| ends_before(b, &request.target))
+        .find(|b| ends_before(b, &request.target, request.inclusive))
         .copied()
         .ok_or_else(|| {
             refuse(
@@ -270,13 +315,13 @@ pub async fn plan(repo: &Repository, request: &Request) -> Result<Plan, RecoverE
         window: &window,
     };
     let (last, stop, caveat) = match &request.target {
-        Target::Time(t) => walk.find_time(first, *t).await?,
+        Target::Time(t) => walk.find_time(first, *t, request.inclusive).await?,
         Target::Name(name) => {
             walk.find_restore_point(first, name, backup.stop_lsn)
                 .await?
         }
         Target::Lsn(lsn) => {
-            if *lsn < backup.stop_lsn {
+            if !ends_before(backup, &request.target, request.inclusive) {
                 return Err(refuse(
                     format!(
                         "{} is before the end of backup {}",
@@ -304,6 +349,7 @@ pub async fn plan(repo: &Repository, request: &Request) -> Result<Plan, RecoverE
     Ok(Plan {
         backup: backup.clone(),
         target: request.target.clone(),
+        inclusive: request.inclusive,
         timeline: history.timeline,
         segments,
         stop,
@@ -313,13 +359,15 @@ pub async fn plan(repo: &Repository, request: &Request) -> Result<Plan, RecoverE
 }
 
 /// Whether recovery from `backup` can stop at `target` only after the backup is consistent.
-fn ends_before(backup: &Summary, target: &Target) -> bool {
+fn ends_before(backup: &Summary, target: &Target, inclusive: bool) -> bool {
     match target {
         // Manifests record whole seconds, truncated: the backup may have ended up to a second
         // after its recorded stop, and a target before the real end cannot be recovered to.
         Target::Time(t) => UnixMicros::parse_rfc3339(&backup.stop_time)
             .is_some_and(|stop| stop.0.saturating_add(1_000_000) <= t.0),
-        Target::Lsn(lsn) => backup.stop_lsn <= *lsn,
+        // Exclusive stops before the record at the LSN, which must then lie past the end.
+        Target::Lsn(lsn) if inclusive => backup.stop_lsn <= *lsn,
+        Target::Lsn(lsn) => backup.stop_lsn < *lsn,
         // Restore points are matched to backups once found; xids cannot be placed in advance.
         Target::Name(_) | Target::Xid(_) | Target::Immediate | Target::EndOfArchive => true,
     }
@@ -387,7 +435,7 @@ async fn last_xact_end(
 
 /// Walks the archived segments of one history from a backup's start.
 struct Walk<'a> {
-    repo: &'a Repository,
+    repo: &'a Arc<Repository>,
     archive: &'a Archive,
     history: &'a TimelineHistory,
     window: &'a Window,
@@ -456,17 +504,27 @@ impl Walk<'_> {
             .collect()
     }
 
-    async fn summaries(&self, first: SegmentNo) -> SummaryStream<'_> {
+    fn summaries(&self, first: SegmentNo) -> SummaryStream<'_> {
         SummaryStream {
             walk: self,
             next: first,
+            loads: VecDeque::new(),
+            spawned_to: first,
         }
     }
 
-    /// The segment holding the first transaction end after `time`: PostgreSQL stops there.
-    async fn find_time(&self, first: SegmentNo, time: UnixMicros) -> Result<Found, RecoverError> {
+    /// The segment holding the transaction end PostgreSQL stops before: the first one after
+    /// `time`, or for an exclusive target the first one at or after it.
+    async fn find_time(
+        &self,
+        first: SegmentNo,
+        time: UnixMicros,
+        inclusive: bool,
+    ) -> Result<Found, RecoverError> {
+        let stops =
+            |m: &walsummary::Mark| m.time_us > time.0 || (!inclusive && m.time_us == time.0);
         let target = Target::Time(time);
-        let mut stream = self.summaries(first).await;
+        let mut stream = self.summaries(first);
         let mut unknown = Vec::new();
         loop {
             let (segno, summary) = match stream.next(&target).await {
@@ -494,10 +552,10 @@ impl Walk<'_> {
             match summary {
                 None => unknown.push(segno),
                 Some(s) => {
-                    if s.latest().is_some_and(|m| m.time_us > time.0) {
-                        // The stopping record is the segment's first end after the target;
-                        // only when that is its first end overall does the summary name it.
-                        let first_after = s.first_xact_end.filter(|m| m.time_us > time.0);
+                    if s.latest().is_some_and(|m| stops(&m)) {
+                        // The stopping record is the segment's first end past the target; only
+                        // when that is its first end overall does the summary name it.
+                        let first_after = s.first_xact_end.filter(stops);
                         return Ok((segno, first_after, None));
                     }
                 }
@@ -513,7 +571,7 @@ impl Walk<'_> {
         backup_stop: Lsn,
     ) -> Result<Found, RecoverError> {
         let target = Target::Name(name.to_string());
-        let mut stream = self.summaries(first).await;
+        let mut stream = self.summaries(first);
         let mut unknown = 0usize;
         loop {
             let (segno, summary) = match stream.next(&target).await {
@@ -551,11 +609,18 @@ impl Walk<'_> {
 }
 
 /// Summaries of consecutive archived segments; ends (with the reason) at the first segment that
-/// is not archived.
+/// is not archived. Reads up to [`READ_AHEAD`] summaries concurrently, since a long archive on
+/// S3 would otherwise cost one round trip per segment in a row.
 struct SummaryStream<'a> {
     walk: &'a Walk<'a>,
     next: SegmentNo,
+    /// Summaries being read, in segment order, starting at `next`.
+    loads: VecDeque<(SegmentNo, tokio::task::JoinHandle<Option<SegmentSummary>>)>,
+    /// The first segment not yet being read.
+    spawned_to: SegmentNo,
 }
+
+const READ_AHEAD: u64 = 16;
 
 impl SummaryStream<'_> {
     async fn next(
@@ -565,6 +630,35 @@ impl SummaryStream<'_> {
         let segno = self.next;
         let name = self.walk.segment(segno, target)?;
         self.next = SegmentNo(segno.0 + 1);
-        Ok((segno, walsummary::load(self.walk.repo, &name).await))
+        while self.spawned_to.0 < segno.0 + READ_AHEAD {
+            let ahead = self.spawned_to;
+            let Some(ahead_name) = self
+                .walk
+                .archive
+                .name_on(self.walk.history, ahead)
+                .filter(|n| self.walk.archive.segments.contains(n))
+            else {
+                break;
+            };
+            let repo = Arc::clone(self.walk.repo);
+            let load = tokio::spawn(async move { walsummary::load(&repo, &ahead_name).await });
+            self.loads.push_back((ahead, load));
+            self.spawned_to = SegmentNo(ahead.0 + 1);
+        }
+        // `segno` is archived, so the loop above queued it (or an earlier call did) at the front.
+        let summary = match self.loads.pop_front() {
+            Some((queued, load)) if queued == segno => load.await.ok().flatten(),
+            _ => walsummary::load(self.walk.repo, &name).await,
+        };
+        Ok((segno, summary))
+    }
+}
+
+impl Drop for SummaryStream<'_> {
+    /// Reads past the segment the planner stopped at are not needed.
+    fn drop(&mut self) {
+        for (_, load) in &self.loads {
+            load.abort();
+        }
     }
 }

@@ -39,6 +39,8 @@ pub struct RecoverySettings {
     /// The command and arguments that run `wal-fetch` (`%f %p` are appended).
     pub fetch_command: Vec<String>,
     pub target: Target,
+    /// False writes `recovery_target_inclusive = off`: stop just before the target.
+    pub inclusive: bool,
     pub action: TargetAction,
     pub timeline: TimelineChoice,
     /// Keep the backed-up `archive_mode`/`archive_command` instead of turning archiving off, so
@@ -64,6 +66,9 @@ impl RecoverySettings {
             Target::Name(name) => lines.push(("recovery_target_name", name.clone())),
             Target::Immediate => lines.push(("recovery_target", "immediate".to_string())),
             Target::EndOfArchive => {}
+        }
+        if !self.inclusive {
+            lines.push(("recovery_target_inclusive", "off".to_string()));
         }
         if self.target != Target::EndOfArchive {
             lines.push(("recovery_target_action", self.action.as_str().to_string()));
@@ -144,6 +149,7 @@ mod tests {
                 "wal-fetch".into(),
             ],
             target,
+            inclusive: true,
             action: TargetAction::Promote,
             timeline: TimelineChoice::Latest,
             keep_archive_command: false,
@@ -163,6 +169,16 @@ mod tests {
         assert!(text.contains("recovery_target_action = 'promote'"));
         assert!(text.contains("recovery_target_timeline = 'latest'"));
         assert!(text.contains("archive_mode = 'off'"));
+        assert!(!text.contains("recovery_target_inclusive"), "{text}");
+    }
+
+    #[test]
+    fn exclusive() {
+        let mut exclusive = settings(Target::Xid(1234));
+        exclusive.inclusive = false;
+        let text = exclusive.render();
+        assert!(text.contains("recovery_target_xid = '1234'"), "{text}");
+        assert!(text.contains("recovery_target_inclusive = 'off'"), "{text}");
     }
 
     #[test]

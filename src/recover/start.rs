@@ -129,8 +129,15 @@ pub async fn start(
                     elapsed: started.elapsed(),
                 });
             }
+            // Usually PostgreSQL's FATAL after restore_command failed (exit above 125) for a
+            // reason other than "not found": name that reason first.
+            let cause = last_match(&log_text, "walvault wal-fetch ERROR: ")
+                .or_else(|| last_match(&log_text, "FATAL:  "))
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
             return Err(RecoverError::Start(format!(
-                "the server stopped during recovery; server log {}:\n{}",
+                "the server stopped during recovery{cause}; it did not reach the target and did \
+                 not promote; server log {}:\n{}",
                 log.display(),
                 log_tail(&log)
             )));
@@ -203,6 +210,7 @@ fn find_pg_ctl(opts: &StartOptions) -> Result<PathBuf, RecoverError> {
 /// The text after the last occurrence of `prefix` in the log, to the end of its line.
 fn last_match(log: &str, prefix: &str) -> Option<String> {
     log.lines()
+        .filter(|l| !is_own_noise(l))
         .filter_map(|l| {
             l.split_once(prefix)
                 .map(|(_, rest)| rest.trim().to_string())
@@ -210,9 +218,21 @@ fn last_match(log: &str, prefix: &str) -> Option<String> {
         .next_back()
 }
 
+/// Whether a log line is the refusal of one of walvault's own connection attempts, made while
+/// the server was not yet consistent.
+fn is_own_noise(line: &str) -> bool {
+    const OWN_NOISE: [&str; 3] = [
+        "the database system is not yet accepting connections",
+        "Consistent recovery state has not been yet reached",
+        "the database system is starting up",
+    ];
+    OWN_NOISE.iter().any(|n| line.contains(n))
+}
+
+/// The end of the server log, without walvault's own connection noise.
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !is_own_noise(l)).collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
