@@ -24,6 +24,9 @@ repo_kind_tests!(
     recover_to_lsn_xid_name_and_immediate,
     recover_across_a_timeline_switch,
     recover_start_fails_when_wal_fetch_fails,
+    recover_from_a_delta_chain,
+    recover_refusals,
+    recover_start_fails_when_target_not_reached,
 );
 
 const SEGSIZE_MB: u32 = 1;
@@ -548,11 +551,50 @@ fn recover_to_lsn_xid_name_and_immediate(kind: RepoKind) {
     assert_eq!(ids(&r, ""), before_xid, "{out}");
 }
 
+/// A full backup and a delta on top: the dry run shows the chain, the download and the settings
+/// without writing anything; recovery restores the chain and lands on the target.
+fn recover_from_a_delta_chain(kind: RepoKind) {
+    let env = TestEnv::new("recover-delta");
+    let (_repo, wv, source) = archiving_source(&env, kind);
+    source.psql("INSERT INTO t (client) SELECT 1 FROM generate_series(1, 500)");
+    backup_push(&env, &wv, &source);
+    std::thread::sleep(Duration::from_millis(1100)); // past the delta's whole-second stop time
+    source.psql("INSERT INTO t (client) SELECT 2 FROM generate_series(1, 500)");
+    let target = last_commit_time(&source, "");
+    let expected = ids(&source, "");
+    source.psql("INSERT INTO t (client) VALUES (3)");
+    archive_everything(&source);
+
+    let dir = env.path().join("delta");
+    let dry = wv.run(&[
+        "recover",
+        "--pgdata",
+        dir.to_str().unwrap(),
+        "--target-time",
+        &target,
+        "--dry-run",
+    ]);
+    dry.assert_success();
+    for needle in [
+        "chain:    base_",
+        "(full) <- base_",
+        "(delta)",
+        "download: ",
+        "recovery_target_time = '",
+        "restore_command = '",
+        "archive_mode = 'off'",
+    ] {
+        assert!(dry.stdout.contains(needle), "{needle:?} missing:\n{dry}");
+    }
+    assert!(!dir.exists(), "a dry run writes nothing");
+    let (r, out) = recover_and_start(&env, &wv, "delta", &["--target-time", &target]);
+    assert_eq!(ids(&r, ""), expected, "{out}");
+}
+
 /// Every refusal names its reason and the window and leaves the target directory untouched.
-#[test]
-fn recover_refusals() {
+fn recover_refusals(kind: RepoKind) {
     let env = TestEnv::new("recover-refusals");
-    let (repo, wv, source) = archiving_source(&env, RepoKind::Local);
+    let (repo, wv, source) = archiving_source(&env, kind);
     let before_backup = "2000-01-01 00:00:00Z";
     for _ in 0..3 {
         source.psql("INSERT INTO t (client) VALUES (0)");
@@ -627,10 +669,9 @@ fn recover_refusals() {
 /// Without summaries (segments archived by an older walvault) the planner cannot rule a target
 /// out; then `--start` must turn PostgreSQL's "recovery ended before configured recovery target
 /// was reached" into a failure.
-#[test]
-fn recover_start_fails_when_target_not_reached() {
+fn recover_start_fails_when_target_not_reached(kind: RepoKind) {
     let env = TestEnv::new("recover-not-reached");
-    let (repo, wv, source) = archiving_source(&env, RepoKind::Local);
+    let (repo, wv, source) = archiving_source(&env, kind);
     source.psql("INSERT INTO t (client) VALUES (0)");
     archive_everything(&source);
     for key in repo

@@ -57,7 +57,20 @@ pub async fn recover(
     let fetch_opts = backup_cmd::fetch_options(settings, quiet, &args.tablespaces)?;
     let plan = plan::plan(&repo, &request).await?;
     println!("{plan}");
+    let recovery = RecoverySettings {
+        fetch_command: fetch_command(settings, flags)?,
+        target: plan.target.clone(),
+        inclusive: plan.inclusive,
+        action: args.target_action,
+        timeline: request.timeline,
+        keep_archive_command: args.keep_archive_command,
+    };
     if args.dry_run {
+        println!(
+            "settings: recovery.signal, and appended to {}:{}",
+            dir.join("postgresql.auto.conf").display(),
+            recovery.render().trim_end()
+        );
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -71,14 +84,6 @@ pub async fn recover(
     .await
     .with_context(|| format!("restoring {} into {}", plan.backup.name, dir.display()))?;
     backup_cmd::report_fetched(&fetched, &dir, fetch_started);
-    let recovery = RecoverySettings {
-        fetch_command: fetch_command(settings, flags)?,
-        target: plan.target.clone(),
-        inclusive: plan.inclusive,
-        action: args.target_action,
-        timeline: request.timeline,
-        keep_archive_command: args.keep_archive_command,
-    };
     recovery.write(&dir)?;
     println!(
         "restored {} into {}; recovery.signal and postgresql.auto.conf are in place",

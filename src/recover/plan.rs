@@ -10,7 +10,7 @@
 //! where PostgreSQL would otherwise replay everything and stop with "recovery ended before
 //! configured recovery target was reached". Used by `walvault recover`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 
@@ -90,6 +90,10 @@ impl fmt::Display for Window {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub backup: Summary,
+    /// The backups restored, the full one first and `backup` last.
+    pub chain: Vec<Summary>,
+    /// Stored bytes of `segments`.
+    pub wal_stored: u64,
     pub target: Target,
     pub inclusive: bool,
     pub timeline: TimelineId,
@@ -121,6 +125,14 @@ impl fmt::Display for Plan {
             b.stop_lsn,
             b.stop_time
         )?;
+        if self.chain.len() > 1 {
+            let names: Vec<String> = self
+                .chain
+                .iter()
+                .map(|b| format!("{} ({})", b.name, b.kind.as_str()))
+                .collect();
+            writeln!(f, "chain:    {}", names.join(" <- "))?;
+        }
         writeln!(f, "timeline: {}", self.timeline.0)?;
         match (self.segments.first(), self.segments.last()) {
             (Some(first), Some(last)) => writeln!(
@@ -130,6 +142,17 @@ impl fmt::Display for Plan {
             )?,
             _ => writeln!(f, "WAL:      none needed")?,
         }
+        let backup_stored: u64 = self.chain.iter().map(|b| b.stored_size).sum();
+        let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
+        writeln!(
+            f,
+            "download: {:.1} MiB stored ({:.1} MiB of backups, {:.1} MiB of WAL); {:.1} MiB \
+             restored before replay",
+            mib(backup_stored + self.wal_stored),
+            mib(backup_stored),
+            mib(self.wal_stored),
+            mib(self.backup.original_size)
+        )?;
         if let Some(stop) = &self.stop {
             writeln!(
                 f,
@@ -147,7 +170,8 @@ impl fmt::Display for Plan {
 
 /// The archived WAL, by kind.
 struct Archive {
-    segments: BTreeSet<SegmentName>,
+    /// Archived segments and their stored sizes.
+    segments: BTreeMap<SegmentName, u64>,
     histories: BTreeSet<TimelineId>,
     seg_size: WalSegmentSize,
 }
@@ -155,7 +179,7 @@ struct Archive {
 impl Archive {
     async fn load(repo: &Repository, seg_size: WalSegmentSize) -> Result<Archive, RecoverError> {
         let mut archive = Archive {
-            segments: BTreeSet::new(),
+            segments: BTreeMap::new(),
             histories: BTreeSet::new(),
             seg_size,
         };
@@ -171,7 +195,7 @@ impl Archive {
                 .map(str::parse::<WalFileName>)
             {
                 Some(Ok(WalFileName::Segment(seg))) => {
-                    archive.segments.insert(seg);
+                    archive.segments.insert(seg, object.size);
                 }
                 Some(Ok(WalFileName::History(tli))) => {
                     archive.histories.insert(tli);
@@ -197,10 +221,10 @@ impl Archive {
     /// The highest segment number archived on any timeline of `history`.
     fn newest_on(&self, history: &TimelineHistory) -> Option<SegmentName> {
         self.segments
-            .iter()
+            .keys()
             .filter(|s| history.contains(s.tli))
             .filter_map(|s| self.segno(s).and_then(|n| self.name_on(history, n)))
-            .filter(|s| self.segments.contains(s))
+            .filter(|s| self.segments.contains_key(s))
             .max_by_key(|s| self.segno(s))
     }
 }
@@ -346,7 +370,13 @@ pub async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, Rec
         }
     };
     let segments = walk.require(first, last.max(first), &request.target)?;
+    let wal_stored = segments
+        .iter()
+        .filter_map(|s| archive.segments.get(s))
+        .sum();
     Ok(Plan {
+        chain: chain_of(&backups, backup),
+        wal_stored,
         backup: backup.clone(),
         target: request.target.clone(),
         inclusive: request.inclusive,
@@ -356,6 +386,21 @@ pub async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, Rec
         caveat,
         window,
     })
+}
+
+/// `backup` and the backups it is a delta of, the full one first.
+fn chain_of(backups: &[Summary], backup: &Summary) -> Vec<Summary> {
+    let mut chain = vec![backup.clone()];
+    while let Some(parent) = chain.last().and_then(|b| b.parent.as_ref()) {
+        // The catalog lists complete chains only; a missing parent ends the list early, and
+        // backup-fetch reports it.
+        match backups.iter().find(|b| &b.name == parent) {
+            Some(found) if chain.len() <= backups.len() => chain.push(found.clone()),
+            _ => break,
+        }
+    }
+    chain.reverse();
+    chain
 }
 
 /// Whether recovery from `backup` can stop at `target` only after the backup is consistent.
@@ -397,7 +442,7 @@ async fn target_history(
     }
     let key = crate::archive::wal_key(&WalFileName::History(tli));
     let Some(bytes) = repo.get_bytes(&key).await? else {
-        if archive.segments.iter().any(|s| s.tli == tli) {
+        if archive.segments.keys().any(|s| s.tli == tli) {
             // A timeline without a history file has no ancestors (initdb's timeline, or a
             // cluster whose history was never archived): follow it alone.
             return Ok(TimelineHistory {
@@ -466,7 +511,7 @@ impl Walk<'_> {
                 "segment number {segno} is out of range"
             )))
         })?;
-        if self.archive.segments.contains(&name) {
+        if self.archive.segments.contains_key(&name) {
             return Ok(name);
         }
         let later = self
@@ -636,7 +681,7 @@ impl SummaryStream<'_> {
                 .walk
                 .archive
                 .name_on(self.walk.history, ahead)
-                .filter(|n| self.walk.archive.segments.contains(n))
+                .filter(|n| self.walk.archive.segments.contains_key(n))
             else {
                 break;
             };
