@@ -143,6 +143,14 @@ def drop_caches():
         return False
 
 
+def ensure_free(path, nbytes, what):
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise BenchError(f"not enough disk space for {what}: {free / MiB:.0f} MiB free under {path}, "
+                         f"{nbytes / MiB:.0f} MiB needed (stopping before the disk fills up)")
+
+
 def mkdir_pg(path, mode=0o700):
     os.makedirs(path, exist_ok=True)
     os.chmod(path, mode)
@@ -436,6 +444,7 @@ class Bench:
             "archive_mode": "on",
             "archive_command": "'/bin/true'",
             "max_wal_size": "'1GB'",
+            "min_wal_size": "'80MB'",
             "checkpoint_timeout": "'30min'",
             "track_commit_timestamp": "on",
             "autovacuum": "off",
@@ -861,6 +870,8 @@ pg1-socket-path={c.sockdir}
 
     def bench_backup(self):
         c = self.main_cluster()
+        size = int(c.psql("SELECT pg_database_size('postgres')"))
+        ensure_free(self.work, int(size * 0.6 * self.repeat) + 1024 * MiB, "the backup repositories")
         self.db_repos()
         c.psql("VACUUM (ANALYZE)")
         c.psql("CHECKPOINT")
@@ -891,6 +902,18 @@ pg1-socket-path={c.sockdir}
                 log(f"  {r['wall']:.1f} s, CPU {r['cpu']:.1f} s, stored {r['stored'] / MiB:.1f} MiB")
         self.results["sections"]["backup"] = {"db_size": dbsize, "scale": c.scale, "full": runs,
                                               "delta": deltas, "touched": touched}
+        self.drop_db_repos()
+
+    def drop_db_repos(self):
+        """Deletes the backup/PITR repositories (disk space) and resets archive_command."""
+        if not self.db:
+            return
+        c = self.main_cluster()
+        c.set("archive_command", "/bin/true")
+        self.wait_pgbr_async_idle(None)
+        rmtree(self.db["base"])
+        rmtree(os.path.dirname(self.db["conf"]))
+        self.db = None
 
     # ---------------------------------------------------------------- PITR
 
@@ -947,6 +970,7 @@ pg1-socket-path={c.sockdir}
                 log(f"  restore {r['restore']:.1f} s + replay {r['replay']:.1f} s = {r['total']:.1f} s; "
                     f"marks exact: {r['marks_exact']}; {r['check']}")
         c.psql("DROP TABLE IF EXISTS bench_walgen")
+        self.drop_db_repos()
         checks = {json.dumps(r["check"]) for t in res for r in res[t]}
         self.results["sections"]["pitr"] = {
             "target": target_s, "wal_mib": wal_mib, "workload_s": wl_secs, "marks_truth": len(truth),
@@ -964,6 +988,7 @@ pg1-socket-path={c.sockdir}
         return {"accounts": accounts, "history": int(hist), "walgen": walgen, "marks_rows": len(marks)}, marks
 
     def pitr_walvault(self, i, target):
+        self.ensure_restore_space()
         d = self.p("pitr", f"walvault-{i}")
         mkdir_pg(os.path.dirname(d), 0o755)
         rmtree(d)
@@ -989,7 +1014,12 @@ pg1-socket-path={c.sockdir}
         return {"total": total, "replay": replay, "restore": total - replay if replay is not None else None,
                 "cpu": r.cpu, "rss_kib": r.maxrss_kib, "check": check, "marks": marks}
 
+    def ensure_restore_space(self):
+        size = int(self.main_cluster().psql("SELECT pg_database_size('postgres')"))
+        ensure_free(self.work, int(size * 1.2) + 1024 * MiB, "a restored copy of the cluster")
+
     def pitr_pgbr(self, i, target):
+        self.ensure_restore_space()
         d = self.p("pitr", f"pgbackrest-{i}")
         mkdir_pg(os.path.dirname(d), 0o755)
         rmtree(d)
