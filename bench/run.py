@@ -421,7 +421,7 @@ class Bench:
                 if line.startswith("MemTotal"):
                     mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
         fs = sh(f"df -T {q(self.work)} | tail -1 | awk '{{print $2\" on \"$1}}'")
-        commit = sh(f"git -C {q(REPO_ROOT)} rev-parse --short HEAD")
+        commit = sh(f"git -C {q(REPO_ROOT)} log -1 --format=%h -- src crates Cargo.toml Cargo.lock")
         dirty = sh(f"git -C {q(REPO_ROOT)} status --porcelain -- src Cargo.toml Cargo.lock crates")
         return {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -432,7 +432,7 @@ class Bench:
             "kernel": platform.release(),
             "postgresql": sh(f"{PGBIN}/postgres --version"),
             "pgbackrest": sh("pgbackrest version"),
-            "walvault": sh(f"{q(self.wv)} --version") + f" (git {commit}{', modified' if dirty else ''})",
+            "walvault": sh(f"{q(self.wv)} --version") + f" (source at git {commit}{', modified' if dirty else ''})",
             "loadavg": open("/proc/loadavg").read().split()[:3],
         }
 
@@ -1179,7 +1179,7 @@ class Report:
         L.append("")
         if r["notes"]:
             L.append("## Notes from this run\n")
-            L += [f"- {n}" for n in r["notes"]]
+            L += [f"- {n}".replace("\n", " ") for n in r["notes"]]
             L.append("")
         L.append("## Machine\n")
         L.append("| | |")
@@ -1290,7 +1290,7 @@ class Report:
             L.append(f"| {label} | {mmm(w)} | {mmm(p)} | {ratio(med([x for x in w if x is not None]), med(p))} |")
         w = [x["rss_kib"] / 1024 for x in t["walvault"]]
         p = [x["rss_kib"] / 1024 for x in t["pgBackRest"]]
-        L.append(f"| peak RSS MiB (restore command) | {mmm(w)} | {mmm(p)} | {ratio(med(w), med(p))} |")
+        L.append(f"| peak RSS MiB (`recover` / `pgbackrest restore`) | {mmm(w)} | {mmm(p)} | {ratio(med(w), med(p))} |")
         ex = {k: all(x["marks_exact"] for x in v) for k, v in t.items()}
         L.append(f"| marks rows exact (commit ts ≤ target: {a['marks_truth']} rows) | "
                  f"{'yes' if ex['walvault'] else '**NO**'} | {'yes' if ex['pgBackRest'] else '**NO**'} | |")
@@ -1389,7 +1389,12 @@ def main():
             return
         for sec in SECTIONS:
             if sec in only:
-                getattr(b, f"bench_{sec}")()
+                try:
+                    getattr(b, f"bench_{sec}")()
+                except BenchError as e:
+                    # keep going: the other sections' numbers are still worth reporting
+                    log(f"section {sec} FAILED: {e}")
+                    b.results["notes"].append(f"section `{sec}` failed: {str(e)[:1500]}")
                 if sec == "archive" and "restore" not in only:
                     b.drop_archive_state()
     finally:
