@@ -117,6 +117,8 @@ pub struct Encoder {
     content_length: u64,
     seen: u64,
     crc: crc32fast::Hasher,
+    /// False when the caller supplied the content's crc32 up front.
+    hash_blocks: bool,
 }
 
 impl Encoder {
@@ -126,6 +128,23 @@ impl Encoder {
             content_length,
             seen: 0,
             crc: crc32fast::Hasher::new(),
+            hash_blocks: true,
+        }
+    }
+
+    /// An encoder for content whose crc32 the caller already computed while it assembled the
+    /// content (a backup pack is built from pieces checksummed as they were read), so the blocks
+    /// are not hashed a second time. `content_crc` must cover exactly the content later passed
+    /// to [`Encoder::block`]; readers verify it like any other content checksum.
+    pub fn with_content_crc(
+        compression: Compression,
+        content_length: u64,
+        content_crc: crc32fast::Hasher,
+    ) -> Self {
+        Encoder {
+            crc: content_crc,
+            hash_blocks: false,
+            ..Encoder::new(compression, content_length)
         }
     }
 
@@ -146,7 +165,9 @@ impl Encoder {
     /// Appends one framed block holding `raw` (1..=MAX_BLOCK bytes) to `out`.
     pub fn block(&mut self, raw: &[u8], out: &mut Vec<u8>) {
         debug_assert!(!raw.is_empty() && raw.len() <= MAX_BLOCK);
-        self.crc.update(raw);
+        if self.hash_blocks {
+            self.crc.update(raw);
+        }
         self.seen += raw.len() as u64;
         // MAX_BLOCK < 2^31, so both lengths fit the u32 fields with bit 31 free.
         let raw_len = raw.len() as u32;
@@ -512,6 +533,20 @@ mod tests {
         enc.block(b"12345", &mut out);
         let err = enc.finish(&mut out).unwrap_err();
         assert_eq!((err.announced, err.written), (10, 5));
+    }
+
+    #[test]
+    fn a_precomputed_content_crc_encodes_the_same_object() {
+        let content = sample(3 * MAX_BLOCK + 17);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&content);
+        let mut enc = Encoder::with_content_crc(Compression::Lz4, content.len() as u64, crc);
+        let mut out = enc.header().to_vec();
+        for chunk in content.chunks(MAX_BLOCK) {
+            enc.block(chunk, &mut out);
+        }
+        enc.finish(&mut out).unwrap();
+        assert_eq!(out, encode_all(Compression::Lz4, &content));
     }
 
     #[test]

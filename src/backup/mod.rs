@@ -21,8 +21,9 @@ use crate::pg::PgError;
 use crate::repo::RepoError;
 use crate::store::StoreError;
 
-/// Content bytes per pack object: large enough that a cluster of tiny files does not become one
-/// request per file, small enough that each worker holds only one pack in memory.
+/// Content bytes at which a pack object is closed (it holds up to this plus one [`CHUNK`]):
+/// large enough that a cluster of tiny files does not become one request per file, small
+/// enough that each worker holds only one pack in memory.
 pub const PACK_TARGET: usize = 8 << 20;
 /// Files are read in chunks of this size, so one huge relation is spread over many workers.
 pub const CHUNK: u64 = 8 << 20;

@@ -127,21 +127,43 @@ const BASE_OFFSETS: [u32; N_SUMS] = [
 
 /// `pg_checksum_page`: the page viewed as `[BLCKSZ/128][32]` u32 words with `pd_checksum` taken
 /// as zero, 32 FNV-1a-like lanes, two extra rounds of zeros, folded, mixed with the absolute block
-/// number and reduced to 1..=65535.
+/// number and reduced to 1..=65535. Every page of a full backup goes through it, so it uses AVX2
+/// when the CPU has it (the 32 lanes are independent, as PostgreSQL's own vectorised build
+/// relies on): several times faster than the portable build, which must assume plain SSE2.
 pub fn page_checksum(page: &[u8], block: BlockNo) -> u16 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { page_checksum_avx2(page, block) };
+    }
+    page_checksum_body(page, block)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn page_checksum_avx2(page: &[u8], block: BlockNo) -> u16 {
+    page_checksum_body(page, block)
+}
+
+#[inline(always)]
+fn page_checksum_body(page: &[u8], block: BlockNo) -> u16 {
+    #[inline(always)]
     fn comp(sum: &mut u32, value: u32) {
         let tmp = *sum ^ value;
         *sum = tmp.wrapping_mul(FNV_PRIME) ^ (tmp >> 17);
     }
     let mut sums = BASE_OFFSETS;
     for (row_index, row) in page.chunks_exact(4 * N_SUMS).enumerate() {
-        for (lane, word) in row.chunks_exact(4).enumerate() {
-            let mut value = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            // pd_checksum is bytes 8..10, the low half of the third word of the first row.
-            if row_index == 0 && lane == 2 {
-                value &= 0xFFFF_0000;
-            }
-            comp(&mut sums[lane], value);
+        let mut words = [0u32; N_SUMS];
+        for (word, bytes) in words.iter_mut().zip(row.chunks_exact(4)) {
+            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+        // pd_checksum is bytes 8..10, the low half of the third word of the first row.
+        if row_index == 0 {
+            words[2] &= 0xFFFF_0000;
+        }
+        for (sum, word) in sums.iter_mut().zip(words) {
+            comp(sum, word);
         }
     }
     for _ in 0..2 {
@@ -231,5 +253,10 @@ pub(crate) mod tests {
         assert!(checksum_ok(&torn, state, block, Lsn(0x4000)));
         let sum = page_checksum(&p, block);
         assert_ne!(sum, 0);
+        assert_eq!(
+            page_checksum_body(&p, block),
+            sum,
+            "portable and vector builds agree"
+        );
     }
 }

@@ -6,11 +6,15 @@
 //! backup's WAL to be archived), then write the manifest, last and only if absent.
 //!
 //! Reading and storing runs as a bounded pipeline: a producer cuts files into [`CHUNK`]s and
-//! queues them (bounded channel); `concurrency` workers each read a chunk (keeping, for a delta,
-//! only the pages [`page::delta_needs`]), append it to their own pack buffer and, when the buffer
-//! reaches [`PACK_TARGET`], compress and upload it as one object. Memory is about
-//! `concurrency × (CHUNK + 2 × PACK_TARGET)` whatever the size of the cluster; small files share
-//! packs, large files spread over workers. Used by the CLI.
+//! queues them (bounded channel); `concurrency` workers each read a chunk straight into their
+//! own pack buffer (keeping, for a delta, only the pages [`page::delta_needs`]) and, once the
+//! buffer reaches [`PACK_TARGET`], compress it on a blocking thread and upload it as one object.
+//! With more workers than cores, reads, compression and fsyncs of different workers overlap.
+//! Each byte read is checksummed once: a piece covering a whole chunk reuses the chunk's crc32,
+//! and a pack's content checksum is combined from its pieces'. Memory is about
+//! `concurrency × (PACK_TARGET + CHUNK)` plus each pack's compressed copy while it is stored,
+//! whatever the size of the cluster; small files share packs, large files spread over workers.
+//! Used by the CLI.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,7 +25,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use indicatif::ProgressBar;
 use tokio::sync::{mpsc, Mutex};
 use walvault_wal::Lsn;
@@ -33,7 +36,7 @@ use super::manifest::{
 use super::page::{self, BlockNo, BLCKSZ};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
-use crate::codec::{Compression, Encoder, MAX_BLOCK};
+use crate::codec::{Compression, Encoder, LengthMismatch, MAX_BLOCK};
 use crate::identity::{self, Identity};
 use crate::pg::{BackupSession, ConnTarget, ServerInfo};
 use crate::repo::Repository;
@@ -95,6 +98,7 @@ struct ChunkDone {
     file: usize,
     offset: u64,
     read: u64,
+    /// crc32 of all the bytes read, kept or not: part of the file's checksum.
     crc: crc32fast::Hasher,
     pieces: Vec<Piece>,
     failures: Vec<u32>,
@@ -446,12 +450,16 @@ async fn run_workers(
     }
 }
 
-/// One pack being filled by one worker. Its buffer is reused from pack to pack, and each
-/// worker reuses one read buffer too: steady-state backups allocate no large buffers, so memory
-/// stays flat instead of growing with allocator fragmentation.
+/// One pack being filled by one worker. Chunks are read straight into the tail of its buffer
+/// (for a delta, the pages to keep are then moved down in place), and the buffer is reused from
+/// pack to pack: steady-state backups copy no content between buffers and allocate no large
+/// ones, so memory stays flat instead of growing with allocator fragmentation.
 struct PackBuf {
     id: Option<PackId>,
     content: Vec<u8>,
+    /// crc32 of `content`, combined from the pieces' checksums as they are appended, so the
+    /// encoder need not hash the content again.
+    crc: crc32fast::Hasher,
 }
 
 async fn worker(
@@ -461,78 +469,56 @@ async fn worker(
     let mut done = Vec::new();
     let mut pack = PackBuf {
         id: None,
-        content: Vec::with_capacity(PACK_TARGET),
+        content: Vec::with_capacity(PACK_TARGET + CHUNK as usize),
+        crc: crc32fast::Hasher::new(),
     };
-    let mut buf = Vec::with_capacity(CHUNK as usize);
     loop {
         let job = jobs.lock().await.recv().await;
         let Some(job) = job else { break };
-        let job_shared = Arc::clone(&shared);
-        let read =
-            tokio::task::spawn_blocking(move || read_chunk(&job_shared, &job, buf)).await??;
-        shared.bar.inc(read.raw_len);
-        let kept: usize = read.runs.iter().map(|r| r.len).sum();
-        if !pack.content.is_empty() && pack.content.len() + kept > PACK_TARGET {
-            store_pack(&shared, &mut pack).await?;
+        // A pack is closed once it reaches the target, so it never holds more than the target
+        // plus one chunk and the buffer never grows past its initial capacity.
+        if pack.content.len() >= PACK_TARGET {
+            pack = store_pack(&shared, pack).await?;
         }
         let id = *pack
             .id
             .get_or_insert_with(|| PackId(shared.next_pack.fetch_add(1, Ordering::Relaxed)));
-        let mut pieces = Vec::with_capacity(read.runs.len());
-        for run in &read.runs {
-            let bytes = &read.buf[run.buf_at..run.buf_at + run.len];
-            pieces.push(Piece {
-                pack: id,
-                at: pack.content.len() as u64,
-                len: run.len as u64,
-                file_offset: run.file_offset,
-                crc32: crc32fast::hash(bytes),
-            });
-            pack.content.extend_from_slice(bytes);
-        }
-        done.push(ChunkDone {
-            file: read.file,
-            offset: read.offset,
-            read: read.raw_len,
-            crc: read.crc,
-            pieces,
-            failures: read.failures,
-            vanished: read.vanished,
-        });
-        buf = read.buf;
+        let job_shared = Arc::clone(&shared);
+        let (filled, chunk) = tokio::task::spawn_blocking(move || {
+            read_chunk(&job_shared, &job, &mut pack, id).map(|chunk| (pack, chunk))
+        })
+        .await??;
+        pack = filled;
+        shared.bar.inc(chunk.read);
+        done.push(chunk);
     }
     if pack.id.is_some() {
-        store_pack(&shared, &mut pack).await?;
+        store_pack(&shared, pack).await?;
     }
     Ok(done)
 }
 
-/// Compresses and uploads one pack block by block, then empties it for the next one.
-async fn store_pack(shared: &Shared, pack: &mut PackBuf) -> Result<(), BackupError> {
+/// Compresses and uploads one pack, then hands its buffer back emptied for the next one.
+/// Compression runs on a blocking thread, so it proceeds on one core while other workers read
+/// or compress on the other.
+async fn store_pack(shared: &Shared, mut pack: PackBuf) -> Result<PackBuf, BackupError> {
     let Some(id) = pack.id.take() else {
-        return Ok(());
+        return Ok(pack);
     };
     let key = shared.name.pack_key(id);
-    let mut encoder = Encoder::new(shared.compression, pack.content.len() as u64);
+    let compression = shared.compression;
+    let (pack, encoded) = tokio::task::spawn_blocking(move || {
+        let encoded = encode_pack(compression, &mut pack);
+        (pack, encoded)
+    })
+    .await?;
+    let encoded = encoded.map_err(|_| BackupError::Corrupt {
+        object: key.clone(),
+        problem: "encoded length differs from the content length".into(),
+    })?;
+    let stored = encoded.len() as u64;
     let mut writer = shared.repo.store().writer(&key)?;
-    let header = Bytes::copy_from_slice(&encoder.header());
-    let mut stored = header.len() as u64;
-    writer.write(header).await?;
-    for block in pack.content.chunks(MAX_BLOCK) {
-        let mut out = Vec::with_capacity(block.len() / 2 + 16);
-        encoder.block(block, &mut out);
-        stored += out.len() as u64;
-        writer.write(out.into()).await?;
-    }
-    let mut trailer = Vec::with_capacity(8);
-    encoder
-        .finish(&mut trailer)
-        .map_err(|_| BackupError::Corrupt {
-            object: key.clone(),
-            problem: "encoded length differs from the content length".into(),
-        })?;
-    stored += trailer.len() as u64;
-    writer.write(trailer.into()).await?;
+    writer.write(encoded.into()).await?;
     // Names carry the start LSN, which every pg_backup_start moves on, so a pack of the same
     // name can only come from a concurrent push that shared our checkpoint: never replace it.
     if writer.commit(PutMode::IfAbsent).await? == Committed::AlreadyExists {
@@ -542,41 +528,39 @@ async fn store_pack(shared: &Shared, pack: &mut PackBuf) -> Result<(), BackupErr
         ));
     }
     shared.stored.fetch_add(stored, Ordering::Relaxed);
-    pack.content.clear();
     tracing::debug!("stored {key} ({stored} bytes)");
-    Ok(())
+    Ok(pack)
 }
 
-/// A run of bytes to store: `len` bytes at `buf_at` in the chunk's buffer, for `file_offset`.
-struct Run {
-    file_offset: u64,
-    buf_at: usize,
-    len: usize,
+/// The stored bytes of a pack's content (which it empties), framed by the codec with the
+/// content checksum the pack accumulated.
+fn encode_pack(compression: Compression, pack: &mut PackBuf) -> Result<Vec<u8>, LengthMismatch> {
+    let crc = std::mem::replace(&mut pack.crc, crc32fast::Hasher::new());
+    let mut encoder = Encoder::with_content_crc(compression, pack.content.len() as u64, crc);
+    let mut out = encoder.header().to_vec();
+    for block in pack.content.chunks(MAX_BLOCK) {
+        encoder.block(block, &mut out);
+    }
+    encoder.finish(&mut out)?;
+    pack.content.clear();
+    Ok(out)
 }
 
-struct ChunkRead {
-    file: usize,
-    offset: u64,
-    raw_len: u64,
-    crc: crc32fast::Hasher,
-    /// The bytes read (the worker's buffer, handed back for reuse).
-    buf: Vec<u8>,
-    runs: Vec<Run>,
-    failures: Vec<u32>,
-    vanished: bool,
-}
-
-/// Reads one chunk of a file into `buf` and decides what this backup must store of it.
-fn read_chunk(shared: &Shared, job: &Job, mut buf: Vec<u8>) -> Result<ChunkRead, BackupError> {
+/// Reads one chunk of a file onto the end of `pack`'s content, keeps there what this backup
+/// must store of it (as pieces of pack `id`) and says what it read.
+fn read_chunk(
+    shared: &Shared,
+    job: &Job,
+    pack: &mut PackBuf,
+    id: PackId,
+) -> Result<ChunkDone, BackupError> {
     let ctx = &shared.files[job.file];
-    buf.clear();
-    let mut result = ChunkRead {
+    let mut result = ChunkDone {
         file: job.file,
         offset: job.offset,
-        raw_len: 0,
+        read: 0,
         crc: crc32fast::Hasher::new(),
-        buf: Vec::new(),
-        runs: Vec::new(),
+        pieces: Vec::new(),
         failures: Vec::new(),
         vanished: false,
     };
@@ -585,52 +569,64 @@ fn read_chunk(shared: &Shared, job: &Job, mut buf: Vec<u8>) -> Result<ChunkRead,
         // Dropped during the backup: WAL replay removes it anyway.
         Err(e) if e.kind() == ErrorKind::NotFound => {
             result.vanished = true;
-            result.buf = buf;
             return Ok(result);
         }
         Err(e) => return Err(BackupError::io("open", &ctx.source)(e)),
     };
     file.seek(SeekFrom::Start(job.offset))
         .map_err(BackupError::io("seek", &ctx.source))?;
+    let start = pack.content.len();
     // A file may shrink (truncation) or grow while it is read; take what is there up to the
     // size seen at the walk. Replay of the backup's WAL brings either case to the right state.
     (&mut file)
         .take(job.len)
-        .read_to_end(&mut buf)
+        .read_to_end(&mut pack.content)
         .map_err(BackupError::io("read", &ctx.source))?;
-    result.raw_len = buf.len() as u64;
-    result.crc.update(&buf);
+    let raw = &pack.content[start..];
+    result.read = raw.len() as u64;
+    result.crc.update(raw);
     let paged = ctx.check_pages || (shared.delta_base.is_some() && ctx.parent_size.is_some());
-    if !paged {
-        if !buf.is_empty() {
-            result.runs.push(Run {
-                file_offset: job.offset,
-                buf_at: 0,
-                len: buf.len(),
-            });
-        }
-        result.buf = buf;
-        return Ok(result);
-    }
-    let select = PageSelect {
-        delta_base: shared.delta_base.filter(|_| ctx.parent_size.is_some()),
-        parent_size: ctx.parent_size.unwrap_or(0),
-        verify_from: shared.verify_from.filter(|_| ctx.check_pages),
-        segno: ctx.segno,
+    let runs = if !paged {
+        let whole = (!raw.is_empty()).then_some((job.offset, 0..raw.len()));
+        whole.into_iter().collect()
+    } else {
+        let select = PageSelect {
+            delta_base: shared.delta_base.filter(|_| ctx.parent_size.is_some()),
+            parent_size: ctx.parent_size.unwrap_or(0),
+            verify_from: shared.verify_from.filter(|_| ctx.check_pages),
+            segno: ctx.segno,
+        };
+        let reread = |offset: u64, page: &mut [u8]| file.read_exact_at(page, offset).is_ok();
+        let kept = select.apply(job.offset, raw, reread);
+        result.failures = kept.failures;
+        kept.runs
     };
-    let reread = |offset: u64, page: &mut [u8]| file.read_exact_at(page, offset).is_ok();
-    let kept = select.apply(job.offset, &buf, reread);
-    result.failures = kept.failures;
-    result.runs = kept
-        .runs
-        .into_iter()
-        .map(|(file_offset, range)| Run {
+    let raw_len = raw.len();
+    // Move the kept runs down in place so the pack holds only what is stored.
+    let mut end = start;
+    for (file_offset, range) in runs {
+        let crc = if range == (0..raw_len) {
+            result.crc.clone() // the whole chunk: its checksum is already known
+        } else {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&pack.content[start + range.start..start + range.end]);
+            h
+        };
+        if start + range.start != end {
+            pack.content
+                .copy_within(start + range.start..start + range.end, end);
+        }
+        pack.crc.combine(&crc);
+        result.pieces.push(Piece {
+            pack: id,
+            at: end as u64,
+            len: range.len() as u64,
             file_offset,
-            buf_at: range.start,
-            len: range.len(),
-        })
-        .collect();
-    result.buf = buf;
+            crc32: crc.finalize(),
+        });
+        end += range.len();
+    }
+    pack.content.truncate(end);
     Ok(result)
 }
 
