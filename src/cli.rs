@@ -159,6 +159,16 @@ pub enum Command {
         spool: PathBuf,
         segments: Vec<String>,
     },
+    /// Internal: the background pusher started by wal-push
+    #[command(hide = true)]
+    WalPushAhead {
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long, value_name = "N")]
+        concurrency: Option<String>,
+        /// The pg_wal directory whose ready segments to store
+        wal_dir: PathBuf,
+    },
 }
 
 impl Command {
@@ -173,6 +183,7 @@ impl Command {
             Command::Recover(_) => "recover",
             Command::Verify { .. } => "verify",
             Command::WalPrefetch { .. } => "wal-prefetch",
+            Command::WalPushAhead { .. } => "wal-push-ahead",
         }
     }
 }

@@ -11,6 +11,7 @@ mod cli;
 mod logging;
 mod recover_cmd;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -57,11 +58,19 @@ fn main() -> ExitCode {
         Command::WalFetch { .. } => EXIT_FETCH_FAILED,
         _ => 1,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // PostgreSQL waits on every wal-push and wal-fetch, which each handle one file: a runtime
+    // on this thread saves them starting worker threads. The rest work on many objects at once.
+    let mut builder = match cli.command {
+        Command::WalPush { .. } | Command::WalFetch { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            builder
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
@@ -100,7 +109,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     match &cli.command {
-        Command::WalPush { concurrency, .. } => flags.push_concurrency = concurrency.clone(),
+        Command::WalPush { concurrency, .. } | Command::WalPushAhead { concurrency, .. } => {
+            flags.push_concurrency = concurrency.clone()
+        }
         Command::WalFetch { prefetch, .. } => flags.prefetch = prefetch.clone(),
         Command::BackupPush {
             concurrency,
@@ -124,7 +135,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     let cli_quiet = cli.quiet;
     match cli.command {
-        Command::WalPush { path, .. } => wal_push(&settings, repo, &path).await,
+        Command::WalPush { path, .. } => wal_push(&settings, &flags, repo, &path).await,
+        Command::WalPushAhead { spool, wal_dir, .. } => {
+            let stored = Archiver::new(repo)
+                .push_ahead(
+                    &wal_dir,
+                    &Spool::locate(Some(&spool), &wal_dir),
+                    settings.push_concurrency,
+                )
+                .await;
+            tracing::debug!("pushed {stored} segments ahead");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::WalFetch { name, dest, .. } => {
             wal_fetch(&settings, &flags, repo, &name, &dest).await
         }
@@ -217,14 +239,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn wal_push(
     settings: &Settings,
+    flags: &FlagValues,
     repo: Arc<Repository>,
     path: &Path,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let spool = Spool::locate(settings.spool_dir.as_deref(), spool::wal_dir_of(path));
+    let wal_dir = spool::wal_dir_of(path);
+    let spool = Spool::locate(settings.spool_dir.as_deref(), wal_dir);
     spool.drop_stale_prefetch(STALE_PREFETCH).await;
+    let start_pusher = || {
+        let mut args = global_args(flags);
+        args.extend([
+            "wal-push-ahead".into(),
+            "--spool".into(),
+            spool.dir().into(),
+        ]);
+        if let Some(concurrency) = &flags.push_concurrency {
+            args.extend(["--concurrency".into(), concurrency.into()]);
+        }
+        args.push(
+            std::path::absolute(wal_dir)
+                .unwrap_or_else(|_| wal_dir.to_path_buf())
+                .into(),
+        );
+        if let Err(e) = spool::spawn_helper(&args) {
+            // Push-ahead only saves time; every segment is still pushed on its own turn.
+            tracing::warn!("could not start the push-ahead process: {e}");
+        }
+    };
     let (name, pushed) = Archiver::new(repo)
-        .push_with_ahead(path, &spool, settings.push_concurrency)
+        .push_requested(path, &spool, start_pusher)
         .await?;
     let ms = started.elapsed().as_millis();
     match pushed {
@@ -279,18 +323,16 @@ async fn wal_fetch(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The configuration flags of this call, for a child process that must see the same settings.
-fn global_args(flags: &FlagValues) -> Vec<String> {
+/// The configuration flags of this call, for a helper process that must see the same settings
+/// (it inherits the environment).
+fn global_args(flags: &FlagValues) -> Vec<OsString> {
     let mut args = Vec::new();
     if let Some(config) = &flags.config {
         let config = std::path::absolute(config).unwrap_or_else(|_| PathBuf::from(config));
-        args.extend(["--config".to_owned(), config.display().to_string()]);
+        args.extend(["--config".into(), config.into()]);
     }
     if let Some(repo) = &flags.repo {
-        args.extend(["--repo".to_owned(), repo.clone()]);
-    }
-    if let Some(prefetch) = &flags.prefetch {
-        args.extend(["--prefetch".to_owned(), prefetch.clone()]);
+        args.extend(["--repo".into(), repo.into()]);
     }
     args
 }

@@ -15,7 +15,8 @@
 //! the spool (outside `pg_wal`), verified and fsynced, so later calls only rename a local file. The
 //! spool never holds more than k segments: each run first deletes what recovery has passed.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use walvault_wal::{SegmentName, WalFileName};
 use crate::archive::wal_key;
 use crate::receive::fragments::{self, Partial};
 use crate::repo::{RepoError, Repository};
-use crate::spool::Spool;
+use crate::spool::{self, Spool};
 
 /// Attempts at a fetch that failed for a reason other than "not found", on top of the store's
 /// own per-request retries (this also covers a body cut off mid-stream or read back corrupt).
@@ -247,40 +248,18 @@ const LOCK_FILE: &str = "lock";
 
 /// Takes the prefetcher's lock on `dir` without waiting: `Ok(None)` when another process holds it.
 fn lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
-    std::fs::create_dir_all(dir)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK_FILE))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
-    }
+    spool::try_lock(&dir.join(LOCK_FILE))
 }
 
 /// Starts `walvault ... wal-prefetch` detached from this process, so wal-fetch can return to
 /// PostgreSQL at once. `global_args` repeats the caller's configuration flags.
 pub fn spawn_prefetcher(
-    global_args: &[String],
+    global_args: &[OsString],
     spool: &Spool,
     window: &[SegmentName],
 ) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
-    let exe: PathBuf = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
-    cmd.args(global_args)
-        .arg("wal-prefetch")
-        .arg("--spool")
-        .arg(spool.dir())
-        .args(window.iter().map(|s| s.to_string()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own process group: a signal meant for the restore_command shell must not stop it
-        // half-way (it would only leave a temporary file, but also waste the work).
-        .process_group(0);
-    cmd.spawn().map(|_| ())
+    let mut args = global_args.to_vec();
+    args.extend(["wal-prefetch".into(), "--spool".into(), spool.dir().into()]);
+    args.extend(window.iter().map(|s| s.to_string().into()));
+    spool::spawn_helper(&args)
 }

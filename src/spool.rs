@@ -7,9 +7,14 @@
 //!   recovery asking for them.
 //!
 //! It lives outside `pg_wal` (by default `<PGDATA>/walvault_spool`, next to `pg_wal`), so nothing
-//! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. Used by archive and restore.
+//! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. The background helpers that
+//! work in it (the pusher and the prefetcher) are started detached from here, and take file locks
+//! in it so that one runs per spool and a helper and a caller never store the same file at once.
+//! Used by archive and restore.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct Spool {
@@ -62,6 +67,65 @@ impl Spool {
             }
         }
     }
+}
+
+/// Takes an exclusive lock on `path` (created if missing) without waiting: `Ok(None)` when another
+/// process holds it. The lock lasts as long as the returned file is open.
+pub fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
+    let file = open_lock_file(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Takes an exclusive lock on `path`, waiting up to `limit` for its holder: `Ok(None)` when the
+/// wait ran out.
+pub async fn lock_within(path: &Path, limit: Duration) -> std::io::Result<Option<File>> {
+    if let Some(file) = try_lock(path)? {
+        return Ok(Some(file));
+    }
+    let file = open_lock_file(path)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A plain thread rather than the runtime's blocking pool: if the wait runs out, the thread
+    // stays blocked until the lock is free or the process exits, and must not hold up the
+    // runtime's shutdown. The lock taken late is released as the unwanted file is dropped.
+    std::thread::spawn(move || {
+        let _ = tx.send(file.lock().map(|()| file));
+    });
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(locked)) => locked.map(Some),
+        Ok(Err(_)) | Err(_) => Ok(None),
+    }
+}
+
+fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
+/// Starts `walvault <args>` detached from this process, so the caller can return to PostgreSQL
+/// at once while the helper works on.
+pub fn spawn_helper(args: &[std::ffi::OsString]) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: a signal meant for the archive or restore command's shell must
+        // not stop it half-way (it would only leave a temporary file, but also waste the work).
+        .process_group(0)
+        .spawn()
+        .map(|_| ())
 }
 
 /// The directory a WAL path lives in, `.` for a bare name.

@@ -13,14 +13,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use walvault_wal::page::SIZE_OF_XLOG_LONG_PHD;
 use walvault_wal::{
-    LongPageHeader, Lsn, PgTimestamp, RecordReader, SegmentName, TargetEvent, WalSegmentSize,
+    LongPageHeader, Lsn, PgTimestamp, RecordScanner, SegmentName, TargetEvent, WalRecord,
 };
 
 use crate::repo::{RepoError, Repository, Stored};
 use crate::store::{Committed, PutMode};
-
-/// Largest segment [`put_segment`] buffers to summarise: the 16 MiB default and up to 64 MiB.
-const MAX_SUMMARISED_SEGMENT: u64 = 64 << 20;
 
 /// Where the summary of `name` is stored.
 pub fn summary_key(name: &SegmentName) -> String {
@@ -66,111 +63,132 @@ impl SegmentSummary {
         self.latest_xact_end.or(self.last_xact_end)
     }
 
-    /// Summarises the records starting in `segment`, the content of the segment `name`. A record
-    /// that cannot be decoded ends the scan with what was found before it: a summary of a prefix
-    /// is still true, just less complete.
-    pub fn scan(name: &SegmentName, seg_size: WalSegmentSize, segment: &[u8]) -> SegmentSummary {
-        let mut summary = SegmentSummary::default();
-        let reader = name
-            .start_lsn(seg_size)
-            .map_err(|e| e.to_string())
-            .and_then(|start| RecordReader::new(segment, start).map_err(|e| e.to_string()));
-        let reader = match reader {
-            Ok(reader) => reader,
-            Err(e) => {
-                tracing::debug!("not summarising {name}: {e}");
-                return summary;
-            }
+    /// Counts one record in.
+    fn add(&mut self, record: &WalRecord<'_>) {
+        let mark = |time: PgTimestamp| Mark {
+            lsn: record.lsn,
+            time_us: time.unix_micros(),
         };
-        for record in reader {
-            let record = match record {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::warn!("summary of {name} stops early: {e}");
-                    break;
+        match record.target_event() {
+            Some(TargetEvent::XactEnd { time, .. }) => {
+                let here = mark(time);
+                self.first_xact_end.get_or_insert(here);
+                self.last_xact_end = Some(here);
+                if self
+                    .latest_xact_end
+                    .is_none_or(|m| m.time_us < here.time_us)
+                {
+                    self.latest_xact_end = Some(here);
                 }
-            };
-            let mark = |time: PgTimestamp| Mark {
-                lsn: record.lsn,
-                time_us: time.unix_micros(),
-            };
-            match record.target_event() {
-                Some(TargetEvent::XactEnd { time, .. }) => {
-                    let here = mark(time);
-                    summary.first_xact_end.get_or_insert(here);
-                    summary.last_xact_end = Some(here);
-                    if summary
-                        .latest_xact_end
-                        .is_none_or(|m| m.time_us < here.time_us)
-                    {
-                        summary.latest_xact_end = Some(here);
-                    }
-                }
-                Some(TargetEvent::RestorePoint { time, name }) => {
-                    summary.restore_points.push(RestorePoint {
-                        name,
-                        at: mark(time),
-                    });
-                }
-                None => {}
+            }
+            Some(TargetEvent::RestorePoint { time, name }) => {
+                self.restore_points.push(RestorePoint {
+                    name,
+                    at: mark(time),
+                });
+            }
+            None => {}
+        }
+    }
+}
+
+/// Summarises a segment from its content handed over in pieces, as it streams into the store.
+/// A record that cannot be decoded ends the scan with what was found before it: a summary of a
+/// prefix is still true, just less complete.
+pub struct Summariser {
+    name: SegmentName,
+    state: SummariserState,
+    summary: SegmentSummary,
+}
+
+enum SummariserState {
+    /// Nothing seen yet: the long page header comes first.
+    Start,
+    Scanning(RecordScanner),
+    /// The scan is over (or never started); the summary is complete as it stands.
+    Finished,
+    /// The content does not begin with a long page header: there is nothing to summarise.
+    NotWal,
+}
+
+impl Summariser {
+    pub fn new(name: SegmentName) -> Summariser {
+        Summariser {
+            name,
+            state: SummariserState::Start,
+            summary: SegmentSummary::default(),
+        }
+    }
+
+    /// Takes the next piece of the segment's content. The first piece must hold the long page
+    /// header (the repository hands over blocks of up to a MiB, and a valid segment is larger).
+    pub fn feed(&mut self, piece: &[u8]) {
+        if let SummariserState::Start = self.state {
+            self.state = self.start(piece);
+        }
+        let SummariserState::Scanning(scanner) = &mut self.state else {
+            return;
+        };
+        let (name, summary) = (&self.name, &mut self.summary);
+        scanner.feed(piece, &mut |record| match record {
+            Ok(record) => summary.add(&record),
+            Err(e) => tracing::warn!("summary of {name} stops early: {e}"),
+        });
+        if scanner.is_done() {
+            self.state = SummariserState::Finished;
+        }
+    }
+
+    fn start(&self, first: &[u8]) -> SummariserState {
+        let Some(header) = first
+            .get(..SIZE_OF_XLOG_LONG_PHD)
+            .and_then(|first| LongPageHeader::parse(first).ok())
+        else {
+            return SummariserState::NotWal;
+        };
+        match self.name.start_lsn(header.seg_size) {
+            Ok(start) => SummariserState::Scanning(RecordScanner::new(&header, start)),
+            Err(e) => {
+                tracing::debug!("not summarising {}: {e}", self.name);
+                SummariserState::Finished
             }
         }
-        summary
+    }
+
+    /// The summary, once the whole segment has been fed; `None` when it was not WAL.
+    pub fn finish(self) -> Option<SegmentSummary> {
+        match self.state {
+            SummariserState::NotWal => None,
+            _ => Some(self.summary),
+        }
     }
 }
 
 /// Stores the segment `name` from the file at `path` under `key` (`IfAbsent`, as every WAL
 /// object is stored) and, if this call created it, its summary. The summary is computed from the
-/// blocks streamed into the store, so the file is read once, and written after the segment, so
-/// it never describes WAL the archive does not have. Holds one segment in memory while it runs.
+/// blocks streamed into the store, so the file is read once and memory stays at a block, and it
+/// is written after the segment, so it never describes WAL the archive does not have.
 pub async fn put_segment(
     repo: &Repository,
     key: &str,
     name: &SegmentName,
     path: &Path,
 ) -> Result<Stored, RepoError> {
-    let len = tokio::fs::metadata(path)
-        .await
-        .map(|m| m.len())
-        .unwrap_or(0);
-    // The scan needs the whole segment in memory; beyond this size (segments of up to 1 GiB
-    // exist) memory would no longer be bounded, so such segments go without a summary, which
-    // the planner treats as "unknown", until the record reader can scan block by block.
-    let summarise = len <= MAX_SUMMARISED_SEGMENT;
-    let mut bytes = Vec::with_capacity(if summarise {
-        usize::try_from(len).unwrap_or(0)
-    } else {
-        0
-    });
+    let mut summariser = Summariser::new(*name);
     let stored = repo
-        .put_file_tapped(key, path, PutMode::IfAbsent, |block| {
-            if summarise {
-                bytes.extend_from_slice(block)
-            }
-        })
+        .put_file_tapped(key, path, PutMode::IfAbsent, |block| summariser.feed(block))
         .await?;
-    if summarise && stored.committed == Committed::Created {
-        store_summary(repo, name, &bytes).await;
+    if stored.committed == Committed::Created {
+        if let Some(summary) = summariser.finish() {
+            // The segment itself is archived, and the planner copes with a missing summary.
+            if let Err(e) = put(repo, name, &summary).await {
+                tracing::warn!(
+                    "could not store the summary of {name} (recovery planning will know less): {e}"
+                );
+            }
+        }
     }
     Ok(stored)
-}
-
-/// Summarises a segment's content and stores the summary. Failures are logged, never returned:
-/// the segment itself is archived, and the planner copes with a missing summary.
-async fn store_summary(repo: &Repository, name: &SegmentName, segment: &[u8]) {
-    let Some(seg_size) = segment
-        .get(..SIZE_OF_XLOG_LONG_PHD)
-        .and_then(|first| LongPageHeader::parse(first).ok())
-        .map(|header| header.seg_size)
-    else {
-        return;
-    };
-    let summary = SegmentSummary::scan(name, seg_size, segment);
-    if let Err(e) = put(repo, name, &summary).await {
-        tracing::warn!(
-            "could not store the summary of {name} (recovery planning will know less): {e}"
-        );
-    }
 }
 
 async fn put(

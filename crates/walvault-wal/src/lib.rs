@@ -26,5 +26,5 @@ pub use name::{SegmentName, SegmentNo, WalFileName, WalSegmentSize};
 pub use page::{
     short_page_header, validate_partial, validate_segment, LongPageHeader, PgMajor, ShortPageHeader,
 };
-pub use record::{PgTimestamp, RecordReader, TargetEvent, WalRecord, XactEnd};
+pub use record::{PgTimestamp, RecordReader, RecordScanner, TargetEvent, WalRecord, XactEnd};
 pub use timeline::TimelineId;

@@ -7,9 +7,12 @@
 //! page headers with `XLP_FIRST_IS_CONTRECORD`, records spanning pages,
 //! MAXALIGN(8) record starts, and the two ends of a segment's useful WAL: a
 //! zero `xl_tot_len` (the rest of the segment was never written) and
-//! `XLOG_SWITCH` (the rest is padding). Used by wal-push to summarise each
-//! segment's commit times and restore points, which the recovery planner
-//! reads to decide whether a target is reachable.
+//! `XLOG_SWITCH` (the rest is padding). The scanner takes a segment in
+//! pieces of any size as it streams past and keeps only a record's headers
+//! and the start of its main data, so memory does not grow with segment or
+//! record size. Used by wal-push and wal-receive to summarise each segment's
+//! commit times and restore points while storing it, which the recovery
+//! planner reads to decide whether a target is reachable.
 //!
 //! Records are not CRC-checked: the summary is advisory, and the archived
 //! segment itself is what PostgreSQL replays and verifies. A record whose
@@ -18,10 +21,11 @@
 //! recycled segment look.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 
 use crate::error::WalError;
 use crate::lsn::Lsn;
-use crate::page::{short_page_header, LongPageHeader, PgMajor};
+use crate::page::{short_page_header, LongPageHeader, PgMajor, SIZE_OF_XLOG_SHORT_PHD};
 
 /// `SizeOfXLogRecord`: the fixed record header.
 pub const SIZE_OF_XLOG_RECORD: usize = 24;
@@ -90,7 +94,8 @@ pub struct WalRecord<'a> {
     pub info: u8,
     /// `xl_xid`.
     pub xid: u32,
-    /// The record's main data; borrowed unless the record spans pages.
+    /// The start of the record's main data: at most [`MAIN_DATA_KEPT`]
+    /// bytes, all that [`WalRecord::target_event`] reads.
     pub main_data: Cow<'a, [u8]>,
 }
 
@@ -163,226 +168,412 @@ impl WalRecord<'_> {
         }
     }
 
+    /// The same record, no longer borrowing the scanner's buffer.
+    pub fn into_owned(self) -> WalRecord<'static> {
+        WalRecord {
+            lsn: self.lsn,
+            rmid: self.rmid,
+            info: self.info,
+            xid: self.xid,
+            main_data: Cow::Owned(self.main_data.into_owned()),
+        }
+    }
+
     fn is_switch(&self) -> bool {
         self.rmid == RM_XLOG_ID && self.info & !XLR_INFO_MASK == XLOG_SWITCH
     }
 }
 
+/// The most of a record's start the scanner keeps: the fixed header and every block header a
+/// valid record can carry (33 block references of at most 27 bytes, plus the origin, top-level
+/// xid and main data headers: 928 bytes). The rest of a record only streams past.
+const HEAD_KEPT: u64 = 1024;
+/// The most of a record's main data the scanner keeps: a restore point's time and name, the
+/// longest prefix [`WalRecord::target_event`] reads (a transaction end needs its first 8 bytes).
+const MAIN_DATA_KEPT: u64 = 8 + RESTORE_POINT_NAME_LEN as u64;
+
 /// Walks the records that start in one segment (or a `.partial` prefix of
-/// one). Records continued from the previous segment are skipped, and so is
-/// a last record that continues into the next: the summary loses at most
-/// one commit per segment boundary, which only makes the recorded window
+/// one) as the segment's bytes arrive, in pieces of any size, so that a
+/// caller streaming the segment elsewhere can scan it on the way without
+/// holding it: the scanner keeps one page header and at most
+/// [`HEAD_KEPT`] + [`MAIN_DATA_KEPT`] bytes of the record it is in.
+///
+/// Records continued from the previous segment are skipped, and so is a
+/// last record that continues into the next: the summary loses at most one
+/// commit per segment boundary, which only makes the recorded window
 /// slightly more conservative.
-pub struct RecordReader<'a> {
-    seg: &'a [u8],
+pub struct RecordScanner {
     start: Lsn,
     block_size: u64,
     major: PgMajor,
-    /// Offset in `seg` of the next record, or `None` once the walk is over.
-    pos: Option<u64>,
+    /// Bytes of the segment fed so far.
+    offset: u64,
+    page: PageHead,
+    step: Step,
     prev: Option<Lsn>,
+    /// The first bytes of the current record, up to [`HEAD_KEPT`].
+    head: Vec<u8>,
+    /// The first bytes of the current record's main data, up to [`MAIN_DATA_KEPT`].
+    main: Vec<u8>,
 }
 
-impl<'a> RecordReader<'a> {
-    /// Prepares to walk `seg`, the segment starting at `start`, which must
-    /// begin with its long header. A segment whose header was written for
-    /// another address (a recycled file nothing was written to yet) yields
-    /// no records.
-    pub fn new(seg: &'a [u8], start: Lsn) -> Result<RecordReader<'a>, WalError> {
-        let header = LongPageHeader::parse(seg)?;
-        let mut reader = RecordReader {
-            seg,
+/// Where the scanner is in the header of the page it is in.
+enum PageHead {
+    /// Collecting the short header: `len` bytes of it are in `buf`.
+    Reading {
+        buf: [u8; SIZE_OF_XLOG_SHORT_PHD],
+        len: usize,
+    },
+    /// Checked; the page's data starts at `data_start`.
+    Read { data_start: u64 },
+}
+
+enum Step {
+    /// Skipping a record continued from the previous segment; each page
+    /// header says how much of it is left.
+    Continuation,
+    /// Skipping padding up to the offset where the next record starts.
+    SkipTo(u64),
+    /// Inside a record.
+    Record(RecordProgress),
+    /// The walk is over.
+    Done,
+}
+
+struct RecordProgress {
+    lsn: Lsn,
+    /// Bytes of the record seen so far, page headers excluded.
+    got: u64,
+    /// `xl_tot_len`, once its 4 bytes are in.
+    tot_len: Option<u64>,
+    /// Where the kept main data starts and ends in the record, or why the
+    /// block headers cannot be decoded; known once the head is in.
+    main_range: Option<Result<(u64, u64), String>>,
+}
+
+impl RecordScanner {
+    /// Prepares to scan the segment starting at `start` whose long header
+    /// is `header`; feed it from the segment's first byte. A segment whose
+    /// header was written for another address (a recycled file nothing was
+    /// written to yet) yields no records.
+    pub fn new(header: &LongPageHeader, start: Lsn) -> RecordScanner {
+        RecordScanner {
             start,
             block_size: u64::from(header.block_size),
             major: header.major,
-            pos: None,
-            prev: None,
-        };
-        reader.pos = reader.first_record(header.rem_len);
-        Ok(reader)
-    }
-
-    /// Where the first record starting in this segment is, past any
-    /// continuation of a record from the previous segment, which may cover
-    /// whole pages.
-    fn first_record(&self, first_rem_len: u32) -> Option<u64> {
-        let mut page = 0u64;
-        let mut rem = u64::from(first_rem_len);
-        loop {
-            let header_size = self.page_header_size(page)?;
-            let data_start = page + header_size;
-            if rem == 0 {
-                return Some(data_start);
-            }
-            let room = self.block_size - header_size;
-            if rem <= room {
-                return Some(page + max_align(header_size + rem));
-            }
-            page += self.block_size;
-            // The next page's own header repeats the remaining length.
-            rem = u64::from(self.page_header(page)?.rem_len);
-        }
-    }
-
-    fn page_header(&self, page: u64) -> Option<crate::page::ShortPageHeader> {
-        let bytes = self.seg.get(usize::try_from(page).ok()?..)?;
-        let header = short_page_header(bytes).ok()?;
-        // A page written for another position is stale recycled data.
-        (header.pageaddr.0 == self.start.0.checked_add(page)?).then_some(header)
-    }
-
-    fn page_header_size(&self, page: u64) -> Option<u64> {
-        self.page_header(page).map(|h| h.header_size() as u64)
-    }
-
-    /// Copies `len` bytes of record starting at `pos`, skipping the page
-    /// headers in between. Returns the bytes and the offset just past them,
-    /// or `None` if they run past the end of the buffer or into stale pages.
-    fn gather(&self, pos: u64, len: u64) -> Option<(Cow<'a, [u8]>, u64)> {
-        let page_end = (pos / self.block_size + 1) * self.block_size;
-        let seg_len = self.seg.len() as u64;
-        if pos + len <= page_end {
-            let end = pos + len;
-            if end > seg_len {
-                return None;
-            }
-            let bytes = self
-                .seg
-                .get(usize::try_from(pos).ok()?..usize::try_from(end).ok()?)?;
-            return Some((Cow::Borrowed(bytes), end));
-        }
-        let mut out = Vec::with_capacity(usize::try_from(len).ok()?);
-        let mut at = pos;
-        let mut page_end = page_end;
-        while (out.len() as u64) < len {
-            if at == page_end {
-                let header = self.page_header(at)?;
-                at += header.header_size() as u64;
-                page_end += self.block_size;
-            }
-            let want = (len - out.len() as u64).min(page_end - at);
-            let bytes = self
-                .seg
-                .get(usize::try_from(at).ok()?..usize::try_from(at + want).ok()?)?;
-            out.extend_from_slice(bytes);
-            at += want;
-        }
-        Some((Cow::Owned(out), at))
-    }
-
-    fn read_record(&mut self, pos: u64) -> Result<Option<(WalRecord<'a>, u64)>, WalError> {
-        // A record never starts in a page's header: move past it if `pos`
-        // is exactly at a page boundary.
-        let pos = if pos.is_multiple_of(self.block_size) {
-            match self.page_header_size(pos) {
-                Some(size) => pos + size,
-                None => return Ok(None),
-            }
-        } else {
-            pos
-        };
-        let lsn = Lsn(self.start.0 + pos);
-        // xl_tot_len is always on the record's first page (MAXALIGN keeps
-        // at least 8 bytes before the page end).
-        let Some((len_bytes, _)) = self.gather(pos, 4) else {
-            return Ok(None);
-        };
-        let tot_len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
-        if tot_len == 0 {
-            return Ok(None);
-        }
-        if (tot_len as usize) < SIZE_OF_XLOG_RECORD {
-            return Err(bad(
-                lsn,
-                format!("xl_tot_len {tot_len} is shorter than a record header"),
-            ));
-        }
-        let Some((record, end)) = self.gather(pos, u64::from(tot_len)) else {
-            // Runs past the buffer: continues in the next segment, or the
-            // partial file stops here.
-            return Ok(None);
-        };
-        let xid = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
-        let prev = Lsn(u64::from_le_bytes([
-            record[8], record[9], record[10], record[11], record[12], record[13], record[14],
-            record[15],
-        ]));
-        if self.prev.is_some_and(|p| p != prev) {
-            return Ok(None);
-        }
-        let info = record[16];
-        let rmid = record[17];
-        let main_len = main_data_len(&record, self.major).map_err(|problem| bad(lsn, problem))?;
-        let main_data = match record {
-            Cow::Borrowed(b) => Cow::Borrowed(&b[b.len() - main_len..]),
-            Cow::Owned(v) => Cow::Owned(v[v.len() - main_len..].to_vec()),
-        };
-        self.prev = Some(lsn);
-        Ok(Some((
-            WalRecord {
-                lsn,
-                rmid,
-                info,
-                xid,
-                main_data,
+            offset: 0,
+            page: PageHead::Reading {
+                buf: [0; SIZE_OF_XLOG_SHORT_PHD],
+                len: 0,
             },
-            max_align(end),
-        )))
+            step: Step::Continuation,
+            prev: None,
+            head: Vec::new(),
+            main: Vec::new(),
+        }
     }
+
+    /// Whether the walk is over: more bytes would find no more records.
+    pub fn is_done(&self) -> bool {
+        matches!(self.step, Step::Done)
+    }
+
+    /// Takes the next bytes of the segment and hands `found` each record
+    /// that ends in them, in order. A record that cannot be decoded is
+    /// handed over as an error and ends the walk.
+    pub fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        found: &mut impl FnMut(Result<WalRecord<'_>, WalError>),
+    ) {
+        while !bytes.is_empty() && !self.is_done() {
+            let in_page = self.offset % self.block_size;
+            if in_page == 0 && matches!(self.page, PageHead::Read { .. }) {
+                self.page = PageHead::Reading {
+                    buf: [0; SIZE_OF_XLOG_SHORT_PHD],
+                    len: 0,
+                };
+            }
+            let taken = match &mut self.page {
+                PageHead::Reading { buf, len } => {
+                    let n = (SIZE_OF_XLOG_SHORT_PHD - *len).min(bytes.len());
+                    buf[*len..*len + n].copy_from_slice(&bytes[..n]);
+                    *len += n;
+                    if *len == SIZE_OF_XLOG_SHORT_PHD {
+                        let buf = *buf;
+                        self.page_header(&buf);
+                    }
+                    n
+                }
+                PageHead::Read { data_start } if self.offset < *data_start => {
+                    clamp(*data_start - self.offset, bytes.len())
+                }
+                PageHead::Read { .. } => {
+                    let n = clamp(self.block_size - in_page, bytes.len());
+                    self.data(&bytes[..n], found);
+                    n
+                }
+            };
+            self.offset += taken as u64;
+            bytes = &bytes[taken..];
+        }
+    }
+
+    /// Checks the header of the page the scanner is in and, while skipping
+    /// a continuation, learns from it where the first record starts.
+    fn page_header(&mut self, buf: &[u8]) {
+        let page = self.offset - self.offset % self.block_size;
+        let header = match short_page_header(buf) {
+            // A page written for another position is stale recycled data.
+            Ok(h) if Some(h.pageaddr.0) == self.start.0.checked_add(page) => h,
+            _ => {
+                self.step = Step::Done;
+                return;
+            }
+        };
+        let size = header.header_size() as u64;
+        self.page = PageHead::Read {
+            data_start: page + size,
+        };
+        if let Step::Continuation = self.step {
+            let rem = u64::from(header.rem_len);
+            if rem == 0 {
+                self.step = Step::SkipTo(page + size);
+            } else if rem <= self.block_size - size {
+                self.step = Step::SkipTo(page + max_align(size + rem));
+            }
+            // Otherwise the continuation covers this page's data too.
+        }
+    }
+
+    /// Takes page data starting at the current offset.
+    fn data(&mut self, mut bytes: &[u8], found: &mut impl FnMut(Result<WalRecord<'_>, WalError>)) {
+        let mut at = self.offset;
+        while !bytes.is_empty() {
+            let n = match &self.step {
+                Step::Continuation | Step::Done => return,
+                Step::SkipTo(next) if at < *next => clamp(*next - at, bytes.len()),
+                Step::SkipTo(_) => {
+                    // A record never starts in a page header, so one that
+                    // would start at a page boundary starts after its header.
+                    self.step = Step::Record(RecordProgress {
+                        lsn: Lsn(self.start.0 + at),
+                        got: 0,
+                        tot_len: None,
+                        main_range: None,
+                    });
+                    self.head.clear();
+                    self.main.clear();
+                    0
+                }
+                Step::Record(_) => self.record_bytes(bytes, at + bytes.len() as u64, found),
+            };
+            at += n as u64;
+            bytes = &bytes[n..];
+        }
+    }
+
+    /// Takes the next bytes of the current record from `bytes` (which end
+    /// at segment offset `end`); returns how many it took.
+    fn record_bytes(
+        &mut self,
+        bytes: &[u8],
+        end: u64,
+        found: &mut impl FnMut(Result<WalRecord<'_>, WalError>),
+    ) -> usize {
+        let Step::Record(mut r) = std::mem::replace(&mut self.step, Step::Done) else {
+            return 0;
+        };
+        // xl_tot_len comes first and is always on the record's first page
+        // (MAXALIGN keeps at least 8 bytes before the page end); then the
+        // head, whose block headers say where the main data is; then the rest.
+        let head_len = r.tot_len.map_or(4, |t| t.min(HEAD_KEPT));
+        let upto = match r.tot_len {
+            Some(tot_len) if r.got >= head_len => tot_len,
+            _ => head_len,
+        };
+        let n = clamp(upto - r.got, bytes.len());
+        let piece = &bytes[..n];
+        if r.got < head_len {
+            self.head.extend_from_slice(piece);
+        }
+        if let Some(Ok((from, to))) = r.main_range {
+            self.keep_main(piece, r.got, from, to);
+        }
+        r.got += n as u64;
+        let Some(tot_len) = r.tot_len else {
+            if r.got < 4 {
+                self.step = Step::Record(r);
+                return n;
+            }
+            let tot_len =
+                u32::from_le_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
+            if tot_len == 0 {
+                // The rest of the segment was never written.
+                return n;
+            }
+            if (tot_len as usize) < SIZE_OF_XLOG_RECORD {
+                found(Err(bad(
+                    r.lsn,
+                    format!("xl_tot_len {tot_len} is shorter than a record header"),
+                )));
+                return n;
+            }
+            r.tot_len = Some(u64::from(tot_len));
+            self.step = Step::Record(r);
+            return n;
+        };
+        if r.main_range.is_none() && r.got == tot_len.min(HEAD_KEPT) {
+            let range = main_data_len(&self.head, tot_len, self.major).map(|main_len| {
+                let from = tot_len - main_len;
+                (from, from + main_len.min(MAIN_DATA_KEPT))
+            });
+            if let Ok((from, to)) = range {
+                let head = std::mem::take(&mut self.head);
+                self.keep_main(&head, 0, from, to);
+                self.head = head;
+            }
+            r.main_range = Some(range);
+        }
+        if r.got < tot_len {
+            self.step = Step::Record(r);
+            return n;
+        }
+        self.end_record(r, end - (bytes.len() - n) as u64, found);
+        n
+    }
+
+    /// Appends to the kept main data what of `piece`, which starts at
+    /// record offset `at`, lies in the record range `from..to`.
+    fn keep_main(&mut self, piece: &[u8], at: u64, from: u64, to: u64) {
+        let start = from.max(at);
+        let stop = to.min(at + piece.len() as u64);
+        if start < stop {
+            self.main
+                .extend_from_slice(&piece[(start - at) as usize..(stop - at) as usize]);
+        }
+    }
+
+    /// Hands over the record that just ended at segment offset `end`.
+    fn end_record(
+        &mut self,
+        r: RecordProgress,
+        end: u64,
+        found: &mut impl FnMut(Result<WalRecord<'_>, WalError>),
+    ) {
+        let h = &self.head;
+        let xid = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let prev = Lsn(u64::from_le_bytes([
+            h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15],
+        ]));
+        // A record that does not point back at the one before is left over
+        // from before the segment was recycled.
+        if self.prev.is_some_and(|p| p != prev) {
+            return;
+        }
+        match r.main_range {
+            Some(Ok(_)) => {}
+            Some(Err(problem)) => return found(Err(bad(r.lsn, problem))),
+            None => return,
+        }
+        self.prev = Some(r.lsn);
+        let record = WalRecord {
+            lsn: r.lsn,
+            rmid: h[17],
+            info: h[16],
+            xid,
+            main_data: Cow::Borrowed(&self.main),
+        };
+        let switch = record.is_switch();
+        found(Ok(record));
+        if !switch {
+            self.step = Step::SkipTo(max_align(end));
+        }
+    }
+}
+
+/// `n` as a length within a buffer of `len` bytes.
+fn clamp(n: u64, len: usize) -> usize {
+    usize::try_from(n).map_or(len, |n| n.min(len))
 }
 
 fn bad(lsn: Lsn, problem: String) -> WalError {
     WalError::BadRecord { lsn, problem }
 }
 
-impl<'a> Iterator for RecordReader<'a> {
-    type Item = Result<WalRecord<'a>, WalError>;
+/// Feeds to a [`RecordScanner`] at a time: a page, so that the records
+/// waiting to be handed out stay few.
+const READER_PIECE: usize = 8192;
+
+/// The records that start in a segment (or a `.partial` prefix of one)
+/// held whole in memory: a [`RecordScanner`] fed from a buffer.
+pub struct RecordReader<'a> {
+    rest: &'a [u8],
+    scanner: RecordScanner,
+    ready: VecDeque<Result<WalRecord<'static>, WalError>>,
+}
+
+impl<'a> RecordReader<'a> {
+    /// Prepares to walk `seg`, the segment starting at `start`, which must
+    /// begin with its long header.
+    pub fn new(seg: &'a [u8], start: Lsn) -> Result<RecordReader<'a>, WalError> {
+        let header = LongPageHeader::parse(seg)?;
+        Ok(RecordReader {
+            rest: seg,
+            scanner: RecordScanner::new(&header, start),
+            ready: VecDeque::new(),
+        })
+    }
+}
+
+impl Iterator for RecordReader<'_> {
+    type Item = Result<WalRecord<'static>, WalError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let pos = self.pos.take()?;
-        match self.read_record(pos) {
-            Ok(Some((record, next))) => {
-                if !record.is_switch() {
-                    self.pos = Some(next);
-                }
-                Some(Ok(record))
-            }
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
+        while self.ready.is_empty() && !self.rest.is_empty() && !self.scanner.is_done() {
+            let (piece, rest) = self.rest.split_at(self.rest.len().min(READER_PIECE));
+            self.rest = rest;
+            let ready = &mut self.ready;
+            self.scanner.feed(piece, &mut |r| {
+                ready.push_back(r.map(WalRecord::into_owned))
+            });
         }
+        self.ready.pop_front()
     }
 }
 
 /// Walks the block headers after the fixed header (as `DecodeXLogRecord`
 /// does) to find the length of the main data, which is the record's tail.
-fn main_data_len(record: &[u8], major: PgMajor) -> Result<usize, String> {
+/// `head` is the start of a record of `tot_len` bytes, and holds all its
+/// block headers unless the record is invalid.
+fn main_data_len(head: &[u8], tot_len: u64, major: PgMajor) -> Result<u64, String> {
     let mut cursor = Cursor {
-        bytes: record,
+        bytes: head,
         at: SIZE_OF_XLOG_RECORD,
     };
-    let mut block_data = 0usize;
-    let mut main = 0usize;
-    while record.len() - cursor.at > block_data {
+    let mut block_data = 0u64;
+    let mut main = 0u64;
+    while tot_len - cursor.at as u64 > block_data {
         let block_id = cursor.u8()?;
         match block_id {
             XLR_BLOCK_ID_DATA_SHORT => {
-                main = usize::from(cursor.u8()?);
+                main = u64::from(cursor.u8()?);
                 break;
             }
             XLR_BLOCK_ID_DATA_LONG => {
-                main = usize::try_from(cursor.u32()?).map_err(|e| e.to_string())?;
+                main = u64::from(cursor.u32()?);
                 break;
             }
             XLR_BLOCK_ID_ORIGIN => cursor.skip(2)?,
             XLR_BLOCK_ID_TOPLEVEL_XID => cursor.skip(4)?,
             id if id <= XLR_MAX_BLOCK_ID => {
                 let fork_flags = cursor.u8()?;
-                block_data += usize::from(cursor.u16()?);
+                block_data += u64::from(cursor.u16()?);
                 if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
                     let image_len = cursor.u16()?;
                     let _hole_offset = cursor.u16()?;
                     let image_info = cursor.u8()?;
-                    block_data += usize::from(image_len);
+                    block_data += u64::from(image_len);
                     if image_info & BKPIMAGE_HAS_HOLE != 0 && image_is_compressed(image_info, major)
                     {
                         let _hole_length = cursor.u16()?;
@@ -397,12 +588,11 @@ fn main_data_len(record: &[u8], major: PgMajor) -> Result<usize, String> {
             other => return Err(format!("invalid block ID {other}")),
         }
     }
-    let headers_end = cursor.at;
-    if headers_end + block_data + main != record.len() {
+    let headers_end = cursor.at as u64;
+    if headers_end + block_data + main != tot_len {
         return Err(format!(
             "block headers end at {headers_end}, block data is {block_data} bytes and main data \
-             {main} bytes, but the record is {} bytes",
-            record.len()
+             {main} bytes, but the record is {tot_len} bytes"
         ));
     }
     Ok(main)
@@ -418,23 +608,27 @@ fn image_is_compressed(image_info: u8, major: PgMajor) -> bool {
     }
 }
 
+/// Reads block headers from the kept start of a record.
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl Cursor<'_> {
+    fn overrun(&self) -> String {
+        format!(
+            "block headers run past the record's end or the {HEAD_KEPT} bytes they may take, at \
+             offset {}",
+            self.at
+        )
+    }
+
     fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
         let chunk = self
             .bytes
             .get(self.at..)
             .and_then(|rest| rest.first_chunk::<N>())
-            .ok_or_else(|| {
-                format!(
-                    "block headers run past the record's end at offset {}",
-                    self.at
-                )
-            })?;
+            .ok_or_else(|| self.overrun())?;
         self.at += N;
         Ok(*chunk)
     }
@@ -453,10 +647,7 @@ impl Cursor<'_> {
 
     fn skip(&mut self, n: usize) -> Result<(), String> {
         if self.bytes.len() - self.at < n {
-            return Err(format!(
-                "block headers run past the record's end at offset {}",
-                self.at
-            ));
+            return Err(self.overrun());
         }
         self.at += n;
         Ok(())
@@ -702,6 +893,98 @@ mod tests {
         // A recycled segment still carries its old address.
         let recycled = RecordReader::new(&w.buf, Lsn(START + SEG as u64)).unwrap();
         assert_eq!(recycled.count(), 0);
+    }
+
+    /// Every record a scanner hands over when fed `seg` in pieces of `piece` bytes.
+    fn scan_in_pieces(seg: &[u8], piece: usize) -> Vec<Result<WalRecord<'static>, String>> {
+        let header = LongPageHeader::parse(seg).unwrap();
+        let mut scanner = RecordScanner::new(&header, Lsn(START));
+        let mut out = Vec::new();
+        for chunk in seg.chunks(piece) {
+            scanner.feed(chunk, &mut |r| {
+                out.push(r.map(WalRecord::into_owned).map_err(|e| e.to_string()))
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn pieces_of_any_size_give_the_same_records() {
+        // A continuation over two whole pages, records spanning pages, one
+        // larger than the kept head with main data longer than what is
+        // kept, and a restore point split across a page boundary.
+        let mut w = SegWriter::new(20_000);
+        w.write_spanning(&[0xCD; 20_000]);
+        w.record(RM_XACT_ID, 0x00, 700, NO_BLOCKS, &commit(1_000));
+        w.record(10, 0x00, 701, &block_with_image(9_000, 6_000), &[1; 3000]);
+        let mut long_commit = commit(2_000);
+        long_commit.extend_from_slice(&[9; 5_000]);
+        w.record(RM_XACT_ID, 0x00, 702, NO_BLOCKS, &long_commit);
+        for i in 0..400u32 {
+            w.record(10, 0, i, NO_BLOCKS, &[0; 40]);
+        }
+        while BLCKSZ - w.at % BLCKSZ > 40 {
+            w.record(10, 0, 0, NO_BLOCKS, &[0; 8]);
+        }
+        let mut rp = 3_000i64.to_le_bytes().to_vec();
+        rp.extend_from_slice(&[b'p'; 64]);
+        w.record(RM_XLOG_ID, XLOG_RESTORE_POINT, 0, NO_BLOCKS, &rp);
+        w.record(RM_XACT_ID, 0x20, 703, NO_BLOCKS, &commit(4_000));
+
+        let whole = scan_in_pieces(&w.buf, w.buf.len());
+        assert!(whole.len() > 405, "{} records", whole.len());
+        let times: Vec<_> = whole
+            .iter()
+            .filter_map(|r| r.as_ref().unwrap().target_event())
+            .map(|e| match e {
+                TargetEvent::XactEnd { time, .. } => (time, String::new()),
+                TargetEvent::RestorePoint { time, name } => (time, name),
+            })
+            .collect();
+        assert_eq!(
+            times,
+            [
+                (PgTimestamp(1_000), String::new()),
+                (PgTimestamp(2_000), String::new()),
+                (PgTimestamp(3_000), "p".repeat(64)),
+                (PgTimestamp(4_000), String::new()),
+            ]
+        );
+        assert!(whole
+            .iter()
+            .all(|r| r.as_ref().unwrap().main_data.len() <= MAIN_DATA_KEPT as usize));
+        for piece in [1, 3, 7, 23, 24, 41, 4095, 8192, 8193, 100_000] {
+            assert_eq!(scan_in_pieces(&w.buf, piece), whole, "pieces of {piece}");
+        }
+        let reader: Vec<_> = RecordReader::new(&w.buf, Lsn(START))
+            .unwrap()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+        assert_eq!(reader, whole);
+    }
+
+    #[test]
+    fn undecodable_records_end_the_walk_with_an_error() {
+        let mut w = SegWriter::new(0);
+        w.record(RM_XACT_ID, 0, 5, NO_BLOCKS, &commit(42));
+        let broken = w.at;
+        w.record(RM_XACT_ID, 0, 6, NO_BLOCKS, &commit(43));
+        w.record(RM_XACT_ID, 0, 7, NO_BLOCKS, &commit(44));
+        // A block ID no record may carry.
+        w.buf[broken + SIZE_OF_XLOG_RECORD] = 100;
+        for piece in [5, 8192] {
+            let found = scan_in_pieces(&w.buf, piece);
+            assert_eq!(found.len(), 2, "{found:?}");
+            assert!(found[1]
+                .as_ref()
+                .is_err_and(|e| e.contains("invalid block ID 100")));
+        }
+        // So does a length shorter than a record header.
+        w.buf[broken..broken + 4].copy_from_slice(&10u32.to_le_bytes());
+        let found = scan_in_pieces(&w.buf, 3);
+        assert!(found[1]
+            .as_ref()
+            .is_err_and(|e| e.contains("xl_tot_len 10")));
     }
 
     #[test]
