@@ -180,8 +180,10 @@ impl Repository {
         Ok(Some(codec::decode_all(reader, key).await?))
     }
 
-    /// Restores an object into `dest`: decoded into a temporary file beside it, verified, fsynced,
-    /// then renamed, so `dest` appears only with whole, verified content. `None` when absent.
+    /// Restores an object into `dest`: decoded into a temporary file beside it, verified, then
+    /// renamed, so `dest` appears only with whole, verified content. `None` when absent. Not
+    /// fsynced: restored WAL is read at once and PostgreSQL copies (and syncs) what it keeps, and
+    /// the prefetch spool checks its files again before serving them.
     pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<Option<Checksum>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
@@ -198,9 +200,6 @@ impl Repository {
                     .map_err(RepoError::file("write", &temp))?;
             }
             out.flush().await.map_err(RepoError::file("write", &temp))?;
-            out.sync_all()
-                .await
-                .map_err(RepoError::file("fsync", &temp))?;
             fs::rename(&temp, dest)
                 .await
                 .map_err(RepoError::file("rename", dest))?;

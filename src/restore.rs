@@ -12,11 +12,16 @@
 //! streamed commit.
 //!
 //! Prefetch: after serving segment N, a detached `wal-prefetch` process downloads N+1..N+k into
-//! the spool (outside `pg_wal`), verified and fsynced, so later calls only rename a local file. The
-//! spool never holds more than k segments: each run first deletes what recovery has passed.
+//! the spool (outside `pg_wal`), verified, so later calls only check and rename a local file. The
+//! spool is a cache and is not fsynced: each file is named `<segment>.<crc32>`, and wal-fetch
+//! checks the content against that checksum before serving it, so a file torn by a crash is
+//! fetched again from the repository instead of reaching PostgreSQL. The spool never holds more
+//! than k segments: each run first deletes what recovery has passed.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +29,7 @@ use walvault_wal::page::LongPageHeader;
 use walvault_wal::{SegmentName, WalFileName};
 
 use crate::archive::wal_key;
+use crate::codec::Checksum;
 use crate::receive::fragments::{self, Partial};
 use crate::repo::{RepoError, Repository};
 use crate::spool::{self, Spool};
@@ -48,11 +54,18 @@ pub async fn fetch(
     name: &WalFileName,
     dest: &Path,
 ) -> Result<Fetched, RepoError> {
-    if let WalFileName::Segment(_) = name {
-        let spooled = spool.prefetch_dir().join(name.to_string());
-        // Spooled files were verified and fsynced when they were fetched.
-        if tokio::fs::rename(&spooled, dest).await.is_ok() {
-            return Ok(Fetched::Found { from_spool: true });
+    if let WalFileName::Segment(seg) = name {
+        if let Some((path, crc)) = spooled(&spool.prefetch_dir()).remove(&seg.to_string()) {
+            match serve_spooled(&path, crc, dest) {
+                Ok(()) => return Ok(Fetched::Found { from_spool: true }),
+                Err(e) => {
+                    tracing::warn!(
+                        "prefetched {} is unusable ({e}); fetching {name} from the repository",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
         }
     }
     let key = wal_key(name);
@@ -86,6 +99,52 @@ pub async fn fetch(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Checks a spooled segment against the checksum in its name, then moves it to `dest`.
+fn serve_spooled(path: &Path, crc: Checksum, dest: &Path) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let found = hasher.finalize();
+    if found != crc.0 {
+        return Err(std::io::Error::other(format!(
+            "content checksum {found:08x}, expected {:08x}",
+            crc.0
+        )));
+    }
+    std::fs::rename(path, dest)
+}
+
+/// The spool file name of a prefetched segment with content checksum `crc`.
+fn spool_name(seg: &SegmentName, crc: Checksum) -> String {
+    format!("{seg}.{:08x}", crc.0)
+}
+
+/// The segments spooled in `dir` (named by [`spool_name`]), by segment name. Anything else there
+/// (the lock, a download in progress) is left out.
+fn spooled(dir: &Path) -> HashMap<String, (PathBuf, Checksum)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return HashMap::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let (seg, crc) = name.split_once('.')?;
+            let crc = u32::from_str_radix(crc, 16)
+                .ok()
+                .filter(|_| crc.len() == 8)?;
+            Some((seg.to_string(), (entry.path(), Checksum(crc))))
+        })
+        .collect()
 }
 
 /// A segment that is not archived whole may exist as fragments streamed by wal-receive: serve
@@ -155,11 +214,17 @@ async fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Whether some segment of the window is neither spooled nor being fetched by a running
-/// prefetcher, i.e. whether starting one would do anything.
+/// Whether to start a prefetcher: when at most half of the window is spooled and no prefetcher
+/// is running. Refilling in batches rather than for every segment recovery takes saves a process
+/// start on most calls, while the spooled half keeps recovery supplied.
 pub fn prefetch_needed(spool: &Spool, window: &[SegmentName]) -> bool {
     let dir = spool.prefetch_dir();
-    if window.iter().all(|s| dir.join(s.to_string()).exists()) {
+    let present = spooled(&dir);
+    let spooled = window
+        .iter()
+        .filter(|s| present.contains_key(&s.to_string()))
+        .count();
+    if spooled * 2 > window.len() {
         return false;
     }
     match lock(&dir) {
@@ -189,22 +254,36 @@ pub async fn prefetch(
     let Ok(Some(_lock)) = lock(&dir) else {
         return Ok(0);
     };
-    forget_outside(&dir, &window).await;
+    forget_outside(&dir, &window);
+    let present = spooled(&dir);
     let wanted: Vec<SegmentName> = window
         .into_iter()
-        .filter(|s| !dir.join(s.to_string()).exists())
+        .filter(|s| !present.contains_key(&s.to_string()))
         .collect();
     let mut stored = 0;
     // Fetch in order, a few at a time; the first miss is the end of the archive for now.
     for batch in wanted.chunks(concurrency.max(1)) {
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks: tokio::task::JoinSet<Result<Option<Checksum>, RepoError>> =
+            tokio::task::JoinSet::new();
         for seg in batch {
-            let (repo, dest, key) = (
-                Arc::clone(&repo),
-                dir.join(seg.to_string()),
-                wal_key(&WalFileName::Segment(*seg)),
-            );
-            tasks.spawn(async move { repo.get_to_file(&key, &dest).await });
+            let (repo, dir, seg) = (Arc::clone(&repo), dir.clone(), *seg);
+            tasks.spawn(async move {
+                // Named with its checksum only once whole, so wal-fetch never sees it earlier.
+                let fetching = dir.join(seg.to_string());
+                let key = wal_key(&WalFileName::Segment(seg));
+                let Some(crc) = repo.get_to_file(&key, &fetching).await? else {
+                    return Ok(None);
+                };
+                let spooled = dir.join(spool_name(&seg, crc));
+                tokio::fs::rename(&fetching, &spooled)
+                    .await
+                    .map_err(|source| RepoError::File {
+                        op: "rename",
+                        path: spooled,
+                        source,
+                    })?;
+                Ok(Some(crc))
+            });
         }
         let mut end = false;
         while let Some(joined) = tasks.join_next().await {
@@ -231,15 +310,17 @@ pub async fn prefetch(
 
 /// Deletes spooled segments (and leftover temporary files) that are not in the window: recovery
 /// has passed them or moved to another timeline, so they would only take space.
-async fn forget_outside(dir: &Path, window: &[SegmentName]) {
-    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+fn forget_outside(dir: &Path, window: &[SegmentName]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     let keep: Vec<String> = window.iter().map(|s| s.to_string()).collect();
-    while let Ok(Some(entry)) = entries.next_entry().await {
+    for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name != LOCK_FILE && !keep.contains(&name) {
-            let _ = tokio::fs::remove_file(entry.path()).await;
+        let segment = name.split_once('.').map_or(name.as_str(), |(seg, _)| seg);
+        let whole = name.contains('.') && !name.starts_with('.');
+        if name != LOCK_FILE && !(whole && keep.iter().any(|k| k == segment)) {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -262,4 +343,46 @@ pub fn spawn_prefetcher(
     args.extend(["wal-prefetch".into(), "--spool".into(), spool.dir().into()]);
     args.extend(window.iter().map(|s| s.to_string().into()));
     spool::spawn_helper(&args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FlagValues, Settings};
+
+    #[tokio::test]
+    async fn spooled_segments_are_checked_before_they_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        std::fs::create_dir(&repo_dir).unwrap();
+        let settings = Settings::load(&FlagValues {
+            repo: Some(format!("file://{}", repo_dir.display())),
+            ..Default::default()
+        })
+        .unwrap();
+        let repo = Repository::open(&settings).await.unwrap();
+        let spool = Spool::locate(None, &wal_dir);
+        std::fs::create_dir_all(spool.prefetch_dir()).unwrap();
+        let (good, torn): (SegmentName, SegmentName) = (
+            "000000010000000000000001".parse().unwrap(),
+            "000000010000000000000002".parse().unwrap(),
+        );
+        let content = b"whole segment".to_vec();
+        let crc = Checksum::of(&content);
+        std::fs::write(spool.prefetch_dir().join(spool_name(&good, crc)), &content).unwrap();
+        std::fs::write(spool.prefetch_dir().join(spool_name(&torn, crc)), b"whole").unwrap();
+        // A download in progress carries no checksum yet and is not a spooled segment.
+        std::fs::write(spool.prefetch_dir().join("000000010000000000000003"), b"x").unwrap();
+        assert_eq!(spooled(&spool.prefetch_dir()).len(), 2);
+
+        let dest = wal_dir.join("RECOVERYXLOG");
+        let fetched = fetch(&repo, &spool, &WalFileName::Segment(good), &dest).await;
+        assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: true });
+        assert_eq!(std::fs::read(&dest).unwrap(), content);
+        // The torn copy is dropped and the repository asked instead (where it is absent).
+        let fetched = fetch(&repo, &spool, &WalFileName::Segment(torn), &dest).await;
+        assert_eq!(fetched.unwrap(), Fetched::NotFound);
+        assert!(spooled(&spool.prefetch_dir()).is_empty());
+    }
 }
