@@ -129,9 +129,9 @@ impl Archiver {
     }
 
     /// The pusher's work: stores the segments PostgreSQL has marked ready, oldest first, up to
-    /// `concurrency` at a time but no more than one per core (compressing is what a store
-    /// spends its time on, so more would only add memory), until a pass finds nothing more to
-    /// store. Returns how many it stored; exits at once if another pusher holds the spool.
+    /// `concurrency` at a time but no more than two per core (compressing is what a store
+    /// spends its time on; a second store per core compresses while the first waits for its
+    /// fsyncs, and more would only add memory), until a pass finds nothing more to store. Returns how many it stored; exits at once if another pusher holds the spool.
     pub async fn push_ahead(
         self: &Arc<Self>,
         wal_dir: &Path,
@@ -143,7 +143,7 @@ impl Archiver {
             return 0;
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let concurrency = concurrency.clamp(1, cores);
+        let concurrency = concurrency.clamp(1, 2 * cores);
         let mut stored = 0;
         loop {
             let ready = ready_segments(wal_dir).await;
