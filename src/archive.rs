@@ -525,7 +525,7 @@ impl Markers {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{FlagValues, Settings};
     use walvault_wal::page::{PgMajor, XLP_LONG_HEADER};
@@ -534,7 +534,7 @@ mod tests {
     const SEG: u64 = 1 << 20;
 
     /// A segment nothing was written to yet beyond its long header: valid for wal-push.
-    fn segment(name: &str) -> Vec<u8> {
+    pub(crate) fn segment(name: &str) -> Vec<u8> {
         let size = WalSegmentSize::new(SEG).unwrap();
         let Ok(WalFileName::Segment(seg)) = name.parse() else {
             panic!("{name}")

@@ -554,6 +554,44 @@ impl Ladder {
         Ok(true)
     }
 
+    /// Stores whole every segment whose fragments cover it but that is not at `wal/<segment>`:
+    /// what a predecessor killed between its last fragment and the whole store left behind
+    /// (streaming resumes after such a segment, so the segment lane never sees it again). Run
+    /// once, before streaming starts, so no lane works on the same segments.
+    pub async fn store_completed_fragments(&self) -> Result<(), RepoError> {
+        let seg_size = u64::from(self.seg_size.bytes());
+        let segments: std::collections::BTreeSet<SegmentName> = self
+            .repo
+            .store()
+            .list("stream/")
+            .await?
+            .iter()
+            .filter_map(|o| {
+                o.key
+                    .strip_prefix("stream/")?
+                    .split_once('/')?
+                    .0
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        for name in segments {
+            if fragments::covered(&fragments::list(&self.repo, &name).await?) != seg_size {
+                continue;
+            }
+            let whole = self.spool.join(format!("{name}.assembled"));
+            let assembled = fragments::fetch_partial(&self.repo, &name, &whole).await?;
+            if assembled == fragments::Partial::Written(seg_size)
+                && self.store_segment(&name, &whole).await?
+            {
+                tracing::info!("{name}: stored from the fragments a previous run streamed");
+                self.remove_fragments(&name).await?;
+            }
+            let _ = std::fs::remove_file(&whole);
+        }
+        Ok(())
+    }
+
     async fn remove_fragments(&self, name: &SegmentName) -> Result<(), RepoError> {
         for f in fragments::list(&self.repo, name).await? {
             self.repo.store().delete(&f.key).await?;
@@ -598,4 +636,56 @@ fn read_range(file: &std::fs::File, path: &Path, from: u64, to: u64) -> Result<V
             source,
         })?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FlagValues, Settings};
+
+    /// A receiver killed after the last fragment of a segment but before storing it whole
+    /// leaves a covered segment behind; the next run stores it and drops the fragments, and
+    /// leaves a segment still being streamed alone.
+    #[tokio::test]
+    async fn segments_left_as_complete_fragments_are_stored_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo_dir = dir.path().join("repo");
+        std::fs::create_dir(&repo_dir).unwrap();
+        let settings = Settings::load(&FlagValues {
+            repo: Some(format!("file://{}", repo_dir.display())),
+            ..Default::default()
+        })
+        .unwrap();
+        let repo = Arc::new(Repository::open(&settings).await.unwrap());
+        let seg_size = WalSegmentSize::new(1 << 20).unwrap();
+        let (done, open): (SegmentName, SegmentName) = (
+            "000000010000000000000008".parse().unwrap(),
+            "000000010000000000000009".parse().unwrap(),
+        );
+        let content = crate::archive::tests::segment(&done.to_string());
+        for (start, end) in [(0u64, 0x1BD68u64), (0x1BD68, 1 << 20)] {
+            let part = &content[start as usize..end as usize];
+            let key = fragments::key(&done, start, end);
+            repo.put_bytes(&key, part, PutMode::IfAbsent).await.unwrap();
+        }
+        let open_key = fragments::key(&open, 0, 0x1000);
+        repo.put_bytes(&open_key, &content[..0x1000], PutMode::IfAbsent)
+            .await
+            .unwrap();
+
+        let ladder = Ladder::new(
+            Arc::clone(&repo),
+            dir.path().join("spool"),
+            seg_size,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        ladder.store_completed_fragments().await.unwrap();
+        let key = wal_key(&WalFileName::Segment(done));
+        assert_eq!(repo.get_bytes(&key).await.unwrap().unwrap(), content);
+        assert!(fragments::list(&repo, &done).await.unwrap().is_empty());
+        assert_eq!(fragments::list(&repo, &open).await.unwrap().len(), 1);
+        let open_wal = wal_key(&WalFileName::Segment(open));
+        assert!(repo.get_bytes(&open_wal).await.unwrap().is_none());
+    }
 }

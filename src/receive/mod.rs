@@ -199,6 +199,10 @@ impl Receiver {
                     seg_size,
                     Arc::clone(&self.metrics),
                 )?;
+                if let Err(e) = l.store_completed_fragments().await {
+                    // wal-fetch serves such a segment from its fragments meanwhile.
+                    tracing::warn!("could not store segments left as fragments: {e}");
+                }
                 tokio::spawn(
                     Arc::clone(&l)
                         .run_uploader(self.options.flush_interval, self.options.synchronous),
