@@ -131,7 +131,8 @@ impl Archiver {
     /// The pusher's work: stores the segments PostgreSQL has marked ready, oldest first, up to
     /// `concurrency` at a time but no more than two per core (compressing is what a store
     /// spends its time on; a second store per core compresses while the first waits for its
-    /// fsyncs, and more would only add memory), until a pass finds nothing more to store. Returns how many it stored; exits at once if another pusher holds the spool.
+    /// fsyncs, and more would only add memory), until a pass finds nothing more to store.
+    /// Returns how many it stored; exits at once if another pusher holds the spool.
     pub async fn push_ahead(
         self: &Arc<Self>,
         wal_dir: &Path,

@@ -119,6 +119,9 @@ pub struct Encoder {
     crc: crc32fast::Hasher,
     /// False when the caller supplied the content's crc32 up front.
     hash_blocks: bool,
+    /// Where blocks are compressed before the result is appended to the caller's buffer: one
+    /// zeroed allocation per object instead of zeroing a worst-case tail for every block.
+    scratch: Vec<u8>,
 }
 
 impl Encoder {
@@ -129,6 +132,7 @@ impl Encoder {
             seen: 0,
             crc: crc32fast::Hasher::new(),
             hash_blocks: true,
+            scratch: Vec::new(),
         }
     }
 
@@ -171,35 +175,27 @@ impl Encoder {
         self.seen += raw.len() as u64;
         // MAX_BLOCK < 2^31, so both lengths fit the u32 fields with bit 31 free.
         let raw_len = raw.len() as u32;
-        let frame_start = out.len();
-        out.extend_from_slice(&raw_len.to_le_bytes());
-        out.extend_from_slice(&[0u8; 4]);
-        let body_start = out.len();
-        let stored_len = match self.compression {
+        let compressed = match self.compression {
             Compression::Lz4 => {
-                out.resize(
-                    body_start + lz4_flex::block::get_maximum_output_size(raw.len()),
-                    0,
-                );
-                match lz4_flex::block::compress_into(raw, &mut out[body_start..]) {
-                    Ok(n) if n < raw.len() => Some(n),
+                let bound = lz4_flex::block::get_maximum_output_size(raw.len());
+                if self.scratch.len() < bound {
+                    self.scratch.resize(bound, 0);
+                }
+                match lz4_flex::block::compress_into(raw, &mut self.scratch) {
+                    Ok(n) if n < raw.len() => Some(&self.scratch[..n]),
                     _ => None,
                 }
             }
             Compression::None => None,
         };
-        let stored_field = match stored_len {
-            Some(n) => {
-                out.truncate(body_start + n);
-                n as u32
-            }
-            None => {
-                out.truncate(body_start);
-                out.extend_from_slice(raw);
-                raw_len | UNCOMPRESSED_BIT
-            }
+        let (stored_field, body) = match compressed {
+            Some(body) => (body.len() as u32, body),
+            None => (raw_len | UNCOMPRESSED_BIT, raw),
         };
-        out[frame_start + 4..frame_start + 8].copy_from_slice(&stored_field.to_le_bytes());
+        out.reserve(8 + body.len());
+        out.extend_from_slice(&raw_len.to_le_bytes());
+        out.extend_from_slice(&stored_field.to_le_bytes());
+        out.extend_from_slice(body);
     }
 
     /// Appends the trailer. Fails when the blocks did not add up to the announced length, which

@@ -58,11 +58,14 @@ fn main() -> ExitCode {
         Command::WalFetch { .. } => EXIT_FETCH_FAILED,
         _ => 1,
     };
-    // PostgreSQL waits on every wal-push and wal-fetch, which each handle one file: a runtime
-    // on this thread saves them starting worker threads. The rest work on many objects at once.
+    // PostgreSQL waits on every wal-push and wal-fetch, which each handle one file, one step
+    // after the other: a runtime on this thread with one thread for file operations saves them
+    // starting threads they would not use. The rest work on many objects at once.
     let mut builder = match cli.command {
         Command::WalPush { .. } | Command::WalFetch { .. } => {
-            tokio::runtime::Builder::new_current_thread()
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.max_blocking_threads(1);
+            builder
         }
         _ => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -297,7 +300,8 @@ async fn wal_fetch(
         .parse()
         .with_context(|| format!("{name} is not a WAL file name recovery asks for"))?;
     let spool = Spool::locate(settings.spool_dir.as_deref(), spool::wal_dir_of(dest));
-    let fetched = restore::fetch(&repo, &spool, &name, dest)
+    let mut prefetched = restore::Prefetched::read(&spool);
+    let fetched = restore::fetch(&repo, &mut prefetched, &name, dest)
         .await
         .with_context(|| format!("fetching {name} from {}", repo.url()))?;
     let ms = started.elapsed().as_millis();
@@ -314,7 +318,7 @@ async fn wal_fetch(
         }
     }
     let window = restore::prefetch_window(&name, dest, settings.prefetch).await;
-    if !window.is_empty() && restore::prefetch_needed(&spool, &window) {
+    if !window.is_empty() && prefetched.refill_needed(&window) {
         if let Err(e) = restore::spawn_prefetcher(&global_args(flags), &spool, &window) {
             // Prefetch only saves time; recovery goes on fetching one segment at a time.
             tracing::warn!("could not start the prefetcher: {e}");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio::fs::{self, File};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::codec::{self, Checksum, CodecError, Compression, Decoder, Encoder, MAX_BLOCK};
 use crate::config::Settings;
@@ -107,14 +107,9 @@ impl Repository {
         mode: PutMode,
         mut tap: impl FnMut(&[u8]) + Send,
     ) -> Result<Stored, RepoError> {
-        let mut file = File::open(path)
+        let (mut file, len) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
-        let len = file
-            .metadata()
-            .await
-            .map_err(RepoError::file("stat", path))?
-            .len();
         let mut encoder = Encoder::new(self.compression, len);
         let mut writer = self.store.writer(key)?;
         let header = Bytes::copy_from_slice(&encoder.header());
@@ -123,7 +118,9 @@ impl Repository {
         let mut raw = vec![0u8; MAX_BLOCK];
         let mut read = 0u64;
         loop {
-            let n = read_full(&mut file, &mut raw)
+            let n;
+            (raw, n) = file
+                .read(raw, MAX_BLOCK)
                 .await
                 .map_err(RepoError::file("read", path))?;
             if n == 0 {
@@ -185,10 +182,22 @@ impl Repository {
     /// fsynced: restored WAL is read at once and PostgreSQL copies (and syncs) what it keeps, and
     /// the prefetch spool checks its files again before serving them.
     pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<Option<Checksum>, RepoError> {
+        self.get_to_file_named(key, dest, |_| dest.to_path_buf())
+            .await
+    }
+
+    /// Like [`Repository::get_to_file`], for a destination whose name depends on the content's
+    /// checksum: `name` makes the final path from it, and the temporary file sits beside `near`.
+    pub async fn get_to_file_named(
+        &self,
+        key: &str,
+        near: &Path,
+        name: impl FnOnce(Checksum) -> PathBuf,
+    ) -> Result<Option<Checksum>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
         };
-        let temp = temp_beside(dest);
+        let temp = temp_beside(near);
         let result = async {
             let mut decoder = Decoder::new(reader, key).await?;
             let mut out = File::create(&temp)
@@ -200,11 +209,13 @@ impl Repository {
                     .map_err(RepoError::file("write", &temp))?;
             }
             out.flush().await.map_err(RepoError::file("write", &temp))?;
-            fs::rename(&temp, dest)
-                .await
-                .map_err(RepoError::file("rename", dest))?;
             // The decoder returned None only after checking the content checksum.
-            Ok(decoder.checksum().unwrap_or(Checksum(0)))
+            let checksum = decoder.checksum().unwrap_or(Checksum(0));
+            let dest = name(checksum);
+            fs::rename(&temp, &dest)
+                .await
+                .map_err(RepoError::file("rename", &dest))?;
+            Ok(checksum)
         }
         .await;
         if result.is_err() {
@@ -237,14 +248,16 @@ impl Repository {
             return Ok(None);
         };
         let mut decoder = Decoder::new(reader, key).await?;
-        let mut file = File::open(path)
+        let (mut file, _) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
         let mut local_crc = crc32fast::Hasher::new();
         let mut identical = true;
         let mut local = vec![0u8; MAX_BLOCK];
         while let Some(block) = decoder.next_block().await? {
-            let n = read_full(&mut file, &mut local[..block.len()])
+            let n;
+            (local, n) = file
+                .read(local, block.len())
                 .await
                 .map_err(RepoError::file("read", path))?;
             local_crc.update(&local[..n]);
@@ -252,7 +265,9 @@ impl Repository {
         }
         // Whatever the file holds past the stored content also counts towards its checksum.
         loop {
-            let n = read_full(&mut file, &mut local)
+            let n;
+            (local, n) = file
+                .read(local, MAX_BLOCK)
                 .await
                 .map_err(RepoError::file("read", path))?;
             if n == 0 {
@@ -278,13 +293,61 @@ pub fn temp_beside(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.walvault-{}.tmp", std::process::id()))
 }
 
+/// A local file read on the blocking pool straight into the caller's buffer, a block at a time
+/// (tokio's `File` reads into a buffer of its own and copies from it: 16 MiB more per segment).
+struct BlockFile {
+    /// Away on the blocking pool during a read; gone if that read panicked.
+    file: Option<std::fs::File>,
+}
+
+impl BlockFile {
+    /// Opens `path`; returns it with its length.
+    async fn open(path: &Path) -> std::io::Result<(BlockFile, u64)> {
+        let path = path.to_path_buf();
+        let (file, len) = blocking(move || {
+            let file = std::fs::File::open(path)?;
+            let len = file.metadata()?.len();
+            Ok((file, len))
+        })
+        .await?;
+        Ok((BlockFile { file: Some(file) }, len))
+    }
+
+    /// Fills `buf[..want]` unless the file ends first; hands the buffer back with how much was
+    /// read.
+    async fn read(&mut self, mut buf: Vec<u8>, want: usize) -> std::io::Result<(Vec<u8>, usize)> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("an earlier read of this file failed"))?;
+        let (file, buf, n) = blocking(move || {
+            let n = read_full(&mut file, &mut buf[..want]);
+            Ok((file, buf, n))
+        })
+        .await?;
+        self.file = Some(file);
+        Ok((buf, n?))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// Fills `buf` unless the file ends first; returns how much was read.
-async fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
     let mut filled = 0;
     while filled < buf.len() {
-        match file.read(&mut buf[filled..]).await? {
-            0 => break,
-            n => filled += n,
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(filled)

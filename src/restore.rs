@@ -12,11 +12,15 @@
 //! streamed commit.
 //!
 //! Prefetch: after serving segment N, a detached `wal-prefetch` process downloads N+1..N+k into
-//! the spool (outside `pg_wal`), verified, so later calls only check and rename a local file. The
-//! spool is a cache and is not fsynced: each file is named `<segment>.<crc32>`, and wal-fetch
-//! checks the content against that checksum before serving it, so a file torn by a crash is
-//! fetched again from the repository instead of reaching PostgreSQL. The spool never holds more
-//! than k segments: each run first deletes what recovery has passed.
+//! the spool (outside `pg_wal`), verified, so later calls only rename a local file. The spool is
+//! a cache and is not fsynced: each file is named `<segment>.<crc32>.<boot id>`. A file written
+//! since the machine last booted is whole (it was renamed into place after its content was
+//! verified, and nothing but a crash of the kernel loses page-cache writes), so it is served as
+//! it is; one from an earlier boot may have been torn by that crash, so wal-fetch checks its
+//! content against the checksum first and fetches it again from the repository if it differs.
+//! A call for a segment the prefetcher is downloading at that moment waits for it rather than
+//! downloading it a second time. The spool never holds more than k segments: each run first
+//! deletes what recovery has passed.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -47,23 +51,23 @@ pub enum Fetched {
     NotFound,
 }
 
-/// Fetches `name` into `dest`.
+/// Fetches `name` into `dest`, from the prefetch spool when it is there.
 pub async fn fetch(
     repo: &Repository,
-    spool: &Spool,
+    prefetched: &mut Prefetched,
     name: &WalFileName,
     dest: &Path,
 ) -> Result<Fetched, RepoError> {
     if let WalFileName::Segment(seg) = name {
-        if let Some((path, crc)) = spooled(&spool.prefetch_dir()).remove(&seg.to_string()) {
-            match serve_spooled(&path, crc, dest) {
+        if let Some(file) = prefetched.take(seg).await {
+            match file.serve(dest) {
                 Ok(()) => return Ok(Fetched::Found { from_spool: true }),
                 Err(e) => {
                     tracing::warn!(
                         "prefetched {} is unusable ({e}); fetching {name} from the repository",
-                        path.display()
+                        file.path.display()
                     );
-                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&file.path);
                 }
             }
         }
@@ -101,50 +105,185 @@ pub async fn fetch(
     }
 }
 
-/// Checks a spooled segment against the checksum in its name, then moves it to `dest`.
-fn serve_spooled(path: &Path, crc: Checksum, dest: &Path) -> std::io::Result<()> {
+/// The longest a wal-fetch call waits for the prefetcher to finish downloading the segment it
+/// wants. The prefetcher's own requests are bounded by the store's timeouts; past this, the call
+/// downloads the segment itself.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+/// How often a waiting call looks at the download in flight.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
+
+/// What the prefetch spool holds, read once per wal-fetch call.
+pub struct Prefetched {
+    dir: PathBuf,
+    boot: Option<String>,
+    ready: HashMap<SegmentName, SpoolFile>,
+    /// The temporary files of downloads in progress, by segment.
+    in_flight: HashMap<SegmentName, PathBuf>,
+}
+
+/// A prefetched segment.
+struct SpoolFile {
+    path: PathBuf,
+    crc: Checksum,
+    /// Written since the machine last booted, so whole.
+    this_boot: bool,
+}
+
+impl Prefetched {
+    pub fn read(spool: &Spool) -> Prefetched {
+        Prefetched::scan(spool.prefetch_dir(), boot_id())
+    }
+
+    fn scan(dir: PathBuf, boot: Option<String>) -> Prefetched {
+        let mut ready = HashMap::new();
+        let mut in_flight = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.filter_map(Result::ok) {
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                match SpoolEntry::parse(&name) {
+                    Some(SpoolEntry::Ready { seg, crc, boot: b }) => {
+                        let this_boot = b.is_some() && b == boot.as_deref();
+                        let file = SpoolFile {
+                            path: entry.path(),
+                            crc,
+                            this_boot,
+                        };
+                        ready.insert(seg, file);
+                    }
+                    Some(SpoolEntry::InFlight(seg)) => {
+                        in_flight.insert(seg, entry.path());
+                    }
+                    None => {}
+                }
+            }
+        }
+        Prefetched {
+            dir,
+            boot,
+            ready,
+            in_flight,
+        }
+    }
+
+    /// The spooled copy of `seg`, waiting for it if the prefetcher is downloading it now.
+    async fn take(&mut self, seg: &SegmentName) -> Option<SpoolFile> {
+        if let Some(file) = self.ready.remove(seg) {
+            return Some(file);
+        }
+        let temp = self.in_flight.remove(seg)?;
+        let started = std::time::Instant::now();
+        // The prefetcher renames the temporary file to its final name once it is verified; its
+        // lock is free once it is gone, whatever became of the download.
+        while temp.exists() && started.elapsed() < IN_FLIGHT_WAIT {
+            if !matches!(lock(&self.dir), Ok(None)) {
+                break;
+            }
+            tokio::time::sleep(IN_FLIGHT_POLL).await;
+        }
+        tracing::debug!(
+            "waited {:?} for the prefetcher to download {seg}",
+            started.elapsed()
+        );
+        *self = Prefetched::scan(self.dir.clone(), self.boot.take());
+        self.ready.remove(seg)
+    }
+
+    /// Whether to start a prefetcher for `window`: when at most half of it is spooled and no
+    /// prefetcher is running. Refilling in batches rather than for every segment recovery takes
+    /// saves a process start on most calls, while the spooled half keeps recovery supplied.
+    pub fn refill_needed(&self, window: &[SegmentName]) -> bool {
+        let spooled = window.iter().filter(|s| self.ready.contains_key(s)).count();
+        if spooled * 2 > window.len() {
+            return false;
+        }
+        match lock(&self.dir) {
+            // A prefetcher holds the lock; it will take care of the window or the next call will.
+            Ok(None) => false,
+            Ok(Some(_released_on_drop)) => true,
+            Err(_) => true,
+        }
+    }
+}
+
+impl SpoolFile {
+    /// Moves the file to `dest`; one from an earlier boot is checked against its checksum first.
+    fn serve(&self, dest: &Path) -> std::io::Result<()> {
+        if !self.this_boot {
+            let found = file_crc(&self.path)?;
+            if found != self.crc.0 {
+                return Err(std::io::Error::other(format!(
+                    "content checksum {found:08x}, expected {:08x}",
+                    self.crc.0
+                )));
+            }
+        }
+        std::fs::rename(&self.path, dest)
+    }
+}
+
+fn file_crc(path: &Path) -> std::io::Result<u32> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(hasher.finalize());
         }
         hasher.update(&buf[..n]);
     }
-    let found = hasher.finalize();
-    if found != crc.0 {
-        return Err(std::io::Error::other(format!(
-            "content checksum {found:08x}, expected {:08x}",
-            crc.0
-        )));
+}
+
+/// This boot of the machine, as the kernel names it (hex digits only); `None` where the kernel
+/// does not say, and then every spooled file is checked.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = id.trim().chars().filter(|c| *c != '-').collect();
+    (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// The spool file name of a prefetched segment with content checksum `crc`, written during boot
+/// `boot`.
+fn spool_name(seg: &SegmentName, crc: Checksum, boot: Option<&str>) -> String {
+    match boot {
+        Some(boot) => format!("{seg}.{:08x}.{boot}", crc.0),
+        None => format!("{seg}.{:08x}", crc.0),
     }
-    std::fs::rename(path, dest)
 }
 
-/// The spool file name of a prefetched segment with content checksum `crc`.
-fn spool_name(seg: &SegmentName, crc: Checksum) -> String {
-    format!("{seg}.{:08x}", crc.0)
+/// What a file in the prefetch directory is.
+#[derive(Debug, PartialEq, Eq)]
+enum SpoolEntry<'a> {
+    /// A spooled segment, named by [`spool_name`].
+    Ready {
+        seg: SegmentName,
+        crc: Checksum,
+        boot: Option<&'a str>,
+    },
+    /// A download in progress: the temporary file [`Repository::get_to_file_named`] writes
+    /// beside `<segment>`.
+    InFlight(SegmentName),
 }
 
-/// The segments spooled in `dir` (named by [`spool_name`]), by segment name. Anything else there
-/// (the lock, a download in progress) is left out.
-fn spooled(dir: &Path) -> HashMap<String, (PathBuf, Checksum)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return HashMap::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
-            let (seg, crc) = name.split_once('.')?;
-            let crc = u32::from_str_radix(crc, 16)
-                .ok()
-                .filter(|_| crc.len() == 8)?;
-            Some((seg.to_string(), (entry.path(), Checksum(crc))))
-        })
-        .collect()
+impl<'a> SpoolEntry<'a> {
+    /// `None` for anything else (the lock).
+    fn parse(name: &'a str) -> Option<SpoolEntry<'a>> {
+        if let Some(temp) = name.strip_prefix('.') {
+            let (seg, _) = temp.split_once('.')?;
+            return seg.parse().ok().map(SpoolEntry::InFlight);
+        }
+        let mut parts = name.split('.');
+        let seg = parts.next()?.parse().ok()?;
+        let crc = parts.next().filter(|crc| crc.len() == 8)?;
+        let crc = Checksum(u32::from_str_radix(crc, 16).ok()?);
+        let boot = parts.next();
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(SpoolEntry::Ready { seg, crc, boot })
+    }
 }
 
 /// A segment that is not archived whole may exist as fragments streamed by wal-receive: serve
@@ -214,27 +353,6 @@ async fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Whether to start a prefetcher: when at most half of the window is spooled and no prefetcher
-/// is running. Refilling in batches rather than for every segment recovery takes saves a process
-/// start on most calls, while the spooled half keeps recovery supplied.
-pub fn prefetch_needed(spool: &Spool, window: &[SegmentName]) -> bool {
-    let dir = spool.prefetch_dir();
-    let present = spooled(&dir);
-    let spooled = window
-        .iter()
-        .filter(|s| present.contains_key(&s.to_string()))
-        .count();
-    if spooled * 2 > window.len() {
-        return false;
-    }
-    match lock(&dir) {
-        // A prefetcher holds the lock; it will take care of the window or the next call will.
-        Ok(None) => false,
-        Ok(Some(_released_on_drop)) => true,
-        Err(_) => true,
-    }
-}
-
 /// Runs one prefetch pass for `window` (the detached `wal-prefetch` process). Returns how many
 /// segments it stored. Exits quietly if another prefetcher holds the spool.
 pub async fn prefetch(
@@ -255,54 +373,48 @@ pub async fn prefetch(
         return Ok(0);
     };
     forget_outside(&dir, &window);
-    let present = spooled(&dir);
-    let wanted: Vec<SegmentName> = window
+    let present = Prefetched::scan(dir.clone(), None);
+    let boot = boot_id();
+    let mut wanted = window
         .into_iter()
-        .filter(|s| !present.contains_key(&s.to_string()))
-        .collect();
+        .filter(|s| !present.ready.contains_key(s));
+    let mut tasks: tokio::task::JoinSet<Result<Option<Checksum>, RepoError>> =
+        tokio::task::JoinSet::new();
     let mut stored = 0;
-    // Fetch in order, a few at a time; the first miss is the end of the archive for now.
-    for batch in wanted.chunks(concurrency.max(1)) {
-        let mut tasks: tokio::task::JoinSet<Result<Option<Checksum>, RepoError>> =
-            tokio::task::JoinSet::new();
-        for seg in batch {
-            let (repo, dir, seg) = (Arc::clone(&repo), dir.clone(), *seg);
+    let mut end = false;
+    // In order, `concurrency` at a time, starting the next as each finishes; the first miss is
+    // the end of the archive for now.
+    loop {
+        while !end && tasks.len() < concurrency.max(1) {
+            let Some(seg) = wanted.next() else {
+                end = true;
+                break;
+            };
+            let (repo, dir, boot) = (Arc::clone(&repo), dir.clone(), boot.clone());
             tasks.spawn(async move {
-                // Named with its checksum only once whole, so wal-fetch never sees it earlier.
-                let fetching = dir.join(seg.to_string());
                 let key = wal_key(&WalFileName::Segment(seg));
-                let Some(crc) = repo.get_to_file(&key, &fetching).await? else {
-                    return Ok(None);
-                };
-                let spooled = dir.join(spool_name(&seg, crc));
-                tokio::fs::rename(&fetching, &spooled)
-                    .await
-                    .map_err(|source| RepoError::File {
-                        op: "rename",
-                        path: spooled,
-                        source,
-                    })?;
-                Ok(Some(crc))
+                // Named with its checksum only once whole, so wal-fetch never serves it earlier.
+                repo.get_to_file_named(&key, &dir.join(seg.to_string()), |crc| {
+                    dir.join(spool_name(&seg, crc, boot.as_deref()))
+                })
+                .await
             });
         }
-        let mut end = false;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(Some(_))) => stored += 1,
-                Ok(Ok(None)) => end = true,
-                Ok(Err(e)) => {
-                    // wal-fetch will fetch (and retry) it itself when recovery asks.
-                    tracing::debug!("prefetch failed: {e}");
-                    end = true;
-                }
-                Err(e) => {
-                    tracing::debug!("prefetch task failed: {e}");
-                    end = true;
-                }
-            }
-        }
-        if end {
+        let Some(joined) = tasks.join_next().await else {
             break;
+        };
+        match joined {
+            Ok(Ok(Some(_))) => stored += 1,
+            Ok(Ok(None)) => end = true,
+            Ok(Err(e)) => {
+                // wal-fetch will fetch (and retry) it itself when recovery asks.
+                tracing::debug!("prefetch failed: {e}");
+                end = true;
+            }
+            Err(e) => {
+                tracing::debug!("prefetch task failed: {e}");
+                end = true;
+            }
         }
     }
     Ok(stored)
@@ -314,12 +426,13 @@ fn forget_outside(dir: &Path, window: &[SegmentName]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let keep: Vec<String> = window.iter().map(|s| s.to_string()).collect();
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let segment = name.split_once('.').map_or(name.as_str(), |(seg, _)| seg);
-        let whole = name.contains('.') && !name.starts_with('.');
-        if name != LOCK_FILE && !(whole && keep.iter().any(|k| k == segment)) {
+        let keep = match SpoolEntry::parse(&name) {
+            Some(SpoolEntry::Ready { seg, .. }) => window.contains(&seg),
+            _ => name == LOCK_FILE,
+        };
+        if !keep {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -351,7 +464,7 @@ mod tests {
     use crate::config::{FlagValues, Settings};
 
     #[tokio::test]
-    async fn spooled_segments_are_checked_before_they_are_served() {
+    async fn spooled_segments_of_an_earlier_boot_are_checked_before_they_are_served() {
         let dir = tempfile::tempdir().unwrap();
         let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
         std::fs::create_dir_all(&wal_dir).unwrap();
@@ -363,26 +476,118 @@ mod tests {
         .unwrap();
         let repo = Repository::open(&settings).await.unwrap();
         let spool = Spool::locate(None, &wal_dir);
-        std::fs::create_dir_all(spool.prefetch_dir()).unwrap();
-        let (good, torn): (SegmentName, SegmentName) = (
-            "000000010000000000000001".parse().unwrap(),
-            "000000010000000000000002".parse().unwrap(),
-        );
+        let prefetch = spool.prefetch_dir();
+        std::fs::create_dir_all(&prefetch).unwrap();
+        let seg =
+            |n: u32| -> SegmentName { format!("0000000100000000000000{n:02X}").parse().unwrap() };
         let content = b"whole segment".to_vec();
         let crc = Checksum::of(&content);
-        std::fs::write(spool.prefetch_dir().join(spool_name(&good, crc)), &content).unwrap();
-        std::fs::write(spool.prefetch_dir().join(spool_name(&torn, crc)), b"whole").unwrap();
-        // A download in progress carries no checksum yet and is not a spooled segment.
-        std::fs::write(spool.prefetch_dir().join("000000010000000000000003"), b"x").unwrap();
-        assert_eq!(spooled(&spool.prefetch_dir()).len(), 2);
+        let this_boot = boot_id().expect("Linux names its boots");
+        let earlier_boot = "0".repeat(32);
+        let spool_file = |n, boot: &str, content: &[u8]| {
+            std::fs::write(prefetch.join(spool_name(&seg(n), crc, Some(boot))), content).unwrap();
+        };
+        // Written in this boot: served as it is (a process crash cannot tear a renamed file).
+        spool_file(1, &this_boot, &content);
+        // Written before a reboot: checked, whole...
+        spool_file(2, &earlier_boot, &content);
+        // ...and torn by the crash.
+        spool_file(3, &earlier_boot, b"whole");
+        // A download in progress is not a spooled segment.
+        std::fs::write(
+            prefetch.join(".000000010000000000000004.walvault-7.tmp"),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(prefetch.join("lock"), b"").unwrap();
+        let mut prefetched = Prefetched::read(&spool);
+        assert_eq!(prefetched.ready.len(), 3);
+        assert_eq!(prefetched.in_flight.len(), 1);
+        assert!(prefetched.ready[&seg(1)].this_boot && !prefetched.ready[&seg(2)].this_boot);
 
         let dest = wal_dir.join("RECOVERYXLOG");
-        let fetched = fetch(&repo, &spool, &WalFileName::Segment(good), &dest).await;
-        assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: true });
-        assert_eq!(std::fs::read(&dest).unwrap(), content);
+        for n in [1, 2] {
+            let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(n)), &dest).await;
+            assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: true });
+            assert_eq!(std::fs::read(&dest).unwrap(), content);
+        }
         // The torn copy is dropped and the repository asked instead (where it is absent).
-        let fetched = fetch(&repo, &spool, &WalFileName::Segment(torn), &dest).await;
+        let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(3)), &dest).await;
         assert_eq!(fetched.unwrap(), Fetched::NotFound);
-        assert!(spooled(&spool.prefetch_dir()).is_empty());
+        // No prefetcher holds the lock, so nobody is finishing the download in flight: no wait.
+        let started = std::time::Instant::now();
+        let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(4)), &dest).await;
+        assert_eq!(fetched.unwrap(), Fetched::NotFound);
+        assert!(started.elapsed() < IN_FLIGHT_WAIT);
+        let left = Prefetched::read(&spool);
+        assert!(
+            left.ready.is_empty(),
+            "{:?}",
+            left.ready.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_for_the_download_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::locate(None, &dir.path().join("pg_wal"));
+        let prefetch = spool.prefetch_dir();
+        std::fs::create_dir_all(&prefetch).unwrap();
+        let seg: SegmentName = "000000010000000000000007".parse().unwrap();
+        let temp = prefetch.join(format!(".{seg}.walvault-9.tmp"));
+        std::fs::write(&temp, b"segment").unwrap();
+        // The prefetcher: holds the lock, then renames its download into place.
+        let held = lock(&prefetch).unwrap().unwrap();
+        let mut prefetched = Prefetched::read(&spool);
+        let finished = prefetch.join(spool_name(
+            &seg,
+            Checksum::of(b"segment"),
+            boot_id().as_deref(),
+        ));
+        let (temp2, finished2) = (temp.clone(), finished.clone());
+        let prefetcher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::rename(temp2, finished2).unwrap();
+            drop(held);
+        });
+        let file = prefetched.take(&seg).await.expect("the finished download");
+        assert_eq!(file.path, finished);
+        prefetcher.join().unwrap();
+    }
+
+    #[test]
+    fn spool_entries_are_told_apart() {
+        let seg: SegmentName = "000000010000000000000007".parse().unwrap();
+        let crc = Checksum(0xdeadbeef);
+        let boot = "a".repeat(32);
+        let name = spool_name(&seg, crc, Some(&boot));
+        assert_eq!(
+            SpoolEntry::parse(&name),
+            Some(SpoolEntry::Ready {
+                seg,
+                crc,
+                boot: Some(&boot)
+            })
+        );
+        assert_eq!(
+            SpoolEntry::parse(&spool_name(&seg, crc, None)),
+            Some(SpoolEntry::Ready {
+                seg,
+                crc,
+                boot: None
+            })
+        );
+        assert_eq!(
+            SpoolEntry::parse(".000000010000000000000007.walvault-12.tmp"),
+            Some(SpoolEntry::InFlight(seg))
+        );
+        for other in [
+            "lock",
+            "000000010000000000000007",
+            "000000010000000000000007.xyz",
+            "x.deadbeef",
+        ] {
+            assert_eq!(SpoolEntry::parse(other), None, "{other}");
+        }
     }
 }

@@ -3,8 +3,8 @@
 //! It holds two kinds of small state, both safe to delete at any time:
 //! - `pushed/<name>`: a marker that a segment was already stored by push-ahead, with the checksum
 //!   and length of what was stored, so the archiver's later call for it returns at once;
-//! - `prefetch/<name>`: segments that wal-fetch downloaded, verified and fsynced ahead of
-//!   recovery asking for them.
+//! - `prefetch/<name>`: segments the prefetcher downloaded and verified ahead of recovery asking
+//!   for them, named with their checksum and the boot they were written in (see restore).
 //!
 //! It lives outside `pg_wal` (by default `<PGDATA>/walvault_spool`, next to `pg_wal`), so nothing
 //! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. The background helpers that

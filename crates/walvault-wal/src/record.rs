@@ -279,8 +279,10 @@ impl RecordScanner {
     }
 
     /// Takes the next bytes of the segment and hands `found` each record
-    /// that ends in them, in order. A record that cannot be decoded is
-    /// handed over as an error and ends the walk.
+    /// that ends in them, in order. A transaction-manager or XLOG record
+    /// (one that could be a target) whose block headers cannot be decoded is
+    /// handed over as an error and ends the walk; other records are stepped
+    /// over by their length.
     pub fn feed(
         &mut self,
         mut bytes: &[u8],
@@ -353,24 +355,64 @@ impl RecordScanner {
             let n = match &self.step {
                 Step::Continuation | Step::Done => return,
                 Step::SkipTo(next) if at < *next => clamp(*next - at, bytes.len()),
-                Step::SkipTo(_) => {
-                    // A record never starts in a page header, so one that
-                    // would start at a page boundary starts after its header.
-                    self.step = Step::Record(RecordProgress {
-                        lsn: Lsn(self.start.0 + at),
-                        got: 0,
-                        tot_len: None,
-                        main_range: None,
-                    });
-                    self.head.clear();
-                    self.main.clear();
-                    0
-                }
+                Step::SkipTo(_) => match self.whole_plain_record(bytes, at, found) {
+                    Some(n) => n,
+                    None => {
+                        // A record never starts in a page header, so one that
+                        // would start at a page boundary starts after its header.
+                        self.step = Step::Record(RecordProgress {
+                            lsn: Lsn(self.start.0 + at),
+                            got: 0,
+                            tot_len: None,
+                            main_range: None,
+                        });
+                        self.head.clear();
+                        self.main.clear();
+                        0
+                    }
+                },
                 Step::Record(_) => self.record_bytes(bytes, at + bytes.len() as u64, found),
             };
             at += n as u64;
             bytes = &bytes[n..];
         }
+    }
+
+    /// The common case, taken in one step: a record that starts at `bytes`
+    /// (segment offset `at`), lies wholly in it and cannot be a target, so
+    /// only its fixed header matters. Returns its length, or `None` for the
+    /// general path ([`RecordScanner::record_bytes`]), which gives the same
+    /// result a piece at a time.
+    fn whole_plain_record(
+        &mut self,
+        bytes: &[u8],
+        at: u64,
+        found: &mut impl FnMut(Result<WalRecord<'_>, WalError>),
+    ) -> Option<usize> {
+        let head = bytes.first_chunk::<SIZE_OF_XLOG_RECORD>()?;
+        let tot_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if tot_len < SIZE_OF_XLOG_RECORD || tot_len > bytes.len() || carries_target(head[17]) {
+            return None;
+        }
+        let lsn = Lsn(self.start.0 + at);
+        let prev = Lsn(u64::from_le_bytes([
+            head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
+        ]));
+        if self.prev.is_some_and(|p| p != prev) {
+            // Left over from before the segment was recycled: the walk is over.
+            self.step = Step::Done;
+            return Some(tot_len);
+        }
+        self.prev = Some(lsn);
+        found(Ok(WalRecord {
+            lsn,
+            rmid: head[17],
+            info: head[16],
+            xid: u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
+            main_data: Cow::Borrowed(&[]),
+        }));
+        self.step = Step::SkipTo(max_align(at + tot_len as u64));
+        Some(tot_len)
     }
 
     /// Takes the next bytes of the current record from `bytes` (which end
@@ -387,7 +429,7 @@ impl RecordScanner {
         // xl_tot_len comes first and is always on the record's first page
         // (MAXALIGN keeps at least 8 bytes before the page end); then the
         // head, whose block headers say where the main data is; then the rest.
-        let head_len = r.tot_len.map_or(4, |t| t.min(HEAD_KEPT));
+        let head_len = self.head_len(&r);
         let upto = match r.tot_len {
             Some(tot_len) if r.got >= head_len => tot_len,
             _ => head_len,
@@ -401,6 +443,7 @@ impl RecordScanner {
             self.keep_main(piece, r.got, from, to);
         }
         r.got += n as u64;
+        let head_len = self.head_len(&r);
         let Some(tot_len) = r.tot_len else {
             if r.got < 4 {
                 self.step = Step::Record(r);
@@ -423,11 +466,15 @@ impl RecordScanner {
             self.step = Step::Record(r);
             return n;
         };
-        if r.main_range.is_none() && r.got == tot_len.min(HEAD_KEPT) {
-            let range = main_data_len(&self.head, tot_len, self.major).map(|main_len| {
-                let from = tot_len - main_len;
-                (from, from + main_len.min(MAIN_DATA_KEPT))
-            });
+        if r.main_range.is_none() && r.got == head_len {
+            let range = if self.head.get(17).is_some_and(|&rmid| carries_target(rmid)) {
+                main_data_len(&self.head, tot_len, self.major).map(|main_len| {
+                    let from = tot_len - main_len;
+                    (from, from + main_len.min(MAIN_DATA_KEPT))
+                })
+            } else {
+                Ok((tot_len, tot_len))
+            };
             if let Ok((from, to)) = range {
                 let head = std::mem::take(&mut self.head);
                 self.keep_main(&head, 0, from, to);
@@ -441,6 +488,24 @@ impl RecordScanner {
         }
         self.end_record(r, end - (bytes.len() - n) as u64, found);
         n
+    }
+
+    /// How much of the current record's start the scanner keeps: its length
+    /// first, then the fixed header, and then, for the resource managers whose
+    /// records can be recovery targets, every block header. Records of the
+    /// others (most of a segment: heap, btree, full-page images) only have to
+    /// be stepped over, so their block headers are not decoded.
+    fn head_len(&self, r: &RecordProgress) -> u64 {
+        const FIXED: u64 = SIZE_OF_XLOG_RECORD as u64;
+        match r.tot_len {
+            None => 4,
+            // A valid xl_tot_len is at least the fixed header.
+            Some(_) if r.got < FIXED => FIXED,
+            Some(tot_len) if self.head.get(17).is_some_and(|&rmid| carries_target(rmid)) => {
+                tot_len.min(HEAD_KEPT)
+            }
+            Some(_) => FIXED,
+        }
     }
 
     /// Appends to the kept main data what of `piece`, which starts at
@@ -490,6 +555,13 @@ impl RecordScanner {
             self.step = Step::SkipTo(max_align(end));
         }
     }
+}
+
+/// Whether records of resource manager `rmid` can be what
+/// [`WalRecord::target_event`] looks for: transaction ends, restore points
+/// and (to stop the walk) segment switches.
+fn carries_target(rmid: u8) -> bool {
+    rmid == RM_XACT_ID || rmid == RM_XLOG_ID
 }
 
 /// `n` as a length within a buffer of `len` bytes.
@@ -893,6 +965,15 @@ mod tests {
         // A recycled segment still carries its old address.
         let recycled = RecordReader::new(&w.buf, Lsn(START + SEG as u64)).unwrap();
         assert_eq!(recycled.count(), 0);
+        // The same for a record that is stepped over undecoded.
+        let mut w = SegWriter::new(0);
+        w.record(RM_XACT_ID, 0, 5, NO_BLOCKS, &commit(42));
+        let stale = w.at;
+        w.record(10, 0, 6, NO_BLOCKS, &[0; 40]);
+        w.record(RM_XACT_ID, 0, 7, NO_BLOCKS, &commit(44));
+        w.buf[stale + 8..stale + 16].copy_from_slice(&1u64.to_le_bytes());
+        let reader = RecordReader::new(&w.buf, Lsn(START)).unwrap();
+        assert_eq!(reader.count(), 1);
     }
 
     /// Every record a scanner hands over when fed `seg` in pieces of `piece` bytes.
@@ -985,6 +1066,31 @@ mod tests {
         assert!(found[1]
             .as_ref()
             .is_err_and(|e| e.contains("xl_tot_len 10")));
+    }
+
+    #[test]
+    fn records_that_cannot_be_targets_are_stepped_over_undecoded() {
+        const RM_HEAP_ID: u8 = 10;
+        let mut w = SegWriter::new(0);
+        let heap = w.record(RM_HEAP_ID, 0, 5, &block_with_image(40, 3000), &[1; 20]);
+        // Block headers nobody decodes: the walk goes on by xl_tot_len.
+        w.buf[heap as usize - START as usize + SIZE_OF_XLOG_RECORD] = 100;
+        let commit_lsn = w.record(RM_XACT_ID, 0, 6, NO_BLOCKS, &commit(43));
+        for piece in [5, 8192] {
+            let found = scan_in_pieces(&w.buf, piece);
+            assert_eq!(found.len(), 2, "{found:?}");
+            let heap_record = found[0].as_ref().unwrap();
+            assert_eq!(
+                (heap_record.rmid, heap_record.target_event()),
+                (RM_HEAP_ID, None)
+            );
+            let commit_record = found[1].as_ref().unwrap();
+            assert_eq!(commit_record.lsn, Lsn(commit_lsn));
+            assert!(matches!(
+                commit_record.target_event(),
+                Some(TargetEvent::XactEnd { xid: 6, .. })
+            ));
+        }
     }
 
     #[test]
