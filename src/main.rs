@@ -39,6 +39,7 @@ const EXIT_FETCH_FAILED: u8 = 128;
 const STALE_PREFETCH: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn main() -> ExitCode {
+    return_large_buffers_to_the_system();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -325,6 +326,24 @@ async fn wal_fetch(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes every allocation of a MiB or more a mapping of its own, unmapped when freed. glibc
+/// otherwise raises that threshold as large buffers are freed and then serves them from its
+/// per-thread heaps, which keep what they once held: the backup pipeline's packs and compressed
+/// copies (of varying sizes, on whichever blocking thread compressed them) then left
+/// backup-push at 110 MiB of RSS at pgbench scale 100 against 80 MiB with this, whatever the
+/// database size.
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: libc::c_int = 1 << 20;
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
+        // exists, and a failure (return value 0) leaves glibc's default behaviour in place.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+        }
+    }
 }
 
 /// The configuration flags of this call, for a helper process that must see the same settings
