@@ -1012,12 +1012,14 @@ pg1-socket-path={c.sockdir}
         finally:
             k.stop("immediate")
             server_log = os.path.join(d, "walvault-recover.log")
+            kept_log = os.path.join(self.logs, f"pitr-walvault-{i}.server.log")
             if os.path.exists(server_log):
-                shutil.copy(server_log, os.path.join(self.logs, f"pitr-walvault-{i}.server.log"))
+                shutil.copy(server_log, kept_log)
         rmtree(d)
         total = r.wall
         return {"total": total, "replay": replay, "restore": total - replay if replay is not None else None,
-                "cpu": r.cpu, "rss_kib": r.maxrss_kib, "check": check, "marks": marks}
+                "cpu": r.cpu, "rss_kib": r.maxrss_kib, "check": check, "marks": marks,
+                "redo": redo_usage(kept_log), "fetch_ms": wal_fetch_ms(kept_log)}
 
     def ensure_restore_space(self):
         size = int(self.main_cluster().psql("SELECT pg_database_size('postgres')"))
@@ -1056,7 +1058,7 @@ pg1-socket-path={c.sockdir}
             k.stop("immediate")
         rmtree(d)
         return {"total": r.wall + replay, "replay": replay, "restore": r.wall, "cpu": r.cpu,
-                "rss_kib": r.maxrss_kib, "check": check, "marks": marks}
+                "rss_kib": r.maxrss_kib, "check": check, "marks": marks, "redo": redo_usage(k.logfile)}
 
     # ---------------------------------------------------------------- RSS vs size
 
@@ -1101,6 +1103,26 @@ pg1-socket-path={c.sockdir}
 
     def report(self):
         return Report(self).render()
+
+
+def redo_usage(logfile):
+    """(CPU s, elapsed s) of the startup process's redo, from the server log's "redo done" line."""
+    try:
+        text = open(logfile, errors="replace").read()
+    except OSError:
+        return None
+    m = re.search(r"redo done at .*? CPU: user: ([0-9.]+) s, system: ([0-9.]+) s, elapsed: ([0-9.]+) s", text)
+    return (float(m.group(1)) + float(m.group(2)), float(m.group(3))) if m else None
+
+
+def wal_fetch_ms(logfile):
+    """The time of every segment wal-fetch served during a recovery, as it logged it (in-process ms)."""
+    try:
+        text = open(logfile, errors="replace").read()
+    except OSError:
+        return []
+    return [int(x) for x in re.findall(r"walvault wal-fetch: [0-9A-F]{24}: restored(?: from prefetch)? in ([0-9]+) ms",
+                                       text)]
 
 
 def helpers_running(*patterns):
@@ -1309,6 +1331,16 @@ class Report:
         w = [x["rss_kib"] / 1024 for x in t["walvault"]]
         p = [x["rss_kib"] / 1024 for x in t["pgBackRest"]]
         L.append(f"| peak RSS MiB (`recover` / `pgbackrest restore`) | {mmm(w)} | {mmm(p)} | {ratio(med(w), med(p))} |")
+        redo = {k: [x["redo"] for x in v if x.get("redo")] for k, v in t.items()}
+        if redo["walvault"] and redo["pgBackRest"]:
+            for label, j in [("startup process CPU s during redo (server log)", 0),
+                             ("redo elapsed s (server log)", 1)]:
+                w, p = [r[j] for r in redo["walvault"]], [r[j] for r in redo["pgBackRest"]]
+                L.append(f"| {label} | {mmm(w)} | {mmm(p)} | {ratio(med(w), med(p))} |")
+        fetch = [ms for x in t["walvault"] for ms in x.get("fetch_ms", [])]
+        if fetch:
+            L.append(f"| wal-fetch per segment during replay, in-process ms (its log; {len(fetch)} calls) | "
+                     f"median {fmt(med(fetch))}, p95 {fmt(p95(fetch))} | | |")
         ex = {k: all(x["marks_exact"] for x in v) for k, v in t.items()}
         L.append(f"| marks rows exact (commit ts ≤ target: {a['marks_truth']} rows) | "
                  f"{'yes' if ex['walvault'] else '**NO**'} | {'yes' if ex['pgBackRest'] else '**NO**'} | |")
