@@ -1121,8 +1121,8 @@ def wal_fetch_ms(logfile):
         text = open(logfile, errors="replace").read()
     except OSError:
         return []
-    return [int(x) for x in re.findall(r"walvault wal-fetch: [0-9A-F]{24}: restored(?: from prefetch)? in ([0-9]+) ms",
-                                       text)]
+    return [float(x) for x in re.findall(
+        r"walvault wal-fetch: [0-9A-F]{24}: restored(?: from prefetch)? in ([0-9.]+) ms", text)]
 
 
 def helpers_running(*patterns):

@@ -274,10 +274,10 @@ async fn wal_push(
     let (name, pushed) = Archiver::new(repo)
         .push_requested(path, &spool, start_pusher)
         .await?;
-    let ms = started.elapsed().as_millis();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
     match pushed {
         Pushed::Stored { content, stored } => tracing::info!(
-            "{name}: stored {} as {} in {ms} ms",
+            "{name}: stored {} as {} in {ms:.1} ms",
             human_bytes(content),
             human_bytes(stored)
         ),
@@ -305,7 +305,7 @@ async fn wal_fetch(
     let fetched = restore::fetch(&repo, &mut prefetched, &name, dest)
         .await
         .with_context(|| format!("fetching {name} from {}", repo.url()))?;
-    let ms = started.elapsed().as_millis();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
     match fetched {
         Fetched::NotFound => {
             tracing::info!("{name}: not in the archive");
@@ -313,7 +313,7 @@ async fn wal_fetch(
         }
         Fetched::Found { from_spool } => {
             tracing::info!(
-                "{name}: restored{} in {ms} ms",
+                "{name}: restored{} in {ms:.1} ms",
                 if from_spool { " from prefetch" } else { "" }
             )
         }

@@ -197,8 +197,9 @@ async fn put(
     summary: &SegmentSummary,
 ) -> Result<(), RepoError> {
     let json = serde_json::to_vec(summary).unwrap_or_default();
-    // Overwrite: a summary is derived from the archived segment, so a newer one is as true.
-    repo.put_bytes(&summary_key(name), &json, PutMode::Overwrite)
+    // A summary is derived from the archived segment, so a newer one is as true, and the
+    // planner copes without one: it is not worth two fsyncs on every push.
+    repo.put_bytes(&summary_key(name), &json, PutMode::OverwriteDerived)
         .await
         .map(|_| ())
 }

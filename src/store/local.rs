@@ -195,9 +195,12 @@ impl LocalWriter {
     pub async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
         // An empty object still gets its file.
         let (temp, mut file) = self.take_temp().await?;
+        let durable = mode != PutMode::OverwriteDerived;
         let result = async {
             file.flush().await.map_err(io_err("write", &temp))?;
-            file.sync_all().await.map_err(io_err("fsync", &temp))?;
+            if durable {
+                file.sync_all().await.map_err(io_err("fsync", &temp))?;
+            }
             drop(file);
             let outcome = match mode {
                 PutMode::IfAbsent => match fs::hard_link(&temp, &self.target).await {
@@ -205,14 +208,14 @@ impl LocalWriter {
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => Committed::AlreadyExists,
                     Err(e) => return Err(io_err("link", &self.target)(e)),
                 },
-                PutMode::Overwrite => {
+                PutMode::Overwrite | PutMode::OverwriteDerived => {
                     fs::rename(&temp, &self.target)
                         .await
                         .map_err(io_err("rename", &self.target))?;
                     Committed::Created
                 }
             };
-            if outcome == Committed::Created {
+            if outcome == Committed::Created && durable {
                 sync_dir(parent(&self.target)).await?;
             }
             Ok(outcome)
@@ -291,6 +294,17 @@ mod tests {
         w.write(b"replaced").await.unwrap();
         w.commit(PutMode::Overwrite).await.unwrap();
         assert_eq!(read(&store, "wal/a").await.unwrap(), b"replaced");
+
+        let mut w = store.writer("walsummary/a");
+        w.write(b"derived").await.unwrap();
+        w.commit(PutMode::OverwriteDerived).await.unwrap();
+        let mut w = store.writer("walsummary/a");
+        w.write(b"derived again").await.unwrap();
+        w.commit(PutMode::OverwriteDerived).await.unwrap();
+        assert_eq!(
+            read(&store, "walsummary/a").await.unwrap(),
+            b"derived again"
+        );
 
         // An abandoned writer leaves nothing listed.
         let mut w = store.writer("wal/b");

@@ -31,11 +31,16 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
-/// What a commit may do when the key already exists.
+/// What a commit may do when the key already exists, and how durable it must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutMode {
     IfAbsent,
     Overwrite,
+    /// Overwrite an object derived from others that readers can do without (a WAL segment's
+    /// summary). A local store does not fsync it, so after a crash of the machine it may be
+    /// missing, empty or torn: readers must treat it as optional and check it (the codec does).
+    /// S3 treats it as `Overwrite`, every PUT being durable there.
+    OverwriteDerived,
 }
 
 /// How a commit ended.
