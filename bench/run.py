@@ -666,6 +666,7 @@ pg1-socket-path={c.sockdir}
             errlog = os.path.join(self.logs, f"archive-{t.replace(' ', '_')}.log")
             lat, rss, cpu, cp_stored = [], 0, 0.0, 0
             os.sync()
+            warm(segdir, names)
             # the detached pusher lives through the loop, so a slow poll sees its peak and costs
             # the measured calls little CPU
             poller = RssPoller("walvault", self.runduring, interval=0.2) if t == "walvault" else None
@@ -742,7 +743,9 @@ pg1-socket-path={c.sockdir}
             log(f"restore_command: {t} x {len(names)} (page cache dropped first)")
             errlog = os.path.join(self.logs, f"restore-{t.replace(' ', '_')}.log")
             drop_caches()
-            poller = RssPoller("walvault", self.runduring) if t == "walvault" else None
+            # every 100 ms: each prefetch pass lives longer than that, and a faster poll takes
+            # CPU from the calls being timed
+            poller = RssPoller("walvault", self.runduring, interval=0.1) if t == "walvault" else None
             lat, rss = [], 0
             dest = os.path.join(pgdata, "pg_wal", "RECOVERYXLOG")
             start = time.monotonic()
@@ -759,6 +762,7 @@ pg1-socket-path={c.sockdir}
             total = time.monotonic() - start
             # a miss is measured on its own, not against a prefetcher still draining the window
             self.wait_helpers_idle()
+            bg_rss = poller.stop() if poller else {}
             misses, rcs = [], []
             for _ in range(5):
                 call = cmd.replace("%p", "pg_wal/RECOVERYXLOG").replace("%f", miss_name)
@@ -768,7 +772,6 @@ pg1-socket-path={c.sockdir}
                 rss = max(rss, r.maxrss_kib)
                 if os.path.exists(dest):
                     raise BenchError(f"restore_command {t}: a miss produced a file")
-            bg_rss = poller.stop() if poller else {}
             res[t] = {"lat_ms": lat, "median": med(lat), "p95": p95(lat), "min": min(lat), "max": max(lat),
                       "total_s": total, "mib_s": len(names) * SEG / MiB / total,
                       "miss_ms": misses, "miss_median": med(misses), "miss_rc": sorted(set(rcs)),
@@ -1103,6 +1106,17 @@ pg1-socket-path={c.sockdir}
 
     def report(self):
         return Report(self).render()
+
+
+def warm(directory, names):
+    """Reads the files into the page cache, where PostgreSQL's just-written segments are when its
+    archiver calls archive_command: every tool starts the archive loop from the same state,
+    whatever an earlier section (or run) evicted."""
+    buf = bytearray(MiB)
+    for n in names:
+        with open(os.path.join(directory, n), "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
 def redo_usage(logfile):
