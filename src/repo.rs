@@ -180,7 +180,7 @@ impl Repository {
     /// Restores an object into `dest`: decoded into a temporary file beside it, verified, then
     /// renamed, so `dest` appears only with whole, verified content. `None` when absent. Not
     /// fsynced: restored WAL is read at once and PostgreSQL copies (and syncs) what it keeps, and
-    /// the prefetch spool checks its files again before serving them.
+    /// the prefetch spool checks the files it kept across a reboot before serving them.
     pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<Option<Checksum>, RepoError> {
         self.get_to_file_named(key, dest, |_| dest.to_path_buf())
             .await

@@ -372,12 +372,9 @@ pub async fn prefetch(
     let Ok(Some(_lock)) = lock(&dir) else {
         return Ok(0);
     };
-    forget_outside(&dir, &window);
-    let present = Prefetched::scan(dir.clone(), None);
+    let present = forget_outside(&dir, &window);
     let boot = boot_id();
-    let mut wanted = window
-        .into_iter()
-        .filter(|s| !present.ready.contains_key(s));
+    let mut wanted = window.into_iter().filter(|s| !present.contains(s));
     let mut tasks: tokio::task::JoinSet<Result<Option<Checksum>, RepoError>> =
         tokio::task::JoinSet::new();
     let mut stored = 0;
@@ -421,21 +418,24 @@ pub async fn prefetch(
 }
 
 /// Deletes spooled segments (and leftover temporary files) that are not in the window: recovery
-/// has passed them or moved to another timeline, so they would only take space.
-fn forget_outside(dir: &Path, window: &[SegmentName]) {
+/// has passed them or moved to another timeline, so they would only take space. Returns the
+/// segments of the window that are spooled.
+fn forget_outside(dir: &Path, window: &[SegmentName]) -> Vec<SegmentName> {
+    let mut kept = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return kept;
     };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let keep = match SpoolEntry::parse(&name) {
-            Some(SpoolEntry::Ready { seg, .. }) => window.contains(&seg),
-            _ => name == LOCK_FILE,
-        };
-        if !keep {
-            let _ = std::fs::remove_file(entry.path());
+        match SpoolEntry::parse(&name) {
+            Some(SpoolEntry::Ready { seg, .. }) if window.contains(&seg) => kept.push(seg),
+            _ if name == LOCK_FILE => {}
+            _ => {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
+    kept
 }
 
 const LOCK_FILE: &str = "lock";

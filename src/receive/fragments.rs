@@ -10,6 +10,7 @@
 //! the start of the segment, and WAL once flushed never changes), so assembly follows the chain
 //! that covers the segment from offset 0 and stops at the first hole.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use tokio::io::AsyncWriteExt;
@@ -26,9 +27,12 @@ pub struct Fragment {
     pub end: u64,
 }
 
+/// Where fragments live: `stream/<segment>/`.
+const STREAM: &str = "stream/";
+
 /// The prefix under which the fragments of `seg` live.
 pub fn prefix(seg: &SegmentName) -> String {
-    format!("stream/{seg}/")
+    format!("{STREAM}{seg}/")
 }
 
 /// The key of the fragment holding bytes `start..end` of `seg`.
@@ -45,6 +49,17 @@ fn parse(key: &str, prefix: &str) -> Option<Fragment> {
         start,
         end,
     })
+}
+
+/// The segments that have fragments stored, in order.
+pub async fn streamed_segments(repo: &Repository) -> Result<BTreeSet<SegmentName>, RepoError> {
+    Ok(repo
+        .store()
+        .list(STREAM)
+        .await?
+        .iter()
+        .filter_map(|o| o.key.strip_prefix(STREAM)?.split_once('/')?.0.parse().ok())
+        .collect())
 }
 
 /// The stored fragments of `seg`, by start offset.

@@ -560,22 +560,7 @@ impl Ladder {
     /// once, before streaming starts, so no lane works on the same segments.
     pub async fn store_completed_fragments(&self) -> Result<(), RepoError> {
         let seg_size = u64::from(self.seg_size.bytes());
-        let segments: std::collections::BTreeSet<SegmentName> = self
-            .repo
-            .store()
-            .list("stream/")
-            .await?
-            .iter()
-            .filter_map(|o| {
-                o.key
-                    .strip_prefix("stream/")?
-                    .split_once('/')?
-                    .0
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        for name in segments {
+        for name in fragments::streamed_segments(&self.repo).await? {
             if fragments::covered(&fragments::list(&self.repo, &name).await?) != seg_size {
                 continue;
             }

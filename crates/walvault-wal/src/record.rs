@@ -389,30 +389,31 @@ impl RecordScanner {
         at: u64,
         found: &mut impl FnMut(Result<WalRecord<'_>, WalError>),
     ) -> Option<usize> {
-        let head = bytes.first_chunk::<SIZE_OF_XLOG_RECORD>()?;
-        let tot_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if tot_len < SIZE_OF_XLOG_RECORD || tot_len > bytes.len() || carries_target(head[17]) {
+        let fixed = FixedHeader::parse(bytes.first_chunk()?);
+        let tot_len = fixed.tot_len as usize;
+        if tot_len < SIZE_OF_XLOG_RECORD || tot_len > bytes.len() || carries_target(fixed.rmid) {
             return None;
         }
         let lsn = Lsn(self.start.0 + at);
-        let prev = Lsn(u64::from_le_bytes([
-            head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
-        ]));
-        if self.prev.is_some_and(|p| p != prev) {
+        if !self.follows(lsn, &fixed) {
             // Left over from before the segment was recycled: the walk is over.
             self.step = Step::Done;
             return Some(tot_len);
         }
-        self.prev = Some(lsn);
-        found(Ok(WalRecord {
-            lsn,
-            rmid: head[17],
-            info: head[16],
-            xid: u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
-            main_data: Cow::Borrowed(&[]),
-        }));
+        found(Ok(fixed.record(lsn, &[])));
         self.step = Step::SkipTo(max_align(at + tot_len as u64));
         Some(tot_len)
+    }
+
+    /// Whether the record at `lsn` points back at the one before it, as a
+    /// record of this segment does and one left from before the segment was
+    /// recycled does not; if it does, it becomes the one before the next.
+    fn follows(&mut self, lsn: Lsn, fixed: &FixedHeader) -> bool {
+        if self.prev.is_some_and(|p| p != fixed.prev) {
+            return false;
+        }
+        self.prev = Some(lsn);
+        true
     }
 
     /// Takes the next bytes of the current record from `bytes` (which end
@@ -467,7 +468,7 @@ impl RecordScanner {
             return n;
         };
         if r.main_range.is_none() && r.got == head_len {
-            let range = if self.head.get(17).is_some_and(|&rmid| carries_target(rmid)) {
+            let range = if self.head_carries_target() {
                 main_data_len(&self.head, tot_len, self.major).map(|main_len| {
                     let from = tot_len - main_len;
                     (from, from + main_len.min(MAIN_DATA_KEPT))
@@ -501,9 +502,7 @@ impl RecordScanner {
             None => 4,
             // A valid xl_tot_len is at least the fixed header.
             Some(_) if r.got < FIXED => FIXED,
-            Some(tot_len) if self.head.get(17).is_some_and(|&rmid| carries_target(rmid)) => {
-                tot_len.min(HEAD_KEPT)
-            }
+            Some(tot_len) if self.head_carries_target() => tot_len.min(HEAD_KEPT),
             Some(_) => FIXED,
         }
     }
@@ -526,14 +525,11 @@ impl RecordScanner {
         end: u64,
         found: &mut impl FnMut(Result<WalRecord<'_>, WalError>),
     ) {
-        let h = &self.head;
-        let xid = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let prev = Lsn(u64::from_le_bytes([
-            h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15],
-        ]));
-        // A record that does not point back at the one before is left over
-        // from before the segment was recycled.
-        if self.prev.is_some_and(|p| p != prev) {
+        // The head holds at least the fixed header once a record can end.
+        let Some(fixed) = self.head.first_chunk().map(FixedHeader::parse) else {
+            return;
+        };
+        if !self.follows(r.lsn, &fixed) {
             return;
         }
         match r.main_range {
@@ -541,18 +537,53 @@ impl RecordScanner {
             Some(Err(problem)) => return found(Err(bad(r.lsn, problem))),
             None => return,
         }
-        self.prev = Some(r.lsn);
-        let record = WalRecord {
-            lsn: r.lsn,
-            rmid: h[17],
-            info: h[16],
-            xid,
-            main_data: Cow::Borrowed(&self.main),
-        };
+        let record = fixed.record(r.lsn, &self.main);
         let switch = record.is_switch();
         found(Ok(record));
         if !switch {
             self.step = Step::SkipTo(max_align(end));
+        }
+    }
+
+    /// Whether the record whose fixed header is in the head could be a target.
+    fn head_carries_target(&self) -> bool {
+        self.head
+            .first_chunk()
+            .map(FixedHeader::parse)
+            .is_some_and(|fixed| carries_target(fixed.rmid))
+    }
+}
+
+/// The fields of `XLogRecord`, the fixed header every record starts with,
+/// that the scanner uses.
+struct FixedHeader {
+    tot_len: u32,
+    xid: u32,
+    prev: Lsn,
+    info: u8,
+    rmid: u8,
+}
+
+impl FixedHeader {
+    fn parse(h: &[u8; SIZE_OF_XLOG_RECORD]) -> FixedHeader {
+        FixedHeader {
+            tot_len: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+            xid: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+            prev: Lsn(u64::from_le_bytes([
+                h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15],
+            ])),
+            info: h[16],
+            rmid: h[17],
+        }
+    }
+
+    fn record<'a>(&self, lsn: Lsn, main_data: &'a [u8]) -> WalRecord<'a> {
+        WalRecord {
+            lsn,
+            rmid: self.rmid,
+            info: self.info,
+            xid: self.xid,
+            main_data: Cow::Borrowed(main_data),
         }
     }
 }
