@@ -63,63 +63,13 @@ pub enum Command {
     /// replication=true. Received WAL becomes durable in the repository within --flush-interval;
     /// the slot advances only to what is durable. Needs a local spool directory (spool_dir in the
     /// config file or WALVAULT_SPOOL_DIR). Exits only on permanent errors.
-    WalReceive {
-        /// Physical replication slot to stream through
-        #[arg(long, default_value = "walvault", value_name = "NAME")]
-        slot: String,
-        /// Create the slot (reserving WAL at once) if it does not exist
-        #[arg(long)]
-        create_slot: bool,
-        /// Longest time received WAL waits before it is stored (e.g. 1s, 500ms)
-        #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
-        flush_interval: std::time::Duration,
-        /// Store every message at once and report it durable right after, so the receiver can
-        /// be named in synchronous_standby_names (RPO zero)
-        #[arg(long)]
-        synchronous: bool,
-        /// Name shown in pg_stat_replication and matched by synchronous_standby_names
-        #[arg(long, default_value = "walvault", value_name = "NAME")]
-        application_name: String,
-        /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9187)
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
-        /// Connection string (key=value or postgresql:// URI); PG* variables fill the rest
-        #[arg(long, value_name = "CONNINFO")]
-        dbname: Option<String>,
-        /// MiB in the local spool (received, not yet stored whole) beyond which reading pauses
-        #[arg(long, default_value_t = 1024, value_name = "MIB")]
-        spool_max_mib: u64,
-    },
+    WalReceive(ReceiveArgs),
     /// Take a base backup of the running cluster on this host (full or page-level delta)
     ///
     /// Connects like libpq (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, or --dbname), runs a
     /// non-exclusive backup (fast checkpoint unless --spread-checkpoint) and reads the files from
     /// PGDATA. Takes a delta when a parent exists and its chain is shorter than --delta-max-steps.
-    BackupPush {
-        /// The cluster's data directory; default: PGDATA, else the server's data_directory
-        #[arg(long, env = "PGDATA", value_name = "DIR")]
-        pgdata: Option<PathBuf>,
-        /// Connection string (key=value or postgresql:// URI) or database name
-        #[arg(long, value_name = "CONNINFO")]
-        dbname: Option<String>,
-        /// Take a full backup whatever exists already
-        #[arg(long, conflicts_with = "delta")]
-        full: bool,
-        /// Take a delta even past --delta-max-steps (full when there is no usable parent)
-        #[arg(long)]
-        delta: bool,
-        /// Deltas after a full backup before the next full one (default 6); also
-        /// WALVAULT_DELTA_MAX_STEPS
-        #[arg(long, value_name = "N")]
-        delta_max_steps: Option<String>,
-        /// Files read, packs compressed and uploaded in parallel (default 4); also
-        /// WALVAULT_BACKUP_CONCURRENCY
-        #[arg(long, value_name = "N")]
-        concurrency: Option<String>,
-        /// Let the backup's checkpoint spread its writes instead of running at full speed
-        #[arg(long)]
-        spread_checkpoint: bool,
-    },
+    BackupPush(BackupPushArgs),
     /// Restore a base backup (and its delta chain) into an empty or absent directory
     BackupFetch {
         /// Backup name, or LATEST
@@ -230,7 +180,7 @@ pub struct RecoverArgs {
     pub exclusive: bool,
     /// What the server does at the target
     #[arg(long, value_enum, default_value = "promote")]
-    pub target_action: walvault::recover::settings::TargetAction,
+    pub target_action: crate::recover::settings::TargetAction,
     /// Timeline to recover along: latest or a number
     #[arg(long, default_value = "latest", value_name = "TLI")]
     pub target_timeline: String,
@@ -264,4 +214,60 @@ pub struct RecoverArgs {
     /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
     #[arg(long, value_name = "N")]
     pub concurrency: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReceiveArgs {
+    /// Physical replication slot to stream through
+    #[arg(long, default_value = "walvault", value_name = "NAME")]
+    pub slot: String,
+    /// Create the slot (reserving WAL at once) if it does not exist
+    #[arg(long)]
+    pub create_slot: bool,
+    /// Longest time received WAL waits before it is stored (e.g. 1s, 500ms)
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub flush_interval: std::time::Duration,
+    /// Store every message at once and report it durable right after, so the receiver can
+    /// be named in synchronous_standby_names (RPO zero)
+    #[arg(long)]
+    pub synchronous: bool,
+    /// Name shown in pg_stat_replication and matched by synchronous_standby_names
+    #[arg(long, default_value = "walvault", value_name = "NAME")]
+    pub application_name: String,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9187)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Connection string (key=value or postgresql:// URI); PG* variables fill the rest
+    #[arg(long, value_name = "CONNINFO")]
+    pub dbname: Option<String>,
+    /// MiB in the local spool (received, not yet stored whole) beyond which reading pauses
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub spool_max_mib: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BackupPushArgs {
+    /// The cluster's data directory; default: PGDATA, else the server's data_directory
+    #[arg(long, env = "PGDATA", value_name = "DIR")]
+    pub pgdata: Option<PathBuf>,
+    /// Connection string (key=value or postgresql:// URI) or database name
+    #[arg(long, value_name = "CONNINFO")]
+    pub dbname: Option<String>,
+    /// Take a full backup whatever exists already
+    #[arg(long, conflicts_with = "delta")]
+    pub full: bool,
+    /// Take a delta even past --delta-max-steps (full when there is no usable parent)
+    #[arg(long)]
+    pub delta: bool,
+    /// Deltas after a full backup before the next full one (default 6); also
+    /// WALVAULT_DELTA_MAX_STEPS
+    #[arg(long, value_name = "N")]
+    pub delta_max_steps: Option<String>,
+    /// Files read, packs compressed and uploaded in parallel (default 4); also
+    /// WALVAULT_BACKUP_CONCURRENCY
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<String>,
+    /// Let the backup's checkpoint spread its writes instead of running at full speed
+    #[arg(long)]
+    pub spread_checkpoint: bool,
 }

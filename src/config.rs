@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::codec::Compression;
+use crate::repo::codec::Compression;
 
 /// Every setting: its key in the config file (dotted for tables) and its environment variable.
 const KEYS: &[(&str, &str)] = &[

@@ -2,20 +2,16 @@
 //!
 //! The module map is in ARCHITECTURE.md.
 
-pub mod archive;
 pub mod backup;
-pub mod catalog;
-pub mod codec;
+pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod failpoint;
-pub mod identity;
+pub mod logging;
 pub mod pg;
 pub mod receive;
 pub mod recover;
 pub mod replication;
 pub mod repo;
-pub mod restore;
-pub mod spool;
-pub mod store;
 pub mod verify;
-pub mod walsummary;
+pub mod wal;

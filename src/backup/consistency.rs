@@ -17,20 +17,20 @@ use crate::repo::Repository;
 /// to its content length.
 pub async fn check(repo: &Repository, contents: &HashMap<String, u64>) -> Vec<String> {
     let mut problems = Vec::new();
-    let backups = match crate::catalog::list(repo).await {
+    let backups = match crate::backup::catalog::list(repo).await {
         Ok(backups) => backups,
         Err(e) => return vec![format!("listing backups: {e}")],
     };
     for summary in backups {
         let name = &summary.name;
-        match crate::catalog::manifest(repo, name).await {
+        match crate::backup::catalog::manifest(repo, name).await {
             Ok(manifest) => problems.extend(check_manifest(&manifest, contents)),
             Err(e) => {
                 problems.push(format!("backup {name}: {e}"));
                 continue;
             }
         }
-        if let Err(e) = crate::catalog::chain(repo, name).await {
+        if let Err(e) = crate::backup::catalog::chain(repo, name).await {
             problems.push(format!("backup {name}: cannot be restored: {e}"));
         }
     }

@@ -22,7 +22,7 @@ use indicatif::ProgressBar;
 
 use super::manifest::{BackupName, FileEntry, Manifest, PackId, Piece, Storage};
 use super::{progress, BackupError};
-use crate::codec::Decoder;
+use crate::repo::codec::Decoder;
 use crate::repo::Repository;
 
 #[derive(Clone, Debug, Default)]
@@ -52,8 +52,8 @@ pub async fn fetch(
     target: &Path,
     opts: &FetchOptions,
 ) -> Result<Fetched, BackupError> {
-    let name = crate::catalog::resolve_name(&repo, wanted).await?;
-    let chain = crate::catalog::chain(&repo, &name).await?;
+    let name = crate::backup::catalog::resolve_name(&repo, wanted).await?;
+    let chain = crate::backup::catalog::chain(&repo, &name).await?;
     for manifest in &chain {
         validate(manifest)?;
     }
@@ -582,7 +582,7 @@ mod tests {
     use crate::backup::manifest::tests::sample;
     use crate::backup::manifest::Tablespace;
     use crate::config::FlagValues;
-    use crate::store::PutMode;
+    use crate::repo::store::PutMode;
 
     fn manifest(files: Vec<FileEntry>, tablespaces: Vec<Tablespace>) -> Manifest {
         let mut m = sample("base_x", "2026-01-01T00:00:00Z");

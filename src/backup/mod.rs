@@ -6,6 +6,7 @@
 //! file a delta must keep, `push.rs` reads and stores, `fetch.rs` restores a chain. Used by the
 //! CLI, the catalog and verify.
 
+pub mod catalog;
 pub mod consistency;
 pub mod fetch;
 pub mod manifest;
@@ -16,10 +17,10 @@ pub mod walk;
 
 use std::path::PathBuf;
 
-use crate::identity::IdentityError;
 use crate::pg::PgError;
+use crate::repo::identity::IdentityError;
+use crate::repo::store::StoreError;
 use crate::repo::RepoError;
-use crate::store::StoreError;
 
 /// Content bytes at which a pack object is closed (it holds up to this plus one [`CHUNK`]):
 /// large enough that a cluster of tiny files does not become one request per file, small

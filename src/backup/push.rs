@@ -36,11 +36,11 @@ use super::manifest::{
 use super::page::{self, BlockNo, BLCKSZ};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
-use crate::codec::{Compression, Encoder, LengthMismatch, MAX_BLOCK};
-use crate::identity::{self, Identity};
 use crate::pg::{BackupSession, ConnTarget, ServerInfo};
+use crate::repo::codec::{Compression, Encoder, LengthMismatch, MAX_BLOCK};
+use crate::repo::identity::{self, Identity};
+use crate::repo::store::{Committed, PutMode};
 use crate::repo::Repository;
-use crate::store::{Committed, PutMode};
 
 /// Full or delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +169,7 @@ pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, B
         &format!("the cluster at {}", pgdata.display()),
     )
     .await?;
-    let catalog = crate::catalog::list(&repo).await?;
+    let catalog = crate::backup::catalog::list(&repo).await?;
 
     let started = SystemTime::now();
     let start_time = rfc3339(started);
@@ -180,7 +180,7 @@ pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, B
     tracing::info!("backup {name} started at {start_lsn} on timeline {timeline}");
 
     let parent = match choose_parent(&catalog, opts, timeline, start_lsn) {
-        Some(p) => Some(crate::catalog::manifest(&repo, &p.name).await?),
+        Some(p) => Some(crate::backup::catalog::manifest(&repo, &p.name).await?),
         None => None,
     };
     let (kind, delta_depth) = match &parent {

@@ -43,7 +43,7 @@ const TOP_FILES_EXCLUDED: &[&str] = &[
     "current_logfiles.tmp",
 ];
 
-/// The default spool directory of wal-push and wal-fetch (see `crate::spool`).
+/// The default spool directory of wal-push and wal-fetch (see `crate::wal::spool`).
 const SPOOL_DIR: &str = "walvault_spool";
 
 /// One thing to back up, with its path relative to the backup root (`/`-separated; tablespace

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use walvault_wal::{Lsn, SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
-use super::fragments;
 use super::metrics::Metrics;
 use super::ReceiveError;
-use crate::archive::wal_key;
+use crate::repo::store::{Committed, PutMode};
 use crate::repo::{RepoError, Repository};
-use crate::store::{Committed, PutMode};
-use crate::walsummary;
+use crate::wal::fragments;
+use crate::wal::push::wal_key;
+use crate::wal::summary;
 
 /// Longest wait between two attempts while the repository fails.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
@@ -337,7 +337,7 @@ impl Ladder {
             let mut failure = None;
             while let Some(joined) = tasks.join_next().await {
                 let result = joined.unwrap_or_else(|e| {
-                    Err(RepoError::Store(crate::store::StoreError::Io {
+                    Err(RepoError::Store(crate::repo::store::StoreError::Io {
                         op: "store streamed WAL",
                         path: self.spool.display().to_string(),
                         source: std::io::Error::other(e.to_string()),
@@ -531,7 +531,7 @@ impl Ladder {
     /// repository now holds this content at `wal/<segment>`.
     async fn store_segment(&self, name: &SegmentName, path: &Path) -> Result<bool, RepoError> {
         let key = wal_key(&WalFileName::Segment(*name));
-        let stored = walsummary::put_segment(&self.repo, &key, name, path).await?;
+        let stored = summary::put_segment(&self.repo, &key, name, path).await?;
         if let Committed::AlreadyExists = stored.committed {
             match self.repo.compare_with_file(&key, path).await? {
                 Some(cmp) if !cmp.identical => {
@@ -647,7 +647,7 @@ mod tests {
             "000000010000000000000008".parse().unwrap(),
             "000000010000000000000009".parse().unwrap(),
         );
-        let content = crate::archive::tests::segment(&done.to_string());
+        let content = crate::wal::push::tests::segment(&done.to_string());
         for (start, end) in [(0u64, 0x1BD68u64), (0x1BD68, 1 << 20)] {
             let part = &content[start as usize..end as usize];
             let key = fragments::key(&done, start, end);

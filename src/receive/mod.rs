@@ -14,7 +14,6 @@
 //! identity), authentication refused, a server that does not speak the replication protocol.
 //! Used by the CLI; [`fragments`] is also used by wal-fetch to serve streamed partial segments.
 
-pub mod fragments;
 mod ladder;
 pub mod metrics;
 
@@ -25,14 +24,14 @@ use std::time::Duration;
 
 use walvault_wal::{Lsn, TimelineId, WalFileName, WalSegmentSize};
 
-use crate::archive::wal_key;
-use crate::identity::{self, Identity, IdentityError};
 use crate::replication::{
     sqlstate, ConnParams, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent,
     WalStream,
 };
+use crate::repo::identity::{self, Identity, IdentityError};
+use crate::repo::store::{Committed, PutMode};
 use crate::repo::{RepoError, Repository};
-use crate::store::{Committed, PutMode};
+use crate::wal::push::wal_key;
 use ladder::Ladder;
 use metrics::Metrics;
 

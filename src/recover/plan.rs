@@ -2,7 +2,7 @@
 //! decided from the repository alone before anything is written to the target directory.
 //!
 //! Understands the catalog (backups with their start/stop LSNs and times and timelines), the
-//! archived WAL names, timeline history files and the per-segment [summaries](crate::walsummary)
+//! archived WAL names, timeline history files and the per-segment [summaries](crate::wal::summary)
 //! of transaction ends and restore points. A plan picks the newest backup that ends before the
 //! target, checks that every segment from the backup's start to the segment where recovery will
 //! stop is archived on the timeline the target timeline's history says owns it, and refuses a
@@ -22,7 +22,7 @@ use super::target::{Target, UnixMicros};
 use super::RecoverError;
 use crate::backup::manifest::Summary;
 use crate::repo::Repository;
-use crate::walsummary::{self, SegmentSummary};
+use crate::wal::summary::{self, SegmentSummary};
 
 /// Which timeline to recover along (`recovery_target_timeline`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub struct Request {
 #[derive(Clone, Debug, Default)]
 pub struct Window {
     pub oldest_backup_end: Option<(String, Lsn)>,
-    pub last_xact_end: Option<walsummary::Mark>,
+    pub last_xact_end: Option<summary::Mark>,
     pub newest_segment: Option<SegmentName>,
 }
 
@@ -100,7 +100,7 @@ pub struct Plan {
     /// The segments replay needs, in order.
     pub segments: Vec<SegmentName>,
     /// The record recovery is expected to stop at, when the summaries tell.
-    pub stop: Option<walsummary::Mark>,
+    pub stop: Option<summary::Mark>,
     /// Why the stopping point is not known exactly, if it is not.
     pub caveat: Option<String>,
     pub window: Window,
@@ -239,7 +239,7 @@ struct Loaded {
 
 impl Loaded {
     async fn load(repo: &Repository, timeline: TimelineChoice) -> Result<Loaded, RecoverError> {
-        let backups = crate::catalog::list(repo).await?;
+        let backups = crate::backup::catalog::list(repo).await?;
         let Some(newest) = backups.last() else {
             return Err(RecoverError::NoBackups);
         };
@@ -294,7 +294,7 @@ pub async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, Rec
     };
     let candidates: Vec<&Summary> = match &request.backup {
         Some(wanted) => {
-            let name = crate::catalog::resolve_name(repo, wanted).await?;
+            let name = crate::backup::catalog::resolve_name(repo, wanted).await?;
             let found = backups.iter().find(|b| b.name == name).ok_or_else(|| {
                 RecoverError::Backup(crate::backup::BackupError::NotFound(name.to_string()))
             })?;
@@ -440,7 +440,7 @@ async fn target_history(
             entries: Vec::new(),
         });
     }
-    let key = crate::archive::wal_key(&WalFileName::History(tli));
+    let key = crate::wal::push::wal_key(&WalFileName::History(tli));
     let Some(bytes) = repo.get_bytes(&key).await? else {
         if archive.segments.keys().any(|s| s.tli == tli) {
             // A timeline without a history file has no ancestors (initdb's timeline, or a
@@ -466,12 +466,12 @@ async fn last_xact_end(
     archive: &Archive,
     history: &TimelineHistory,
     newest: Option<SegmentName>,
-) -> Option<walsummary::Mark> {
+) -> Option<summary::Mark> {
     const LOOK_BACK: u64 = 64;
     let newest = archive.segno(&newest?)?;
     for back in 0..LOOK_BACK.min(newest.0 + 1) {
         let name = archive.name_on(history, SegmentNo(newest.0 - back))?;
-        if let Some(mark) = walsummary::load(repo, &name).await.and_then(|s| s.latest()) {
+        if let Some(mark) = summary::load(repo, &name).await.and_then(|s| s.latest()) {
             return Some(mark);
         }
     }
@@ -486,7 +486,7 @@ struct Walk<'a> {
     window: &'a Window,
 }
 
-type Found = (SegmentNo, Option<walsummary::Mark>, Option<String>);
+type Found = (SegmentNo, Option<summary::Mark>, Option<String>);
 
 /// A segment recovery would need that is not archived.
 enum Missing {
@@ -566,8 +566,7 @@ impl Walk<'_> {
         time: UnixMicros,
         inclusive: bool,
     ) -> Result<Found, RecoverError> {
-        let stops =
-            |m: &walsummary::Mark| m.time_us > time.0 || (!inclusive && m.time_us == time.0);
+        let stops = |m: &summary::Mark| m.time_us > time.0 || (!inclusive && m.time_us == time.0);
         let target = Target::Time(time);
         let mut stream = self.summaries(first);
         let mut unknown = Vec::new();
@@ -686,14 +685,14 @@ impl SummaryStream<'_> {
                 break;
             };
             let repo = Arc::clone(self.walk.repo);
-            let load = tokio::spawn(async move { walsummary::load(&repo, &ahead_name).await });
+            let load = tokio::spawn(async move { summary::load(&repo, &ahead_name).await });
             self.loads.push_back((ahead, load));
             self.spawned_to = SegmentNo(ahead.0 + 1);
         }
         // `segno` is archived, so the loop above queued it (or an earlier call did) at the front.
         let summary = match self.loads.pop_front() {
             Some((queued, load)) if queued == segno => load.await.ok().flatten(),
-            _ => walsummary::load(self.walk.repo, &name).await,
+            _ => summary::load(self.walk.repo, &name).await,
         };
         Ok((segno, summary))
     }

@@ -6,17 +6,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backup::fetch::{self, FetchOptions};
+use crate::backup::manifest::Summary;
+use crate::backup::push::{self, Mode, PushOptions};
+use crate::cli::BackupPushArgs;
+use crate::config::Settings;
+use crate::recover::plan::TimelineChoice;
+use crate::repo::Repository;
 use anyhow::Context;
-use walvault::backup::fetch::{self, FetchOptions};
-use walvault::backup::manifest::Summary;
-use walvault::backup::push::{self, Mode, PushOptions};
-use walvault::config::Settings;
-use walvault::recover::plan::TimelineChoice;
-use walvault::repo::Repository;
 
-use crate::human_bytes;
+use super::human_bytes;
 
-pub fn mode(full: bool, delta: bool) -> Mode {
+fn mode(full: bool, delta: bool) -> Mode {
     match (full, delta) {
         (true, _) => Mode::Full,
         (_, true) => Mode::Delta,
@@ -24,29 +25,29 @@ pub fn mode(full: bool, delta: bool) -> Mode {
     }
 }
 
-pub fn push_options(
-    settings: &Settings,
-    quiet: bool,
-    pgdata: Option<PathBuf>,
-    dbname: Option<String>,
-    mode: Mode,
-    fast_checkpoint: bool,
-) -> PushOptions {
+fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushOptions {
     PushOptions {
-        pgdata,
-        dbname,
-        mode,
+        pgdata: args.pgdata,
+        dbname: args.dbname,
+        mode: mode(args.full, args.delta),
         delta_max_steps: settings.delta_max_steps,
         concurrency: settings.backup_concurrency,
-        fast_checkpoint,
+        fast_checkpoint: !args.spread_checkpoint,
         progress: !quiet,
         compression: settings.compression,
         spool_dir: settings.spool_dir.clone(),
     }
 }
 
-pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> anyhow::Result<ExitCode> {
+/// `backup-push`: takes a base backup and logs what it stored.
+pub(super) async fn push(
+    settings: &Settings,
+    quiet: bool,
+    repo: Arc<Repository>,
+    args: BackupPushArgs,
+) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let opts = &push_options(settings, quiet, args);
     let url = repo.url().to_owned();
     let pushed = push::push(repo, opts)
         .await
@@ -76,7 +77,7 @@ pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn fetch(
+pub(super) async fn fetch(
     settings: &Settings,
     quiet: bool,
     repo: Arc<Repository>,
@@ -94,7 +95,7 @@ pub async fn fetch(
 }
 
 /// Fetch options from the settings and `--tablespace OID=DIR` flags.
-pub fn fetch_options(
+pub(super) fn fetch_options(
     settings: &Settings,
     quiet: bool,
     tablespaces: &[String],
@@ -118,7 +119,7 @@ pub fn fetch_options(
     })
 }
 
-pub fn report_fetched(fetched: &fetch::Fetched, dir: &Path, started: Instant) {
+pub(super) fn report_fetched(fetched: &fetch::Fetched, dir: &Path, started: Instant) {
     tracing::info!(
         "restored {} ({} backups in the chain, {} files, {} written) into {} in {:.1} s",
         fetched.name,
@@ -173,8 +174,8 @@ impl<'a> From<&'a Summary> for Listed<'a> {
     }
 }
 
-pub async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCode> {
-    let backups = walvault::catalog::list(repo)
+pub(super) async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCode> {
+    let backups = crate::backup::catalog::list(repo)
         .await
         .with_context(|| format!("listing backups in {}", repo.url()))?;
     let listed: Vec<Listed> = backups.iter().map(Listed::from).collect();
@@ -204,9 +205,9 @@ pub async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCode> {
             println!("    delta of {parent}");
         }
     }
-    match walvault::recover::plan::window(repo, TimelineChoice::Latest).await {
+    match crate::recover::plan::window(repo, TimelineChoice::Latest).await {
         Ok(window) => println!("recoverable window (latest timeline): {window}"),
-        Err(walvault::recover::RecoverError::NoBackups) => {
+        Err(crate::recover::RecoverError::NoBackups) => {
             println!("no backups: nothing is recoverable yet")
         }
         Err(e) => println!("recoverable window: unknown ({e})"),

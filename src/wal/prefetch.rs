@@ -1,29 +1,16 @@
-//! WAL restore: `wal-fetch`, what PostgreSQL's `restore_command` runs for every file recovery
-//! needs, and the prefetcher that keeps the next segments local.
+//! The prefetcher: after wal-fetch served segment N, a detached `wal-prefetch` process downloads
+//! N+1..N+k into the spool (outside `pg_wal`), verified, so later calls only rename a local file.
 //!
-//! The outcome must be unambiguous, because PostgreSQL treats any exit from 1 to 125 as "the
-//! archive ends here" and promotes: [`Fetched::NotFound`] is returned only when the repository was
-//! reached and said the object does not exist. Every other failure (network, credentials, a
-//! checksum that does not match) is retried within a bound and then returned as an error, which the
-//! CLI turns into an exit code above 125 so that recovery stops instead of ending early.
-//!
-//! A segment that exists only as fragments streamed by `wal-receive` is served assembled and
-//! padded with zeros, like a pg_receivewal `.partial`, so that recovery reaches the newest
-//! streamed commit.
-//!
-//! Prefetch: after serving segment N, a detached `wal-prefetch` process downloads N+1..N+k into
-//! the spool (outside `pg_wal`), verified, so later calls only rename a local file. The spool is
-//! a cache and is not fsynced: each file is named `<segment>.<crc32>.<boot id>`. A file written
-//! since the machine last booted is whole (it was renamed into place after its content was
-//! verified, and nothing but a crash of the kernel loses page-cache writes), so it is served as
-//! it is; one from an earlier boot may have been torn by that crash, so wal-fetch checks its
-//! content against the checksum first and fetches it again from the repository if it differs.
+//! The spool is a cache and is not fsynced: each file is named `<segment>.<crc32>.<boot id>`. A
+//! file written since the machine last booted is whole (it was renamed into place after its
+//! content was verified, and nothing but a crash of the kernel loses page-cache writes), so it is
+//! served as it is; one from an earlier boot may have been torn by that crash, so wal-fetch checks
+//! its content against the checksum first and fetches it again from the repository if it differs.
 //! A call for a segment the prefetcher is downloading at that moment waits for it rather than
 //! downloading it a second time. The spool never holds more than k segments: each run first
 //! deletes what recovery has passed.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,78 +19,10 @@ use std::time::Duration;
 use walvault_wal::page::LongPageHeader;
 use walvault_wal::{SegmentName, WalFileName};
 
-use crate::archive::wal_key;
-use crate::codec::Checksum;
-use crate::receive::fragments::{self, Partial};
+use super::spool::{self, Spool};
+use crate::repo::codec::Checksum;
 use crate::repo::{RepoError, Repository};
-use crate::spool::{self, Spool};
-
-/// Attempts at a fetch that failed for a reason other than "not found", on top of the store's
-/// own per-request retries (this also covers a body cut off mid-stream or read back corrupt).
-const FETCH_ATTEMPTS: u32 = 3;
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum Fetched {
-    /// Written to the destination; `true` when it came from the prefetch spool.
-    Found {
-        from_spool: bool,
-    },
-    NotFound,
-}
-
-/// Fetches `name` into `dest`, from the prefetch spool when it is there.
-pub async fn fetch(
-    repo: &Repository,
-    prefetched: &mut Prefetched,
-    name: &WalFileName,
-    dest: &Path,
-) -> Result<Fetched, RepoError> {
-    if let WalFileName::Segment(seg) = name {
-        if let Some(file) = prefetched.take(seg).await {
-            match file.serve(dest) {
-                Ok(()) => return Ok(Fetched::Found { from_spool: true }),
-                Err(e) => {
-                    tracing::warn!(
-                        "prefetched {} is unusable ({e}); fetching {name} from the repository",
-                        file.path.display()
-                    );
-                    let _ = std::fs::remove_file(&file.path);
-                }
-            }
-        }
-    }
-    let key = wal_key(name);
-    let mut attempt = 1;
-    loop {
-        let fetched = match repo.get_to_file(&key, dest).await {
-            Ok(Some(_)) => Ok(Some(Fetched::Found { from_spool: false })),
-            Ok(None) => fetch_streamed(repo, name, dest).await,
-            Err(e) => Err(e),
-        };
-        match fetched {
-            Ok(Some(fetched)) => return Ok(fetched),
-            // Completed while we looked: fetch the whole segment on the next round.
-            Ok(None) if attempt < FETCH_ATTEMPTS => attempt += 1,
-            Ok(None) => {
-                return Err(RepoError::Store(crate::store::StoreError::Io {
-                    op: "assemble streamed fragments of",
-                    path: key,
-                    source: std::io::Error::other(
-                        "they changed while being read and the whole segment is not stored",
-                    ),
-                }))
-            }
-            Err(e) if attempt < FETCH_ATTEMPTS => {
-                tracing::warn!(
-                    "fetching {name} failed (attempt {attempt} of {FETCH_ATTEMPTS}): {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
+use crate::wal::push::wal_key;
 
 /// The longest a wal-fetch call waits for the prefetcher to finish downloading the segment it
 /// wants. The prefetcher's own requests are bounded by the store's timeouts; past this, the call
@@ -164,6 +83,25 @@ impl Prefetched {
             boot,
             ready,
             in_flight,
+        }
+    }
+
+    /// Moves the spooled copy of `seg` to `dest`; `false` when there is none or it is unusable
+    /// (then it is deleted, and the caller fetches from the repository).
+    pub async fn serve(&mut self, seg: &SegmentName, dest: &Path) -> bool {
+        let Some(file) = self.take(seg).await else {
+            return false;
+        };
+        match file.serve(dest) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "prefetched {} is unusable ({e}); fetching {seg} from the repository",
+                    file.path.display()
+                );
+                let _ = std::fs::remove_file(&file.path);
+                false
+            }
         }
     }
 
@@ -283,32 +221,6 @@ impl<'a> SpoolEntry<'a> {
             return None;
         }
         Some(SpoolEntry::Ready { seg, crc, boot })
-    }
-}
-
-/// A segment that is not archived whole may exist as fragments streamed by wal-receive: serve
-/// them (padded like a `.partial`), so recovery reaches the last streamed commit. `None` when the
-/// fragments vanished while being read, which means the segment was just completed.
-async fn fetch_streamed(
-    repo: &Repository,
-    name: &WalFileName,
-    dest: &Path,
-) -> Result<Option<Fetched>, RepoError> {
-    let WalFileName::Segment(seg) = name else {
-        return Ok(Some(Fetched::NotFound));
-    };
-    match fragments::fetch_partial(repo, seg, dest).await? {
-        Partial::Written(bytes) => {
-            tracing::info!("{name}: serving the {bytes} bytes streamed so far (partial segment)");
-            Ok(Some(Fetched::Found { from_spool: false }))
-        }
-        // The segment is stored whole before its fragments are deleted, so no fragments after a
-        // miss means a true miss unless the segment appeared in between: look once more.
-        Partial::None => match repo.store().head(&wal_key(name)).await? {
-            Some(_) => Ok(None),
-            None => Ok(Some(Fetched::NotFound)),
-        },
-        Partial::Vanished => Ok(None),
     }
 }
 
@@ -445,23 +357,11 @@ fn lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
     spool::try_lock(&dir.join(LOCK_FILE))
 }
 
-/// Starts `walvault ... wal-prefetch` detached from this process, so wal-fetch can return to
-/// PostgreSQL at once. `global_args` repeats the caller's configuration flags.
-pub fn spawn_prefetcher(
-    global_args: &[OsString],
-    spool: &Spool,
-    window: &[SegmentName],
-) -> std::io::Result<()> {
-    let mut args = global_args.to_vec();
-    args.extend(["wal-prefetch".into(), "--spool".into(), spool.dir().into()]);
-    args.extend(window.iter().map(|s| s.to_string().into()));
-    spool::spawn_helper(&args)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{FlagValues, Settings};
+    use crate::wal::fetch::{fetch, Fetched};
 
     #[tokio::test]
     async fn spooled_segments_of_an_earlier_boot_are_checked_before_they_are_served() {

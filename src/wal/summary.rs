@@ -16,8 +16,8 @@ use walvault_wal::{
     LongPageHeader, Lsn, PgTimestamp, RecordScanner, SegmentName, TargetEvent, WalRecord,
 };
 
+use crate::repo::store::{Committed, PutMode};
 use crate::repo::{RepoError, Repository, Stored};
-use crate::store::{Committed, PutMode};
 
 /// Where the summary of `name` is stored.
 pub fn summary_key(name: &SegmentName) -> String {

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use walvault_wal::page::{LongPageHeader, PgMajor};
 use walvault_wal::WalSegmentSize;
 
+use crate::repo::store::{Committed, PutMode};
 use crate::repo::{RepoError, Repository};
-use crate::store::{Committed, PutMode};
 
 const KEY: &str = "repository";
 

@@ -1,4 +1,4 @@
-//! A walvault repository: the [`Store`] seen through the object [`codec`](crate::codec).
+//! A walvault repository: the [`Store`] seen through the object [`codec`](crate::repo::codec).
 //!
 //! Everything above this layer deals in content (files, byte buffers, checksums of content); this
 //! layer frames it on the way in and verifies it on the way out, streaming one block at a time so
@@ -6,15 +6,19 @@
 //! its checksum has been verified: files are written under a temporary name and renamed only
 //! afterwards. Used by archive, restore, identity and verify.
 
+pub mod codec;
+pub mod identity;
+pub mod store;
+
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio::fs::{self, File};
 use tokio::io::AsyncWriteExt;
 
-use crate::codec::{self, Checksum, CodecError, Compression, Decoder, Encoder, MAX_BLOCK};
 use crate::config::Settings;
-use crate::store::{Committed, PutMode, Store, StoreError};
+use crate::repo::store::{Committed, PutMode, Store, StoreError};
+use codec::{Checksum, CodecError, Compression, Decoder, Encoder, MAX_BLOCK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {

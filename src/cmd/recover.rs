@@ -7,17 +7,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backup::fetch;
+use crate::config::{FlagValues, Settings};
+use crate::recover::check_target_dir;
+use crate::recover::plan::{self, Request, TimelineChoice};
+use crate::recover::settings::RecoverySettings;
+use crate::recover::start::{self, StartOptions};
+use crate::recover::target::{self, Target, UnixMicros};
+use crate::repo::Repository;
 use anyhow::Context;
-use walvault::backup::fetch;
-use walvault::config::{FlagValues, Settings};
-use walvault::recover::check_target_dir;
-use walvault::recover::plan::{self, Request, TimelineChoice};
-use walvault::recover::settings::RecoverySettings;
-use walvault::recover::start::{self, StartOptions};
-use walvault::recover::target::{self, Target, UnixMicros};
-use walvault::repo::Repository;
 
-use crate::backup_cmd;
+use super::backup;
 use crate::cli::RecoverArgs;
 
 impl RecoverArgs {
@@ -38,7 +38,7 @@ impl RecoverArgs {
     }
 }
 
-pub async fn recover(
+pub(super) async fn recover(
     settings: &Settings,
     flags: &FlagValues,
     quiet: bool,
@@ -54,7 +54,7 @@ pub async fn recover(
     };
     let dir = std::path::absolute(&args.pgdata).unwrap_or_else(|_| args.pgdata.clone());
     check_target_dir(&dir)?;
-    let fetch_opts = backup_cmd::fetch_options(settings, quiet, &args.tablespaces)?;
+    let fetch_opts = backup::fetch_options(settings, quiet, &args.tablespaces)?;
     let plan = plan::plan(&repo, &request).await?;
     println!("{plan}");
     let recovery = RecoverySettings {
@@ -83,7 +83,7 @@ pub async fn recover(
     )
     .await
     .with_context(|| format!("restoring {} into {}", plan.backup.name, dir.display()))?;
-    backup_cmd::report_fetched(&fetched, &dir, fetch_started);
+    backup::report_fetched(&fetched, &dir, fetch_started);
     recovery.write(&dir)?;
     println!(
         "restored {} into {}; recovery.signal and postgresql.auto.conf are in place",

@@ -1,0 +1,28 @@
+//! `verify` at the CLI edge: one line per problem, then a summary; exit 1 when anything is wrong.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::human_bytes;
+use crate::repo::Repository;
+use crate::verify;
+
+/// `verify`: re-reads the whole repository.
+pub(super) async fn verify(repo: Arc<Repository>, concurrency: usize) -> anyhow::Result<ExitCode> {
+    let report = verify::verify_all(repo, concurrency).await?;
+    for problem in &report.problems {
+        println!("problem: {problem}");
+    }
+    println!(
+        "verify: {} objects checked ({} WAL files, {} of content), {} problems",
+        report.checked,
+        report.wal_files,
+        human_bytes(report.content_bytes),
+        report.problems.len()
+    );
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

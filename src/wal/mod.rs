@@ -1,0 +1,13 @@
+//! WAL commands: what PostgreSQL's `archive_command` and `restore_command` run, and what they
+//! share. `push` is wal-push and `pusher` its detached push-ahead process; `fetch` is wal-fetch
+//! and `prefetch` its detached prefetcher; `summary` scans segments as they are stored; `spool`
+//! is the local scratch directory both sides keep outside `pg_wal`; `fragments` are the streamed
+//! parts of a segment that wal-receive writes and wal-fetch assembles.
+
+pub mod fetch;
+pub mod fragments;
+pub mod prefetch;
+pub mod push;
+pub mod pusher;
+pub mod spool;
+pub mod summary;
