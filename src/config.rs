@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::repo::codec::Compression;
+use crate::repo::Compression;
 
 /// Every setting: its key in the config file (dotted for tables) and its environment variable.
 const KEYS: &[(&str, &str)] = &[

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::repo::layout::{Listing, ObjectKey};
 use crate::repo::{RepoError, Repository};
 
 /// What a verify pass found.
@@ -22,10 +23,13 @@ pub struct Report {
 
 /// Verifies every object in the repository, `concurrency` at a time.
 pub async fn verify_all(repo: Arc<Repository>, concurrency: usize) -> Result<Report, RepoError> {
-    let objects = repo.store().list("").await?;
+    let objects = repo.list(Listing::Everything).await?;
     let mut report = Report::default();
     let mut contents = HashMap::new();
-    if !objects.iter().any(|o| o.key == "repository") {
+    if !objects
+        .iter()
+        .any(|o| ObjectKey::parse(&o.key) == Some(ObjectKey::Identity))
+    {
         report.problems.push(format!(
             "{}: no repository identity object (nothing was ever archived here?)",
             repo.url()
@@ -53,7 +57,8 @@ pub async fn verify_all(repo: Arc<Repository>, concurrency: usize) -> Result<Rep
                 Ok(Some((len, _))) => {
                     report.content_bytes += len;
                     contents.insert(key.clone(), len);
-                    report.wal_files += usize::from(key.starts_with("wal/"));
+                    report.wal_files +=
+                        usize::from(matches!(ObjectKey::parse(&key), Some(ObjectKey::Wal(_))));
                 }
                 Ok(None) => report
                     .problems

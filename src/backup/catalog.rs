@@ -9,25 +9,23 @@
 
 use std::time::SystemTime;
 
-use crate::backup::manifest::{BackupKind, BackupName, Manifest, Summary, BACKUPS_PREFIX};
+use crate::backup::manifest::{BackupKind, BackupName, Manifest, Summary};
 use crate::backup::BackupError;
+use crate::repo::layout::{Listing, ObjectKey};
 use crate::repo::Repository;
 
 /// The complete backups, oldest first.
 pub async fn list(repo: &Repository) -> Result<Vec<Summary>, BackupError> {
     let mut summaries = Vec::new();
-    for object in repo.store().list(BACKUPS_PREFIX).await? {
-        let Some(rest) = object.key.strip_prefix(BACKUPS_PREFIX) else {
-            continue;
-        };
-        let Some((name, "manifest")) = rest.split_once('/') else {
+    for object in repo.list(Listing::Backups).await? {
+        let Some(ObjectKey::Manifest(name)) = ObjectKey::parse(&object.key) else {
             continue;
         };
         let Some(bytes) = repo.get_bytes(&object.key).await? else {
             continue; // deleted while listing
         };
         let summary = Summary::from_json(&object.key, &bytes)?;
-        if summary.name.as_str() != name {
+        if summary.name != name {
             return Err(BackupError::invalid(
                 format!("manifest {}", object.key),
                 format!("records the name {}", summary.name),
@@ -70,7 +68,7 @@ pub async fn resolve_name(repo: &Repository, wanted: &str) -> Result<BackupName,
             .map(|s| s.name)
             .ok_or_else(|| BackupError::NotFound("LATEST (the repository has no backups)".into()));
     }
-    BackupName::parse(wanted)
+    Ok(BackupName::parse(wanted)?)
 }
 
 /// The chain that restores `name`: its full backup first, `name` last. Each parent must be the

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use walvault_wal::{SegmentName, TimelineId, WalSegmentSize};
 
 use super::manifest::{Manifest, Storage};
+use crate::repo::layout;
 use crate::repo::Repository;
 
 /// Problems found in the backups of `repo`. `contents` maps every object that read back whole
@@ -86,7 +87,7 @@ fn check_manifest(manifest: &Manifest, contents: &HashMap<String, u64>) -> Vec<S
         ) else {
             continue;
         };
-        if !contents.contains_key(&format!("wal/{segment}")) {
+        if !contents.contains_key(&layout::segment(&segment)) {
             problems.push(format!(
                 "backup {}: WAL segment {segment}, needed to make it consistent, is not in the archive",
                 s.name

@@ -22,7 +22,6 @@ use indicatif::ProgressBar;
 
 use super::manifest::{BackupName, FileEntry, Manifest, PackId, Piece, Storage};
 use super::{progress, BackupError};
-use crate::repo::codec::Decoder;
 use crate::repo::Repository;
 
 #[derive(Clone, Debug, Default)]
@@ -429,14 +428,11 @@ async fn apply_pack(
         object: key.to_owned(),
         problem,
     };
-    let reader = repo
-        .store()
-        .get(key)
-        .await?
-        .ok_or_else(|| corrupt(format!("missing, yet it holds {first_file}")))?;
-    let mut decoder = Decoder::new(reader, key)
-        .await
-        .map_err(|e| corrupt(format!("{e} (it holds {first_file})")))?;
+    let mut decoder = match repo.open_pack(key).await {
+        Ok(Some(pack)) => pack,
+        Ok(None) => return Err(corrupt(format!("missing, yet it holds {first_file}"))),
+        Err(e) => return Err(corrupt(format!("{e} (it holds {first_file})"))),
+    };
     let mut index = 0;
     let mut pos = 0u64;
     let mut buf = Vec::new();
@@ -582,7 +578,7 @@ mod tests {
     use crate::backup::manifest::tests::sample;
     use crate::backup::manifest::Tablespace;
     use crate::config::FlagValues;
-    use crate::repo::store::PutMode;
+    use crate::repo::PutMode;
 
     fn manifest(files: Vec<FileEntry>, tablespaces: Vec<Tablespace>) -> Manifest {
         let mut m = sample("base_x", "2026-01-01T00:00:00Z");

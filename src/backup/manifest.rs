@@ -15,63 +15,7 @@ use super::BackupError;
 
 pub const FORMAT: u32 = 1;
 
-/// The key prefix of everything stored for backups.
-pub const BACKUPS_PREFIX: &str = "backups/";
-
-/// A backup's name: `base_<start time UTC>_<timeline>_<start LSN>` (hex), so names sort by start
-/// time and two backups never share one (each `pg_backup_start` takes a new checkpoint).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BackupName(String);
-
-impl BackupName {
-    pub fn new(start_time_compact: &str, timeline: u32, start_lsn: Lsn) -> BackupName {
-        BackupName(format!(
-            "base_{start_time_compact}_{timeline:08X}_{:016X}",
-            start_lsn.0
-        ))
-    }
-
-    /// Accepts a name typed by a user or found in a key; refuses anything that could leave
-    /// its directory of the repository.
-    pub fn parse(text: &str) -> Result<BackupName, BackupError> {
-        let ok = text.starts_with("base_")
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if ok {
-            Ok(BackupName(text.to_owned()))
-        } else {
-            Err(BackupError::Invalid {
-                what: format!("backup name {text:?}"),
-                problem: "expected base_<time>_<segment>".into(),
-            })
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn manifest_key(&self) -> String {
-        format!("{BACKUPS_PREFIX}{}/manifest", self.0)
-    }
-
-    pub fn pack_key(&self, pack: PackId) -> String {
-        format!("{BACKUPS_PREFIX}{}/packs/{:06}", self.0, pack.0)
-    }
-}
-
-impl std::fmt::Display for BackupName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// The number of a pack object inside one backup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PackId(pub u32);
+pub use crate::repo::layout::{BackupName, PackId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use crate::pg::PgError;
 use crate::repo::identity::IdentityError;
-use crate::repo::store::StoreError;
+use crate::repo::layout::InvalidBackupName;
 use crate::repo::RepoError;
 
 /// Content bytes at which a pack object is closed (it holds up to this plus one [`CHUNK`]):
@@ -34,7 +34,7 @@ pub enum BackupError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Name(#[from] InvalidBackupName),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]

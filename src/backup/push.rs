@@ -37,10 +37,10 @@ use super::page::{self, BlockNo, BLCKSZ};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
 use crate::pg::{BackupSession, ConnTarget, ServerInfo};
-use crate::repo::codec::{Compression, Encoder, LengthMismatch, MAX_BLOCK};
 use crate::repo::identity::{self, Identity};
-use crate::repo::store::{Committed, PutMode};
+use crate::repo::packs::PackContent;
 use crate::repo::Repository;
+use crate::repo::{Committed, PutMode};
 
 /// Full or delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +61,6 @@ pub struct PushOptions {
     pub concurrency: usize,
     pub fast_checkpoint: bool,
     pub progress: bool,
-    pub compression: Compression,
     /// A spool directory to leave out when it lies inside PGDATA.
     pub spool_dir: Option<PathBuf>,
 }
@@ -108,7 +107,6 @@ struct ChunkDone {
 struct Shared {
     repo: Arc<Repository>,
     name: BackupName,
-    compression: Compression,
     files: Vec<FileCtx>,
     /// The parent's start LSN for a delta.
     delta_base: Option<Lsn>,
@@ -247,7 +245,6 @@ pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, B
     let shared = Arc::new(Shared {
         repo: Arc::clone(&repo),
         name: name.clone(),
-        compression: opts.compression,
         files,
         delta_base: parent.as_ref().map(|p| p.summary.start_lsn),
         verify_from: info.data_checksums.then_some(start_lsn),
@@ -311,6 +308,7 @@ pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, B
     match repo
         .put_bytes(&key, &manifest.to_json()?, PutMode::IfAbsent)
         .await?
+        .committed
     {
         Committed::Created => {}
         Committed::AlreadyExists => {
@@ -498,52 +496,33 @@ async fn worker(
     Ok(done)
 }
 
-/// Compresses and uploads one pack, then hands its buffer back emptied for the next one.
-/// Compression runs on a blocking thread, so it proceeds on one core while other workers read
-/// or compress on the other.
+/// Uploads one pack (the repository compresses it on a blocking thread, so it proceeds on one
+/// core while other workers read or compress on the other), then hands its buffer back emptied
+/// for the next one.
 async fn store_pack(shared: &Shared, mut pack: PackBuf) -> Result<PackBuf, BackupError> {
     let Some(id) = pack.id.take() else {
         return Ok(pack);
     };
     let key = shared.name.pack_key(id);
-    let compression = shared.compression;
-    let (pack, encoded) = tokio::task::spawn_blocking(move || {
-        let encoded = encode_pack(compression, &mut pack);
-        (pack, encoded)
-    })
-    .await?;
-    let encoded = encoded.map_err(|_| BackupError::Corrupt {
-        object: key.clone(),
-        problem: "encoded length differs from the content length".into(),
-    })?;
-    let stored = encoded.len() as u64;
-    let mut writer = shared.repo.store().writer(&key)?;
-    writer.write(encoded.into()).await?;
+    let content = PackContent {
+        bytes: std::mem::take(&mut pack.content),
+        crc: std::mem::replace(&mut pack.crc, crc32fast::Hasher::new()),
+    };
+    let (content, stored) = shared.repo.put_pack(&key, content).await?;
+    pack.content = content.bytes;
     // Names carry the start LSN, which every pg_backup_start moves on, so a pack of the same
     // name can only come from a concurrent push that shared our checkpoint: never replace it.
-    if writer.commit(PutMode::IfAbsent).await? == Committed::AlreadyExists {
+    if stored.committed == Committed::AlreadyExists {
         return Err(BackupError::invalid(
             format!("backup {}", shared.name),
             format!("{key} already exists: is another backup-push running?"),
         ));
     }
-    shared.stored.fetch_add(stored, Ordering::Relaxed);
-    tracing::debug!("stored {key} ({stored} bytes)");
+    shared
+        .stored
+        .fetch_add(stored.stored_len, Ordering::Relaxed);
+    tracing::debug!("stored {key} ({} bytes)", stored.stored_len);
     Ok(pack)
-}
-
-/// The stored bytes of a pack's content (which it empties), framed by the codec with the
-/// content checksum the pack accumulated.
-fn encode_pack(compression: Compression, pack: &mut PackBuf) -> Result<Vec<u8>, LengthMismatch> {
-    let crc = std::mem::replace(&mut pack.crc, crc32fast::Hasher::new());
-    let mut encoder = Encoder::with_content_crc(compression, pack.content.len() as u64, crc);
-    let mut out = encoder.header().to_vec();
-    for block in pack.content.chunks(MAX_BLOCK) {
-        encoder.block(block, &mut out);
-    }
-    encoder.finish(&mut out)?;
-    pack.content.clear();
-    Ok(out)
 }
 
 /// Reads one chunk of a file onto the end of `pack`'s content, keeps there what this backup

@@ -34,7 +34,6 @@ fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushO
         concurrency: settings.backup_concurrency,
         fast_checkpoint: !args.spread_checkpoint,
         progress: !quiet,
-        compression: settings.compression,
         spool_dir: settings.spool_dir.clone(),
     }
 }

@@ -21,14 +21,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
-use walvault_wal::{Lsn, SegmentName, TimelineId, WalFileName, WalSegmentSize};
+use walvault_wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 use super::metrics::Metrics;
 use super::ReceiveError;
-use crate::repo::store::{Committed, PutMode};
-use crate::repo::{RepoError, Repository};
+use crate::repo::layout;
+use crate::repo::{Committed, PutMode};
+use crate::repo::{RepoError, Repository, WalStored};
 use crate::wal::fragments;
-use crate::wal::push::wal_key;
 use crate::wal::summary;
 
 /// Longest wait between two attempts while the repository fails.
@@ -336,13 +336,7 @@ impl Ladder {
             }
             let mut failure = None;
             while let Some(joined) = tasks.join_next().await {
-                let result = joined.unwrap_or_else(|e| {
-                    Err(RepoError::Store(crate::repo::store::StoreError::Io {
-                        op: "store streamed WAL",
-                        path: self.spool.display().to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    }))
-                });
+                let result = joined.unwrap_or_else(|e| Err(RepoError::Task(e.to_string())));
                 if let Err(e) = result {
                     failure.get_or_insert(e);
                 }
@@ -380,11 +374,14 @@ impl Ladder {
             return Ok(());
         }
         let bytes = read_range(&job.file, &job.path, from, to)?;
-        let key = fragments::key(name, from, to);
+        let key = layout::fragment(name, from, to);
         // The key names the byte range and WAL never changes once flushed, so a fragment left
         // by an earlier run should hold the same bytes; say so loudly if it does not.
-        if let Committed::AlreadyExists =
-            self.repo.put_bytes(&key, &bytes, PutMode::IfAbsent).await?
+        if let Committed::AlreadyExists = self
+            .repo
+            .put_bytes(&key, &bytes, PutMode::IfAbsent)
+            .await?
+            .committed
         {
             if self
                 .repo
@@ -530,28 +527,21 @@ impl Ladder {
     /// identical content (archive_command may have stored it first). Returns whether the
     /// repository now holds this content at `wal/<segment>`.
     async fn store_segment(&self, name: &SegmentName, path: &Path) -> Result<bool, RepoError> {
-        let key = wal_key(&WalFileName::Segment(*name));
-        let stored = summary::put_segment(&self.repo, &key, name, path).await?;
-        if let Committed::AlreadyExists = stored.committed {
-            match self.repo.compare_with_file(&key, path).await? {
-                Some(cmp) if !cmp.identical => {
-                    // Never overwrite; the fragments stay, so nothing streamed is lost. Loudly.
-                    tracing::error!(
-                        "{name} is already in {} with different content (stored {}, streamed \
-                         {}); nothing was overwritten. Is another cluster archiving into this \
-                         repository?",
-                        self.repo.url(),
-                        cmp.stored,
-                        cmp.local
-                    );
-                    return Ok(false);
-                }
-                Some(_) => tracing::debug!("{name} was already archived with identical content"),
-                // Deleted between the two calls: the next attempt stores it.
-                None => return Ok(false),
+        match summary::store_segment(&self.repo, name, path).await {
+            Ok(WalStored::Created(_)) => Ok(true),
+            Ok(WalStored::Identical) => {
+                tracing::debug!("{name} was already archived with identical content");
+                Ok(true)
             }
+            // Never overwrite; the fragments stay, so nothing streamed is lost. Loudly.
+            Err(e @ RepoError::Conflict { .. }) => {
+                tracing::error!("{e}");
+                Ok(false)
+            }
+            // Deleted while being compared, again and again: the next attempt stores it.
+            Err(RepoError::Vanishing(_)) => Ok(false),
+            Err(e) => Err(e),
         }
-        Ok(true)
     }
 
     /// Stores whole every segment whose fragments cover it but that is not at `wal/<segment>`:
@@ -579,7 +569,7 @@ impl Ladder {
 
     async fn remove_fragments(&self, name: &SegmentName) -> Result<(), RepoError> {
         for f in fragments::list(&self.repo, name).await? {
-            self.repo.store().delete(&f.key).await?;
+            self.repo.delete(&f.key).await?;
         }
         Ok(())
     }
@@ -650,10 +640,10 @@ mod tests {
         let content = crate::wal::push::tests::segment(&done.to_string());
         for (start, end) in [(0u64, 0x1BD68u64), (0x1BD68, 1 << 20)] {
             let part = &content[start as usize..end as usize];
-            let key = fragments::key(&done, start, end);
+            let key = layout::fragment(&done, start, end);
             repo.put_bytes(&key, part, PutMode::IfAbsent).await.unwrap();
         }
-        let open_key = fragments::key(&open, 0, 0x1000);
+        let open_key = layout::fragment(&open, 0, 0x1000);
         repo.put_bytes(&open_key, &content[..0x1000], PutMode::IfAbsent)
             .await
             .unwrap();
@@ -666,11 +656,11 @@ mod tests {
         )
         .unwrap();
         ladder.store_completed_fragments().await.unwrap();
-        let key = wal_key(&WalFileName::Segment(done));
+        let key = layout::segment(&done);
         assert_eq!(repo.get_bytes(&key).await.unwrap().unwrap(), content);
         assert!(fragments::list(&repo, &done).await.unwrap().is_empty());
         assert_eq!(fragments::list(&repo, &open).await.unwrap().len(), 1);
-        let open_wal = wal_key(&WalFileName::Segment(open));
+        let open_wal = layout::segment(&open);
         assert!(repo.get_bytes(&open_wal).await.unwrap().is_none());
     }
 }

@@ -22,16 +22,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use walvault_wal::{Lsn, TimelineId, WalFileName, WalSegmentSize};
+use walvault_wal::{Lsn, SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
 use crate::replication::{
     sqlstate, ConnParams, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent,
     WalStream,
 };
 use crate::repo::identity::{self, Identity, IdentityError};
-use crate::repo::store::{Committed, PutMode};
-use crate::repo::{RepoError, Repository};
-use crate::wal::push::wal_key;
+use crate::repo::layout::{Listing, ObjectKey};
+use crate::repo::{RepoError, Repository, WalContent, WalStored};
+use crate::wal::fragments;
 use ladder::Ladder;
 use metrics::Metrics;
 
@@ -322,10 +322,7 @@ impl Receiver {
     /// never moved past what the repository holds.
     async fn repository_end(&self, seg_size: WalSegmentSize) -> Result<Option<Lsn>, ReceiveError> {
         let mut end: Option<Lsn> = None;
-        let mut consider = |name: &str, complete: bool| {
-            let Ok(seg) = name.parse::<walvault_wal::SegmentName>() else {
-                return;
-            };
+        let mut consider = |seg: SegmentName, complete: bool| {
             let Ok(segno) = seg.segno(seg_size) else {
                 return;
             };
@@ -334,25 +331,13 @@ impl Receiver {
                 end = end.max(Some(lsn));
             }
         };
-        for object in self
-            .repo
-            .store()
-            .list("stream/")
-            .await
-            .map_err(RepoError::from)?
-        {
-            if let Some((name, _)) = object.key.trim_start_matches("stream/").split_once('/') {
-                consider(name, false);
-            }
+        for seg in fragments::streamed_segments(&self.repo).await? {
+            consider(seg, false);
         }
-        for object in self
-            .repo
-            .store()
-            .list("wal/")
-            .await
-            .map_err(RepoError::from)?
-        {
-            consider(object.key.trim_start_matches("wal/"), true);
+        for object in self.repo.list(Listing::Wal).await? {
+            if let Some(ObjectKey::Wal(WalFileName::Segment(seg))) = ObjectKey::parse(&object.key) {
+                consider(seg, true);
+            }
         }
         Ok(end)
     }
@@ -365,20 +350,20 @@ impl Receiver {
     ) -> Result<(), ReceiveError> {
         let (_, content) = conn.timeline_history(tli).await?;
         let name = WalFileName::History(tli);
-        let key = wal_key(&name);
-        if let Committed::AlreadyExists = self
+        match self
             .repo
-            .put_bytes(&key, &content, PutMode::IfAbsent)
-            .await?
+            .store_wal(&name, WalContent::Bytes(&content), |_| {})
+            .await
         {
-            if self.repo.get_bytes(&key).await?.as_deref() != Some(&content[..]) {
+            Ok(WalStored::Created(_)) => tracing::info!("{name}: stored (streamed)"),
+            Ok(WalStored::Identical) => {}
+            Err(RepoError::Conflict { .. }) => {
                 return Err(ReceiveError::HistoryConflict {
                     name: name.to_string(),
                     repo: self.repo.url().to_owned(),
-                });
+                })
             }
-        } else {
-            tracing::info!("{name}: stored (streamed)");
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }

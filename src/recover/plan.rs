@@ -21,6 +21,7 @@ use walvault_wal::{
 use super::target::{Target, UnixMicros};
 use super::RecoverError;
 use crate::backup::manifest::Summary;
+use crate::repo::layout::{self, Listing, ObjectKey};
 use crate::repo::Repository;
 use crate::wal::summary::{self, SegmentSummary};
 
@@ -183,21 +184,15 @@ impl Archive {
             histories: BTreeSet::new(),
             seg_size,
         };
-        for object in repo
-            .store()
-            .list("wal/")
-            .await
-            .map_err(crate::repo::RepoError::from)?
-        {
-            match object
-                .key
-                .strip_prefix("wal/")
-                .map(str::parse::<WalFileName>)
-            {
-                Some(Ok(WalFileName::Segment(seg))) => {
+        for object in repo.list(Listing::Wal).await? {
+            let Some(ObjectKey::Wal(name)) = ObjectKey::parse(&object.key) else {
+                continue;
+            };
+            match name {
+                WalFileName::Segment(seg) => {
                     archive.segments.insert(seg, object.size);
                 }
-                Some(Ok(WalFileName::History(tli))) => {
+                WalFileName::History(tli) => {
                     archive.histories.insert(tli);
                 }
                 _ => {}
@@ -440,7 +435,7 @@ async fn target_history(
             entries: Vec::new(),
         });
     }
-    let key = crate::wal::push::wal_key(&WalFileName::History(tli));
+    let key = layout::wal(&WalFileName::History(tli));
     let Some(bytes) = repo.get_bytes(&key).await? else {
         if archive.segments.keys().any(|s| s.tli == tli) {
             // A timeline without a history file has no ancestors (initdb's timeline, or a

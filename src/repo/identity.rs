@@ -9,10 +9,9 @@ use serde::{Deserialize, Serialize};
 use walvault_wal::page::{LongPageHeader, PgMajor};
 use walvault_wal::WalSegmentSize;
 
+use crate::repo::layout;
 use crate::repo::store::{Committed, PutMode};
 use crate::repo::{RepoError, Repository};
-
-const KEY: &str = "repository";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -26,7 +25,7 @@ pub struct Identity {
 pub enum IdentityError {
     #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("repository object {KEY} in {repo} is not valid identity JSON: {reason}")]
+    #[error("the identity object in {repo} is not valid identity JSON: {reason}")]
     Malformed { repo: String, reason: String },
     #[error(
         "{what} belongs to a different cluster: it has system identifier {found_sysid} \
@@ -93,7 +92,7 @@ pub fn check(
 
 /// The recorded identity, if any.
 pub async fn load(repo: &Repository) -> Result<Option<Identity>, IdentityError> {
-    let Some(bytes) = repo.get_bytes(KEY).await? else {
+    let Some(bytes) = repo.get_bytes(&layout::identity()).await? else {
         return Ok(None);
     };
     serde_json::from_slice(&bytes)
@@ -119,7 +118,11 @@ pub async fn ensure(
                 repo: repo.url().to_owned(),
                 reason: e.to_string(),
             })?;
-            match repo.put_bytes(KEY, &json, PutMode::IfAbsent).await? {
+            match repo
+                .put_bytes(&layout::identity(), &json, PutMode::IfAbsent)
+                .await?
+                .committed
+            {
                 Committed::Created => {
                     tracing::info!(
                         "repository {} now belongs to cluster {} (PostgreSQL {})",

@@ -6,19 +6,26 @@
 //! its checksum has been verified: files are written under a temporary name and renamed only
 //! afterwards. Used by archive, restore, identity and verify.
 
-pub mod codec;
+mod codec;
 pub mod identity;
-pub mod store;
+pub mod layout;
+pub mod packs;
+mod store;
+
+pub use codec::{Checksum, Compression};
+pub use store::{Committed, PutMode};
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use tokio::fs::{self, File};
 use tokio::io::AsyncWriteExt;
+use walvault_wal::WalFileName;
 
 use crate::config::Settings;
-use crate::repo::store::{Committed, PutMode, Store, StoreError};
-use codec::{Checksum, CodecError, Compression, Decoder, Encoder, MAX_BLOCK};
+use codec::{CodecError, Decoder, Encoder, MAX_BLOCK};
+use layout::Listing;
+use store::{ObjectInfo, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -32,6 +39,28 @@ pub enum RepoError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{key}: {source}")]
+    Encode {
+        key: String,
+        #[source]
+        source: codec::LengthMismatch,
+    },
+    #[error("{what}: {problem}")]
+    Changing { what: String, problem: &'static str },
+    #[error("{0} keeps disappearing while it is being stored and compared")]
+    Vanishing(String),
+    #[error("a repository task failed: {0}")]
+    Task(String),
+    #[error(
+        "{name} is already archived in {repo} with different content (archived {stored}, local \
+         file {local}); nothing was overwritten. Is another cluster archiving into this repository?"
+    )]
+    Conflict {
+        name: String,
+        repo: String,
+        stored: Checksum,
+        local: Checksum,
     },
     #[error("{path} changed size while it was being stored ({announced} bytes at the start, {read} read)")]
     FileChanged {
@@ -59,6 +88,26 @@ pub struct Stored {
     pub content_len: u64,
     pub stored_len: u64,
 }
+
+/// What a WAL file to store is read from.
+#[derive(Clone, Copy, Debug)]
+pub enum WalContent<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+/// How a WAL file ended up in the repository.
+#[derive(Clone, Copy, Debug)]
+pub enum WalStored {
+    /// Stored by this call.
+    Created(Stored),
+    /// Already archived with identical content.
+    Identical,
+}
+
+/// Rounds of "absent, then present, then gone" [`Repository::store_wal`] goes through before
+/// giving up: each means a delete raced the store, which retention only does to old WAL.
+const STORE_WAL_ATTEMPTS: u32 = 3;
 
 /// A stored object compared with a local file.
 #[derive(Clone, Copy, Debug)]
@@ -88,8 +137,72 @@ impl Repository {
         &self.url
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The objects of one group, with their stored sizes.
+    pub async fn list(&self, what: Listing<'_>) -> Result<Vec<ObjectInfo>, RepoError> {
+        Ok(self.store.list(&what.prefix()).await?)
+    }
+
+    /// The stored size of an object, or `None` when it is absent.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, RepoError> {
+        Ok(self.store.head(key).await?)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
+        Ok(self.store.delete(key).await?)
+    }
+
+    /// Stores a WAL file under the rule every writer of WAL follows (wal-push, the pusher,
+    /// wal-receive, history files): never overwrite. A name already archived is compared content
+    /// for content: identical is success (PostgreSQL retries after a crash, and two writers may
+    /// race), different is [`RepoError::Conflict`] and nothing is written. `tap` sees each block
+    /// of a file's content as it streams into the store.
+    pub async fn store_wal(
+        &self,
+        name: &WalFileName,
+        content: WalContent<'_>,
+        mut tap: impl FnMut(&[u8]) + Send,
+    ) -> Result<WalStored, RepoError> {
+        let key = layout::wal(name);
+        for _ in 0..STORE_WAL_ATTEMPTS {
+            // Checking first costs one round trip but keeps the promise even on S3 services
+            // that ignore If-None-Match.
+            if self.store.head(&key).await?.is_none() {
+                let stored = match content {
+                    WalContent::File(path) => {
+                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap)
+                            .await?
+                    }
+                    WalContent::Bytes(bytes) => {
+                        self.put_bytes(&key, bytes, PutMode::IfAbsent).await?
+                    }
+                };
+                if stored.committed == Committed::Created {
+                    return Ok(WalStored::Created(stored));
+                }
+            }
+            let comparison = match content {
+                WalContent::File(path) => self.compare_with_file(&key, path).await?,
+                WalContent::Bytes(bytes) => self.get_bytes(&key).await?.map(|stored| Comparison {
+                    identical: stored == bytes,
+                    stored: Checksum::of(&stored),
+                    local: Checksum::of(bytes),
+                }),
+            };
+            match comparison {
+                Some(cmp) if cmp.identical => return Ok(WalStored::Identical),
+                Some(cmp) => {
+                    return Err(RepoError::Conflict {
+                        name: name.to_string(),
+                        repo: self.url.clone(),
+                        stored: cmp.stored,
+                        local: cmp.local,
+                    })
+                }
+                // Deleted between the check and the read (retention racing a retry): again.
+                None => continue,
+            }
+        }
+        Err(RepoError::Vanishing(key))
     }
 
     /// Stores the content of the file at `path` under `key`.
@@ -165,12 +278,17 @@ impl Repository {
         key: &str,
         content: &[u8],
         mode: PutMode,
-    ) -> Result<Committed, RepoError> {
+    ) -> Result<Stored, RepoError> {
         let mut writer = self.store.writer(key)?;
-        writer
-            .write(codec::encode_all(self.compression, content).into())
-            .await?;
-        Ok(writer.commit(mode).await?)
+        let encoded = codec::encode_all(self.compression, content);
+        let stored_len = encoded.len() as u64;
+        writer.write(encoded.into()).await?;
+        Ok(Stored {
+            committed: writer.commit(mode).await?,
+            checksum: Checksum::of(content),
+            content_len: content.len() as u64,
+            stored_len,
+        })
     }
 
     /// A small object's verified content, or `None` when absent.

@@ -17,8 +17,8 @@ use walvault_wal::WalFileName;
 
 use super::fragments::{self, Partial};
 use super::prefetch::Prefetched;
+use crate::repo::layout;
 use crate::repo::{RepoError, Repository};
-use crate::wal::push::wal_key;
 
 /// Attempts at a fetch that failed for a reason other than "not found", on top of the store's
 /// own per-request retries (this also covers a body cut off mid-stream or read back corrupt).
@@ -45,7 +45,7 @@ pub async fn fetch(
             return Ok(Fetched::Found { from_spool: true });
         }
     }
-    let key = wal_key(name);
+    let key = layout::wal(name);
     let mut attempt = 1;
     loop {
         let fetched = match repo.get_to_file(&key, dest).await {
@@ -58,13 +58,11 @@ pub async fn fetch(
             // Completed while we looked: fetch the whole segment on the next round.
             Ok(None) if attempt < FETCH_ATTEMPTS => attempt += 1,
             Ok(None) => {
-                return Err(RepoError::Store(crate::repo::store::StoreError::Io {
-                    op: "assemble streamed fragments of",
-                    path: key,
-                    source: std::io::Error::other(
-                        "they changed while being read and the whole segment is not stored",
-                    ),
-                }))
+                return Err(RepoError::Changing {
+                    what: key,
+                    problem: "its streamed fragments changed while being read and the whole \
+                              segment is not stored",
+                })
             }
             Err(e) if attempt < FETCH_ATTEMPTS => {
                 tracing::warn!(
@@ -96,7 +94,7 @@ async fn fetch_streamed(
         }
         // The segment is stored whole before its fragments are deleted, so no fragments after a
         // miss means a true miss unless the segment appeared in between: look once more.
-        Partial::None => match repo.store().head(&wal_key(name)).await? {
+        Partial::None => match repo.head(&layout::wal(name)).await? {
             Some(_) => Ok(None),
             None => Ok(Some(Fetched::NotFound)),
         },

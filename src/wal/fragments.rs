@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use walvault_wal::page::LongPageHeader;
 use walvault_wal::SegmentName;
 
+use crate::repo::layout::{Listing, ObjectKey};
 use crate::repo::{temp_beside, RepoError, Repository};
 
 /// One stored fragment: bytes `start..end` of its segment.
@@ -27,50 +28,37 @@ pub struct Fragment {
     pub end: u64,
 }
 
-/// Where fragments live: `stream/<segment>/`.
-const STREAM: &str = "stream/";
-
-/// The prefix under which the fragments of `seg` live.
-pub fn prefix(seg: &SegmentName) -> String {
-    format!("{STREAM}{seg}/")
-}
-
-/// The key of the fragment holding bytes `start..end` of `seg`.
-pub fn key(seg: &SegmentName, start: u64, end: u64) -> String {
-    format!("{}{start:08X}-{end:08X}", prefix(seg))
-}
-
-fn parse(key: &str, prefix: &str) -> Option<Fragment> {
-    let (start, end) = key.strip_prefix(prefix)?.split_once('-')?;
-    let start = u64::from_str_radix(start, 16).ok()?;
-    let end = u64::from_str_radix(end, 16).ok()?;
-    (start < end).then(|| Fragment {
-        key: key.to_owned(),
-        start,
-        end,
-    })
-}
-
 /// The segments that have fragments stored, in order.
 pub async fn streamed_segments(repo: &Repository) -> Result<BTreeSet<SegmentName>, RepoError> {
     Ok(repo
-        .store()
-        .list(STREAM)
+        .list(Listing::Fragments)
         .await?
         .iter()
-        .filter_map(|o| o.key.strip_prefix(STREAM)?.split_once('/')?.0.parse().ok())
+        .filter_map(|o| match ObjectKey::parse(&o.key) {
+            Some(ObjectKey::Fragment { seg, .. }) => Some(seg),
+            _ => None,
+        })
         .collect())
 }
 
 /// The stored fragments of `seg`, by start offset.
 pub async fn list(repo: &Repository, seg: &SegmentName) -> Result<Vec<Fragment>, RepoError> {
-    let prefix = prefix(seg);
     let mut fragments: Vec<Fragment> = repo
-        .store()
-        .list(&prefix)
+        .list(Listing::FragmentsOf(seg))
         .await?
-        .iter()
-        .filter_map(|o| parse(&o.key, &prefix))
+        .into_iter()
+        .filter_map(|o| match ObjectKey::parse(&o.key) {
+            Some(ObjectKey::Fragment {
+                seg: of,
+                start,
+                end,
+            }) if of == *seg => Some(Fragment {
+                key: o.key,
+                start,
+                end,
+            }),
+            _ => None,
+        })
         .collect();
     fragments.sort_by_key(|f| (f.start, f.end));
     Ok(fragments)
@@ -184,7 +172,6 @@ pub async fn fetch_partial(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walvault_wal::TimelineId;
 
     fn frag(start: u64, end: u64) -> Fragment {
         Fragment {
@@ -192,27 +179,6 @@ mod tests {
             start,
             end,
         }
-    }
-
-    #[test]
-    fn keys_round_trip() {
-        let seg = SegmentName {
-            tli: TimelineId(2),
-            log: 0,
-            seg: 0x1A,
-        };
-        let k = key(&seg, 0x2000, 0x3F10);
-        assert_eq!(k, "stream/00000002000000000000001A/00002000-00003F10");
-        assert_eq!(
-            parse(&k, &prefix(&seg)),
-            Some(Fragment {
-                key: k.clone(),
-                start: 0x2000,
-                end: 0x3F10
-            })
-        );
-        assert_eq!(parse("stream/x/zz-1", "stream/x/"), None);
-        assert_eq!(parse("stream/x/00000010-00000010", "stream/x/"), None);
     }
 
     #[test]

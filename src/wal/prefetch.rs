@@ -20,9 +20,9 @@ use walvault_wal::page::LongPageHeader;
 use walvault_wal::{SegmentName, WalFileName};
 
 use super::spool::{self, Spool};
-use crate::repo::codec::Checksum;
+use crate::repo::layout;
+use crate::repo::Checksum;
 use crate::repo::{RepoError, Repository};
-use crate::wal::push::wal_key;
 
 /// The longest a wal-fetch call waits for the prefetcher to finish downloading the segment it
 /// wants. The prefetcher's own requests are bounded by the store's timeouts; past this, the call
@@ -301,7 +301,7 @@ pub async fn prefetch(
             };
             let (repo, dir, boot) = (Arc::clone(&repo), dir.clone(), boot.clone());
             tasks.spawn(async move {
-                let key = wal_key(&WalFileName::Segment(seg));
+                let key = layout::wal(&WalFileName::Segment(seg));
                 // Named with its checksum only once whole, so wal-fetch never serves it earlier.
                 repo.get_to_file_named(&key, &dir.join(seg.to_string()), |crc| {
                     dir.join(spool_name(&seg, crc, boot.as_deref()))

@@ -21,10 +21,8 @@ use walvault_wal::{BackupHistory, TimelineHistory, WalError, WalFileName};
 
 use super::pusher::Markers;
 use super::spool::{self, Spool};
-use crate::repo::codec::Checksum;
 use crate::repo::identity::{self, Identity, IdentityError};
-use crate::repo::store::{Committed, PutMode};
-use crate::repo::{RepoError, Repository};
+use crate::repo::{RepoError, Repository, WalContent, WalStored};
 use crate::wal::summary;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +44,6 @@ pub enum ArchiveError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
-    },
-    #[error(
-        "{name} is already archived in {repo} with different content (archived {stored}, local \
-         file {local}); nothing was overwritten. Is another cluster archiving into this repository?"
-    )]
-    Conflict {
-        name: String,
-        repo: String,
-        stored: Checksum,
-        local: Checksum,
     },
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -122,52 +110,21 @@ impl Archiver {
         path: &Path,
     ) -> Result<Pushed, ArchiveError> {
         self.validate(name, path).await?;
-        let key = wal_key(name);
-        let repo = &self.repo;
-        // Checking first costs one round trip but keeps the no-overwrite promise even on S3
-        // services that ignore If-None-Match.
-        if repo
-            .store()
-            .head(&key)
-            .await
-            .map_err(RepoError::from)?
-            .is_some()
-        {
-            return self.compare_existing(name, &key, path).await;
-        }
         let stored = match name {
-            WalFileName::Segment(seg) => summary::put_segment(repo, &key, seg, path).await?,
-            _ => repo.put_file(&key, path, PutMode::IfAbsent).await?,
+            WalFileName::Segment(seg) => summary::store_segment(&self.repo, seg, path).await?,
+            _ => {
+                self.repo
+                    .store_wal(name, WalContent::File(path), |_| {})
+                    .await?
+            }
         };
-        match stored.committed {
-            Committed::Created => Ok(Pushed::Stored {
+        Ok(match stored {
+            WalStored::Created(stored) => Pushed::Stored {
                 content: stored.content_len,
                 stored: stored.stored_len,
-            }),
-            // Another pusher won the race: same rule as a retry.
-            Committed::AlreadyExists => self.compare_existing(name, &key, path).await,
-        }
-    }
-
-    async fn compare_existing(
-        &self,
-        name: &WalFileName,
-        key: &str,
-        path: &Path,
-    ) -> Result<Pushed, ArchiveError> {
-        let Some(cmp) = self.repo.compare_with_file(key, path).await? else {
-            // Deleted between the check and the read (retention racing a retry): store it again.
-            return Box::pin(self.push(name, path)).await;
-        };
-        if !cmp.identical {
-            return Err(ArchiveError::Conflict {
-                name: name.to_string(),
-                repo: self.repo.url().to_owned(),
-                stored: cmp.stored,
-                local: cmp.local,
-            });
-        }
-        Ok(Pushed::AlreadyArchived)
+            },
+            WalStored::Identical => Pushed::AlreadyArchived,
+        })
     }
 
     /// Refuses what is not WAL of this repository's cluster, before anything is stored.
@@ -213,11 +170,6 @@ impl Archiver {
         }
         Ok(())
     }
-}
-
-/// Where a WAL file is stored.
-pub fn wal_key(name: &WalFileName) -> String {
-    format!("wal/{name}")
 }
 
 fn parse_name(path: &Path) -> Result<WalFileName, ArchiveError> {

@@ -5,7 +5,7 @@
 //! A recovery target time is only reached at a transaction end, and a target name only at its
 //! restore point, so these summaries let the recovery planner check a target against the archive
 //! without downloading WAL. wal-push and wal-receive write one after each segment they store,
-//! from the bytes they were streaming anyway ([`put_segment`]). Summaries are advisory: writing one
+//! from the bytes they were streaming anyway ([`store_segment`]). Summaries are advisory: writing one
 //! never fails a push, and readers treat a missing or unreadable summary as "unknown".
 
 use std::path::Path;
@@ -13,16 +13,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use walvault_wal::page::SIZE_OF_XLOG_LONG_PHD;
 use walvault_wal::{
-    LongPageHeader, Lsn, PgTimestamp, RecordScanner, SegmentName, TargetEvent, WalRecord,
+    LongPageHeader, Lsn, PgTimestamp, RecordScanner, SegmentName, TargetEvent, WalFileName,
+    WalRecord,
 };
 
-use crate::repo::store::{Committed, PutMode};
-use crate::repo::{RepoError, Repository, Stored};
-
-/// Where the summary of `name` is stored.
-pub fn summary_key(name: &SegmentName) -> String {
-    format!("walsummary/{name}")
-}
+use crate::repo::layout;
+use crate::repo::PutMode;
+use crate::repo::{RepoError, Repository, WalContent, WalStored};
 
 /// A point in the WAL with the time the record there carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,22 +161,30 @@ impl Summariser {
     }
 }
 
-/// Stores the segment `name` from the file at `path` under `key` (`IfAbsent`, as every WAL
-/// object is stored) and, if this call created it, its summary. The summary is computed from the
+/// Stores the segment `name` from the file at `path` as every WAL file is stored (never
+/// overwriting) and, if this call created it, its summary. The summary is computed from the
 /// blocks streamed into the store, so the file is read once and memory stays at a block, and it
 /// is written after the segment, so it never describes WAL the archive does not have.
-pub async fn put_segment(
+pub async fn store_segment(
     repo: &Repository,
-    key: &str,
     name: &SegmentName,
     path: &Path,
-) -> Result<Stored, RepoError> {
+) -> Result<WalStored, RepoError> {
     let mut summariser = Summariser::new(*name);
+    let mut fed = 0u64;
     let stored = repo
-        .put_file_tapped(key, path, PutMode::IfAbsent, |block| summariser.feed(block))
+        .store_wal(
+            &WalFileName::Segment(*name),
+            WalContent::File(path),
+            |block| {
+                fed += block.len() as u64;
+                summariser.feed(block);
+            },
+        )
         .await?;
-    if stored.committed == Committed::Created {
-        if let Some(summary) = summariser.finish() {
+    // A store that had to start over fed some blocks twice: no summary rather than a wrong one.
+    if let WalStored::Created(stored) = stored {
+        if let Some(summary) = summariser.finish().filter(|_| fed == stored.content_len) {
             // The segment itself is archived, and the planner copes with a missing summary.
             if let Err(e) = put(repo, name, &summary).await {
                 tracing::warn!(
@@ -199,14 +204,14 @@ async fn put(
     let json = serde_json::to_vec(summary).unwrap_or_default();
     // A summary is derived from the archived segment, so a newer one is as true, and the
     // planner copes without one: it is not worth two fsyncs on every push.
-    repo.put_bytes(&summary_key(name), &json, PutMode::OverwriteDerived)
+    repo.put_bytes(&layout::summary(name), &json, PutMode::OverwriteDerived)
         .await
         .map(|_| ())
 }
 
 /// The stored summary of `name`; `None` when it is absent or unreadable.
 pub async fn load(repo: &Repository, name: &SegmentName) -> Option<SegmentSummary> {
-    let bytes = match repo.get_bytes(&summary_key(name)).await {
+    let bytes = match repo.get_bytes(&layout::summary(name)).await {
         Ok(bytes) => bytes?,
         Err(e) => {
             tracing::debug!("cannot read the summary of {name}: {e}");

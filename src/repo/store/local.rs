@@ -273,56 +273,53 @@ mod tests {
     async fn put_get_list_and_no_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path().to_path_buf());
-        assert_eq!(read(&store, "wal/a").await, None);
+        assert_eq!(read(&store, "dir/a").await, None);
 
-        let mut w = store.writer("wal/a");
+        let mut w = store.writer("dir/a");
         w.write(b"hello").await.unwrap();
         assert_eq!(
             w.commit(PutMode::IfAbsent).await.unwrap(),
             Committed::Created
         );
 
-        let mut w = store.writer("wal/a");
+        let mut w = store.writer("dir/a");
         w.write(b"other").await.unwrap();
         assert_eq!(
             w.commit(PutMode::IfAbsent).await.unwrap(),
             Committed::AlreadyExists
         );
-        assert_eq!(read(&store, "wal/a").await.unwrap(), b"hello");
+        assert_eq!(read(&store, "dir/a").await.unwrap(), b"hello");
 
-        let mut w = store.writer("wal/a");
+        let mut w = store.writer("dir/a");
         w.write(b"replaced").await.unwrap();
         w.commit(PutMode::Overwrite).await.unwrap();
-        assert_eq!(read(&store, "wal/a").await.unwrap(), b"replaced");
+        assert_eq!(read(&store, "dir/a").await.unwrap(), b"replaced");
 
-        let mut w = store.writer("walsummary/a");
+        let mut w = store.writer("derived/a");
         w.write(b"derived").await.unwrap();
         w.commit(PutMode::OverwriteDerived).await.unwrap();
-        let mut w = store.writer("walsummary/a");
+        let mut w = store.writer("derived/a");
         w.write(b"derived again").await.unwrap();
         w.commit(PutMode::OverwriteDerived).await.unwrap();
-        assert_eq!(
-            read(&store, "walsummary/a").await.unwrap(),
-            b"derived again"
-        );
+        assert_eq!(read(&store, "derived/a").await.unwrap(), b"derived again");
 
         // An abandoned writer leaves nothing listed.
-        let mut w = store.writer("wal/b");
+        let mut w = store.writer("dir/b");
         w.write(b"partial").await.unwrap();
         drop(w);
-        let listed = store.list("wal/").await.unwrap();
+        let listed = store.list("dir/").await.unwrap();
         assert_eq!(
             listed.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
-            ["wal/a"]
+            ["dir/a"]
         );
-        assert_eq!(store.head("wal/a").await.unwrap(), Some(8));
+        assert_eq!(store.head("dir/a").await.unwrap(), Some(8));
         assert_eq!(
-            std::fs::read_dir(dir.path().join("wal")).unwrap().count(),
+            std::fs::read_dir(dir.path().join("dir")).unwrap().count(),
             1
         );
 
-        store.delete("wal/a").await.unwrap();
-        assert_eq!(store.head("wal/a").await.unwrap(), None);
+        store.delete("dir/a").await.unwrap();
+        assert_eq!(store.head("dir/a").await.unwrap(), None);
         assert!(
             !dir.path().join("wal").exists(),
             "an emptied directory is removed"
@@ -333,9 +330,9 @@ mod tests {
     #[tokio::test]
     async fn a_missing_root_is_an_error_not_a_miss() {
         let store = LocalStore::new(PathBuf::from("/nonexistent/walvault-repo"));
-        let err = store.get("wal/x").await.err().expect("must fail");
+        let err = store.get("dir/x").await.err().expect("must fail");
         assert!(matches!(err, StoreError::MissingRoot(_)), "{err}");
-        let mut w = store.writer("wal/x");
+        let mut w = store.writer("dir/x");
         assert!(w.write(b"x").await.is_err());
     }
 }

@@ -189,11 +189,7 @@ mod tests {
 
     #[test]
     fn keys_are_checked() {
-        for good in [
-            "repository",
-            "wal/000000010000000000000001",
-            "a/b/c.partial",
-        ] {
+        for good in ["object", "dir/000000010000000000000001", "a/b/c.partial"] {
             assert!(check_key(good).is_ok(), "{good}");
         }
         for bad in ["", "/abs", "a//b", "../x", "wal/.tmp", "a/", "wal/../x"] {

@@ -1,0 +1,337 @@
+//! The repository's key layout: the only place that knows where each kind of object lives.
+//!
+//! Every key is built by a typed constructor here and every listed key is told apart by
+//! [`ObjectKey::parse`], so retention, verify and status see every kind of object without
+//! matching strings of their own. Names taken from keys are checked here, before anything uses
+//! them: a listed key is repository content, and repository content is untrusted input.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use walvault_wal::{Lsn, SegmentName, WalFileName};
+
+/// The identity object: which cluster the repository holds.
+const IDENTITY: &str = "repository";
+/// One object per archived WAL file: `wal/<WAL file name>`.
+const WAL: &str = "wal/";
+/// Segment summaries: `walsummary/<segment>`.
+const SUMMARY: &str = "walsummary/";
+/// Fragments of segments being streamed: `stream/<segment>/<start>-<end>`.
+const STREAM: &str = "stream/";
+/// Base backups: `backups/<name>/manifest` and `backups/<name>/packs/<NNNNNN>`.
+const BACKUPS: &str = "backups/";
+const MANIFEST: &str = "manifest";
+const PACKS: &str = "packs/";
+
+/// A prefix to list: the kinds of object that are listed by group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing<'a> {
+    /// Every object of the repository.
+    Everything,
+    /// Every archived WAL file.
+    Wal,
+    /// Every fragment of every streamed segment.
+    Fragments,
+    /// The fragments of one segment.
+    FragmentsOf(&'a SegmentName),
+    /// Every object of every backup.
+    Backups,
+}
+
+impl Listing<'_> {
+    /// The key prefix that lists this group.
+    pub fn prefix(&self) -> String {
+        match self {
+            Listing::Everything => String::new(),
+            Listing::Wal => WAL.to_owned(),
+            Listing::Fragments => STREAM.to_owned(),
+            Listing::FragmentsOf(seg) => format!("{STREAM}{seg}/"),
+            Listing::Backups => BACKUPS.to_owned(),
+        }
+    }
+}
+
+/// What a key names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectKey {
+    Identity,
+    Wal(WalFileName),
+    Summary(SegmentName),
+    /// Bytes `start..end` of a segment being streamed.
+    Fragment {
+        seg: SegmentName,
+        start: u64,
+        end: u64,
+    },
+    Manifest(BackupName),
+    Pack(BackupName, PackId),
+}
+
+/// The kinds of object, for counts and reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Identity,
+    Wal,
+    Summary,
+    Fragment,
+    Manifest,
+    Pack,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Identity => "identity",
+            Kind::Wal => "wal",
+            Kind::Summary => "summary",
+            Kind::Fragment => "fragment",
+            Kind::Manifest => "manifest",
+            Kind::Pack => "pack",
+        }
+    }
+}
+
+impl ObjectKey {
+    /// The key this object is stored under.
+    pub fn key(&self) -> String {
+        match self {
+            ObjectKey::Identity => IDENTITY.to_owned(),
+            ObjectKey::Wal(name) => format!("{WAL}{name}"),
+            ObjectKey::Summary(seg) => format!("{SUMMARY}{seg}"),
+            ObjectKey::Fragment { seg, start, end } => {
+                format!("{STREAM}{seg}/{start:08X}-{end:08X}")
+            }
+            ObjectKey::Manifest(name) => format!("{BACKUPS}{name}/{MANIFEST}"),
+            ObjectKey::Pack(name, id) => format!("{BACKUPS}{name}/{PACKS}{:06}", id.0),
+        }
+    }
+
+    /// What `key` names; `None` for a key walvault never writes.
+    pub fn parse(key: &str) -> Option<ObjectKey> {
+        if key == IDENTITY {
+            return Some(ObjectKey::Identity);
+        }
+        if let Some(name) = key.strip_prefix(WAL) {
+            return name.parse().ok().map(ObjectKey::Wal);
+        }
+        if let Some(seg) = key.strip_prefix(SUMMARY) {
+            return seg.parse().ok().map(ObjectKey::Summary);
+        }
+        if let Some(rest) = key.strip_prefix(STREAM) {
+            let (seg, range) = rest.split_once('/')?;
+            let (start, end) = range.split_once('-')?;
+            let hex = |s: &str| {
+                (s.len() == 8)
+                    .then(|| u64::from_str_radix(s, 16).ok())
+                    .flatten()
+            };
+            let (start, end) = (hex(start)?, hex(end)?);
+            return (start < end).then_some(ObjectKey::Fragment {
+                seg: seg.parse().ok()?,
+                start,
+                end,
+            });
+        }
+        let rest = key.strip_prefix(BACKUPS)?;
+        let (name, what) = rest.split_once('/')?;
+        let name = BackupName::parse(name).ok()?;
+        if what == MANIFEST {
+            return Some(ObjectKey::Manifest(name));
+        }
+        let id = what.strip_prefix(PACKS)?;
+        if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(ObjectKey::Pack(name, PackId(id.parse().ok()?)))
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            ObjectKey::Identity => Kind::Identity,
+            ObjectKey::Wal(_) => Kind::Wal,
+            ObjectKey::Summary(_) => Kind::Summary,
+            ObjectKey::Fragment { .. } => Kind::Fragment,
+            ObjectKey::Manifest(_) => Kind::Manifest,
+            ObjectKey::Pack(..) => Kind::Pack,
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+/// Where the identity object is stored.
+pub fn identity() -> String {
+    ObjectKey::Identity.key()
+}
+
+/// Where a WAL file is stored.
+pub fn wal(name: &WalFileName) -> String {
+    ObjectKey::Wal(*name).key()
+}
+
+/// Where a segment is stored whole.
+pub fn segment(seg: &SegmentName) -> String {
+    ObjectKey::Wal(WalFileName::Segment(*seg)).key()
+}
+
+/// Where the summary of a segment is stored.
+pub fn summary(seg: &SegmentName) -> String {
+    ObjectKey::Summary(*seg).key()
+}
+
+/// Where bytes `start..end` of a streamed segment are stored.
+pub fn fragment(seg: &SegmentName, start: u64, end: u64) -> String {
+    ObjectKey::Fragment {
+        seg: *seg,
+        start,
+        end,
+    }
+    .key()
+}
+
+/// A backup's name: `base_<start time UTC>_<timeline>_<start LSN>` (hex), so names sort by start
+/// time and two backups never share one (each `pg_backup_start` takes a new checkpoint). Parsed
+/// names (typed, listed or read from a manifest) cannot leave their directory of the repository.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupName(String);
+
+/// A backup name that walvault would not have written.
+#[derive(Debug, thiserror::Error)]
+#[error("backup name {0:?}: expected base_<time>_<timeline>_<LSN>")]
+pub struct InvalidBackupName(pub String);
+
+/// The longest backup name accepted (walvault's own are 48 bytes).
+const MAX_BACKUP_NAME: usize = 128;
+
+impl BackupName {
+    pub fn new(start_time_compact: &str, timeline: u32, start_lsn: Lsn) -> BackupName {
+        BackupName(format!(
+            "base_{start_time_compact}_{timeline:08X}_{:016X}",
+            start_lsn.0
+        ))
+    }
+
+    /// Accepts a name typed by a user or found in a key or a manifest.
+    pub fn parse(text: &str) -> Result<BackupName, InvalidBackupName> {
+        let ok = text.starts_with("base_")
+            && text.len() <= MAX_BACKUP_NAME
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(BackupName(text.to_owned()))
+        } else {
+            Err(InvalidBackupName(text.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn manifest_key(&self) -> String {
+        ObjectKey::Manifest(self.clone()).key()
+    }
+
+    pub fn pack_key(&self, pack: PackId) -> String {
+        ObjectKey::Pack(self.clone(), pack).key()
+    }
+}
+
+impl TryFrom<String> for BackupName {
+    type Error = InvalidBackupName;
+
+    fn try_from(text: String) -> Result<BackupName, InvalidBackupName> {
+        BackupName::parse(&text)
+    }
+}
+
+impl From<BackupName> for String {
+    fn from(name: BackupName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for BackupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The number of a pack object inside one backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PackId(pub u32);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_key_round_trips() {
+        let seg: SegmentName = "00000002000000000000001A".parse().unwrap();
+        let backup = BackupName::parse("base_20261121T113128Z_00000001_0000000006000028").unwrap();
+        let keys = [
+            ObjectKey::Identity,
+            ObjectKey::Wal(WalFileName::Segment(seg)),
+            ObjectKey::Wal("00000002.history".parse().unwrap()),
+            ObjectKey::Summary(seg),
+            ObjectKey::Fragment {
+                seg,
+                start: 0x2000,
+                end: 0x3F10,
+            },
+            ObjectKey::Manifest(backup.clone()),
+            ObjectKey::Pack(backup, PackId(7)),
+        ];
+        for key in keys {
+            assert_eq!(ObjectKey::parse(&key.key()), Some(key.clone()), "{key}");
+        }
+        assert_eq!(
+            fragment(&seg, 0x2000, 0x3F10),
+            "stream/00000002000000000000001A/00002000-00003F10"
+        );
+        assert_eq!(
+            ObjectKey::Pack(BackupName::parse("base_x").unwrap(), PackId(3)).key(),
+            "backups/base_x/packs/000003"
+        );
+    }
+
+    #[test]
+    fn keys_walvault_never_writes_are_not_taken_for_objects() {
+        for key in [
+            "wal/notawal",
+            "walsummary/x",
+            "stream/x/zz-1",
+            "stream/00000002000000000000001A/00000010-00000010",
+            "stream/00000002000000000000001A/10-20",
+            "backups/../manifest",
+            "backups/base_a/packs/12",
+            "backups/base_a/other",
+            "repository2",
+            "drills/x",
+        ] {
+            assert_eq!(ObjectKey::parse(key), None, "{key}");
+        }
+    }
+
+    #[test]
+    fn backup_names_cannot_leave_their_directory() {
+        for bad in [
+            "base_../x",
+            "../base_x",
+            "base_a/b",
+            "other",
+            &"base_".repeat(40),
+        ] {
+            assert!(BackupName::parse(bad).is_err(), "{bad}");
+        }
+        let json = serde_json::to_string("base_../../etc").unwrap();
+        assert!(serde_json::from_str::<BackupName>(&json).is_err());
+    }
+}
