@@ -17,10 +17,10 @@ use clap::{ArgAction, Parser, Subcommand};
 pub struct Cli {
     /// Config file (TOML); also WALVAULT_CONFIG
     #[arg(long, global = true, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Repository URL: file:///abs/path or s3://bucket/prefix; also WALVAULT_REPO
     #[arg(long, global = true, value_name = "URL")]
-    pub repo: Option<String>,
+    pub(crate) repo: Option<String>,
     /// More detail in logs (repeat for more)
     #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
@@ -157,117 +157,117 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 pub struct RecoverArgs {
     /// The directory to restore into (empty or absent)
     #[arg(long, value_name = "DIR")]
-    pub pgdata: PathBuf,
+    pub(crate) pgdata: PathBuf,
     /// Stop at the first transaction end after this time: RFC 3339, YYYY-MM-DD
     /// HH:MM:SS[.ffffff][±TZ] (local time without a zone) or -15m (before now)
     #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
-    pub target_time: Option<String>,
+    pub(crate) target_time: Option<String>,
     /// Stop at this WAL location (X/Y)
     #[arg(long, value_name = "LSN")]
-    pub target_lsn: Option<String>,
+    pub(crate) target_lsn: Option<String>,
     /// Stop after this transaction ends
     #[arg(long, value_name = "XID")]
-    pub target_xid: Option<u32>,
+    pub(crate) target_xid: Option<u32>,
     /// Stop at this restore point (pg_create_restore_point)
     #[arg(long, value_name = "NAME")]
-    pub target_name: Option<String>,
+    pub(crate) target_name: Option<String>,
     /// Stop as soon as the backup is consistent
     #[arg(long)]
-    pub target_immediate: bool,
+    pub(crate) target_immediate: bool,
     /// Stop just before the target transaction end instead of just after it
     /// (recovery_target_inclusive = off); with --target-time, --target-lsn or --target-xid
     #[arg(long, requires = "exclusive_target")]
-    pub exclusive: bool,
+    pub(crate) exclusive: bool,
     /// What the server does at the target
     #[arg(long, value_enum, default_value = "promote")]
-    pub target_action: crate::recover::settings::TargetAction,
+    pub(crate) target_action: crate::recover::settings::TargetAction,
     /// Timeline to recover along: latest or a number
     #[arg(long, default_value = "latest", value_name = "TLI")]
-    pub target_timeline: String,
+    pub(crate) target_timeline: String,
     /// Restore this backup (or LATEST) instead of the planner's choice
     #[arg(long, value_name = "NAME")]
-    pub backup: Option<String>,
+    pub(crate) backup: Option<String>,
     /// Print the plan and stop
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Start PostgreSQL on DIR and follow recovery to its end
     #[arg(long)]
-    pub start: bool,
+    pub(crate) start: bool,
     /// Keep the backup's archive_mode (default: archive_mode = off in the restored cluster)
     #[arg(long)]
-    pub keep_archive_command: bool,
+    pub(crate) keep_archive_command: bool,
     /// With --start: directory of pg_ctl (default: PATH, then /usr/lib/postgresql/<major>/bin)
     #[arg(long, value_name = "DIR")]
-    pub pg_bin: Option<PathBuf>,
+    pub(crate) pg_bin: Option<PathBuf>,
     /// With --start: the server's port
     #[arg(long, default_value_t = 5432)]
-    pub port: u16,
+    pub(crate) port: u16,
     /// With --start: the server's socket directory (default: /var/run/postgresql, else /tmp)
     #[arg(long, value_name = "DIR")]
-    pub socket_dir: Option<PathBuf>,
+    pub(crate) socket_dir: Option<PathBuf>,
     /// With --start: more server options, passed to pg_ctl -o (repeatable)
     #[arg(long = "pg-option", value_name = "OPTION", allow_hyphen_values = true)]
-    pub pg_options: Vec<String>,
+    pub(crate) pg_options: Vec<String>,
     /// Restore tablespace OID into DIR instead of its recorded location (repeatable)
     #[arg(long = "tablespace", value_name = "OID=DIR")]
-    pub tablespaces: Vec<String>,
+    pub(crate) tablespaces: Vec<String>,
     /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
     #[arg(long, value_name = "N")]
-    pub concurrency: Option<String>,
+    pub(crate) concurrency: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ReceiveArgs {
     /// Physical replication slot to stream through
     #[arg(long, default_value = "walvault", value_name = "NAME")]
-    pub slot: String,
+    pub(crate) slot: String,
     /// Create the slot (reserving WAL at once) if it does not exist
     #[arg(long)]
-    pub create_slot: bool,
+    pub(crate) create_slot: bool,
     /// Longest time received WAL waits before it is stored (e.g. 1s, 500ms)
     #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
-    pub flush_interval: std::time::Duration,
+    pub(crate) flush_interval: std::time::Duration,
     /// Store every message at once and report it durable right after, so the receiver can
     /// be named in synchronous_standby_names (RPO zero)
     #[arg(long)]
-    pub synchronous: bool,
+    pub(crate) synchronous: bool,
     /// Name shown in pg_stat_replication and matched by synchronous_standby_names
     #[arg(long, default_value = "walvault", value_name = "NAME")]
-    pub application_name: String,
+    pub(crate) application_name: String,
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9187)
     #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Connection string (key=value or postgresql:// URI); PG* variables fill the rest
     #[arg(long, value_name = "CONNINFO")]
-    pub dbname: Option<String>,
+    pub(crate) dbname: Option<String>,
     /// MiB in the local spool (received, not yet stored whole) beyond which reading pauses
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
-    pub spool_max_mib: u64,
+    pub(crate) spool_max_mib: u64,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct BackupPushArgs {
     /// The cluster's data directory; default: PGDATA, else the server's data_directory
     #[arg(long, env = "PGDATA", value_name = "DIR")]
-    pub pgdata: Option<PathBuf>,
+    pub(crate) pgdata: Option<PathBuf>,
     /// Connection string (key=value or postgresql:// URI) or database name
     #[arg(long, value_name = "CONNINFO")]
-    pub dbname: Option<String>,
+    pub(crate) dbname: Option<String>,
     /// Take a full backup whatever exists already
     #[arg(long, conflicts_with = "delta")]
-    pub full: bool,
+    pub(crate) full: bool,
     /// Take a delta even past --delta-max-steps (full when there is no usable parent)
     #[arg(long)]
-    pub delta: bool,
+    pub(crate) delta: bool,
     /// Deltas after a full backup before the next full one (default 6); also
     /// WALVAULT_DELTA_MAX_STEPS
     #[arg(long, value_name = "N")]
-    pub delta_max_steps: Option<String>,
+    pub(crate) delta_max_steps: Option<String>,
     /// Files read, packs compressed and uploaded in parallel (default 4); also
     /// WALVAULT_BACKUP_CONCURRENCY
     #[arg(long, value_name = "N")]
-    pub concurrency: Option<String>,
+    pub(crate) concurrency: Option<String>,
     /// Let the backup's checkpoint spread its writes instead of running at full speed
     #[arg(long)]
-    pub spread_checkpoint: bool,
+    pub(crate) spread_checkpoint: bool,
 }

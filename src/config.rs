@@ -35,7 +35,7 @@ const KEYS: &[(&str, &str)] = &[
 
 /// Where a value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     File(PathBuf),
     Env(&'static str),
     Flag(&'static str),
@@ -52,7 +52,7 @@ impl fmt::Display for Source {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("invalid value {value:?} for {key} (from {origin}): {reason}")]
@@ -70,7 +70,7 @@ pub enum ConfigError {
 
 /// A repository location.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RepoUrl {
+pub(crate) enum RepoUrl {
     /// `file:///abs/path`
     Local(PathBuf),
     /// `s3://bucket/prefix`; the prefix has no leading or trailing slash and may be empty.
@@ -114,44 +114,44 @@ impl fmt::Display for RepoUrl {
 
 /// How to reach an S3-compatible service.
 #[derive(Clone, Debug)]
-pub struct S3Settings {
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub force_path_style: bool,
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+pub(crate) struct S3Settings {
+    pub(crate) endpoint: Option<String>,
+    pub(crate) region: Option<String>,
+    pub(crate) force_path_style: bool,
+    pub(crate) access_key_id: Option<String>,
+    pub(crate) secret_access_key: Option<String>,
     /// Bound on one request attempt (and on each read of a response body).
-    pub timeout: Duration,
-    pub max_attempts: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) max_attempts: u32,
     /// Objects larger than this are uploaded in parts of this size.
-    pub part_size: usize,
+    pub(crate) part_size: usize,
 }
 
 /// Everything a command needs to know, typed.
 #[derive(Clone, Debug)]
-pub struct Settings {
-    pub repo: RepoUrl,
-    pub s3: S3Settings,
+pub(crate) struct Settings {
+    pub(crate) repo: RepoUrl,
+    pub(crate) s3: S3Settings,
     /// Spool for push-ahead markers and prefetched WAL; `None` means next to `pg_wal`.
-    pub spool_dir: Option<PathBuf>,
-    pub push_concurrency: usize,
-    pub prefetch: usize,
-    pub compression: Compression,
+    pub(crate) spool_dir: Option<PathBuf>,
+    pub(crate) push_concurrency: usize,
+    pub(crate) prefetch: usize,
+    pub(crate) compression: Compression,
     /// Files read, packs compressed and uploaded in parallel by backup-push and backup-fetch.
-    pub backup_concurrency: usize,
+    pub(crate) backup_concurrency: usize,
     /// Deltas allowed after a full backup before backup-push takes a full one again.
-    pub delta_max_steps: u32,
+    pub(crate) delta_max_steps: u32,
 }
 
 /// Values set on the command line; `None` where the flag was not given.
 #[derive(Clone, Debug, Default)]
-pub struct FlagValues {
-    pub config: Option<PathBuf>,
-    pub repo: Option<String>,
-    pub push_concurrency: Option<String>,
-    pub prefetch: Option<String>,
-    pub backup_concurrency: Option<String>,
-    pub delta_max_steps: Option<String>,
+pub(crate) struct FlagValues {
+    pub(crate) config: Option<PathBuf>,
+    pub(crate) repo: Option<String>,
+    pub(crate) push_concurrency: Option<String>,
+    pub(crate) prefetch: Option<String>,
+    pub(crate) backup_concurrency: Option<String>,
+    pub(crate) delta_max_steps: Option<String>,
 }
 
 struct Value {
@@ -164,7 +164,7 @@ struct Layers(BTreeMap<&'static str, Value>);
 
 impl Settings {
     /// Reads the config file (if any), the environment and the flags, and parses them.
-    pub fn load(flags: &FlagValues) -> Result<Settings, ConfigError> {
+    pub(crate) fn load(flags: &FlagValues) -> Result<Settings, ConfigError> {
         Self::from_sources(flags, |name| std::env::var(name).ok())
     }
 

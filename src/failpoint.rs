@@ -6,7 +6,7 @@
 //! lookup. Used by the store before every commit.
 
 /// Blocks forever if the failpoint `name` is enabled.
-pub async fn pause_if_enabled(name: &str) {
+pub(crate) async fn pause_if_enabled(name: &str) {
     let Ok(list) = std::env::var("WALVAULT_FAILPOINTS") else {
         return;
     };

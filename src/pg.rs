@@ -16,7 +16,7 @@ use tokio_postgres::{Client, Config, NoTls};
 use walvault_wal::Lsn;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PgError {
+pub(crate) enum PgError {
     #[error("invalid connection string: {0}")]
     Conninfo(String),
     #[error("cannot connect to PostgreSQL at {target}: {source} (is the server running? check PGHOST/PGPORT or --dbname)")]
@@ -38,7 +38,7 @@ pub enum PgError {
 
 /// Where to connect, resolved from `--dbname` and the libpq environment.
 #[derive(Clone, Debug)]
-pub struct ConnTarget {
+pub(crate) struct ConnTarget {
     config: Config,
     shown: String,
 }
@@ -46,7 +46,7 @@ pub struct ConnTarget {
 impl ConnTarget {
     /// `dbname` is a database name, a `key=value` conninfo string or a `postgres://` URI; what
     /// it leaves unset comes from the `PG*` environment, then libpq's defaults.
-    pub fn resolve(dbname: Option<&str>) -> Result<ConnTarget, PgError> {
+    pub(crate) fn resolve(dbname: Option<&str>) -> Result<ConnTarget, PgError> {
         Self::resolve_with(dbname, |k| std::env::var(k).ok())
     }
 
@@ -125,12 +125,8 @@ impl ConnTarget {
         Ok(ConnTarget { config, shown })
     }
 
-    pub fn shown(&self) -> &str {
-        &self.shown
-    }
-
     /// Opens a session; its connection is driven by a background task until the client drops.
-    pub async fn connect(&self) -> Result<Client, PgError> {
+    pub(crate) async fn connect(&self) -> Result<Client, PgError> {
         let (client, connection) =
             self.config
                 .connect(NoTls)
@@ -150,26 +146,26 @@ impl ConnTarget {
 
 /// What a backup needs to know about the server.
 #[derive(Clone, Debug)]
-pub struct ServerInfo {
-    pub version_num: u32,
-    pub system_identifier: u64,
-    pub data_directory: Option<PathBuf>,
-    pub data_checksums: bool,
-    pub block_size: u32,
-    pub wal_segment_size: u32,
-    pub in_recovery: bool,
+pub(crate) struct ServerInfo {
+    pub(crate) version_num: u32,
+    pub(crate) system_identifier: u64,
+    pub(crate) data_directory: Option<PathBuf>,
+    pub(crate) data_checksums: bool,
+    pub(crate) block_size: u32,
+    pub(crate) wal_segment_size: u32,
+    pub(crate) in_recovery: bool,
     /// `off`, `on` or `always`.
-    pub archive_mode: String,
+    pub(crate) archive_mode: String,
 }
 
 impl ServerInfo {
-    pub fn major(&self) -> u32 {
+    pub(crate) fn major(&self) -> u32 {
         self.version_num / 10_000
     }
 }
 
 /// An open session, able to run one non-exclusive backup.
-pub struct BackupSession {
+pub(crate) struct BackupSession {
     client: Client,
     target: String,
     info: ServerInfo,
@@ -177,14 +173,14 @@ pub struct BackupSession {
 
 /// What `pg_backup_stop` returns.
 #[derive(Clone, Debug)]
-pub struct BackupStop {
-    pub lsn: Lsn,
-    pub backup_label: String,
-    pub tablespace_map: Option<String>,
+pub(crate) struct BackupStop {
+    pub(crate) lsn: Lsn,
+    pub(crate) backup_label: String,
+    pub(crate) tablespace_map: Option<String>,
 }
 
 impl BackupSession {
-    pub async fn connect(target: &ConnTarget) -> Result<BackupSession, PgError> {
+    pub(crate) async fn connect(target: &ConnTarget) -> Result<BackupSession, PgError> {
         let shown = target.shown.clone();
         let client = target.connect().await?;
         let query = |what| {
@@ -240,11 +236,11 @@ impl BackupSession {
         })
     }
 
-    pub fn info(&self) -> &ServerInfo {
+    pub(crate) fn info(&self) -> &ServerInfo {
         &self.info
     }
 
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.target
     }
 
@@ -260,7 +256,7 @@ impl BackupSession {
     }
 
     /// Starts a non-exclusive backup; returns its start LSN and the timeline of its checkpoint.
-    pub async fn start(&self, label: &str, fast: bool) -> Result<(Lsn, u32), PgError> {
+    pub(crate) async fn start(&self, label: &str, fast: bool) -> Result<(Lsn, u32), PgError> {
         let sql = if self.info.major() >= 15 {
             "SELECT pg_backup_start($1, $2)::text"
         } else {
@@ -282,7 +278,7 @@ impl BackupSession {
     }
 
     /// Stops the backup, waiting until its last WAL segment is archived.
-    pub async fn stop(&self) -> Result<BackupStop, PgError> {
+    pub(crate) async fn stop(&self) -> Result<BackupStop, PgError> {
         let sql = if self.info.major() >= 15 {
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
         } else {
@@ -334,7 +330,7 @@ mod tests {
                 ("PGUSER", "bob"),
             ],
         );
-        assert_eq!(t.shown(), "host=/tmp/sock port=5433 user=bob dbname=bob");
+        assert_eq!(t.shown, "host=/tmp/sock port=5433 user=bob dbname=bob");
         let t = resolve(
             Some("host=db1 port=6000 dbname=app"),
             &[
@@ -343,9 +339,9 @@ mod tests {
                 ("PGDATABASE", "x"),
             ],
         );
-        assert_eq!(t.shown(), "host=db1 port=6000 user=bob dbname=app");
+        assert_eq!(t.shown, "host=db1 port=6000 user=bob dbname=app");
         let t = resolve(Some("mydb"), &[("PGHOST", "h"), ("PGUSER", "u")]);
-        assert_eq!(t.shown(), "host=h port=5432 user=u dbname=mydb");
+        assert_eq!(t.shown, "host=h port=5432 user=u dbname=mydb");
         assert!(ConnTarget::resolve_with(Some("host='unterminated"), |_| None).is_err());
     }
 }

@@ -14,15 +14,18 @@ use crate::repo::{RepoError, Repository};
 
 /// What a verify pass found.
 #[derive(Debug, Default)]
-pub struct Report {
-    pub checked: usize,
-    pub wal_files: usize,
-    pub content_bytes: u64,
-    pub problems: Vec<String>,
+pub(crate) struct Report {
+    pub(crate) checked: usize,
+    pub(crate) wal_files: usize,
+    pub(crate) content_bytes: u64,
+    pub(crate) problems: Vec<String>,
 }
 
 /// Verifies every object in the repository, `concurrency` at a time.
-pub async fn verify_all(repo: Arc<Repository>, concurrency: usize) -> Result<Report, RepoError> {
+pub(crate) async fn verify_all(
+    repo: Arc<Repository>,
+    concurrency: usize,
+) -> Result<Report, RepoError> {
     let objects = repo.list(Listing::Everything).await?;
     let mut report = Report::default();
     let mut contents = HashMap::new();

@@ -15,7 +15,7 @@ use crate::repo::layout::{Listing, ObjectKey};
 use crate::repo::Repository;
 
 /// The complete backups, oldest first.
-pub async fn list(repo: &Repository) -> Result<Vec<Summary>, BackupError> {
+pub(crate) async fn list(repo: &Repository) -> Result<Vec<Summary>, BackupError> {
     let mut summaries = Vec::new();
     for object in repo.list(Listing::Backups).await? {
         let Some(ObjectKey::Manifest(name)) = ObjectKey::parse(&object.key) else {
@@ -43,7 +43,10 @@ fn order_key(s: &Summary) -> (SystemTime, walvault_wal::Lsn) {
 }
 
 /// One backup's whole manifest.
-pub async fn manifest(repo: &Repository, name: &BackupName) -> Result<Manifest, BackupError> {
+pub(crate) async fn manifest(
+    repo: &Repository,
+    name: &BackupName,
+) -> Result<Manifest, BackupError> {
     let key = name.manifest_key();
     let bytes = repo
         .get_bytes(&key)
@@ -60,7 +63,10 @@ pub async fn manifest(repo: &Repository, name: &BackupName) -> Result<Manifest, 
 }
 
 /// The name `LATEST` or a backup name, resolved against the catalog.
-pub async fn resolve_name(repo: &Repository, wanted: &str) -> Result<BackupName, BackupError> {
+pub(crate) async fn resolve_name(
+    repo: &Repository,
+    wanted: &str,
+) -> Result<BackupName, BackupError> {
     if wanted == "LATEST" {
         return list(repo)
             .await?
@@ -73,7 +79,10 @@ pub async fn resolve_name(repo: &Repository, wanted: &str) -> Result<BackupName,
 
 /// The chain that restores `name`: its full backup first, `name` last. Each parent must be the
 /// backup the child recorded (same start LSN), and the chain must end at a full backup.
-pub async fn chain(repo: &Repository, name: &BackupName) -> Result<Vec<Manifest>, BackupError> {
+pub(crate) async fn chain(
+    repo: &Repository,
+    name: &BackupName,
+) -> Result<Vec<Manifest>, BackupError> {
     let mut chain = vec![manifest(repo, name).await?];
     loop {
         let child = &chain[chain.len() - 1].summary;

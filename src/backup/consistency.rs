@@ -16,7 +16,7 @@ use crate::repo::Repository;
 
 /// Problems found in the backups of `repo`. `contents` maps every object that read back whole
 /// to its content length.
-pub async fn check(repo: &Repository, contents: &HashMap<String, u64>) -> Vec<String> {
+pub(crate) async fn check(repo: &Repository, contents: &HashMap<String, u64>) -> Vec<String> {
     let mut problems = Vec::new();
     let backups = match crate::backup::catalog::list(repo).await {
         Ok(backups) => backups,

@@ -25,27 +25,27 @@ use super::{progress, BackupError};
 use crate::repo::Repository;
 
 #[derive(Clone, Debug, Default)]
-pub struct FetchOptions {
-    pub concurrency: usize,
-    pub progress: bool,
+pub(crate) struct FetchOptions {
+    pub(crate) concurrency: usize,
+    pub(crate) progress: bool,
     /// Tablespaces restored somewhere else than recorded: OID → directory.
-    pub relocate: Vec<(u32, PathBuf)>,
+    pub(crate) relocate: Vec<(u32, PathBuf)>,
 }
 
 /// What a fetch restored.
 #[derive(Clone, Debug)]
-pub struct Fetched {
-    pub name: BackupName,
-    pub chain: Vec<BackupName>,
-    pub files: usize,
-    pub bytes_written: u64,
+pub(crate) struct Fetched {
+    pub(crate) name: BackupName,
+    pub(crate) chain: Vec<BackupName>,
+    pub(crate) files: usize,
+    pub(crate) bytes_written: u64,
 }
 
 const CONTROL: &str = "global/pg_control";
 const CONTROL_TEMP: &str = "global/pg_control.walvault-restore";
 
 /// Restores backup `wanted` (`LATEST` or a name) into `target`.
-pub async fn fetch(
+pub(crate) async fn fetch(
     repo: Arc<Repository>,
     wanted: &str,
     target: &Path,

@@ -13,19 +13,19 @@ use walvault_wal::Lsn;
 
 use super::BackupError;
 
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
-pub use crate::repo::layout::{BackupName, PackId};
+pub(crate) use crate::repo::layout::{BackupName, PackId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BackupKind {
+pub(crate) enum BackupKind {
     Full,
     Delta,
 }
 
 impl BackupKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BackupKind::Full => "full",
             BackupKind::Delta => "delta",
@@ -38,11 +38,11 @@ pub(crate) mod lsn_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use walvault_wal::Lsn;
 
-    pub fn serialize<S: Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(lsn)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
     }
@@ -50,48 +50,48 @@ pub(crate) mod lsn_text {
 
 /// The part of a manifest that describes the backup as a whole; the catalog reads only this.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Summary {
-    pub format: u32,
-    pub name: BackupName,
+pub(crate) struct Summary {
+    pub(crate) format: u32,
+    pub(crate) name: BackupName,
     #[serde(rename = "type")]
-    pub kind: BackupKind,
-    pub parent: Option<BackupName>,
+    pub(crate) kind: BackupKind,
+    pub(crate) parent: Option<BackupName>,
     /// The parent's start LSN: pages older than it were taken from the parent chain.
     #[serde(with = "lsn_text_opt", default)]
-    pub delta_base_lsn: Option<Lsn>,
+    pub(crate) delta_base_lsn: Option<Lsn>,
     /// Deltas since the full backup this one builds on (0 for a full backup).
-    pub delta_depth: u32,
-    pub start_time: String,
-    pub stop_time: String,
+    pub(crate) delta_depth: u32,
+    pub(crate) start_time: String,
+    pub(crate) stop_time: String,
     #[serde(with = "lsn_text")]
-    pub start_lsn: Lsn,
+    pub(crate) start_lsn: Lsn,
     #[serde(with = "lsn_text")]
-    pub stop_lsn: Lsn,
-    pub timeline: u32,
-    pub pg_version_num: u32,
-    pub system_identifier: u64,
-    pub wal_segment_size: u32,
-    pub data_checksums: bool,
+    pub(crate) stop_lsn: Lsn,
+    pub(crate) timeline: u32,
+    pub(crate) pg_version_num: u32,
+    pub(crate) system_identifier: u64,
+    pub(crate) wal_segment_size: u32,
+    pub(crate) data_checksums: bool,
     /// Bytes of the files as they are in PGDATA.
-    pub original_size: u64,
+    pub(crate) original_size: u64,
     /// Bytes stored for this backup (packs, before the manifest).
-    pub stored_size: u64,
-    pub packs: u32,
-    pub page_checksum_failures: Vec<PageFailures>,
+    pub(crate) stored_size: u64,
+    pub(crate) packs: u32,
+    pub(crate) page_checksum_failures: Vec<PageFailures>,
 }
 
 mod lsn_text_opt {
     use serde::{Deserialize, Deserializer, Serializer};
     use walvault_wal::Lsn;
 
-    pub fn serialize<S: Serializer>(lsn: &Option<Lsn>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(lsn: &Option<Lsn>, s: S) -> Result<S::Ok, S::Error> {
         match lsn {
             Some(lsn) => s.collect_str(lsn),
             None => s.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Lsn>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Lsn>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|t| t.parse().map_err(serde::de::Error::custom))
             .transpose()
@@ -100,41 +100,41 @@ mod lsn_text_opt {
 
 /// Pages of one file whose data checksum failed when read (the backup went on).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageFailures {
-    pub path: String,
-    pub blocks: Vec<u32>,
+pub(crate) struct PageFailures {
+    pub(crate) path: String,
+    pub(crate) blocks: Vec<u32>,
 }
 
 /// A whole manifest.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     #[serde(flatten)]
-    pub summary: Summary,
+    pub(crate) summary: Summary,
     /// `backup_label` as `pg_backup_stop` returned it.
-    pub backup_label: String,
+    pub(crate) backup_label: String,
     /// `tablespace_map` as `pg_backup_stop` returned it (absent when empty).
-    pub tablespace_map: Option<String>,
-    pub tablespaces: Vec<Tablespace>,
-    pub dirs: Vec<DirEntry>,
-    pub files: Vec<FileEntry>,
+    pub(crate) tablespace_map: Option<String>,
+    pub(crate) tablespaces: Vec<Tablespace>,
+    pub(crate) dirs: Vec<DirEntry>,
+    pub(crate) files: Vec<FileEntry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tablespace {
-    pub oid: u32,
-    pub location: String,
+pub(crate) struct Tablespace {
+    pub(crate) oid: u32,
+    pub(crate) location: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DirEntry {
-    pub path: String,
-    pub mode: u32,
+pub(crate) struct DirEntry {
+    pub(crate) path: String,
+    pub(crate) mode: u32,
 }
 
 /// How a file's content is stored in this backup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Storage {
+pub(crate) enum Storage {
     /// Every byte is in this backup's pieces.
     Whole,
     /// Only changed pages are; the rest comes from the parent chain.
@@ -142,38 +142,38 @@ pub enum Storage {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub path: String,
-    pub size: u64,
-    pub mode: u32,
-    pub storage: Storage,
+pub(crate) struct FileEntry {
+    pub(crate) path: String,
+    pub(crate) size: u64,
+    pub(crate) mode: u32,
+    pub(crate) storage: Storage,
     /// crc32 of the file's content as read (all of it, pages taken from the parent included).
-    pub crc32: u32,
-    pub pieces: Vec<Piece>,
+    pub(crate) crc32: u32,
+    pub(crate) pieces: Vec<Piece>,
 }
 
 /// A run of a file's bytes stored in a pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Piece {
-    pub pack: PackId,
+pub(crate) struct Piece {
+    pub(crate) pack: PackId,
     /// Offset in the pack's content.
-    pub at: u64,
-    pub len: u64,
+    pub(crate) at: u64,
+    pub(crate) len: u64,
     /// Where the bytes go in the file.
-    pub file_offset: u64,
+    pub(crate) file_offset: u64,
     /// crc32 of these bytes, checked before they are written.
-    pub crc32: u32,
+    pub(crate) crc32: u32,
 }
 
 impl Manifest {
-    pub fn to_json(&self) -> Result<Vec<u8>, BackupError> {
+    pub(crate) fn to_json(&self) -> Result<Vec<u8>, BackupError> {
         serde_json::to_vec(self).map_err(|e| BackupError::Invalid {
             what: format!("manifest of {}", self.summary.name),
             problem: e.to_string(),
         })
     }
 
-    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, BackupError> {
+    pub(crate) fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, BackupError> {
         let manifest: Manifest =
             serde_json::from_slice(bytes).map_err(|e| BackupError::Invalid {
                 what: format!("manifest {key}"),
@@ -185,7 +185,7 @@ impl Manifest {
 }
 
 impl Summary {
-    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Summary, BackupError> {
+    pub(crate) fn from_json(key: &str, bytes: &[u8]) -> Result<Summary, BackupError> {
         let summary: Summary = serde_json::from_slice(bytes).map_err(|e| BackupError::Invalid {
             what: format!("manifest {key}"),
             problem: e.to_string(),
@@ -205,10 +205,6 @@ impl Summary {
             });
         }
         Ok(())
-    }
-
-    pub fn pg_major(&self) -> u32 {
-        self.pg_version_num / 10_000
     }
 }
 

@@ -6,14 +6,14 @@
 //! file a delta must keep, `push.rs` reads and stores, `fetch.rs` restores a chain. Used by the
 //! CLI, the catalog and verify.
 
-pub mod catalog;
-pub mod consistency;
-pub mod fetch;
-pub mod manifest;
-pub mod page;
-pub mod progress;
-pub mod push;
-pub mod walk;
+pub(crate) mod catalog;
+pub(crate) mod consistency;
+pub(crate) mod fetch;
+pub(crate) mod manifest;
+pub(crate) mod page;
+pub(crate) mod progress;
+pub(crate) mod push;
+pub(crate) mod walk;
 
 use std::path::PathBuf;
 
@@ -25,12 +25,12 @@ use crate::repo::RepoError;
 /// Content bytes at which a pack object is closed (it holds up to this plus one [`CHUNK`]):
 /// large enough that a cluster of tiny files does not become one request per file, small
 /// enough that each worker holds only one pack in memory.
-pub const PACK_TARGET: usize = 8 << 20;
+pub(crate) const PACK_TARGET: usize = 8 << 20;
 /// Files are read in chunks of this size, so one huge relation is spread over many workers.
-pub const CHUNK: u64 = 8 << 20;
+pub(crate) const CHUNK: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackupError {
+pub(crate) enum BackupError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]

@@ -10,9 +10,9 @@
 use walvault_wal::Lsn;
 
 /// PostgreSQL's block size; walvault refuses clusters built with another one.
-pub const BLCKSZ: usize = 8192;
+pub(crate) const BLCKSZ: usize = 8192;
 /// Blocks per relation segment file (`RELSEG_SIZE`): 1 GiB files of 8 KiB pages.
-pub const RELSEG_BLOCKS: u32 = 131_072;
+pub(crate) const RELSEG_BLOCKS: u32 = 131_072;
 const PAGE_HEADER_SIZE: usize = 24;
 /// `PD_VALID_FLAG_BITS`.
 const VALID_FLAG_BITS: u16 = 0x0007;
@@ -23,18 +23,18 @@ const MAXALIGN: u16 = 8;
 /// A block number counted from the start of the relation fork (`BlockNumber`), as opposed to
 /// the index of a page inside one segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct BlockNo(pub u32);
+pub(crate) struct BlockNo(pub(crate) u32);
 
 impl BlockNo {
     /// The absolute block number of page `index` of segment file `segno` (`<relfilenode>.<segno>`).
-    pub fn of(segno: u32, index: u32) -> BlockNo {
+    pub(crate) fn of(segno: u32, index: u32) -> BlockNo {
         BlockNo(segno.wrapping_mul(RELSEG_BLOCKS).wrapping_add(index))
     }
 }
 
 /// What a page's header says about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PageState {
+pub(crate) enum PageState {
     /// Every byte zero: a page PostgreSQL extended the file with and has not written yet.
     AllZero,
     /// `pd_upper == 0` but not all zero: PostgreSQL treats it as new, so would a restore.
@@ -54,7 +54,7 @@ fn u32_at(page: &[u8], at: usize) -> u32 {
 }
 
 /// Classifies one page of exactly [`BLCKSZ`] bytes (shorter input is [`PageState::Insane`]).
-pub fn inspect(page: &[u8]) -> PageState {
+pub(crate) fn inspect(page: &[u8]) -> PageState {
     if page.len() != BLCKSZ {
         return PageState::Insane;
     }
@@ -96,7 +96,7 @@ pub fn inspect(page: &[u8]) -> PageState {
 /// WAL since the parent's checkpoint, which flushed every earlier change to disk before the parent
 /// read it. Everything else (new, zeroed, insane, zero-LSN pages, pages past the parent's copy)
 /// is stored, so a delta restores the bytes read, never a guess.
-pub fn delta_needs(state: PageState, parent_start: Lsn, parent_has_page: bool) -> bool {
+pub(crate) fn delta_needs(state: PageState, parent_start: Lsn, parent_has_page: bool) -> bool {
     match state {
         PageState::Valid { lsn, .. } => !parent_has_page || !lsn.is_valid() || lsn >= parent_start,
         PageState::AllZero | PageState::New | PageState::Insane => true,
@@ -106,7 +106,12 @@ pub fn delta_needs(state: PageState, parent_start: Lsn, parent_has_page: bool) -
 /// Whether a page read during a backup passes its data checksum. New pages carry none; pages
 /// written at or after the backup's start may be torn by a concurrent write, and WAL replay from
 /// the start rewrites them, so (like PostgreSQL's own base backup) they are not judged.
-pub fn checksum_ok(page: &[u8], state: PageState, block: BlockNo, backup_start: Lsn) -> bool {
+pub(crate) fn checksum_ok(
+    page: &[u8],
+    state: PageState,
+    block: BlockNo,
+    backup_start: Lsn,
+) -> bool {
     match state {
         PageState::AllZero | PageState::New => true,
         PageState::Valid { lsn, .. } if lsn >= backup_start => true,
@@ -130,7 +135,7 @@ const BASE_OFFSETS: [u32; N_SUMS] = [
 /// number and reduced to 1..=65535. Every page of a full backup goes through it, so it uses AVX2
 /// when the CPU has it (the 32 lanes are independent, as PostgreSQL's own vectorised build
 /// relies on): several times faster than the portable build, which must assume plain SSE2.
-pub fn page_checksum(page: &[u8], block: BlockNo) -> u16 {
+pub(crate) fn page_checksum(page: &[u8], block: BlockNo) -> u16 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.

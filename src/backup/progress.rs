@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A bar over `total` bytes, drawn only when `wanted` and stderr is a terminal.
-pub fn bytes_bar(total: u64, wanted: bool, prefix: &str) -> ProgressBar {
+pub(crate) fn bytes_bar(total: u64, wanted: bool, prefix: &str) -> ProgressBar {
     if !wanted || !std::io::stderr().is_terminal() {
         return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
     }

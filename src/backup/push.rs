@@ -44,7 +44,7 @@ use crate::repo::{Committed, PutMode};
 
 /// Full or delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Delta when a usable parent exists and its chain is short enough, else full.
     Auto,
     Full,
@@ -53,23 +53,23 @@ pub enum Mode {
 }
 
 #[derive(Clone, Debug)]
-pub struct PushOptions {
-    pub pgdata: Option<PathBuf>,
-    pub dbname: Option<String>,
-    pub mode: Mode,
-    pub delta_max_steps: u32,
-    pub concurrency: usize,
-    pub fast_checkpoint: bool,
-    pub progress: bool,
+pub(crate) struct PushOptions {
+    pub(crate) pgdata: Option<PathBuf>,
+    pub(crate) dbname: Option<String>,
+    pub(crate) mode: Mode,
+    pub(crate) delta_max_steps: u32,
+    pub(crate) concurrency: usize,
+    pub(crate) fast_checkpoint: bool,
+    pub(crate) progress: bool,
     /// A spool directory to leave out when it lies inside PGDATA.
-    pub spool_dir: Option<PathBuf>,
+    pub(crate) spool_dir: Option<PathBuf>,
 }
 
 /// What a push stored.
 #[derive(Clone, Debug)]
-pub struct Pushed {
-    pub summary: Summary,
-    pub files: usize,
+pub(crate) struct Pushed {
+    pub(crate) summary: Summary,
+    pub(crate) files: usize,
 }
 
 /// One file being backed up.
@@ -118,7 +118,7 @@ struct Shared {
 }
 
 /// Runs a backup.
-pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, BackupError> {
+pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, BackupError> {
     let target = ConnTarget::resolve(opts.dbname.as_deref())?;
     let session = BackupSession::connect(&target).await?;
     let info = session.info().clone();

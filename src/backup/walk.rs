@@ -49,39 +49,39 @@ const SPOOL_DIR: &str = "walvault_spool";
 /// One thing to back up, with its path relative to the backup root (`/`-separated; tablespace
 /// contents under `pg_tblspc/<oid>/`).
 #[derive(Clone, Debug)]
-pub struct Found {
-    pub path: String,
-    pub source: PathBuf,
-    pub mode: u32,
+pub(crate) struct Found {
+    pub(crate) path: String,
+    pub(crate) source: PathBuf,
+    pub(crate) mode: u32,
     /// `None` for a directory.
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
 }
 
 /// A tablespace link found in `pg_tblspc`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TablespaceLink {
-    pub oid: u32,
-    pub location: PathBuf,
+pub(crate) struct TablespaceLink {
+    pub(crate) oid: u32,
+    pub(crate) location: PathBuf,
 }
 
 /// The result of a walk.
 #[derive(Debug, Default)]
-pub struct Walk {
-    pub entries: Vec<Found>,
-    pub tablespaces: Vec<TablespaceLink>,
+pub(crate) struct Walk {
+    pub(crate) entries: Vec<Found>,
+    pub(crate) tablespaces: Vec<TablespaceLink>,
 }
 
 /// How a file name reads as a relation segment file: `<relfilenode>[_<fork>][.<segno>]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RelFile<'a> {
-    pub node: &'a str,
-    pub fork: Fork,
-    pub segno: u32,
-    pub temp: bool,
+pub(crate) struct RelFile<'a> {
+    pub(crate) node: &'a str,
+    pub(crate) fork: Fork,
+    pub(crate) segno: u32,
+    pub(crate) temp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fork {
+pub(crate) enum Fork {
     Main,
     Fsm,
     Vm,
@@ -90,7 +90,7 @@ pub enum Fork {
 
 impl<'a> RelFile<'a> {
     /// Parses a file name; `None` for anything that is not a relation file.
-    pub fn parse(name: &'a str) -> Option<RelFile<'a>> {
+    pub(crate) fn parse(name: &'a str) -> Option<RelFile<'a>> {
         let (temp, rest) = match name.strip_prefix('t') {
             Some(rest) => {
                 let (backend, rest) = rest.split_once('_')?;
@@ -132,14 +132,14 @@ fn all_digits(s: &str) -> bool {
 /// Whether the file at backup path `path` holds WAL-logged data pages, so that a delta backup
 /// may store only its changed pages. Free space maps are not WAL-logged page by page and are
 /// always stored whole (they are small).
-pub fn is_paged_relation(path: &str) -> bool {
+pub(crate) fn is_paged_relation(path: &str) -> bool {
     let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
     let in_db_dir = dir == "global" || is_database_dir(dir);
     in_db_dir && matches!(RelFile::parse(name), Some(r) if !r.temp && r.fork != Fork::Fsm)
 }
 
 /// The segment number of a relation file (`.N` suffix), for absolute block numbers.
-pub fn segment_number(path: &str) -> u32 {
+pub(crate) fn segment_number(path: &str) -> u32 {
     let name = path.rsplit('/').next().unwrap_or(path);
     RelFile::parse(name).map(|r| r.segno).unwrap_or(0)
 }
@@ -156,7 +156,7 @@ fn is_database_dir(dir: &str) -> bool {
 
 /// Walks `pgdata`. `extra_excluded` holds absolute paths to leave out (a spool directory
 /// configured inside PGDATA).
-pub fn walk(pgdata: &Path, extra_excluded: &[PathBuf]) -> Result<Walk, BackupError> {
+pub(crate) fn walk(pgdata: &Path, extra_excluded: &[PathBuf]) -> Result<Walk, BackupError> {
     let mut walk = Walk::default();
     let mut seen_dirs = HashSet::new();
     walk_dir(pgdata, "", extra_excluded, &mut walk, &mut seen_dirs)?;

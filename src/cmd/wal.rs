@@ -53,7 +53,7 @@ pub(super) async fn push(
         Pushed::AlreadyArchived => {
             tracing::info!("{name}: already archived with identical content")
         }
-        Pushed::PushedAhead => tracing::info!("{name}: already stored by push-ahead"),
+        Pushed::Ahead => tracing::info!("{name}: already stored by push-ahead"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -68,7 +68,7 @@ impl Seg {
     }
 }
 
-pub struct Ladder {
+pub(crate) struct Ladder {
     repo: Arc<Repository>,
     spool: PathBuf,
     seg_size: WalSegmentSize,
@@ -103,7 +103,7 @@ struct FragmentJob {
 impl Ladder {
     /// A ladder spooling into `spool` (its segment files removed first: whatever an earlier
     /// process left there is streamed again from the slot).
-    pub fn new(
+    pub(crate) fn new(
         repo: Arc<Repository>,
         spool: PathBuf,
         seg_size: WalSegmentSize,
@@ -139,12 +139,12 @@ impl Ladder {
     }
 
     /// The durable position, as it changes.
-    pub fn durable(&self) -> watch::Receiver<Lsn> {
+    pub(crate) fn durable(&self) -> watch::Receiver<Lsn> {
         self.durable.subscribe()
     }
 
     /// Sets where durability starts when nothing is spooled: the start of streaming.
-    pub fn start_at(&self, lsn: Lsn) {
+    pub(crate) fn start_at(&self, lsn: Lsn) {
         self.durable.send_if_modified(|d| {
             let changed = *d == Lsn::INVALID;
             if changed {
@@ -156,7 +156,7 @@ impl Ladder {
 
     /// Where streaming stopped (timeline and end of the data received), if anything of it is
     /// still spooled: the newest timeline's last segment.
-    pub fn received_end(&self) -> Option<(TimelineId, Lsn)> {
+    pub(crate) fn received_end(&self) -> Option<(TimelineId, Lsn)> {
         self.state()
             .segs
             .iter()
@@ -165,12 +165,17 @@ impl Ladder {
     }
 
     /// Bytes in the spool: received and not yet stored whole.
-    pub fn spooled(&self) -> u64 {
+    pub(crate) fn spooled(&self) -> u64 {
         self.state().segs.values().map(|s| s.received).sum()
     }
 
     /// Spools WAL received on `tli` starting at `start`, splitting it at segment boundaries.
-    pub fn write(&self, tli: TimelineId, start: Lsn, data: &[u8]) -> Result<(), ReceiveError> {
+    pub(crate) fn write(
+        &self,
+        tli: TimelineId,
+        start: Lsn,
+        data: &[u8],
+    ) -> Result<(), ReceiveError> {
         let seg_size = u64::from(self.seg_size.bytes());
         let mut pos = start;
         let mut rest = data;
@@ -250,7 +255,7 @@ impl Ladder {
 
     /// The timeline `tli` ended: its last, incomplete segment stays as fragments (recovery that
     /// follows that timeline can still use them) and gets no more bytes.
-    pub fn end_timeline(&self, tli: TimelineId) {
+    pub(crate) fn end_timeline(&self, tli: TimelineId) {
         for (_, seg) in self.state().segs.iter_mut().filter(|(n, _)| n.tli == tli) {
             seg.closed = true;
         }
@@ -260,7 +265,7 @@ impl Ladder {
     /// Stores spooled WAL forever, in two lanes: fragments (the durability path: every flush
     /// interval, or as soon as anything arrives when `synchronous`) and whole segments (off the
     /// critical path, a few at a time). Never returns; failures are retried with backoff.
-    pub async fn run_uploader(self: Arc<Self>, flush_interval: Duration, synchronous: bool) {
+    pub(crate) async fn run_uploader(self: Arc<Self>, flush_interval: Duration, synchronous: bool) {
         tokio::join!(
             Arc::clone(&self).fragment_lane(flush_interval, synchronous),
             self.segment_lane()
@@ -548,7 +553,7 @@ impl Ladder {
     /// what a predecessor killed between its last fragment and the whole store left behind
     /// (streaming resumes after such a segment, so the segment lane never sees it again). Run
     /// once, before streaming starts, so no lane works on the same segments.
-    pub async fn store_completed_fragments(&self) -> Result<(), RepoError> {
+    pub(crate) async fn store_completed_fragments(&self) -> Result<(), RepoError> {
         let seg_size = u64::from(self.seg_size.bytes());
         for name in fragments::streamed_segments(&self.repo).await? {
             if fragments::covered(&fragments::list(&self.repo, &name).await?) != seg_size {

@@ -16,7 +16,7 @@ use walvault_wal::Lsn;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     received_lsn: AtomicU64,
     flushed_lsn: AtomicU64,
     stored_lsn: AtomicU64,
@@ -37,12 +37,12 @@ fn now_us() -> u64 {
 }
 
 impl Metrics {
-    pub fn received(&self, end: Lsn) {
+    pub(crate) fn received(&self, end: Lsn) {
         self.received_lsn.fetch_max(end.0, Ordering::Relaxed);
     }
 
     /// When the oldest byte not yet stored arrived; `None` when there is none.
-    pub fn backlog_since(&self, since: Option<SystemTime>) {
+    pub(crate) fn backlog_since(&self, since: Option<SystemTime>) {
         let us = since.map_or(0, |t| {
             t.duration_since(UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -50,24 +50,24 @@ impl Metrics {
         self.unstored_since_us.store(us, Ordering::Relaxed);
     }
 
-    pub fn server_end(&self, end: Lsn) {
+    pub(crate) fn server_end(&self, end: Lsn) {
         self.server_lsn.fetch_max(end.0, Ordering::Relaxed);
     }
 
-    pub fn flushed(&self, lsn: Lsn) {
+    pub(crate) fn flushed(&self, lsn: Lsn) {
         self.flushed_lsn.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
-    pub fn stored(&self, lsn: Lsn) {
+    pub(crate) fn stored(&self, lsn: Lsn) {
         self.stored_lsn.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
-    pub fn fragment_stored(&self, latency: Duration) {
+    pub(crate) fn fragment_stored(&self, latency: Duration) {
         self.fragments.fetch_add(1, Ordering::Relaxed);
         self.latency(latency);
     }
 
-    pub fn segment_stored(&self, latency: Duration) {
+    pub(crate) fn segment_stored(&self, latency: Duration) {
         self.segments.fetch_add(1, Ordering::Relaxed);
         self.latency(latency);
     }
@@ -77,16 +77,16 @@ impl Metrics {
         self.store_latency_us.store(us, Ordering::Relaxed);
     }
 
-    pub fn reconnect(&self) {
+    pub(crate) fn reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn error(&self) {
+    pub(crate) fn error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The page in Prometheus text format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (received, stored, server) = (
             get(&self.received_lsn),
@@ -179,7 +179,7 @@ impl Metrics {
 }
 
 /// Serves `metrics` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub(crate) async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
     tokio::spawn(async move {

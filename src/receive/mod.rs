@@ -15,7 +15,7 @@
 //! Used by the CLI; [`fragments`] is also used by wal-fetch to serve streamed partial segments.
 
 mod ladder;
-pub mod metrics;
+pub(crate) mod metrics;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,21 +46,21 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// How wal-receive runs.
 #[derive(Clone, Debug)]
-pub struct ReceiveOptions {
-    pub conn: ConnParams,
-    pub slot: SlotName,
-    pub create_slot: bool,
-    pub flush_interval: Duration,
-    pub synchronous: bool,
-    pub metrics_addr: Option<SocketAddr>,
+pub(crate) struct ReceiveOptions {
+    pub(crate) conn: ConnParams,
+    pub(crate) slot: SlotName,
+    pub(crate) create_slot: bool,
+    pub(crate) flush_interval: Duration,
+    pub(crate) synchronous: bool,
+    pub(crate) metrics_addr: Option<SocketAddr>,
     /// The local spool directory (emptied at start).
-    pub spool: PathBuf,
+    pub(crate) spool: PathBuf,
     /// Bytes in the local spool beyond which reading from the server pauses.
-    pub spool_max: u64,
+    pub(crate) spool_max: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReceiveError {
+pub(crate) enum ReceiveError {
     #[error(transparent)]
     Repl(#[from] ReplError),
     #[error(transparent)]
@@ -117,7 +117,10 @@ impl ReceiveError {
 }
 
 /// Runs until a permanent error.
-pub async fn run(repo: Arc<Repository>, options: ReceiveOptions) -> Result<(), ReceiveError> {
+pub(crate) async fn run(
+    repo: Arc<Repository>,
+    options: ReceiveOptions,
+) -> Result<(), ReceiveError> {
     let _spool_lock = lock_spool(&options.spool)?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = options.metrics_addr {

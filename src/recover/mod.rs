@@ -6,10 +6,10 @@
 //! starts PostgreSQL and follows recovery to the target ([`start`]). Targets and their time
 //! formats are in [`target`]. Used by the `recover` command in `main.rs`.
 
-pub mod plan;
-pub mod settings;
-pub mod start;
-pub mod target;
+pub(crate) mod plan;
+pub(crate) mod settings;
+pub(crate) mod start;
+pub(crate) mod target;
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,7 @@ use crate::pg::PgError;
 use crate::repo::RepoError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum RecoverError {
+pub(crate) enum RecoverError {
     #[error("refusing to recover: {reason}; recoverable window: {window}")]
     Refused { reason: String, window: String },
     #[error("the repository has no backups: nothing to recover from (take one with backup-push)")]
@@ -55,7 +55,7 @@ pub enum RecoverError {
 
 /// Refuses a target directory that exists and holds anything, before planning starts, so a
 /// mistyped path never gets a backup restored over it.
-pub fn check_target_dir(dir: &Path) -> Result<(), RecoverError> {
+pub(crate) fn check_target_dir(dir: &Path) -> Result<(), RecoverError> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => match entries.next() {
             None => Ok(()),

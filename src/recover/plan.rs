@@ -27,14 +27,14 @@ use crate::wal::summary::{self, SegmentSummary};
 
 /// Which timeline to recover along (`recovery_target_timeline`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimelineChoice {
+pub(crate) enum TimelineChoice {
     /// The newest timeline with a history file in the archive.
     Latest,
     Id(TimelineId),
 }
 
 impl TimelineChoice {
-    pub fn parse(text: &str) -> Result<TimelineChoice, String> {
+    pub(crate) fn parse(text: &str) -> Result<TimelineChoice, String> {
         if text == "latest" {
             return Ok(TimelineChoice::Latest);
         }
@@ -49,23 +49,23 @@ impl TimelineChoice {
 
 /// What the user asked for.
 #[derive(Clone, Debug)]
-pub struct Request {
-    pub target: Target,
+pub(crate) struct Request {
+    pub(crate) target: Target,
     /// Stop just after the target transaction end (PostgreSQL's default) or, when false, just
     /// before it (`recovery_target_inclusive = off`).
-    pub inclusive: bool,
-    pub timeline: TimelineChoice,
+    pub(crate) inclusive: bool,
+    pub(crate) timeline: TimelineChoice,
     /// A backup name (or LATEST) to restore instead of the planner's choice.
-    pub backup: Option<String>,
+    pub(crate) backup: Option<String>,
 }
 
 /// What can be recovered: from the end of the oldest backup to the last transaction end in the
 /// archive. Printed with every refusal.
 #[derive(Clone, Debug, Default)]
-pub struct Window {
-    pub oldest_backup_end: Option<(String, Lsn)>,
-    pub last_xact_end: Option<summary::Mark>,
-    pub newest_segment: Option<SegmentName>,
+pub(crate) struct Window {
+    pub(crate) oldest_backup_end: Option<(String, Lsn)>,
+    pub(crate) last_xact_end: Option<summary::Mark>,
+    pub(crate) newest_segment: Option<SegmentName>,
 }
 
 impl fmt::Display for Window {
@@ -89,22 +89,22 @@ impl fmt::Display for Window {
 
 /// How recovery will go.
 #[derive(Clone, Debug)]
-pub struct Plan {
-    pub backup: Summary,
+pub(crate) struct Plan {
+    pub(crate) backup: Summary,
     /// The backups restored, the full one first and `backup` last.
-    pub chain: Vec<Summary>,
+    pub(crate) chain: Vec<Summary>,
     /// Stored bytes of `segments`.
-    pub wal_stored: u64,
-    pub target: Target,
-    pub inclusive: bool,
-    pub timeline: TimelineId,
+    pub(crate) wal_stored: u64,
+    pub(crate) target: Target,
+    pub(crate) inclusive: bool,
+    pub(crate) timeline: TimelineId,
     /// The segments replay needs, in order.
-    pub segments: Vec<SegmentName>,
+    pub(crate) segments: Vec<SegmentName>,
     /// The record recovery is expected to stop at, when the summaries tell.
-    pub stop: Option<summary::Mark>,
+    pub(crate) stop: Option<summary::Mark>,
     /// Why the stopping point is not known exactly, if it is not.
-    pub caveat: Option<String>,
-    pub window: Window,
+    pub(crate) caveat: Option<String>,
+    pub(crate) window: Window,
 }
 
 impl fmt::Display for Plan {
@@ -267,12 +267,15 @@ fn usable_on(backup: &Summary, history: &TimelineHistory) -> bool {
 }
 
 /// What can be recovered along `timeline`: the window every refusal prints, for `backup-list`.
-pub async fn window(repo: &Repository, timeline: TimelineChoice) -> Result<Window, RecoverError> {
+pub(crate) async fn window(
+    repo: &Repository,
+    timeline: TimelineChoice,
+) -> Result<Window, RecoverError> {
     Ok(Loaded::load(repo, timeline).await?.window)
 }
 
 /// Plans a recovery, or says why it cannot work.
-pub async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, RecoverError> {
+pub(crate) async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, RecoverError> {
     let Loaded {
         backups,
         archive,

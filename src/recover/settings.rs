@@ -17,14 +17,14 @@ use super::RecoverError;
 
 /// `recovery_target_action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum TargetAction {
+pub(crate) enum TargetAction {
     Promote,
     Pause,
     Shutdown,
 }
 
 impl TargetAction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TargetAction::Promote => "promote",
             TargetAction::Pause => "pause",
@@ -35,22 +35,22 @@ impl TargetAction {
 
 /// Everything that goes into the recovery configuration.
 #[derive(Clone, Debug)]
-pub struct RecoverySettings {
+pub(crate) struct RecoverySettings {
     /// The command and arguments that run `wal-fetch` (`%f %p` are appended).
-    pub fetch_command: Vec<String>,
-    pub target: Target,
+    pub(crate) fetch_command: Vec<String>,
+    pub(crate) target: Target,
     /// False writes `recovery_target_inclusive = off`: stop just before the target.
-    pub inclusive: bool,
-    pub action: TargetAction,
-    pub timeline: TimelineChoice,
+    pub(crate) inclusive: bool,
+    pub(crate) action: TargetAction,
+    pub(crate) timeline: TimelineChoice,
     /// Keep the backed-up `archive_mode`/`archive_command` instead of turning archiving off, so
     /// the recovered cluster does not push into the repository it was restored from by accident.
-    pub keep_archive_command: bool,
+    pub(crate) keep_archive_command: bool,
 }
 
 impl RecoverySettings {
     /// The lines appended to `postgresql.auto.conf`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let restore_command = self
             .fetch_command
             .iter()
@@ -91,7 +91,7 @@ impl RecoverySettings {
     }
 
     /// Writes `recovery.signal` and appends the settings to `postgresql.auto.conf` in `pgdata`.
-    pub fn write(&self, pgdata: &Path) -> Result<(), RecoverError> {
+    pub(crate) fn write(&self, pgdata: &Path) -> Result<(), RecoverError> {
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| RecoverError::Io { what, path, source }

@@ -19,27 +19,27 @@ use crate::pg::ConnTarget;
 
 /// How to run the server.
 #[derive(Clone, Debug)]
-pub struct StartOptions {
+pub(crate) struct StartOptions {
     /// Directory holding `pg_ctl`; default: `PATH`, then the Debian/Ubuntu location of the
     /// backup's major version.
-    pub pg_bin: Option<PathBuf>,
-    pub port: u16,
+    pub(crate) pg_bin: Option<PathBuf>,
+    pub(crate) port: u16,
     /// Where the server puts its socket, and where walvault connects to follow recovery.
-    pub socket_dir: PathBuf,
+    pub(crate) socket_dir: PathBuf,
     /// Extra server options (`pg_ctl -o`), e.g. `-c shared_buffers=1GB`.
-    pub pg_options: Vec<String>,
-    pub major: u32,
+    pub(crate) pg_options: Vec<String>,
+    pub(crate) major: u32,
 }
 
 /// Where recovery ended.
 #[derive(Clone, Debug)]
-pub struct Reached {
-    pub replay_lsn: Option<String>,
-    pub last_commit: Option<String>,
+pub(crate) struct Reached {
+    pub(crate) replay_lsn: Option<String>,
+    pub(crate) last_commit: Option<String>,
     /// The timeline the server is on afterwards (a new one after promotion).
-    pub timeline: Option<u32>,
-    pub state: &'static str,
-    pub elapsed: Duration,
+    pub(crate) timeline: Option<u32>,
+    pub(crate) state: &'static str,
+    pub(crate) elapsed: Duration,
 }
 
 const LOG_FILE: &str = "walvault-recover.log";
@@ -47,7 +47,7 @@ const ENDED_EARLY: &str = "recovery ended before configured recovery target was 
 const POLL: Duration = Duration::from_millis(250);
 
 /// Starts the server and waits until recovery reaches its end as `action` says it should.
-pub async fn start(
+pub(crate) async fn start(
     pgdata: &Path,
     opts: &StartOptions,
     action: TargetAction,

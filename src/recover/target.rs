@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use walvault_wal::Lsn;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TargetError {
+pub(crate) enum TargetError {
     #[error(
         "invalid target time {0:?}: expected RFC 3339 (2026-11-21T12:00:00Z), \
          YYYY-MM-DD HH:MM:SS[.ffffff][±HH:MM] (local time without a zone) or a duration before \
@@ -29,14 +29,14 @@ pub enum TargetError {
 
 /// A point in time: microseconds since the Unix epoch, UTC.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-pub struct UnixMicros(pub i64);
+pub(crate) struct UnixMicros(pub(crate) i64);
 
 impl UnixMicros {
-    pub fn now() -> UnixMicros {
+    pub(crate) fn now() -> UnixMicros {
         UnixMicros::from_system(SystemTime::now())
     }
 
-    pub fn from_system(time: SystemTime) -> UnixMicros {
+    pub(crate) fn from_system(time: SystemTime) -> UnixMicros {
         let micros = time
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
@@ -45,7 +45,7 @@ impl UnixMicros {
     }
 
     /// Parses an RFC 3339 time such as a manifest's start or stop time.
-    pub fn parse_rfc3339(text: &str) -> Option<UnixMicros> {
+    pub(crate) fn parse_rfc3339(text: &str) -> Option<UnixMicros> {
         humantime::parse_rfc3339_weak(text)
             .ok()
             .map(UnixMicros::from_system)
@@ -63,7 +63,7 @@ impl fmt::Display for UnixMicros {
 
 /// Where recovery should stop.
 #[derive(Clone, PartialEq, Eq, Debug)]
-pub enum Target {
+pub(crate) enum Target {
     /// The first transaction end after this time (`recovery_target_time`, inclusive).
     Time(UnixMicros),
     /// `recovery_target_lsn`.
@@ -92,7 +92,7 @@ impl fmt::Display for Target {
 }
 
 /// Checks a restore point name: PostgreSQL keeps at most `MAXFNAMELEN - 1` bytes.
-pub fn parse_name(text: &str) -> Result<String, TargetError> {
+pub(crate) fn parse_name(text: &str) -> Result<String, TargetError> {
     if text.is_empty() || text.len() > 63 {
         return Err(TargetError::BadName(text.to_string()));
     }
@@ -100,7 +100,7 @@ pub fn parse_name(text: &str) -> Result<String, TargetError> {
 }
 
 /// Parses a `--target-time` value; `now` anchors relative times.
-pub fn parse_time(text: &str, now: UnixMicros) -> Result<UnixMicros, TargetError> {
+pub(crate) fn parse_time(text: &str, now: UnixMicros) -> Result<UnixMicros, TargetError> {
     let bad = || TargetError::BadTime(text.to_string());
     let trimmed = text.trim();
     if let Some(ago) = trimmed.strip_prefix('-') {

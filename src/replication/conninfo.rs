@@ -18,7 +18,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     Tcp {
         host: String,
         port: u16,
@@ -38,12 +38,12 @@ impl std::fmt::Display for Endpoint {
 
 /// Everything needed to open a replication connection.
 #[derive(Clone)]
-pub struct ConnParams {
-    pub endpoint: Endpoint,
-    pub user: String,
-    pub password: Option<Vec<u8>>,
-    pub application_name: String,
-    pub connect_timeout: Duration,
+pub(crate) struct ConnParams {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) user: String,
+    pub(crate) password: Option<Vec<u8>>,
+    pub(crate) application_name: String,
+    pub(crate) connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for ConnParams {
@@ -59,7 +59,7 @@ impl std::fmt::Debug for ConnParams {
 
 impl ConnParams {
     /// Parameters from an optional connection string, then the process environment.
-    pub fn resolve(
+    pub(crate) fn resolve(
         conninfo: Option<&str>,
         application_name: &str,
     ) -> Result<ConnParams, ReplError> {

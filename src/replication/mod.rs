@@ -11,7 +11,7 @@
 mod conninfo;
 mod wire;
 
-pub use conninfo::{ConnParams, Endpoint};
+pub(crate) use conninfo::ConnParams;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,18 +24,18 @@ use wire::{Backend, Wire};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// SQLSTATEs the caller may want to tell apart.
-pub mod sqlstate {
-    pub const UNDEFINED_OBJECT: &str = "42704";
-    pub const DUPLICATE_OBJECT: &str = "42710";
+pub(crate) mod sqlstate {
+    pub(crate) const UNDEFINED_OBJECT: &str = "42704";
+    pub(crate) const DUPLICATE_OBJECT: &str = "42710";
     /// Class 28, invalid authorization specification (wrong password, no pg_hba.conf entry).
-    pub const AUTHORIZATION_CLASS: &str = "28";
-    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub(crate) const AUTHORIZATION_CLASS: &str = "28";
+    pub(crate) const INSUFFICIENT_PRIVILEGE: &str = "42501";
     /// "requested WAL segment ... has already been removed": a gap only an operator can handle.
-    pub const UNDEFINED_FILE: &str = "58P01";
+    pub(crate) const UNDEFINED_FILE: &str = "58P01";
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReplError {
+pub(crate) enum ReplError {
     #[error("{0}")]
     Config(String),
     #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
@@ -63,7 +63,7 @@ pub enum ReplError {
 
 impl ReplError {
     /// The SQLSTATE of a server error.
-    pub fn code(&self) -> Option<&str> {
+    pub(crate) fn code(&self) -> Option<&str> {
         match self {
             ReplError::Server { code, .. } => Some(code),
             _ => None,
@@ -73,24 +73,24 @@ impl ReplError {
 
 /// What `IDENTIFY_SYSTEM` says.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SystemInfo {
-    pub system_identifier: u64,
-    pub timeline: TimelineId,
+pub(crate) struct SystemInfo {
+    pub(crate) system_identifier: u64,
+    pub(crate) timeline: TimelineId,
     /// The server's current WAL flush (or, on a standby, replay) position.
-    pub xlogpos: Lsn,
+    pub(crate) xlogpos: Lsn,
 }
 
 /// A physical replication slot as `READ_REPLICATION_SLOT` describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotInfo {
-    pub restart_lsn: Option<Lsn>,
-    pub restart_tli: Option<TimelineId>,
+pub(crate) struct SlotInfo {
+    pub(crate) restart_lsn: Option<Lsn>,
+    pub(crate) restart_tli: Option<TimelineId>,
 }
 
 /// A slot name that is safe to put in a command: what PostgreSQL itself allows (lower-case
 /// letters, digits and underscores, at most 63 bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotName(String);
+pub(crate) struct SlotName(String);
 
 impl std::str::FromStr for SlotName {
     type Err = String;
@@ -117,7 +117,7 @@ impl std::fmt::Display for SlotName {
 }
 
 /// A connection in replication mode, before streaming.
-pub struct ReplicationConnection {
+pub(crate) struct ReplicationConnection {
     wire: Wire,
     major: Option<u32>,
 }
@@ -126,13 +126,13 @@ type Row = Vec<Option<String>>;
 
 impl ReplicationConnection {
     /// Connects and authenticates.
-    pub async fn connect(params: &ConnParams) -> Result<ReplicationConnection, ReplError> {
+    pub(crate) async fn connect(params: &ConnParams) -> Result<ReplicationConnection, ReplError> {
         let (wire, major) = Wire::connect(params).await?;
         Ok(ReplicationConnection { wire, major })
     }
 
     /// The server's major version, from its startup parameters.
-    pub fn server_major(&self) -> Option<u32> {
+    pub(crate) fn server_major(&self) -> Option<u32> {
         self.major
     }
 
@@ -168,7 +168,7 @@ impl ReplicationConnection {
         }
     }
 
-    pub async fn identify_system(&mut self) -> Result<SystemInfo, ReplError> {
+    pub(crate) async fn identify_system(&mut self) -> Result<SystemInfo, ReplError> {
         let rows = self.command("IDENTIFY_SYSTEM").await?;
         let row = one_row(&rows, "IDENTIFY_SYSTEM")?;
         if let Some(Some(db)) = row.get(3) {
@@ -184,20 +184,23 @@ impl ReplicationConnection {
     }
 
     /// `SHOW name` (allowed on replication connections since PostgreSQL 10).
-    pub async fn show(&mut self, name: &str) -> Result<String, ReplError> {
+    pub(crate) async fn show(&mut self, name: &str) -> Result<String, ReplError> {
         let rows = self.command(&format!("SHOW {name}")).await?;
         column(one_row(&rows, "SHOW")?, 0, name)
     }
 
     /// `wal_segment_size` in bytes.
-    pub async fn wal_segment_size(&mut self) -> Result<u64, ReplError> {
+    pub(crate) async fn wal_segment_size(&mut self) -> Result<u64, ReplError> {
         let text = self.show("wal_segment_size").await?;
         parse_size(&text)
             .ok_or_else(|| ReplError::Protocol(format!("wal_segment_size {text:?} is not a size")))
     }
 
     /// `READ_REPLICATION_SLOT` (PostgreSQL 15+): `None` when the slot does not exist.
-    pub async fn read_slot(&mut self, slot: &SlotName) -> Result<Option<SlotInfo>, ReplError> {
+    pub(crate) async fn read_slot(
+        &mut self,
+        slot: &SlotName,
+    ) -> Result<Option<SlotInfo>, ReplError> {
         let rows = self
             .command(&format!("READ_REPLICATION_SLOT {slot}"))
             .await?;
@@ -219,7 +222,7 @@ impl ReplicationConnection {
 
     /// Creates a physical slot that reserves WAL from now on; returns where it starts holding
     /// WAL (`consistent_point`).
-    pub async fn create_physical_slot(
+    pub(crate) async fn create_physical_slot(
         &mut self,
         slot: &SlotName,
     ) -> Result<Option<Lsn>, ReplError> {
@@ -239,7 +242,7 @@ impl ReplicationConnection {
     }
 
     /// `TIMELINE_HISTORY tli`: the history file's name and content.
-    pub async fn timeline_history(
+    pub(crate) async fn timeline_history(
         &mut self,
         tli: TimelineId,
     ) -> Result<(String, Vec<u8>), ReplError> {
@@ -251,7 +254,7 @@ impl ReplicationConnection {
     }
 
     /// `START_REPLICATION SLOT slot PHYSICAL start TIMELINE tli`: the connection becomes a stream.
-    pub async fn start_replication(
+    pub(crate) async fn start_replication(
         mut self,
         slot: &SlotName,
         start: Lsn,
@@ -288,7 +291,7 @@ impl ReplicationConnection {
 
 /// What the server sends while streaming.
 #[derive(Debug)]
-pub enum StreamEvent {
+pub(crate) enum StreamEvent {
     /// WAL bytes starting at `start`; `server_end` is the server's current end of WAL.
     XLogData {
         start: Lsn,
@@ -308,20 +311,20 @@ pub enum StreamEvent {
 }
 
 /// A connection in COPY BOTH mode after `START_REPLICATION`.
-pub struct WalStream {
+pub(crate) struct WalStream {
     conn: ReplicationConnection,
     last_heard: tokio::time::Instant,
 }
 
 impl WalStream {
     /// When the server last sent anything.
-    pub fn last_heard(&self) -> tokio::time::Instant {
+    pub(crate) fn last_heard(&self) -> tokio::time::Instant {
         self.last_heard
     }
 
     /// The next event. Cancel-safe (a partly received message stays buffered), so it can race
     /// timers in `select!`; liveness is the caller's to check with [`WalStream::last_heard`].
-    pub async fn recv(&mut self) -> Result<StreamEvent, ReplError> {
+    pub(crate) async fn recv(&mut self) -> Result<StreamEvent, ReplError> {
         loop {
             let message = self.conn.wire.recv_any().await?;
             self.last_heard = tokio::time::Instant::now();
@@ -343,7 +346,7 @@ impl WalStream {
     /// After [`StreamEvent::End`]: answers the server's CopyDone and reads where streaming goes
     /// on: `Some((next timeline, its start))`, or `None` when the server is shutting down. The
     /// connection is back in command mode.
-    pub async fn finish(
+    pub(crate) async fn finish(
         mut self,
     ) -> Result<(Option<(TimelineId, Lsn)>, ReplicationConnection), ReplError> {
         let next = self.conn.finish_copy().await?;
@@ -353,7 +356,7 @@ impl WalStream {
     /// Sends a standby status update: `write` received, `flush` durable (what the slot may
     /// release and a synchronous commit may wait for). Apply is reported as invalid, as
     /// pg_receivewal does, since nothing replays here.
-    pub async fn send_status(
+    pub(crate) async fn send_status(
         &mut self,
         write: Lsn,
         flush: Lsn,

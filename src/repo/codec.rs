@@ -25,15 +25,15 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 const MAGIC: &[u8; 4] = b"WVLT";
 const FORMAT_VERSION: u8 = 1;
 /// Size of the fixed header at the start of every object.
-pub const HEADER_LEN: usize = 20;
+pub(crate) const HEADER_LEN: usize = 20;
 /// Largest block of content the writer produces and the reader accepts.
-pub const MAX_BLOCK: usize = 1 << 20;
+pub(crate) const MAX_BLOCK: usize = 1 << 20;
 const UNCOMPRESSED_BIT: u32 = 1 << 31;
 
 /// How the blocks of an object are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Compression {
+pub(crate) enum Compression {
     None,
     Lz4,
 }
@@ -67,11 +67,11 @@ impl fmt::Display for Compression {
 /// The crc32 of an object's content (not of its stored bytes), so two objects with the same content
 /// compare equal whatever their compression.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Checksum(pub u32);
+pub(crate) struct Checksum(pub(crate) u32);
 
 impl Checksum {
     /// The checksum of a whole buffer.
-    pub fn of(content: &[u8]) -> Self {
+    pub(crate) fn of(content: &[u8]) -> Self {
         Checksum(crc32fast::hash(content))
     }
 }
@@ -84,14 +84,14 @@ impl fmt::Display for Checksum {
 
 /// What the header of an object says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Header {
-    pub compression: Compression,
-    pub content_length: u64,
+pub(crate) struct Header {
+    pub(crate) compression: Compression,
+    pub(crate) content_length: u64,
 }
 
 /// Why an object could not be read; always names the object.
 #[derive(Debug, thiserror::Error)]
-pub enum CodecError {
+pub(crate) enum CodecError {
     #[error("object {object}: {problem}")]
     Corrupt { object: String, problem: String },
     #[error("object {object}: read failed: {source}")]
@@ -112,7 +112,7 @@ impl CodecError {
 }
 
 /// Produces the stored bytes of one object, block by block.
-pub struct Encoder {
+pub(crate) struct Encoder {
     compression: Compression,
     content_length: u64,
     seen: u64,
@@ -125,7 +125,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(compression: Compression, content_length: u64) -> Self {
+    pub(crate) fn new(compression: Compression, content_length: u64) -> Self {
         Encoder {
             compression,
             content_length,
@@ -140,7 +140,7 @@ impl Encoder {
     /// content (a backup pack is built from pieces checksummed as they were read), so the blocks
     /// are not hashed a second time. `content_crc` must cover exactly the content later passed
     /// to [`Encoder::block`]; readers verify it like any other content checksum.
-    pub fn with_content_crc(
+    pub(crate) fn with_content_crc(
         compression: Compression,
         content_length: u64,
         content_crc: crc32fast::Hasher,
@@ -153,7 +153,7 @@ impl Encoder {
     }
 
     /// The header; goes first.
-    pub fn header(&self) -> [u8; HEADER_LEN] {
+    pub(crate) fn header(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(MAGIC);
         h[4] = FORMAT_VERSION;
@@ -167,7 +167,7 @@ impl Encoder {
     }
 
     /// Appends one framed block holding `raw` (1..=MAX_BLOCK bytes) to `out`.
-    pub fn block(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+    pub(crate) fn block(&mut self, raw: &[u8], out: &mut Vec<u8>) {
         debug_assert!(!raw.is_empty() && raw.len() <= MAX_BLOCK);
         if self.hash_blocks {
             self.crc.update(raw);
@@ -200,7 +200,7 @@ impl Encoder {
 
     /// Appends the trailer. Fails when the blocks did not add up to the announced length, which
     /// means the source changed size while it was being read.
-    pub fn finish(self, out: &mut Vec<u8>) -> Result<Checksum, LengthMismatch> {
+    pub(crate) fn finish(self, out: &mut Vec<u8>) -> Result<Checksum, LengthMismatch> {
         if self.seen != self.content_length {
             return Err(LengthMismatch {
                 announced: self.content_length,
@@ -217,13 +217,13 @@ impl Encoder {
 /// The content handed to an [`Encoder`] was not as long as its header said.
 #[derive(Debug, thiserror::Error)]
 #[error("content length changed while encoding: announced {announced} bytes, got {written}")]
-pub struct LengthMismatch {
-    pub announced: u64,
-    pub written: u64,
+pub(crate) struct LengthMismatch {
+    pub(crate) announced: u64,
+    pub(crate) written: u64,
 }
 
 /// Encodes a whole in-memory buffer; for small objects such as the repository identity.
-pub fn encode_all(compression: Compression, content: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_all(compression: Compression, content: &[u8]) -> Vec<u8> {
     let mut enc = Encoder::new(compression, content.len() as u64);
     let mut out = enc.header().to_vec();
     for chunk in content.chunks(MAX_BLOCK) {
@@ -237,7 +237,7 @@ pub fn encode_all(compression: Compression, content: &[u8]) -> Vec<u8> {
 /// Reads an object from a stream, yielding verified-length blocks of content; the content checksum
 /// is checked when the end marker is reached, so callers must not treat the content as good until
 /// [`Decoder::next_block`] has returned `Ok(None)`.
-pub struct Decoder<R> {
+pub(crate) struct Decoder<R> {
     reader: R,
     object: String,
     header: Header,
@@ -250,7 +250,7 @@ pub struct Decoder<R> {
 
 impl<R: AsyncRead + Unpin> Decoder<R> {
     /// Reads and checks the header. `object` names the object in every error.
-    pub async fn new(mut reader: R, object: &str) -> Result<Self, CodecError> {
+    pub(crate) async fn new(mut reader: R, object: &str) -> Result<Self, CodecError> {
         let mut h = [0u8; HEADER_LEN];
         read_exact(&mut reader, &mut h, object, "header").await?;
         if &h[0..4] != MAGIC {
@@ -297,12 +297,12 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
         })
     }
 
-    pub fn header(&self) -> Header {
+    pub(crate) fn header(&self) -> Header {
         self.header
     }
 
     /// The next block of content, or `None` once the whole object has been read and verified.
-    pub async fn next_block(&mut self) -> Result<Option<&[u8]>, CodecError> {
+    pub(crate) async fn next_block(&mut self) -> Result<Option<&[u8]>, CodecError> {
         if self.checksum.is_some() {
             return Ok(None);
         }
@@ -352,7 +352,7 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
     }
 
     /// The content checksum, once the object has been read to its end.
-    pub fn checksum(&self) -> Option<Checksum> {
+    pub(crate) fn checksum(&self) -> Option<Checksum> {
         self.checksum
     }
 
@@ -393,7 +393,7 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
 }
 
 /// Decodes a whole object into memory; for small objects only.
-pub async fn decode_all<R: AsyncRead + Unpin>(
+pub(crate) async fn decode_all<R: AsyncRead + Unpin>(
     reader: R,
     object: &str,
 ) -> Result<Vec<u8>, CodecError> {

@@ -6,23 +6,22 @@
 //! in one archive. Used by archive (wal-push) and by anything that needs the segment size.
 
 use serde::{Deserialize, Serialize};
-use walvault_wal::page::{LongPageHeader, PgMajor};
-use walvault_wal::WalSegmentSize;
+use walvault_wal::page::LongPageHeader;
 
 use crate::repo::layout;
 use crate::repo::store::{Committed, PutMode};
 use crate::repo::{RepoError, Repository};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub system_identifier: u64,
-    pub pg_major: u32,
-    pub wal_segment_size: u32,
-    pub created_at: String,
+pub(crate) struct Identity {
+    pub(crate) system_identifier: u64,
+    pub(crate) pg_major: u32,
+    pub(crate) wal_segment_size: u32,
+    pub(crate) created_at: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error("the identity object in {repo} is not valid identity JSON: {reason}")]
@@ -47,7 +46,7 @@ pub enum IdentityError {
 
 impl Identity {
     /// The identity a WAL segment's long page header describes.
-    pub fn from_header(header: &LongPageHeader) -> Identity {
+    pub(crate) fn from_header(header: &LongPageHeader) -> Identity {
         Identity {
             system_identifier: header.system_identifier,
             pg_major: header.major.number(),
@@ -55,18 +54,10 @@ impl Identity {
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         }
     }
-
-    pub fn segment_size(&self) -> Option<WalSegmentSize> {
-        WalSegmentSize::new(u64::from(self.wal_segment_size)).ok()
-    }
-
-    pub fn major(&self) -> Option<PgMajor> {
-        PgMajor::from_number(self.pg_major)
-    }
 }
 
 /// Refuses `found` (described as `what`) unless it is the cluster `recorded` names.
-pub fn check(
+pub(crate) fn check(
     recorded: &Identity,
     found: &Identity,
     what: &str,
@@ -91,7 +82,7 @@ pub fn check(
 }
 
 /// The recorded identity, if any.
-pub async fn load(repo: &Repository) -> Result<Option<Identity>, IdentityError> {
+pub(crate) async fn load(repo: &Repository) -> Result<Option<Identity>, IdentityError> {
     let Some(bytes) = repo.get_bytes(&layout::identity()).await? else {
         return Ok(None);
     };
@@ -106,7 +97,7 @@ pub async fn load(repo: &Repository) -> Result<Option<Identity>, IdentityError> 
 /// Checks `found` (described as `what` in errors) against the repository, recording it first if
 /// the repository has no identity yet. Concurrent first pushes are safe: only one record wins and
 /// the others are checked against it.
-pub async fn ensure(
+pub(crate) async fn ensure(
     repo: &Repository,
     found: &Identity,
     what: &str,

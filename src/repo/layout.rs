@@ -25,7 +25,7 @@ const PACKS: &str = "packs/";
 
 /// A prefix to list: the kinds of object that are listed by group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Listing<'a> {
+pub(crate) enum Listing<'a> {
     /// Every object of the repository.
     Everything,
     /// Every archived WAL file.
@@ -40,7 +40,7 @@ pub enum Listing<'a> {
 
 impl Listing<'_> {
     /// The key prefix that lists this group.
-    pub fn prefix(&self) -> String {
+    pub(crate) fn prefix(&self) -> String {
         match self {
             Listing::Everything => String::new(),
             Listing::Wal => WAL.to_owned(),
@@ -53,7 +53,7 @@ impl Listing<'_> {
 
 /// What a key names.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ObjectKey {
+pub(crate) enum ObjectKey {
     Identity,
     Wal(WalFileName),
     Summary(SegmentName),
@@ -67,33 +67,9 @@ pub enum ObjectKey {
     Pack(BackupName, PackId),
 }
 
-/// The kinds of object, for counts and reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Identity,
-    Wal,
-    Summary,
-    Fragment,
-    Manifest,
-    Pack,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Identity => "identity",
-            Kind::Wal => "wal",
-            Kind::Summary => "summary",
-            Kind::Fragment => "fragment",
-            Kind::Manifest => "manifest",
-            Kind::Pack => "pack",
-        }
-    }
-}
-
 impl ObjectKey {
     /// The key this object is stored under.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match self {
             ObjectKey::Identity => IDENTITY.to_owned(),
             ObjectKey::Wal(name) => format!("{WAL}{name}"),
@@ -107,7 +83,7 @@ impl ObjectKey {
     }
 
     /// What `key` names; `None` for a key walvault never writes.
-    pub fn parse(key: &str) -> Option<ObjectKey> {
+    pub(crate) fn parse(key: &str) -> Option<ObjectKey> {
         if key == IDENTITY {
             return Some(ObjectKey::Identity);
         }
@@ -144,17 +120,6 @@ impl ObjectKey {
         }
         Some(ObjectKey::Pack(name, PackId(id.parse().ok()?)))
     }
-
-    pub fn kind(&self) -> Kind {
-        match self {
-            ObjectKey::Identity => Kind::Identity,
-            ObjectKey::Wal(_) => Kind::Wal,
-            ObjectKey::Summary(_) => Kind::Summary,
-            ObjectKey::Fragment { .. } => Kind::Fragment,
-            ObjectKey::Manifest(_) => Kind::Manifest,
-            ObjectKey::Pack(..) => Kind::Pack,
-        }
-    }
 }
 
 impl fmt::Display for ObjectKey {
@@ -164,27 +129,27 @@ impl fmt::Display for ObjectKey {
 }
 
 /// Where the identity object is stored.
-pub fn identity() -> String {
+pub(crate) fn identity() -> String {
     ObjectKey::Identity.key()
 }
 
 /// Where a WAL file is stored.
-pub fn wal(name: &WalFileName) -> String {
+pub(crate) fn wal(name: &WalFileName) -> String {
     ObjectKey::Wal(*name).key()
 }
 
 /// Where a segment is stored whole.
-pub fn segment(seg: &SegmentName) -> String {
+pub(crate) fn segment(seg: &SegmentName) -> String {
     ObjectKey::Wal(WalFileName::Segment(*seg)).key()
 }
 
 /// Where the summary of a segment is stored.
-pub fn summary(seg: &SegmentName) -> String {
+pub(crate) fn summary(seg: &SegmentName) -> String {
     ObjectKey::Summary(*seg).key()
 }
 
 /// Where bytes `start..end` of a streamed segment are stored.
-pub fn fragment(seg: &SegmentName, start: u64, end: u64) -> String {
+pub(crate) fn fragment(seg: &SegmentName, start: u64, end: u64) -> String {
     ObjectKey::Fragment {
         seg: *seg,
         start,
@@ -198,18 +163,18 @@ pub fn fragment(seg: &SegmentName, start: u64, end: u64) -> String {
 /// names (typed, listed or read from a manifest) cannot leave their directory of the repository.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct BackupName(String);
+pub(crate) struct BackupName(String);
 
 /// A backup name that walvault would not have written.
 #[derive(Debug, thiserror::Error)]
 #[error("backup name {0:?}: expected base_<time>_<timeline>_<LSN>")]
-pub struct InvalidBackupName(pub String);
+pub(crate) struct InvalidBackupName(pub(crate) String);
 
 /// The longest backup name accepted (walvault's own are 48 bytes).
 const MAX_BACKUP_NAME: usize = 128;
 
 impl BackupName {
-    pub fn new(start_time_compact: &str, timeline: u32, start_lsn: Lsn) -> BackupName {
+    pub(crate) fn new(start_time_compact: &str, timeline: u32, start_lsn: Lsn) -> BackupName {
         BackupName(format!(
             "base_{start_time_compact}_{timeline:08X}_{:016X}",
             start_lsn.0
@@ -217,7 +182,7 @@ impl BackupName {
     }
 
     /// Accepts a name typed by a user or found in a key or a manifest.
-    pub fn parse(text: &str) -> Result<BackupName, InvalidBackupName> {
+    pub(crate) fn parse(text: &str) -> Result<BackupName, InvalidBackupName> {
         let ok = text.starts_with("base_")
             && text.len() <= MAX_BACKUP_NAME
             && text
@@ -230,15 +195,15 @@ impl BackupName {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
-    pub fn manifest_key(&self) -> String {
+    pub(crate) fn manifest_key(&self) -> String {
         ObjectKey::Manifest(self.clone()).key()
     }
 
-    pub fn pack_key(&self, pack: PackId) -> String {
+    pub(crate) fn pack_key(&self, pack: PackId) -> String {
         ObjectKey::Pack(self.clone(), pack).key()
     }
 }
@@ -266,7 +231,7 @@ impl fmt::Display for BackupName {
 /// The number of a pack object inside one backup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct PackId(pub u32);
+pub(crate) struct PackId(pub(crate) u32);
 
 #[cfg(test)]
 mod tests {

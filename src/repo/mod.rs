@@ -7,13 +7,13 @@
 //! afterwards. Used by archive, restore, identity and verify.
 
 mod codec;
-pub mod identity;
-pub mod layout;
-pub mod packs;
+pub(crate) mod identity;
+pub(crate) mod layout;
+pub(crate) mod packs;
 mod store;
 
-pub use codec::{Checksum, Compression};
-pub use store::{Committed, PutMode};
+pub(crate) use codec::{Checksum, Compression};
+pub(crate) use store::{Committed, PutMode};
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +28,7 @@ use layout::Listing;
 use store::{ObjectInfo, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum RepoError {
+pub(crate) enum RepoError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -82,23 +82,22 @@ impl RepoError {
 
 /// What storing a file did.
 #[derive(Clone, Copy, Debug)]
-pub struct Stored {
-    pub committed: Committed,
-    pub checksum: Checksum,
-    pub content_len: u64,
-    pub stored_len: u64,
+pub(crate) struct Stored {
+    pub(crate) committed: Committed,
+    pub(crate) content_len: u64,
+    pub(crate) stored_len: u64,
 }
 
 /// What a WAL file to store is read from.
 #[derive(Clone, Copy, Debug)]
-pub enum WalContent<'a> {
+pub(crate) enum WalContent<'a> {
     File(&'a Path),
     Bytes(&'a [u8]),
 }
 
 /// How a WAL file ended up in the repository.
 #[derive(Clone, Copy, Debug)]
-pub enum WalStored {
+pub(crate) enum WalStored {
     /// Stored by this call.
     Created(Stored),
     /// Already archived with identical content.
@@ -111,20 +110,20 @@ const STORE_WAL_ATTEMPTS: u32 = 3;
 
 /// A stored object compared with a local file.
 #[derive(Clone, Copy, Debug)]
-pub struct Comparison {
-    pub identical: bool,
-    pub stored: Checksum,
-    pub local: Checksum,
+pub(crate) struct Comparison {
+    pub(crate) identical: bool,
+    pub(crate) stored: Checksum,
+    pub(crate) local: Checksum,
 }
 
-pub struct Repository {
+pub(crate) struct Repository {
     store: Store,
     url: String,
     compression: Compression,
 }
 
 impl Repository {
-    pub async fn open(settings: &Settings) -> Result<Repository, RepoError> {
+    pub(crate) async fn open(settings: &Settings) -> Result<Repository, RepoError> {
         Ok(Repository {
             store: Store::open(settings).await?,
             url: settings.repo.to_string(),
@@ -133,21 +132,21 @@ impl Repository {
     }
 
     /// The repository URL, for messages.
-    pub fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         &self.url
     }
 
     /// The objects of one group, with their stored sizes.
-    pub async fn list(&self, what: Listing<'_>) -> Result<Vec<ObjectInfo>, RepoError> {
+    pub(crate) async fn list(&self, what: Listing<'_>) -> Result<Vec<ObjectInfo>, RepoError> {
         Ok(self.store.list(&what.prefix()).await?)
     }
 
     /// The stored size of an object, or `None` when it is absent.
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, RepoError> {
+    pub(crate) async fn head(&self, key: &str) -> Result<Option<u64>, RepoError> {
         Ok(self.store.head(key).await?)
     }
 
-    pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), RepoError> {
         Ok(self.store.delete(key).await?)
     }
 
@@ -156,7 +155,7 @@ impl Repository {
     /// for content: identical is success (PostgreSQL retries after a crash, and two writers may
     /// race), different is [`RepoError::Conflict`] and nothing is written. `tap` sees each block
     /// of a file's content as it streams into the store.
-    pub async fn store_wal(
+    pub(crate) async fn store_wal(
         &self,
         name: &WalFileName,
         content: WalContent<'_>,
@@ -205,19 +204,9 @@ impl Repository {
         Err(RepoError::Vanishing(key))
     }
 
-    /// Stores the content of the file at `path` under `key`.
-    pub async fn put_file(
-        &self,
-        key: &str,
-        path: &Path,
-        mode: PutMode,
-    ) -> Result<Stored, RepoError> {
-        self.put_file_tapped(key, path, mode, |_| {}).await
-    }
-
-    /// Like [`Repository::put_file`], also handing each block of content to `tap` as it streams
-    /// past, so a caller can examine the file without reading it twice.
-    pub async fn put_file_tapped(
+    /// Stores the content of the file at `path` under `key`, handing each block of content to
+    /// `tap` as it streams past, so a caller can examine the file without reading it twice.
+    pub(crate) async fn put_file_tapped(
         &self,
         key: &str,
         path: &Path,
@@ -254,7 +243,7 @@ impl Repository {
             writer.write(out.into()).await?;
         }
         let mut trailer = Vec::with_capacity(8);
-        let checksum = encoder
+        encoder
             .finish(&mut trailer)
             .map_err(|_| RepoError::FileChanged {
                 path: path.to_path_buf(),
@@ -266,14 +255,13 @@ impl Repository {
         let committed = writer.commit(mode).await?;
         Ok(Stored {
             committed,
-            checksum,
             content_len: len,
             stored_len,
         })
     }
 
     /// Stores a small in-memory object.
-    pub async fn put_bytes(
+    pub(crate) async fn put_bytes(
         &self,
         key: &str,
         content: &[u8],
@@ -285,14 +273,13 @@ impl Repository {
         writer.write(encoded.into()).await?;
         Ok(Stored {
             committed: writer.commit(mode).await?,
-            checksum: Checksum::of(content),
             content_len: content.len() as u64,
             stored_len,
         })
     }
 
     /// A small object's verified content, or `None` when absent.
-    pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepoError> {
+    pub(crate) async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
         };
@@ -303,14 +290,18 @@ impl Repository {
     /// renamed, so `dest` appears only with whole, verified content. `None` when absent. Not
     /// fsynced: restored WAL is read at once and PostgreSQL copies (and syncs) what it keeps, and
     /// the prefetch spool checks the files it kept across a reboot before serving them.
-    pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<Option<Checksum>, RepoError> {
+    pub(crate) async fn get_to_file(
+        &self,
+        key: &str,
+        dest: &Path,
+    ) -> Result<Option<Checksum>, RepoError> {
         self.get_to_file_named(key, dest, |_| dest.to_path_buf())
             .await
     }
 
     /// Like [`Repository::get_to_file`], for a destination whose name depends on the content's
     /// checksum: `name` makes the final path from it, and the temporary file sits beside `near`.
-    pub async fn get_to_file_named(
+    pub(crate) async fn get_to_file_named(
         &self,
         key: &str,
         near: &Path,
@@ -347,7 +338,7 @@ impl Repository {
     }
 
     /// Reads an object to its end, verifying it; returns its content length and checksum.
-    pub async fn verify(&self, key: &str) -> Result<Option<(u64, Checksum)>, RepoError> {
+    pub(crate) async fn verify(&self, key: &str) -> Result<Option<(u64, Checksum)>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
         };
@@ -361,7 +352,7 @@ impl Repository {
 
     /// Compares a stored object with a local file, reading both to the end so that both
     /// checksums can be reported. `None` when the object is absent.
-    pub async fn compare_with_file(
+    pub(crate) async fn compare_with_file(
         &self,
         key: &str,
         path: &Path,
@@ -407,7 +398,7 @@ impl Repository {
 }
 
 /// A temporary name in the same directory as `dest`, so the final rename stays atomic.
-pub fn temp_beside(dest: &Path) -> PathBuf {
+pub(crate) fn temp_beside(dest: &Path) -> PathBuf {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

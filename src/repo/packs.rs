@@ -11,22 +11,22 @@ use super::store::{Committed, ObjectReader, PutMode};
 use super::{RepoError, Repository};
 
 /// The content of one pack and the crc32 of that content, accumulated by its writer.
-pub struct PackContent {
-    pub bytes: Vec<u8>,
-    pub crc: Hasher,
+pub(crate) struct PackContent {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) crc: Hasher,
 }
 
 /// What storing a pack did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PackStored {
-    pub committed: Committed,
-    pub stored_len: u64,
+pub(crate) struct PackStored {
+    pub(crate) committed: Committed,
+    pub(crate) stored_len: u64,
 }
 
 impl Repository {
     /// Frames and stores `content` under `key` unless an object is there already. Hands the
     /// content buffer back emptied, so the caller can fill it again without a new allocation.
-    pub async fn put_pack(
+    pub(crate) async fn put_pack(
         &self,
         key: &str,
         content: PackContent,
@@ -68,20 +68,20 @@ impl Repository {
 
 /// A stored pack being read: its content block by block, the content checksum verified when
 /// the last block has been returned.
-pub struct PackReader {
+pub(crate) struct PackReader {
     decoder: Decoder<ObjectReader>,
 }
 
 impl PackReader {
     /// The next block of content; `None` once the whole content was read and verified.
-    pub async fn next_block(&mut self) -> Result<Option<&[u8]>, CodecError> {
+    pub(crate) async fn next_block(&mut self) -> Result<Option<&[u8]>, CodecError> {
         self.decoder.next_block().await
     }
 }
 
 impl Repository {
     /// Opens the pack at `key` for reading; `None` when it is absent.
-    pub async fn open_pack(&self, key: &str) -> Result<Option<PackReader>, RepoError> {
+    pub(crate) async fn open_pack(&self, key: &str) -> Result<Option<PackReader>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
         };

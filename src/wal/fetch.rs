@@ -25,7 +25,7 @@ use crate::repo::{RepoError, Repository};
 const FETCH_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Fetched {
+pub(crate) enum Fetched {
     /// Written to the destination; `true` when it came from the prefetch spool.
     Found {
         from_spool: bool,
@@ -34,7 +34,7 @@ pub enum Fetched {
 }
 
 /// Fetches `name` into `dest`, from the prefetch spool when it is there.
-pub async fn fetch(
+pub(crate) async fn fetch(
     repo: &Repository,
     prefetched: &mut Prefetched,
     name: &WalFileName,

@@ -22,14 +22,16 @@ use crate::repo::{temp_beside, RepoError, Repository};
 
 /// One stored fragment: bytes `start..end` of its segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fragment {
-    pub key: String,
-    pub start: u64,
-    pub end: u64,
+pub(crate) struct Fragment {
+    pub(crate) key: String,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
 }
 
 /// The segments that have fragments stored, in order.
-pub async fn streamed_segments(repo: &Repository) -> Result<BTreeSet<SegmentName>, RepoError> {
+pub(crate) async fn streamed_segments(
+    repo: &Repository,
+) -> Result<BTreeSet<SegmentName>, RepoError> {
     Ok(repo
         .list(Listing::Fragments)
         .await?
@@ -42,7 +44,7 @@ pub async fn streamed_segments(repo: &Repository) -> Result<BTreeSet<SegmentName
 }
 
 /// The stored fragments of `seg`, by start offset.
-pub async fn list(repo: &Repository, seg: &SegmentName) -> Result<Vec<Fragment>, RepoError> {
+pub(crate) async fn list(repo: &Repository, seg: &SegmentName) -> Result<Vec<Fragment>, RepoError> {
     let mut fragments: Vec<Fragment> = repo
         .list(Listing::FragmentsOf(seg))
         .await?
@@ -66,7 +68,7 @@ pub async fn list(repo: &Repository, seg: &SegmentName) -> Result<Vec<Fragment>,
 
 /// The fragments that cover the segment from offset 0 without a hole, in order, each reaching
 /// further than the one before.
-pub fn chain(fragments: &[Fragment]) -> Vec<&Fragment> {
+pub(crate) fn chain(fragments: &[Fragment]) -> Vec<&Fragment> {
     let mut chain = Vec::new();
     let mut covered = 0;
     loop {
@@ -85,13 +87,13 @@ pub fn chain(fragments: &[Fragment]) -> Vec<&Fragment> {
 }
 
 /// How far the fragments cover the segment from its start.
-pub fn covered(fragments: &[Fragment]) -> u64 {
+pub(crate) fn covered(fragments: &[Fragment]) -> u64 {
     chain(fragments).last().map_or(0, |f| f.end)
 }
 
 /// What [`fetch_partial`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Partial {
+pub(crate) enum Partial {
     /// Written to the destination: this many streamed bytes, then zeros to the segment size.
     Written(u64),
     /// No fragment of the segment exists.
@@ -104,7 +106,7 @@ pub enum Partial {
 /// Assembles the streamed part of `seg` into `dest`, padded with zeros to the segment size like
 /// a pg_receivewal `.partial` (recovery reads the zeros as the end of WAL). Written beside `dest`,
 /// fsynced and renamed, like every restore.
-pub async fn fetch_partial(
+pub(crate) async fn fetch_partial(
     repo: &Repository,
     seg: &SegmentName,
     dest: &Path,

@@ -4,10 +4,10 @@
 //! is the local scratch directory both sides keep outside `pg_wal`; `fragments` are the streamed
 //! parts of a segment that wal-receive writes and wal-fetch assembles.
 
-pub mod fetch;
-pub mod fragments;
-pub mod prefetch;
-pub mod push;
-pub mod pusher;
-pub mod spool;
-pub mod summary;
+pub(crate) mod fetch;
+pub(crate) mod fragments;
+pub(crate) mod prefetch;
+pub(crate) mod push;
+pub(crate) mod pusher;
+pub(crate) mod spool;
+pub(crate) mod summary;

@@ -32,7 +32,7 @@ const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
 /// What the prefetch spool holds, read once per wal-fetch call.
-pub struct Prefetched {
+pub(crate) struct Prefetched {
     dir: PathBuf,
     boot: Option<String>,
     ready: HashMap<SegmentName, SpoolFile>,
@@ -49,7 +49,7 @@ struct SpoolFile {
 }
 
 impl Prefetched {
-    pub fn read(spool: &Spool) -> Prefetched {
+    pub(crate) fn read(spool: &Spool) -> Prefetched {
         Prefetched::scan(spool.prefetch_dir(), boot_id())
     }
 
@@ -88,7 +88,7 @@ impl Prefetched {
 
     /// Moves the spooled copy of `seg` to `dest`; `false` when there is none or it is unusable
     /// (then it is deleted, and the caller fetches from the repository).
-    pub async fn serve(&mut self, seg: &SegmentName, dest: &Path) -> bool {
+    pub(crate) async fn serve(&mut self, seg: &SegmentName, dest: &Path) -> bool {
         let Some(file) = self.take(seg).await else {
             return false;
         };
@@ -131,7 +131,7 @@ impl Prefetched {
     /// Whether to start a prefetcher for `window`: when at most half of it is spooled and no
     /// prefetcher is running. Refilling in batches rather than for every segment recovery takes
     /// saves a process start on most calls, while the spooled half keeps recovery supplied.
-    pub fn refill_needed(&self, window: &[SegmentName]) -> bool {
+    pub(crate) fn refill_needed(&self, window: &[SegmentName]) -> bool {
         let spooled = window.iter().filter(|s| self.ready.contains_key(s)).count();
         if spooled * 2 > window.len() {
             return false;
@@ -227,7 +227,7 @@ impl<'a> SpoolEntry<'a> {
 /// The segments a prefetcher should fetch after `current`, which was just restored to `restored`.
 /// Reads the segment size from the restored file's own header, so no repository round trip is
 /// needed to plan.
-pub async fn prefetch_window(
+pub(crate) async fn prefetch_window(
     current: &WalFileName,
     restored: &Path,
     count: usize,
@@ -267,7 +267,7 @@ async fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Runs one prefetch pass for `window` (the detached `wal-prefetch` process). Returns how many
 /// segments it stored. Exits quietly if another prefetcher holds the spool.
-pub async fn prefetch(
+pub(crate) async fn prefetch(
     repo: Arc<Repository>,
     spool: &Spool,
     window: Vec<SegmentName>,

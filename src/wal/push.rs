@@ -26,7 +26,7 @@ use crate::repo::{RepoError, Repository, WalContent, WalStored};
 use crate::wal::summary;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ArchiveError {
+pub(crate) enum ArchiveError {
     #[error("{path}: not a WAL file name PostgreSQL archives ({source})")]
     BadName {
         path: PathBuf,
@@ -53,23 +53,23 @@ pub enum ArchiveError {
 
 /// How one file ended up archived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pushed {
+pub(crate) enum Pushed {
     /// Stored now: content and stored sizes.
     Stored { content: u64, stored: u64 },
     /// Already in the repository with identical content.
     AlreadyArchived,
     /// Stored earlier by push-ahead; the local file matches what was stored.
-    PushedAhead,
+    Ahead,
 }
 
 /// Repository-wide state shared by the pushes of one process.
-pub struct Archiver {
+pub(crate) struct Archiver {
     pub(super) repo: Arc<Repository>,
     identity: OnceCell<Identity>,
 }
 
 impl Archiver {
-    pub fn new(repo: Arc<Repository>) -> Arc<Archiver> {
+    pub(crate) fn new(repo: Arc<Repository>) -> Arc<Archiver> {
         Arc::new(Archiver {
             repo,
             identity: OnceCell::new(),
@@ -78,7 +78,7 @@ impl Archiver {
 
     /// Archives `path` for PostgreSQL, unless the pusher already stored this very file. Calls
     /// `start_pusher` first when other ready segments wait and no pusher is running.
-    pub async fn push_requested(
+    pub(crate) async fn push_requested(
         &self,
         path: &Path,
         spool: &Spool,
@@ -256,7 +256,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert!(!started);
-        assert_eq!(second.1, Pushed::PushedAhead);
+        assert_eq!(second.1, Pushed::Ahead);
 
         // A file written to since the pusher stored it is not vouched for: it is compared.
         let path = wal_dir.join(names[2]);

@@ -28,7 +28,7 @@ impl Archiver {
     /// spends its time on; a second store per core compresses while the first waits for its
     /// fsyncs, and more would only add memory), until a pass finds nothing more to store.
     /// Returns how many it stored; exits at once if another pusher holds the spool.
-    pub async fn push_ahead(
+    pub(crate) async fn push_ahead(
         self: &Arc<Self>,
         wal_dir: &Path,
         spool: &Spool,
@@ -292,7 +292,7 @@ impl Markers {
         let _ = tokio::fs::remove_file(self.claim_path(name)).await;
         let stored = FileStamp::from_line(&line, &self.repo)?;
         let now = FileStamp::of(path).await.ok()?;
-        (now == stored).then_some(Pushed::PushedAhead)
+        (now == stored).then_some(Pushed::Ahead)
     }
 
     /// Drops markers and claims older than `name`: PostgreSQL has moved past them.

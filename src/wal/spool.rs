@@ -17,14 +17,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
 }
 
 impl Spool {
     /// The configured spool, or the default next to `wal_dir` (the directory of the WAL file
     /// PostgreSQL named: `pg_wal` for both `%p` of archive_command and restore_command).
-    pub fn locate(configured: Option<&Path>, wal_dir: &Path) -> Spool {
+    pub(crate) fn locate(configured: Option<&Path>, wal_dir: &Path) -> Spool {
         let dir = match configured {
             Some(dir) => dir.to_path_buf(),
             None => {
@@ -38,22 +38,22 @@ impl Spool {
         Spool { dir }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn pushed_dir(&self) -> PathBuf {
+    pub(crate) fn pushed_dir(&self) -> PathBuf {
         self.dir.join("pushed")
     }
 
-    pub fn prefetch_dir(&self) -> PathBuf {
+    pub(crate) fn prefetch_dir(&self) -> PathBuf {
         self.dir.join("prefetch")
     }
 
     /// Deletes prefetched segments nobody has asked for in `max_age`: what a finished recovery
     /// left behind. Called by wal-push, which runs once recovery is over (on a standby with
     /// `archive_mode = always` it runs during recovery too, hence the age limit).
-    pub async fn drop_stale_prefetch(&self, max_age: std::time::Duration) {
+    pub(crate) async fn drop_stale_prefetch(&self, max_age: std::time::Duration) {
         let Ok(mut entries) = tokio::fs::read_dir(self.prefetch_dir()).await else {
             return;
         };
@@ -71,7 +71,7 @@ impl Spool {
 
 /// Takes an exclusive lock on `path` (created if missing) without waiting: `Ok(None)` when another
 /// process holds it. The lock lasts as long as the returned file is open.
-pub fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
+pub(crate) fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
     let file = open_lock_file(path)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
@@ -82,7 +82,7 @@ pub fn try_lock(path: &Path) -> std::io::Result<Option<File>> {
 
 /// Takes an exclusive lock on `path`, waiting up to `limit` for its holder: `Ok(None)` when the
 /// wait ran out.
-pub async fn lock_within(path: &Path, limit: Duration) -> std::io::Result<Option<File>> {
+pub(crate) async fn lock_within(path: &Path, limit: Duration) -> std::io::Result<Option<File>> {
     if let Some(file) = try_lock(path)? {
         return Ok(Some(file));
     }
@@ -113,7 +113,7 @@ fn open_lock_file(path: &Path) -> std::io::Result<File> {
 
 /// Starts `walvault <args>` detached from this process, so the caller can return to PostgreSQL
 /// at once while the helper works on.
-pub fn spawn_helper(args: &[std::ffi::OsString]) -> std::io::Result<()> {
+pub(crate) fn spawn_helper(args: &[std::ffi::OsString]) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     Command::new(std::env::current_exe()?)
@@ -129,7 +129,7 @@ pub fn spawn_helper(args: &[std::ffi::OsString]) -> std::io::Result<()> {
 }
 
 /// The directory a WAL path lives in, `.` for a bare name.
-pub fn wal_dir_of(path: &Path) -> &Path {
+pub(crate) fn wal_dir_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

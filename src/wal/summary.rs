@@ -23,40 +23,40 @@ use crate::repo::{RepoError, Repository, WalContent, WalStored};
 
 /// A point in the WAL with the time the record there carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mark {
+pub(crate) struct Mark {
     /// Where the record starts.
     #[serde(with = "crate::backup::manifest::lsn_text")]
-    pub lsn: Lsn,
+    pub(crate) lsn: Lsn,
     /// The record's timestamp, in microseconds since the Unix epoch.
-    pub time_us: i64,
+    pub(crate) time_us: i64,
 }
 
 /// A restore point created with `pg_create_restore_point()`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RestorePoint {
-    pub name: String,
+pub(crate) struct RestorePoint {
+    pub(crate) name: String,
     #[serde(flatten)]
-    pub at: Mark,
+    pub(crate) at: Mark,
 }
 
 /// What one segment offers as recovery targets.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SegmentSummary {
+pub(crate) struct SegmentSummary {
     /// The first commit or abort record starting in the segment.
-    pub first_xact_end: Option<Mark>,
+    pub(crate) first_xact_end: Option<Mark>,
     /// The last one.
-    pub last_xact_end: Option<Mark>,
+    pub(crate) last_xact_end: Option<Mark>,
     /// The one with the latest time. Sessions take their commit time before inserting the
     /// commit record, so times are not in LSN order: a segment whose last commit is before a
     /// target may still hold one after it. Absent from summaries of older walvault versions.
     #[serde(default)]
-    pub latest_xact_end: Option<Mark>,
-    pub restore_points: Vec<RestorePoint>,
+    pub(crate) latest_xact_end: Option<Mark>,
+    pub(crate) restore_points: Vec<RestorePoint>,
 }
 
 impl SegmentSummary {
     /// The transaction end with the latest time, as far as this summary knows.
-    pub fn latest(&self) -> Option<Mark> {
+    pub(crate) fn latest(&self) -> Option<Mark> {
         self.latest_xact_end.or(self.last_xact_end)
     }
 
@@ -92,7 +92,7 @@ impl SegmentSummary {
 /// Summarises a segment from its content handed over in pieces, as it streams into the store.
 /// A record that cannot be decoded ends the scan with what was found before it: a summary of a
 /// prefix is still true, just less complete.
-pub struct Summariser {
+pub(crate) struct Summariser {
     name: SegmentName,
     state: SummariserState,
     summary: SegmentSummary,
@@ -109,7 +109,7 @@ enum SummariserState {
 }
 
 impl Summariser {
-    pub fn new(name: SegmentName) -> Summariser {
+    pub(crate) fn new(name: SegmentName) -> Summariser {
         Summariser {
             name,
             state: SummariserState::Start,
@@ -119,7 +119,7 @@ impl Summariser {
 
     /// Takes the next piece of the segment's content. The first piece must hold the long page
     /// header (the repository hands over blocks of up to a MiB, and a valid segment is larger).
-    pub fn feed(&mut self, piece: &[u8]) {
+    pub(crate) fn feed(&mut self, piece: &[u8]) {
         if let SummariserState::Start = self.state {
             self.state = self.start(piece);
         }
@@ -153,7 +153,7 @@ impl Summariser {
     }
 
     /// The summary, once the whole segment has been fed; `None` when it was not WAL.
-    pub fn finish(self) -> Option<SegmentSummary> {
+    pub(crate) fn finish(self) -> Option<SegmentSummary> {
         match self.state {
             SummariserState::NotWal => None,
             _ => Some(self.summary),
@@ -165,7 +165,7 @@ impl Summariser {
 /// overwriting) and, if this call created it, its summary. The summary is computed from the
 /// blocks streamed into the store, so the file is read once and memory stays at a block, and it
 /// is written after the segment, so it never describes WAL the archive does not have.
-pub async fn store_segment(
+pub(crate) async fn store_segment(
     repo: &Repository,
     name: &SegmentName,
     path: &Path,
@@ -210,7 +210,7 @@ async fn put(
 }
 
 /// The stored summary of `name`; `None` when it is absent or unreadable.
-pub async fn load(repo: &Repository, name: &SegmentName) -> Option<SegmentSummary> {
+pub(crate) async fn load(repo: &Repository, name: &SegmentName) -> Option<SegmentSummary> {
     let bytes = match repo.get_bytes(&layout::summary(name)).await {
         Ok(bytes) => bytes?,
         Err(e) => {

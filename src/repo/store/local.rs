@@ -2,7 +2,7 @@
 //!
 //! Writes go to a dot-file beside the target, are fsynced, then published with a hard link
 //! (`IfAbsent`: the kernel refuses an existing name, so nothing is ever replaced) or a rename
-//! (`Overwrite`), and the directory is fsynced so the new name survives a crash. A writer that is
+//! (`OverwriteDerived`, not fsynced), and the directory is fsynced so the new name survives a crash. A writer that is
 //! dropped or killed leaves at most a dot-file, which listings ignore.
 
 use std::io::ErrorKind;
@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
 
-pub struct LocalStore {
+pub(crate) struct LocalStore {
     root: PathBuf,
 }
 
@@ -27,7 +27,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 }
 
 impl LocalStore {
-    pub fn new(root: PathBuf) -> Self {
+    pub(crate) fn new(root: PathBuf) -> Self {
         LocalStore { root }
     }
 
@@ -43,7 +43,7 @@ impl LocalStore {
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
         let path = self.path(key);
         match File::open(&path).await {
             Ok(f) => Ok(Some(Box::pin(tokio::io::BufReader::with_capacity(
@@ -55,7 +55,7 @@ impl LocalStore {
         }
     }
 
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let path = self.path(key);
         match fs::metadata(&path).await {
             Ok(m) => Ok(Some(m.len())),
@@ -64,7 +64,7 @@ impl LocalStore {
         }
     }
 
-    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         self.absent().await?;
         // Walk only the directory the prefix names, not the whole repository.
         let (dir, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
@@ -111,7 +111,7 @@ impl LocalStore {
         Ok(out)
     }
 
-    pub fn writer(&self, key: &str) -> LocalWriter {
+    pub(crate) fn writer(&self, key: &str) -> LocalWriter {
         LocalWriter {
             root: self.root.clone(),
             target: self.path(key),
@@ -119,7 +119,7 @@ impl LocalStore {
         }
     }
 
-    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path(key);
         match fs::remove_file(&path).await {
             Ok(()) => {
@@ -137,7 +137,7 @@ impl LocalStore {
     }
 }
 
-pub struct LocalWriter {
+pub(crate) struct LocalWriter {
     root: PathBuf,
     target: PathBuf,
     temp: Option<(PathBuf, File)>,
@@ -184,7 +184,7 @@ impl LocalWriter {
         }
     }
 
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         let temp = self.take_temp().await?;
         let (_, file) = self.temp.insert(temp);
         file.write_all(chunk)
@@ -192,7 +192,7 @@ impl LocalWriter {
             .map_err(io_err("write", &self.target))
     }
 
-    pub async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
+    pub(crate) async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
         // An empty object still gets its file.
         let (temp, mut file) = self.take_temp().await?;
         let durable = mode != PutMode::OverwriteDerived;
@@ -208,7 +208,7 @@ impl LocalWriter {
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => Committed::AlreadyExists,
                     Err(e) => return Err(io_err("link", &self.target)(e)),
                 },
-                PutMode::Overwrite | PutMode::OverwriteDerived => {
+                PutMode::OverwriteDerived => {
                     fs::rename(&temp, &self.target)
                         .await
                         .map_err(io_err("rename", &self.target))?;
@@ -292,7 +292,7 @@ mod tests {
 
         let mut w = store.writer("dir/a");
         w.write(b"replaced").await.unwrap();
-        w.commit(PutMode::Overwrite).await.unwrap();
+        w.commit(PutMode::OverwriteDerived).await.unwrap();
         assert_eq!(read(&store, "dir/a").await.unwrap(), b"replaced");
 
         let mut w = store.writer("derived/a");

@@ -20,39 +20,38 @@ use tokio::io::AsyncRead;
 use crate::config::{RepoUrl, Settings};
 
 /// A stream of an object's stored bytes.
-pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+pub(crate) type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
 /// One listed object.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ObjectInfo {
+pub(crate) struct ObjectInfo {
     /// The key, relative to the repository root.
-    pub key: String,
+    pub(crate) key: String,
     /// Stored size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
 }
 
 /// What a commit may do when the key already exists, and how durable it must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PutMode {
+pub(crate) enum PutMode {
     IfAbsent,
-    Overwrite,
     /// Overwrite an object derived from others that readers can do without (a WAL segment's
     /// summary). A local store does not fsync it, so after a crash of the machine it may be
     /// missing, empty or torn: readers must treat it as optional and check it (the codec does).
-    /// S3 treats it as `Overwrite`, every PUT being durable there.
+    /// S3 treats it as a plain PUT, every PUT being durable there.
     OverwriteDerived,
 }
 
 /// How a commit ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Committed {
+pub(crate) enum Committed {
     Created,
     /// `IfAbsent` found the key taken; nothing was written.
     AlreadyExists,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("repository directory {0} does not exist (create it, or fix the repository URL)")]
     MissingRoot(String),
     #[error("{op} {path}: {source}")]
@@ -74,13 +73,13 @@ pub enum StoreError {
 }
 
 /// A repository's storage backend.
-pub enum Store {
+pub(crate) enum Store {
     Local(local::LocalStore),
     S3(s3::S3Store),
 }
 
 impl Store {
-    pub async fn open(settings: &Settings) -> Result<Store, StoreError> {
+    pub(crate) async fn open(settings: &Settings) -> Result<Store, StoreError> {
         Ok(match &settings.repo {
             RepoUrl::Local(root) => Store::Local(local::LocalStore::new(root.clone())),
             RepoUrl::S3 { bucket, prefix } => {
@@ -90,7 +89,7 @@ impl Store {
     }
 
     /// The object's bytes, or `None` when the repository is reachable and the key absent.
-    pub async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
         check_key(key)?;
         match self {
             Store::Local(s) => s.get(key).await,
@@ -99,7 +98,7 @@ impl Store {
     }
 
     /// The stored size, or `None` when absent.
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         check_key(key)?;
         match self {
             Store::Local(s) => s.head(key).await,
@@ -109,7 +108,7 @@ impl Store {
 
     /// Every object whose key starts with `prefix`, sorted by key. Temporary files of
     /// unfinished local uploads are never listed.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let mut objects = match self {
             Store::Local(s) => s.list(prefix).await?,
             Store::S3(s) => s.list(prefix).await?,
@@ -119,7 +118,7 @@ impl Store {
     }
 
     /// Starts a new object; nothing is visible until [`ObjectWriter::commit`].
-    pub fn writer(&self, key: &str) -> Result<ObjectWriter, StoreError> {
+    pub(crate) fn writer(&self, key: &str) -> Result<ObjectWriter, StoreError> {
         check_key(key)?;
         Ok(ObjectWriter {
             key: key.to_owned(),
@@ -130,7 +129,7 @@ impl Store {
         })
     }
 
-    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
         match self {
             Store::Local(s) => s.delete(key).await,
@@ -140,7 +139,7 @@ impl Store {
 }
 
 /// An object being written.
-pub struct ObjectWriter {
+pub(crate) struct ObjectWriter {
     key: String,
     inner: WriterInner,
 }
@@ -151,7 +150,7 @@ enum WriterInner {
 }
 
 impl ObjectWriter {
-    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+    pub(crate) async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
         match &mut self.inner {
             WriterInner::Local(w) => w.write(&chunk).await,
             WriterInner::S3(w) => w.write(chunk).await,
@@ -159,7 +158,7 @@ impl ObjectWriter {
     }
 
     /// Makes the object durable and visible under its key, all at once.
-    pub async fn commit(self, mode: PutMode) -> Result<Committed, StoreError> {
+    pub(crate) async fn commit(self, mode: PutMode) -> Result<Committed, StoreError> {
         crate::failpoint::pause_if_enabled("store-before-commit").await;
         tracing::debug!(key = %self.key, ?mode, "committing object");
         match self.inner {

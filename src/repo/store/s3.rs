@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
 use crate::config::S3Settings;
 
-pub struct S3Store {
+pub(crate) struct S3Store {
     client: Client,
     bucket: String,
     /// Empty, or ending in `/`.
@@ -39,7 +39,7 @@ fn is_plain_http(endpoint: &str) -> bool {
 }
 
 impl S3Store {
-    pub async fn new(s: &S3Settings, bucket: String, prefix: String) -> Self {
+    pub(crate) async fn new(s: &S3Settings, bucket: String, prefix: String) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -114,7 +114,7 @@ impl S3Store {
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<ObjectReader>, StoreError> {
         let result = self
             .client
             .get_object()
@@ -135,7 +135,7 @@ impl S3Store {
         }
     }
 
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let result = self
             .client
             .head_object()
@@ -150,7 +150,7 @@ impl S3Store {
         }
     }
 
-    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let mut out = Vec::new();
         let mut pages = self
             .client
@@ -174,7 +174,7 @@ impl S3Store {
         Ok(out)
     }
 
-    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.client
             .delete_object()
             .bucket(&self.bucket)
@@ -185,7 +185,7 @@ impl S3Store {
         Ok(())
     }
 
-    pub fn writer(&self, key: &str) -> S3Writer {
+    pub(crate) fn writer(&self, key: &str) -> S3Writer {
         S3Writer {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
@@ -203,7 +203,7 @@ struct Multipart {
     parts: Vec<CompletedPart>,
 }
 
-pub struct S3Writer {
+pub(crate) struct S3Writer {
     client: Client,
     bucket: String,
     key: String,
@@ -226,7 +226,7 @@ impl S3Writer {
         }
     }
 
-    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+    pub(crate) async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
         self.buffer.extend_from_slice(&chunk);
         while self.buffer.len() >= self.part_size {
             let part = self.buffer.split_to(self.part_size).freeze();
@@ -282,7 +282,7 @@ impl S3Writer {
         Ok(())
     }
 
-    pub async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
+    pub(crate) async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
         let if_none_match = (mode == PutMode::IfAbsent).then(|| "*".to_owned());
         let result = if self.upload.is_none() {
             let body = std::mem::take(&mut self.buffer).freeze();
