@@ -36,7 +36,7 @@ use super::manifest::{
 use super::page::{self, BlockNo, BLCKSZ};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
-use crate::pg::{BackupSession, ConnTarget, ServerInfo};
+use crate::pg::{BackupSession, BackupStop, ConnTarget, ServerInfo};
 use crate::repo::identity::{self, Identity};
 use crate::repo::packs::PackContent;
 use crate::repo::Repository;
@@ -119,9 +119,52 @@ struct Shared {
 
 /// Runs a backup.
 pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, BackupError> {
+    let (session, pgdata) = preflight(&repo, opts).await?;
+    let info = session.info().clone();
+    let catalog = crate::backup::catalog::list(&repo).await?;
+    let started = start(&session, opts).await?;
+    let parent = choose_parent_manifest(&repo, &catalog, opts, &started).await?;
+    let mut planned = plan_files(&pgdata, opts, parent.as_ref(), &info).await?;
+    let shared = Arc::new(Shared {
+        repo: Arc::clone(&repo),
+        name: started.name.clone(),
+        bar: progress::bytes_bar(planned.total(), opts.progress, "backup"),
+        files: std::mem::take(&mut planned.files),
+        delta_base: parent.as_ref().map(|p| p.summary.start_lsn),
+        verify_from: info.data_checksums.then_some(started.lsn),
+        next_pack: AtomicU32::new(0),
+        stored: AtomicU64::new(0),
+    });
+    let done = copy_files(&shared, opts.concurrency).await?;
+
+    tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
+    let stop = session.stop().await?;
+    tracing::info!("backup {} stopped at {}", started.name, stop.lsn);
+    let manifest = manifest(
+        &shared,
+        done,
+        &info,
+        started,
+        parent.as_ref(),
+        stop,
+        planned,
+    );
+    store_manifest(&repo, &manifest).await?;
+    Ok(Pushed {
+        files: manifest.files.len(),
+        summary: manifest.summary,
+    })
+}
+
+/// Connects, checks that the server and its data directory can be backed up here and that the
+/// repository holds this cluster (recording it in a new repository).
+async fn preflight(
+    repo: &Repository,
+    opts: &PushOptions,
+) -> Result<(BackupSession, PathBuf), BackupError> {
     let target = ConnTarget::resolve(opts.dbname.as_deref())?;
     let session = BackupSession::connect(&target).await?;
-    let info = session.info().clone();
+    let info = session.info();
     if info.in_recovery {
         return Err(BackupError::invalid(
             format!("PostgreSQL at {}", session.target()),
@@ -147,7 +190,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
                 "unknown: pass --pgdata or set PGDATA (the server does not show data_directory to this user)",
             )
         })?;
-    check_pgdata(&pgdata, &info, session.target())?;
+    check_pgdata(&pgdata, info, session.target())?;
     if info.archive_mode == "off" {
         // wal-receive may be streaming instead; without either, the backup cannot be restored.
         tracing::warn!(
@@ -162,39 +205,80 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         created_at: rfc3339(SystemTime::now()),
     };
     identity::ensure(
-        &repo,
+        repo,
         &found,
         &format!("the cluster at {}", pgdata.display()),
     )
     .await?;
-    let catalog = crate::backup::catalog::list(&repo).await?;
+    Ok((session, pgdata))
+}
 
-    let started = SystemTime::now();
-    let start_time = rfc3339(started);
-    let (start_lsn, timeline) = session
-        .start(&format!("walvault {start_time}"), opts.fast_checkpoint)
+/// Where and when the backup started, and the name that follows from it.
+struct Started {
+    name: BackupName,
+    time: String,
+    lsn: Lsn,
+    timeline: u32,
+}
+
+async fn start(session: &BackupSession, opts: &PushOptions) -> Result<Started, BackupError> {
+    let time = rfc3339(SystemTime::now());
+    let (lsn, timeline) = session
+        .start(&format!("walvault {time}"), opts.fast_checkpoint)
         .await?;
-    let name = BackupName::new(&compact_time(&start_time), timeline, start_lsn);
-    tracing::info!("backup {name} started at {start_lsn} on timeline {timeline}");
+    let name = BackupName::new(&compact_time(&time), timeline, lsn);
+    tracing::info!("backup {name} started at {lsn} on timeline {timeline}");
+    Ok(Started {
+        name,
+        time,
+        lsn,
+        timeline,
+    })
+}
 
-    let parent = match choose_parent(&catalog, opts, timeline, start_lsn) {
-        Some(p) => Some(crate::backup::catalog::manifest(&repo, &p.name).await?),
-        None => None,
+/// The manifest of the backup this one is a delta of, if it is one.
+async fn choose_parent_manifest(
+    repo: &Repository,
+    catalog: &[Summary],
+    opts: &PushOptions,
+    started: &Started,
+) -> Result<Option<Manifest>, BackupError> {
+    let Some(parent) = choose_parent(catalog, opts, started.timeline, started.lsn) else {
+        return Ok(None);
     };
-    let (kind, delta_depth) = match &parent {
-        Some(p) => (BackupKind::Delta, p.summary.delta_depth + 1),
-        None => (BackupKind::Full, 0),
-    };
-    if let Some(p) = &parent {
-        tracing::info!(
-            "delta against {} (taken at {})",
-            p.summary.name,
-            p.summary.start_lsn
-        );
+    let parent = crate::backup::catalog::manifest(repo, &parent.name).await?;
+    tracing::info!(
+        "delta against {} (taken at {})",
+        parent.summary.name,
+        parent.summary.start_lsn
+    );
+    Ok(Some(parent))
+}
+
+/// What the walk of PGDATA found to back up.
+struct Planned {
+    dirs: Vec<DirEntry>,
+    /// Every file to copy, `global/pg_control` last (handed over to the workers).
+    files: Vec<FileCtx>,
+    tablespaces: Vec<Tablespace>,
+}
+
+impl Planned {
+    fn total(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
     }
+}
 
+/// Walks PGDATA and decides, file by file, how each is read: relation files whose parent has a
+/// copy are read page by page for a delta, and pages are verified where checksums are on.
+async fn plan_files(
+    pgdata: &Path,
+    opts: &PushOptions,
+    parent: Option<&Manifest>,
+    info: &ServerInfo,
+) -> Result<Planned, BackupError> {
     let excluded: Vec<PathBuf> = opts.spool_dir.iter().cloned().collect();
-    let walk_root = pgdata.clone();
+    let walk_root = pgdata.to_path_buf();
     let walked = tokio::task::spawn_blocking(move || walk::walk(&walk_root, &excluded)).await??;
     let parent_sizes: HashMap<&str, u64> = parent
         .iter()
@@ -239,28 +323,46 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         BackupError::invalid(pgdata.display().to_string(), "no global/pg_control")
     })?;
     // pg_control goes last, as PostgreSQL's own base backup sends it.
-    let control_index = files.len();
     files.push(control);
-    let total: u64 = files.iter().map(|f| f.size).sum();
-    let shared = Arc::new(Shared {
-        repo: Arc::clone(&repo),
-        name: name.clone(),
+    let tablespaces = walked
+        .tablespaces
+        .iter()
+        .map(|t| Tablespace {
+            oid: t.oid,
+            location: t.location.display().to_string(),
+        })
+        .collect();
+    Ok(Planned {
+        dirs,
         files,
-        delta_base: parent.as_ref().map(|p| p.summary.start_lsn),
-        verify_from: info.data_checksums.then_some(start_lsn),
-        next_pack: AtomicU32::new(0),
-        stored: AtomicU64::new(0),
-        bar: progress::bytes_bar(total, opts.progress, "backup"),
-    });
-    let mut done = run_workers(&shared, 0..control_index, opts.concurrency).await?;
-    done.extend(run_workers(&shared, control_index..control_index + 1, 1).await?);
-    shared.bar.finish_and_clear();
+        tablespaces,
+    })
+}
 
-    tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
-    let stop = session.stop().await?;
-    let stop_time = rfc3339(SystemTime::now());
-    tracing::info!("backup {name} stopped at {}", stop.lsn);
-    let (file_entries, failures) = assemble(&shared, done);
+/// Reads, packs and stores every file: all but the last (`global/pg_control`) by `concurrency`
+/// workers, then that one alone.
+async fn copy_files(
+    shared: &Arc<Shared>,
+    concurrency: usize,
+) -> Result<Vec<ChunkDone>, BackupError> {
+    let control = shared.files.len() - 1;
+    let mut done = run_workers(shared, 0..control, concurrency).await?;
+    done.extend(run_workers(shared, control..control + 1, 1).await?);
+    shared.bar.finish_and_clear();
+    Ok(done)
+}
+
+/// The manifest of a backup whose files are all stored and whose stop call returned.
+fn manifest(
+    shared: &Shared,
+    done: Vec<ChunkDone>,
+    info: &ServerInfo,
+    started: Started,
+    parent: Option<&Manifest>,
+    stop: BackupStop,
+    planned: Planned,
+) -> Manifest {
+    let (file_entries, failures) = assemble(shared, done);
     for f in &failures {
         tracing::warn!(
             "data checksum failures in {} (blocks {:?}); the backup goes on and records them",
@@ -270,16 +372,20 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     }
     let summary = Summary {
         format: FORMAT,
-        name: name.clone(),
-        kind,
-        parent: parent.as_ref().map(|p| p.summary.name.clone()),
-        delta_base_lsn: parent.as_ref().map(|p| p.summary.start_lsn),
-        delta_depth,
-        start_time,
-        stop_time,
-        start_lsn,
+        name: started.name,
+        kind: if parent.is_some() {
+            BackupKind::Delta
+        } else {
+            BackupKind::Full
+        },
+        parent: parent.map(|p| p.summary.name.clone()),
+        delta_base_lsn: parent.map(|p| p.summary.start_lsn),
+        delta_depth: parent.map_or(0, |p| p.summary.delta_depth + 1),
+        start_time: started.time,
+        stop_time: rfc3339(SystemTime::now()),
+        start_lsn: started.lsn,
         stop_lsn: stop.lsn,
-        timeline,
+        timeline: started.timeline,
         pg_version_num: info.version_num,
         system_identifier: info.system_identifier,
         wal_segment_size: info.wal_segment_size,
@@ -289,39 +395,34 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         packs: shared.next_pack.load(Ordering::Relaxed),
         page_checksum_failures: failures,
     };
-    let manifest = Manifest {
-        summary: summary.clone(),
+    Manifest {
+        summary,
         backup_label: stop.backup_label,
         tablespace_map: stop.tablespace_map,
-        tablespaces: walked
-            .tablespaces
-            .iter()
-            .map(|t| Tablespace {
-                oid: t.oid,
-                location: t.location.display().to_string(),
-            })
-            .collect(),
-        dirs,
+        tablespaces: planned.tablespaces,
+        dirs: planned.dirs,
         files: file_entries,
-    };
-    let key = name.manifest_key();
+    }
+}
+
+/// Stores the manifest, last and only if absent: from now on the backup exists.
+async fn store_manifest(repo: &Repository, manifest: &Manifest) -> Result<(), BackupError> {
+    let name = &manifest.summary.name;
     match repo
-        .put_bytes(&key, &manifest.to_json()?, PutMode::IfAbsent)
+        .put_bytes(
+            &name.manifest_key(),
+            &manifest.to_json()?,
+            PutMode::IfAbsent,
+        )
         .await?
         .committed
     {
-        Committed::Created => {}
-        Committed::AlreadyExists => {
-            return Err(BackupError::invalid(
-                format!("backup {name}"),
-                "a manifest with this name already exists; nothing was replaced",
-            ))
-        }
+        Committed::Created => Ok(()),
+        Committed::AlreadyExists => Err(BackupError::invalid(
+            format!("backup {name}"),
+            "a manifest with this name already exists; nothing was replaced",
+        )),
     }
-    Ok(Pushed {
-        files: manifest.files.len(),
-        summary,
-    })
 }
 
 /// The newest backup a delta may build on, if the options allow a delta at all.
