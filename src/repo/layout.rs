@@ -299,4 +299,50 @@ mod tests {
         let json = serde_json::to_string("base_../../etc").unwrap();
         assert!(serde_json::from_str::<BackupName>(&json).is_err());
     }
+
+    /// ARCHITECTURE.md's layout table shows one example key per line; each must be a key this
+    /// module writes, and every kind must be shown.
+    #[test]
+    fn the_documented_layout_is_this_layout() {
+        let doc = include_str!("../../ARCHITECTURE.md");
+        let block = doc
+            .split_once("<!-- layout -->")
+            .and_then(|(_, rest)| rest.split_once("<!-- /layout -->"))
+            .expect("ARCHITECTURE.md marks its layout table")
+            .0;
+        let mut shown = Vec::new();
+        for line in block
+            .lines()
+            .filter(|l| !l.starts_with(' ') && !l.starts_with("```"))
+        {
+            let Some(key) = line.split_whitespace().next() else {
+                continue;
+            };
+            let parsed = ObjectKey::parse(key);
+            assert!(
+                parsed.is_some(),
+                "documented key {key} is not one walvault writes"
+            );
+            shown.push(std::mem::discriminant(&parsed.unwrap()));
+        }
+        let seg: SegmentName = "000000010000000000000001".parse().unwrap();
+        let name = BackupName::parse("base_x").unwrap();
+        for kind in [
+            ObjectKey::Identity,
+            ObjectKey::Wal(WalFileName::Segment(seg)),
+            ObjectKey::Summary(seg),
+            ObjectKey::Fragment {
+                seg,
+                start: 0,
+                end: 1,
+            },
+            ObjectKey::Manifest(name.clone()),
+            ObjectKey::Pack(name, PackId(0)),
+        ] {
+            assert!(
+                shown.contains(&std::mem::discriminant(&kind)),
+                "ARCHITECTURE.md does not show a key like {kind}"
+            );
+        }
+    }
 }
