@@ -4,7 +4,7 @@
 //! `WALVAULT_CONFIG`). Every value remembers the layer it came from, so an error names both the key
 //! and its source ("invalid value "x" for s3.timeout (from environment variable WALVAULT_S3_TIMEOUT)").
 //! All layers are read as text and parsed once, here, into [`Settings`]; the rest of walvault
-//! only sees typed values. Used by the CLI edge (`main.rs`).
+//! only sees typed values. Used by the CLI edge (`cmd/`) and the repository layer.
 
 use std::collections::BTreeMap;
 use std::fmt;

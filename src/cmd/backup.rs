@@ -130,7 +130,8 @@ pub(super) fn report_fetched(fetched: &fetch::Fetched, dir: &Path, started: Inst
     );
 }
 
-/// One backup as `backup-list --json` prints it: the fields DESIGN.md promises, then more.
+/// One backup as `backup-list --json` prints it: the fields the command contract
+/// promises (never renamed), then more.
 #[derive(serde::Serialize)]
 struct Listed<'a> {
     name: &'a str,

@@ -142,9 +142,8 @@ pub fn one_line(error: &anyhow::Error) -> String {
 /// Makes every allocation of a MiB or more a mapping of its own, unmapped when freed. glibc
 /// otherwise raises that threshold as large buffers are freed and then serves them from its
 /// per-thread heaps, which keep what they once held: the backup pipeline's packs and compressed
-/// copies (of varying sizes, on whichever blocking thread compressed them) then left
-/// backup-push at 110 MiB of RSS at pgbench scale 100 against 80 MiB with this, whatever the
-/// database size.
+/// copies (of varying sizes, on whichever blocking thread compressed them) would then keep
+/// backup-push's memory above what it uses (bench/ measures it).
 pub fn return_large_buffers_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -12,7 +12,7 @@
 //! backoff, a repository outage only delays the uploader. It exits with a clear message on
 //! permanent ones: a missing slot without `--create-slot`, another cluster (the repository's
 //! identity), authentication refused, a server that does not speak the replication protocol.
-//! Used by the CLI; [`fragments`] is also used by wal-fetch to serve streamed partial segments.
+//! Used by `cmd/receive.rs`; the fragments it writes are `crate::wal::fragments`.
 
 mod ladder;
 pub(crate) mod metrics;

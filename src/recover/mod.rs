@@ -4,7 +4,7 @@
 //! refusing with the reason and the recoverable window before anything is written; then restores
 //! the backup with backup-fetch, writes the recovery configuration ([`settings`]), and optionally
 //! starts PostgreSQL and follows recovery to the target ([`start`]). Targets and their time
-//! formats are in [`target`]. Used by the `recover` command in `main.rs`.
+//! formats are in [`target`]. Used by `cmd/recover.rs`.
 
 pub(crate) mod plan;
 pub(crate) mod settings;

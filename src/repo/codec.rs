@@ -16,7 +16,7 @@
 //! how large the object is. Every read checks the header checksum, each block's framing, the total
 //! length, the content crc32 and that nothing follows the trailer.
 //!
-//! Used by [`crate::repo`], which pairs this codec with a [`crate::repo::store::Store`].
+//! Used by [`crate::repo`] only, which pairs it with the store.
 
 use std::fmt;
 

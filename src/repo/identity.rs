@@ -3,7 +3,7 @@
 //! One repository holds one cluster. The first WAL segment pushed records the cluster's system
 //! identifier, major version and WAL segment size in the `repository` object; from then on WAL
 //! whose page headers say otherwise is refused, so two clusters can never interleave their WAL
-//! in one archive. Used by archive (wal-push) and by anything that needs the segment size.
+//! in one archive. Used by wal-push, backup-push and wal-receive.
 
 use serde::{Deserialize, Serialize};
 use walvault_wal::page::LongPageHeader;

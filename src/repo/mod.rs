@@ -1,10 +1,11 @@
-//! A walvault repository: the [`Store`] seen through the object [`codec`](crate::repo::codec).
+//! A walvault repository: the store seen through the object codec, the one layer that touches
+//! either ([`layout`] names every key).
 //!
 //! Everything above this layer deals in content (files, byte buffers, checksums of content); this
 //! layer frames it on the way in and verifies it on the way out, streaming one block at a time so
 //! memory does not grow with object size. No content reaches a caller's destination file before
 //! its checksum has been verified: files are written under a temporary name and renamed only
-//! afterwards. Used by archive, restore, identity and verify.
+//! afterwards. Used by every command; the store and the codec are private to it.
 
 mod codec;
 pub(crate) mod identity;

@@ -10,7 +10,7 @@
 //! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. The background helpers that
 //! work in it (the pusher and the prefetcher) are started detached from here, and take file locks
 //! in it so that one runs per spool and a helper and a caller never store the same file at once.
-//! Used by archive and restore.
+//! Used by the WAL commands (push, pusher, fetch, prefetch).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
