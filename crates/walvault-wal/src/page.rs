@@ -12,7 +12,7 @@ use std::fmt;
 
 use crate::error::WalError;
 use crate::lsn::Lsn;
-use crate::name::{SegmentName, WalFileName, WalSegmentSize};
+use crate::name::{SegmentName, SegmentNo, WalFileName, WalSegmentSize};
 use crate::timeline::TimelineId;
 
 /// `SizeOfXLogShortPHD`: 20 bytes of fields, MAXALIGNed to 24.
@@ -340,6 +340,11 @@ pub struct ClusterWal {
 /// checks it on replay (magic, address, timeline never newer than the stream's nor going back,
 /// and on a segment's first page the long header's system identifier, segment and block size).
 /// A header split across ranges is checked once its last byte arrives.
+///
+/// The pages that follow a WAL switch record are never written: the segment file keeps its
+/// zeros there and walsender sends them as they are. So a page whose header is all zeros is
+/// accepted anywhere but at a segment's start, and then the rest of that segment must be zeros
+/// too.
 #[derive(Clone, Debug)]
 pub struct StreamedPages {
     cluster: ClusterWal,
@@ -350,6 +355,8 @@ pub struct StreamedPages {
     partial: Option<(Lsn, Vec<u8>)>,
     /// Timeline of the last page checked.
     last_tli: Option<TimelineId>,
+    /// The segment whose pages are zeros from some page on.
+    zeroed: Option<SegmentNo>,
 }
 
 impl StreamedPages {
@@ -367,6 +374,7 @@ impl StreamedPages {
             next: start,
             partial: None,
             last_tli: None,
+            zeroed: None,
         })
     }
 
@@ -435,6 +443,19 @@ impl StreamedPages {
 
     fn check_header(&mut self, page: Lsn, bytes: &[u8]) -> Result<(), WalError> {
         let bad = |problem: String| WalError::BadPage { lsn: page, problem };
+        let segno = page.segment_number(self.cluster.seg_size);
+        let first = page.segment_offset(self.cluster.seg_size) == 0;
+        if !first && bytes.iter().all(|&b| b == 0) {
+            self.zeroed = Some(segno);
+            return Ok(());
+        }
+        if self.zeroed == Some(segno) {
+            return Err(bad(
+                "a page header after a page of zeros in the same segment \
+                 (PostgreSQL leaves the rest of a segment unwritten only after a WAL switch)"
+                    .into(),
+            ));
+        }
         let header = short_page_header(bytes).map_err(|e| bad(e.to_string()))?;
         let cluster = &self.cluster;
         if header.major != cluster.major {
@@ -461,7 +482,7 @@ impl StreamedPages {
                 header.tli.0, last.0
             )));
         }
-        if page.segment_offset(cluster.seg_size) == 0 {
+        if first {
             let long = LongPageHeader::parse(bytes).map_err(|e| bad(e.to_string()))?;
             let mismatch = [
                 (
@@ -1065,6 +1086,30 @@ mod tests {
             err.to_string(),
             "WAL page at 0/302000: timeline 1 follows a page of timeline 2"
         );
+    }
+
+    #[test]
+    fn zero_pages_end_a_segment() {
+        // A WAL switch in the first page: the rest of the segment is zeros, the next one WAL.
+        let mut bytes = stream_bytes(SEG_START, 1);
+        bytes.resize(MIB as usize, 0);
+        bytes.extend_from_slice(&stream_bytes(SEG_START + u64::from(MIB), 2));
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        feed_in(&mut pages, SEG_START, &bytes, &[8000, 70_000]).unwrap();
+        // A page after zeros in the same segment is not what PostgreSQL writes.
+        let mut bytes = stream_bytes(SEG_START, 3);
+        bytes[BLOCK as usize..2 * BLOCK as usize].fill(0);
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        let err = pages.feed(Lsn(SEG_START), &bytes).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("WAL page at 0/304000: a page header after a page of zeros"),
+            "{err}"
+        );
+        // A segment never starts with zeros.
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        let err = pages.feed(Lsn(SEG_START), &[0; 100]).unwrap_err();
+        assert!(err.to_string().contains("magic 0x0000"), "{err}");
     }
 
     #[test]
