@@ -627,7 +627,12 @@ mod tests {
         let long = pageaddr.is_multiple_of(SEG_SIZE);
         let mut p = Vec::new();
         p.extend_from_slice(&PgMajor::V15.magic().to_le_bytes());
-        p.extend_from_slice(&u16::from(long).wrapping_mul(2).to_le_bytes());
+        let info = if long {
+            walvault_wal::page::XLP_LONG_HEADER
+        } else {
+            0
+        };
+        p.extend_from_slice(&info.to_le_bytes());
         p.extend_from_slice(&1u32.to_le_bytes());
         p.extend_from_slice(&pageaddr.to_le_bytes());
         p.extend_from_slice(&[0; 8]);
