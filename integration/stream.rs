@@ -536,6 +536,64 @@ fn receiver_killed_and_restarted_leaves_no_gap(kind: RepoKind) {
     }
 }
 
+/// SIGTERM (what `systemctl stop` sends) while received WAL waits for its flush deadline: the
+/// receiver stores it at once, logs where it stopped and exits 0, and the repository then holds
+/// the server's WAL up to the flush position the server had before the signal.
+#[test]
+fn sigterm_stores_what_was_received_and_exits_0() {
+    let env = TestEnv::new("stream-sigterm");
+    let repo = env.repo(RepoKind::Local);
+    let walvault = receiver_walvault(&env, &repo);
+    let primary = env.cluster(primary_config("primary"));
+    // Nothing received is stored within the test, unless the stop stores it.
+    let receiver = start_receiver(&env, &walvault, &primary, &["--flush-interval", "1h"]);
+    primary.psql("CREATE TABLE before_stop AS SELECT generate_series(1, 20000) AS n");
+    let flushed = primary.psql("SELECT pg_current_wal_flush_lsn()");
+    wait_until(
+        "the receiver to report the server's WAL received",
+        Duration::from_secs(60),
+        || {
+            primary.psql(&format!(
+                "SELECT coalesce((SELECT write_lsn >= '{flushed}' FROM pg_stat_replication \
+                 WHERE application_name = '{APP}'), false)"
+            )) == "t"
+        },
+    );
+    assert!(
+        !durable_reached(&primary, &flushed),
+        "stored before the stop: this test would prove nothing"
+    );
+
+    let (status, stderr) = receiver.terminate(Duration::from_secs(90));
+    let log = stderr.join("\n");
+    assert_eq!(status.code(), Some(0), "exit after SIGTERM; stderr:\n{log}");
+    let stopped = stderr
+        .iter()
+        .find_map(|line| line.split_once("stopped at "))
+        .and_then(|(_, rest)| rest.split([' ', ':']).next())
+        .unwrap_or_else(|| panic!("no stop position logged; stderr:\n{log}"));
+    assert_eq!(
+        primary.psql(&format!("SELECT '{stopped}'::pg_lsn >= '{flushed}'")),
+        "t",
+        "stopped at {stopped}, before the server's flush position {flushed}"
+    );
+
+    // What recovery would get for the segment is the server's WAL, up to that position.
+    let row = primary.psql(&format!(
+        "SELECT file_name || ' ' || file_offset FROM pg_walfile_name_offset('{flushed}')"
+    ));
+    let (segment, offset) = row.split_once(' ').unwrap();
+    let offset: usize = offset.parse().unwrap();
+    let dest = env.mkdir("fetched").join(segment);
+    walvault.wal_fetch(segment, &dest).assert_success();
+    let fetched = std::fs::read(&dest).unwrap();
+    let server = std::fs::read(primary.wal_dir().join(segment)).unwrap();
+    assert!(
+        fetched[..offset] == server[..offset],
+        "{segment} from the repository differs from the server's before offset {offset}"
+    );
+}
+
 /// The errors wal-receive must stop on, each with a message that says what is wrong.
 #[test]
 fn permanent_errors_are_reported() {

@@ -300,6 +300,33 @@ impl Running {
         }
     }
 
+    /// SIGTERM, as `systemctl stop` sends it; then waits for the exit and returns it with every
+    /// line written to stderr.
+    pub fn terminate(mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                // stderr closes when the process exits.
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "`{}` still running {timeout:?} after SIGTERM; stderr:\n{}",
+                    self.command,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        let status = self.child.wait().expect("wait for the terminated process");
+        (status, std::mem::take(&mut self.seen))
+    }
+
     /// SIGKILL, then reap.
     pub fn kill(mut self) -> ExitStatus {
         self.child.kill().expect("SIGKILL");

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,12 @@ impl Seg {
     fn complete(&self, seg_size: u64) -> bool {
         self.received == seg_size
     }
+
+    /// The position `offset` bytes into the segment, at most `received`. [`Ladder::write`]
+    /// refuses bytes whose end does not fit in the address space, so this never saturates.
+    fn lsn(&self, offset: u64) -> Lsn {
+        Lsn(self.start.0.saturating_add(offset))
+    }
 }
 
 pub(crate) struct Ladder {
@@ -77,6 +84,11 @@ pub(crate) struct Ladder {
     finish_wake: Notify,
     durable: watch::Sender<Lsn>,
     metrics: Arc<Metrics>,
+    /// Set by [`Ladder::drain`]: store at once instead of at the flush deadline.
+    draining: AtomicBool,
+    drain_wake: Notify,
+    /// Notified after each store pass and each finished segment.
+    progress: Notify,
 }
 
 #[derive(Default)]
@@ -129,6 +141,9 @@ impl Ladder {
             finish_wake: Notify::new(),
             durable: watch::Sender::new(Lsn::INVALID),
             metrics,
+            draining: AtomicBool::new(false),
+            drain_wake: Notify::new(),
+            progress: Notify::new(),
         }))
     }
 
@@ -161,7 +176,7 @@ impl Ladder {
             .segs
             .iter()
             .next_back()
-            .map(|(name, s)| (name.tli, s.start + s.received))
+            .map(|(name, s)| (name.tli, s.lsn(s.received)))
     }
 
     /// Bytes in the spool: received and not yet stored whole.
@@ -198,12 +213,19 @@ impl Ladder {
                     e.insert(self.open_seg(&name, pos, offset)?)
                 }
             };
-            if offset > seg.received {
+            // Spooled bytes are never written again: the stream checks that each message
+            // continues the one before, and this keeps it so whatever calls here.
+            if offset != seg.received {
                 return Err(ReceiveError::Stream(format!(
-                    "the server sent WAL from {pos}, but {name} was received only up to {}",
-                    seg.start + seg.received
+                    "WAL from {pos} does not continue {name}, received up to {}",
+                    seg.lsn(seg.received)
                 )));
             }
+            let end = pos.checked_add(n as u64).ok_or_else(|| {
+                ReceiveError::Stream(format!(
+                    "{n} bytes of WAL from {pos} pass the end of the WAL address space"
+                ))
+            })?;
             seg.file
                 .write_all_at(&rest[..n], offset)
                 .map_err(|source| ReceiveError::Spool {
@@ -215,7 +237,7 @@ impl Ladder {
                 seg.closed = true;
             }
             drop(state);
-            pos = pos + n as u64;
+            pos = end;
             rest = &rest[n..];
         }
         self.metrics.received(pos);
@@ -262,6 +284,33 @@ impl Ladder {
         self.finish_wake.notify_one();
     }
 
+    /// Stores everything received now rather than at the flush deadline and waits, at most
+    /// `bound`, until it is all in the repository (complete segments stored whole). Returns the
+    /// durable position, or the durable and received positions if the bound ran out.
+    pub(crate) async fn drain(&self, bound: Duration) -> Result<Lsn, (Lsn, Lsn)> {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain_wake.notify_one();
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            // Registered before looking, so a pass that ends in between is not missed.
+            progress.as_mut().enable();
+            let settled = self
+                .state()
+                .segs
+                .values()
+                .all(|s| !s.closed && s.stored.is_some_and(|stored| stored >= s.received));
+            if settled {
+                return Ok(*self.durable.borrow());
+            }
+            if tokio::time::timeout_at(deadline, progress).await.is_err() {
+                let received = self.received_end().map_or(Lsn::INVALID, |(_, end)| end);
+                return Err((*self.durable.borrow(), received));
+            }
+        }
+    }
+
     /// Stores spooled WAL forever, in two lanes: fragments (the durability path: every flush
     /// interval, or as soon as anything arrives when `synchronous`) and whole segments (off the
     /// critical path, a few at a time). Never returns; failures are retried with backoff.
@@ -284,10 +333,13 @@ impl Ladder {
                 }
                 // Due when the oldest byte has waited the flush interval less the time a pass
                 // takes, so that it is stored within the interval, not one interval after it.
-                Some(since) if !synchronous => {
+                Some(since) if !synchronous && !self.draining.load(Ordering::Relaxed) => {
                     let lead = (pass_time * 2).min(flush_interval / 2);
                     let due = since + flush_interval.saturating_sub(lead);
-                    tokio::time::sleep_until(due.into()).await;
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = self.drain_wake.notified() => {}
+                    }
                 }
                 Some(_) => {}
             }
@@ -589,21 +641,21 @@ impl Ladder {
                 .values()
                 .find(|s| s.stored.is_none_or(|stored| stored < s.received));
             match pending {
-                Some(s) => s.start + s.stored.unwrap_or(0),
-                None => match segs.values().next_back() {
-                    Some(s) => s.start + s.received,
-                    None => return,
-                },
+                Some(s) => Some(s.lsn(s.stored.unwrap_or(0))),
+                None => segs.values().next_back().map(|s| s.lsn(s.received)),
             }
         };
-        self.durable.send_if_modified(|d| {
-            let advanced = computed > *d;
-            if advanced {
-                *d = computed;
-            }
-            advanced
-        });
-        self.metrics.stored(*self.durable.borrow());
+        if let Some(computed) = computed {
+            self.durable.send_if_modified(|d| {
+                let advanced = computed > *d;
+                if advanced {
+                    *d = computed;
+                }
+                advanced
+            });
+            self.metrics.stored(*self.durable.borrow());
+        }
+        self.progress.notify_waiters();
     }
 }
 

@@ -11,18 +11,23 @@
 //! It never exits on a transient error: lost connections and server restarts are retried with
 //! backoff, a repository outage only delays the uploader. It exits with a clear message on
 //! permanent ones: a missing slot without `--create-slot`, another cluster (the repository's
-//! identity), authentication refused, a server that does not speak the replication protocol.
+//! identity), authentication refused, a server that does not speak the replication protocol,
+//! WAL that is not what that server writes at that position (every page header is checked
+//! before it is spooled). SIGTERM or SIGINT stops it cleanly: what it received is stored first.
 //! Used by `cmd/receive.rs`; the fragments it writes are `crate::wal::fragments`.
 
 mod ladder;
 pub(crate) mod metrics;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use walvault_wal::{Lsn, SegmentName, TimelineId, WalFileName, WalSegmentSize};
+use walvault_wal::{
+    ClusterWal, Lsn, PgMajor, SegmentName, StreamedPages, TimelineId, WalFileName, WalSegmentSize,
+};
 
 use crate::replication::{
     sqlstate, ConnParams, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent,
@@ -43,6 +48,9 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(40);
 /// Reconnect delays grow from the first to the last.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How long a stop waits for received WAL to be stored: well within systemd's default
+/// TimeoutStopSec (90 s), after which it would be killed.
+const STOP_BOUND: Duration = Duration::from_secs(60);
 
 /// How wal-receive runs.
 #[derive(Clone, Debug)]
@@ -89,6 +97,18 @@ pub(crate) enum ReceiveError {
     HistoryConflict { name: String, repo: String },
     #[error("WAL stream: {0}")]
     Stream(String),
+    #[error("the server sent WAL it cannot have written: {0}")]
+    InvalidWal(String),
+    #[error("wal-receive checks WAL of PostgreSQL 13 to 18; the server is PostgreSQL {0}")]
+    UnsupportedServer(u32),
+    #[error("cannot handle SIGTERM and SIGINT: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("stopped at {durable}, but the WAL received up to {received} could not be stored within {within:?}; the slot keeps it on the server")]
+    StoppedUnstored {
+        durable: Lsn,
+        received: Lsn,
+        within: Duration,
+    },
 }
 
 impl ReceiveError {
@@ -108,6 +128,8 @@ impl ReceiveError {
             ReceiveError::Identity(IdentityError::Mismatch { .. })
             | ReceiveError::NoSlot { .. }
             | ReceiveError::ServerTooOld(_)
+            | ReceiveError::UnsupportedServer(_)
+            | ReceiveError::InvalidWal(_)
             | ReceiveError::HistoryConflict { .. }
             | ReceiveError::SpoolBusy(_)
             | ReceiveError::Metrics { .. } => true,
@@ -116,11 +138,36 @@ impl ReceiveError {
     }
 }
 
-/// Runs until a permanent error.
+/// Runs until a permanent error, or until SIGTERM (what `systemctl stop` sends) or SIGINT:
+/// then it stores what it received, logs where it stopped and returns `Ok`.
 pub(crate) async fn run(
     repo: Arc<Repository>,
     options: ReceiveOptions,
 ) -> Result<(), ReceiveError> {
+    let stop = stop_signal()?;
+    run_until(repo, options, stop).await
+}
+
+/// Handles SIGTERM and SIGINT from now on; the future completes with the first one's name.
+fn stop_signal() -> Result<impl Future<Output = &'static str>, ReceiveError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ReceiveError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ReceiveError::Signal)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
+/// [`run`], stopping when `stop` completes (with the name of what stopped it).
+async fn run_until(
+    repo: Arc<Repository>,
+    options: ReceiveOptions,
+    stop: impl Future<Output = &'static str>,
+) -> Result<(), ReceiveError> {
+    tokio::pin!(stop);
     let _spool_lock = lock_spool(&options.spool)?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = options.metrics_addr {
@@ -133,15 +180,21 @@ pub(crate) async fn run(
         options,
         metrics,
         ladder: None,
+        pages: None,
     };
     let mut delay = FIRST_RETRY;
     let mut first = true;
-    loop {
+    // A stop drops the session wherever it is: spooled WAL is the ladder's, not the session's.
+    let signal = loop {
         if !first {
             receiver.metrics.reconnect();
         }
         first = false;
-        match receiver.session().await {
+        let outcome = tokio::select! {
+            signal = &mut stop => break signal,
+            outcome = receiver.session() => outcome,
+        };
+        match outcome {
             Ok(streamed) => {
                 if streamed {
                     delay = FIRST_RETRY;
@@ -154,9 +207,13 @@ pub(crate) async fn run(
                 tracing::warn!("{e}; reconnecting in {delay:?}");
             }
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            signal = &mut stop => break signal,
+            () = tokio::time::sleep(delay) => {}
+        }
         delay = (delay * 2).min(MAX_RETRY);
-    }
+    };
+    receiver.stop(signal).await
 }
 
 struct Receiver {
@@ -166,6 +223,9 @@ struct Receiver {
     /// Created on the first connection (it needs the segment size), kept across reconnections
     /// so that spooled WAL survives them.
     ladder: Option<Arc<Ladder>>,
+    /// The page checks of the last stream, kept so that a header a lost connection cut in two
+    /// is still checked when streaming resumes inside it.
+    pages: Option<StreamedPages>,
 }
 
 impl Receiver {
@@ -184,11 +244,23 @@ impl Receiver {
             wal_segment_size: seg_size.bytes(),
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        if major.is_none_or(|m| m < 13) {
-            return Err(ReceiveError::ServerTooOld(
-                major.map_or("of unknown version".into(), |m| format!("PostgreSQL {m}")),
-            ));
-        }
+        let number = match major {
+            Some(m) if m >= 13 => m,
+            _ => {
+                return Err(ReceiveError::ServerTooOld(
+                    major.map_or("of unknown version".into(), |m| format!("PostgreSQL {m}")),
+                ))
+            }
+        };
+        let block_size = conn.show("wal_block_size").await?;
+        let cluster = ClusterWal {
+            major: PgMajor::from_number(number).ok_or(ReceiveError::UnsupportedServer(number))?,
+            system_identifier: system.system_identifier,
+            seg_size,
+            block_size: block_size.parse().map_err(|_| {
+                ReceiveError::Stream(format!("wal_block_size {block_size:?} is not a number"))
+            })?,
+        };
         let what = format!("the server at {}", self.options.conn.endpoint);
         identity::ensure(&self.repo, &found, &what).await?;
         let slot = self.slot(&mut conn, major.unwrap_or(0)).await?;
@@ -231,9 +303,11 @@ impl Receiver {
         // Never report less than the slot already holds: that would only move it back.
         ladder.start_at(slot_lsn);
         let mut streamed = false;
+        // The timeline streaming came from and where it ended, after a switch.
+        let mut came_from = None;
         loop {
             if tli.0 > 1 {
-                self.store_history(&mut conn, tli).await?;
+                self.store_history(&mut conn, tli, came_from).await?;
             }
             tracing::info!(
                 "streaming from {start} on timeline {} (slot {}, server at {} on timeline {})",
@@ -251,7 +325,16 @@ impl Receiver {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let Some((next, back)) = self.stream(stream, &ladder, tli, &mut streamed).await? else {
+            let mut pages = match self.pages.take() {
+                Some(p) if p.tli() == tli && p.next() == start => p,
+                _ => StreamedPages::new(cluster, tli, start)
+                    .map_err(|e| ReceiveError::InvalidWal(e.to_string()))?,
+            };
+            let result = self
+                .stream(stream, &ladder, &mut pages, &mut streamed)
+                .await;
+            self.pages = Some(pages);
+            let Some((next, back)) = result? else {
                 return Ok(streamed);
             };
             ladder.end_timeline(tli);
@@ -270,6 +353,7 @@ impl Receiver {
                 next_tli.0
             );
             conn = back;
+            came_from = Some((tli, next_start));
             tli = next_tli;
             start = segment_start(next_start, seg_size);
         }
@@ -346,13 +430,25 @@ impl Receiver {
     }
 
     /// Stores `<tli>.history` as wal-push would (PostgreSQL's archiver may have stored it).
+    /// After a switch (`came_from`: the timeline that ended and where), the history must say
+    /// that `tli` branched from that timeline there.
     async fn store_history(
         &self,
         conn: &mut ReplicationConnection,
         tli: TimelineId,
+        came_from: Option<(TimelineId, Lsn)>,
     ) -> Result<(), ReceiveError> {
-        let (_, content) = conn.timeline_history(tli).await?;
+        let (history, content) = conn.timeline_history(tli).await?;
         let name = WalFileName::History(tli);
+        if let Some((parent, end)) = came_from {
+            if history.parent() != Some(parent) || history.switch_point(parent) != Some(end) {
+                return Err(ReceiveError::InvalidWal(format!(
+                    "timeline {} ended at {end} and timeline {} followed, but {name} does not \
+                     branch there from timeline {}",
+                    parent.0, tli.0, parent.0
+                )));
+            }
+        }
         match self
             .repo
             .store_wal(&name, WalContent::Bytes(&content), |_| {})
@@ -372,14 +468,16 @@ impl Receiver {
     }
 
     /// Streams one timeline until the server ends it. Returns where the next timeline starts
-    /// and the connection, back in command mode; `None` when the server shuts down.
+    /// and the connection, back in command mode; `None` when the server shuts down. Each
+    /// message is checked by `pages` before it is spooled.
     async fn stream(
         &self,
         mut stream: WalStream,
         ladder: &Ladder,
-        tli: TimelineId,
+        pages: &mut StreamedPages,
         streamed: &mut bool,
     ) -> Result<Option<NextTimeline>, ReceiveError> {
+        let tli = pages.tli();
         let mut durable = ladder.durable();
         let mut received = *durable.borrow();
         let mut reported = Lsn::INVALID;
@@ -394,8 +492,11 @@ impl Receiver {
             tokio::select! {
                 event = stream.recv(), if !paused => match event? {
                     StreamEvent::XLogData { start, server_end, data } => {
+                        let end = pages
+                            .feed(start, &data)
+                            .map_err(|e| ReceiveError::InvalidWal(e.to_string()))?;
                         ladder.write(tli, start, &data)?;
-                        received = received.max(start + data.len() as u64);
+                        received = received.max(end);
                         self.metrics.server_end(server_end);
                         *streamed = true;
                     }
@@ -438,6 +539,35 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// After a stop signal: stores everything received (at once, not at the next flush
+    /// deadline) and logs where it stopped.
+    async fn stop(&self, signal: &str) -> Result<(), ReceiveError> {
+        let Some(ladder) = &self.ladder else {
+            tracing::info!("{signal}: stopped before receiving any WAL");
+            return Ok(());
+        };
+        tracing::info!("{signal}: storing the WAL received so far, then stopping");
+        match ladder.drain(STOP_BOUND).await {
+            Ok(durable) => {
+                let tli = ladder
+                    .received_end()
+                    .map_or(String::new(), |(tli, _)| format!(" on timeline {}", tli.0));
+                tracing::info!(
+                    "stopped at {durable}{tli}: everything received up to there is in {}",
+                    self.repo.url()
+                );
+                Ok(())
+            }
+            Err((durable, received)) => Err(ReceiveError::StoppedUnstored {
+                durable,
+                received,
+                within: STOP_BOUND,
+            }),
+        }
+    }
+}
+
 /// Takes the spool for this process, for as long as the returned file lives: a second receiver
 /// on the same spool would delete the first one's files when it starts.
 fn lock_spool(dir: &Path) -> Result<std::fs::File, ReceiveError> {
@@ -464,4 +594,193 @@ type NextTimeline = (Option<(TimelineId, Lsn)>, ReplicationConnection);
 
 fn segment_start(lsn: Lsn, seg_size: WalSegmentSize) -> Lsn {
     Lsn(lsn.0 - lsn.segment_offset(seg_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FlagValues, Settings};
+    use crate::replication::fake;
+    use tokio::io::AsyncWriteExt;
+
+    const SEG_SIZE: u64 = 1 << 20;
+    const BLOCK: u64 = 8192;
+    /// Segment 3 of timeline 1.
+    const SEG: u64 = 3 * SEG_SIZE;
+    const SYSID: u64 = 7_301_234_567_890_123_456;
+
+    /// A PostgreSQL 15 WAL page of timeline 1 as the server writes it at `pageaddr`.
+    fn page(pageaddr: u64, fill: u8) -> Vec<u8> {
+        let long = pageaddr.is_multiple_of(SEG_SIZE);
+        let mut p = Vec::new();
+        p.extend_from_slice(&PgMajor::V15.magic().to_le_bytes());
+        let info = if long {
+            walvault_wal::page::XLP_LONG_HEADER
+        } else {
+            0
+        };
+        p.extend_from_slice(&info.to_le_bytes());
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&pageaddr.to_le_bytes());
+        p.extend_from_slice(&[0; 8]);
+        if long {
+            p.extend_from_slice(&SYSID.to_le_bytes());
+            p.extend_from_slice(&(SEG_SIZE as u32).to_le_bytes());
+            p.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+        }
+        p.resize(BLOCK as usize, fill);
+        p
+    }
+
+    struct Streamed {
+        result: Result<Option<NextTimeline>, ReceiveError>,
+        ladder: Arc<Ladder>,
+        spool: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Streams timeline 1 from segment 3 with a server that sends `messages` (XLogData), then
+    /// shuts down.
+    async fn stream_from_server(messages: Vec<Vec<u8>>) -> Streamed {
+        let dir = tempfile::tempdir().unwrap();
+        let repo_dir = dir.path().join("repo");
+        std::fs::create_dir(&repo_dir).unwrap();
+        let settings = Settings::load(&FlagValues {
+            repo: Some(format!("file://{}", repo_dir.display())),
+            ..Default::default()
+        })
+        .unwrap();
+        let repo = Arc::new(Repository::open(&settings).await.unwrap());
+        let spool = dir.path().join("spool");
+        let metrics = Arc::new(Metrics::default());
+        let seg_size = WalSegmentSize::new(SEG_SIZE).unwrap();
+        let ladder = Ladder::new(
+            Arc::clone(&repo),
+            spool.clone(),
+            seg_size,
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let receiver = Receiver {
+            repo,
+            options: ReceiveOptions {
+                conn: ConnParams::resolve(Some("host=127.0.0.1 port=1 user=t"), "t").unwrap(),
+                slot: "s".parse().unwrap(),
+                create_slot: false,
+                flush_interval: Duration::from_secs(1),
+                synchronous: false,
+                metrics_addr: None,
+                spool: spool.clone(),
+                spool_max: 1 << 30,
+            },
+            metrics,
+            ladder: None,
+            pages: None,
+        };
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut all = fake::copy_both();
+            for m in messages {
+                all.extend_from_slice(&m);
+            }
+            all.extend_from_slice(&fake::message(b'C', b"START_REPLICATION\0"));
+            server.write_all(&all).await.unwrap();
+            // Stays open until the client goes, as a server would.
+            let _ = tokio::io::copy(&mut server, &mut tokio::io::sink()).await;
+        });
+        let conn = ReplicationConnection::over(client, 15);
+        let stream = conn
+            .start_replication(&"s".parse().unwrap(), Lsn(SEG), TimelineId(1))
+            .await
+            .unwrap();
+        let cluster = ClusterWal {
+            major: PgMajor::V15,
+            system_identifier: SYSID,
+            seg_size,
+            block_size: BLOCK as u32,
+        };
+        let mut pages = StreamedPages::new(cluster, TimelineId(1), Lsn(SEG)).unwrap();
+        let result = receiver
+            .stream(stream, &ladder, &mut pages, &mut false)
+            .await;
+        Streamed {
+            result,
+            ladder,
+            spool,
+            _dir: dir,
+        }
+    }
+
+    fn spooled_segment(s: &Streamed, seg: &str) -> Vec<u8> {
+        std::fs::read(s.spool.join(format!("{seg}.partial"))).unwrap()
+    }
+
+    fn error_of(s: &Streamed) -> String {
+        match &s.result {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("the stream was accepted"),
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_pages_are_checked_before_they_are_spooled() {
+        let good = [page(SEG, 1), page(SEG + BLOCK, 2)].concat();
+        let s = stream_from_server(vec![fake::xlog_data(SEG, &good)]).await;
+        assert!(s.result.is_ok(), "{}", error_of(&s));
+        assert_eq!(spooled_segment(&s, "000000010000000000000003"), good);
+
+        // A page that claims another position, in the second message.
+        let wrong = page(SEG + 2 * BLOCK, 3);
+        let s = stream_from_server(vec![
+            fake::xlog_data(SEG, &page(SEG, 1)),
+            fake::xlog_data(SEG + BLOCK, &wrong),
+        ])
+        .await;
+        let err = error_of(&s);
+        assert!(
+            err.contains("WAL page at 0/302000: page address 0/304000"),
+            "{err}"
+        );
+        assert_eq!(s.ladder.spooled(), BLOCK, "the bad page was spooled");
+
+        // Another cluster's segment.
+        let mut other = page(SEG, 1);
+        other[24..32].copy_from_slice(&(SYSID + 1).to_le_bytes());
+        let s = stream_from_server(vec![fake::xlog_data(SEG, &other)]).await;
+        assert!(
+            error_of(&s).contains("system identifier"),
+            "{}",
+            error_of(&s)
+        );
+        assert_eq!(s.ladder.spooled(), 0);
+    }
+
+    #[tokio::test]
+    async fn xlogdata_must_continue_the_stream() {
+        let first = page(SEG, 1);
+        // Going backwards: never an overwrite of what is spooled.
+        let s = stream_from_server(vec![
+            fake::xlog_data(SEG, &first),
+            fake::xlog_data(SEG + 100, &[0xEE; 500]),
+        ])
+        .await;
+        let err = error_of(&s);
+        assert!(
+            err.contains(
+                "WAL from 0/300064 does not continue the stream at 0/302000 (it goes backwards)"
+            ),
+            "{err}"
+        );
+        assert_eq!(spooled_segment(&s, "000000010000000000000003"), first);
+
+        // A gap into the next segment, which would otherwise open quietly.
+        let s = stream_from_server(vec![
+            fake::xlog_data(SEG, &first),
+            fake::xlog_data(SEG + SEG_SIZE, &page(SEG + SEG_SIZE, 2)),
+        ])
+        .await;
+        let err = error_of(&s);
+        assert!(err.contains("(it leaves a gap)"), "{err}");
+        assert_eq!(s.ladder.spooled(), BLOCK);
+    }
 }

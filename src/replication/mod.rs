@@ -16,7 +16,7 @@ pub(crate) use conninfo::ConnParams;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use walvault_wal::{Lsn, TimelineId};
+use walvault_wal::{Lsn, TimelineHistory, TimelineId, WalFileName};
 
 use wire::{Backend, Wire};
 
@@ -122,7 +122,7 @@ pub(crate) struct ReplicationConnection {
     major: Option<u32>,
 }
 
-type Row = Vec<Option<String>>;
+type Row = Vec<Option<Bytes>>;
 
 impl ReplicationConnection {
     /// Connects and authenticates.
@@ -171,7 +171,7 @@ impl ReplicationConnection {
     pub(crate) async fn identify_system(&mut self) -> Result<SystemInfo, ReplError> {
         let rows = self.command("IDENTIFY_SYSTEM").await?;
         let row = one_row(&rows, "IDENTIFY_SYSTEM")?;
-        if let Some(Some(db)) = row.get(3) {
+        if let Some(db) = optional_column::<String>(row, 3, "dbname")? {
             return Err(ReplError::Protocol(format!(
                 "IDENTIFY_SYSTEM reports database {db:?}: this is a logical replication connection"
             )));
@@ -205,9 +205,9 @@ impl ReplicationConnection {
             .command(&format!("READ_REPLICATION_SLOT {slot}"))
             .await?;
         let row = one_row(&rows, "READ_REPLICATION_SLOT")?;
-        match row.first() {
-            Some(Some(kind)) if kind == "physical" => {}
-            Some(Some(kind)) => {
+        match optional_column::<String>(row, 0, "slot_type")? {
+            Some(kind) if kind == "physical" => {}
+            Some(kind) => {
                 return Err(ReplError::Config(format!(
                     "replication slot {slot} is a {kind} slot; wal-receive needs a physical one"
                 )))
@@ -241,16 +241,38 @@ impl ReplicationConnection {
         )
     }
 
-    /// `TIMELINE_HISTORY tli`: the history file's name and content.
+    /// `TIMELINE_HISTORY tli`: the history of `tli` and the file's content as the server sent
+    /// it, once the name is `tli`'s and the content is a history PostgreSQL would write for it
+    /// (at least one ancestor; timelines and switch points increasing, all older than `tli`).
     pub(crate) async fn timeline_history(
         &mut self,
         tli: TimelineId,
-    ) -> Result<(String, Vec<u8>), ReplError> {
+    ) -> Result<(TimelineHistory, Bytes), ReplError> {
         let rows = self.command(&format!("TIMELINE_HISTORY {}", tli.0)).await?;
         let row = one_row(&rows, "TIMELINE_HISTORY")?;
         let name: String = column(row, 0, "filename")?;
-        let content: String = column(row, 1, "content")?;
-        Ok((name, content.into_bytes()))
+        let expected = WalFileName::History(tli).to_string();
+        let bad = |problem: String| {
+            ReplError::Protocol(format!(
+                "TIMELINE_HISTORY {} returned an invalid history: {problem}",
+                tli.0
+            ))
+        };
+        if name != expected {
+            return Err(bad(format!("file name {name:?}, expected {expected}")));
+        }
+        let Some(Some(content)) = row.get(1) else {
+            return Err(bad("no content".into()));
+        };
+        // The reasons are free text in the server's encoding; the fields checked are ASCII.
+        let history = TimelineHistory::parse(tli, &String::from_utf8_lossy(content))
+            .map_err(|e| bad(e.to_string()))?;
+        if history.entries.is_empty() {
+            return Err(bad(format!(
+                "{expected} names no parent timeline; PostgreSQL writes one line per ancestor"
+            )));
+        }
+        Ok((history, content.clone()))
     }
 
     /// `START_REPLICATION SLOT slot PHYSICAL start TIMELINE tli`: the connection becomes a stream.
@@ -308,6 +330,70 @@ pub(crate) enum StreamEvent {
     /// The server is shutting down: it sent everything and saw it flushed, then ended the
     /// command without leaving COPY mode (walsender's `WalSndDone`).
     Shutdown,
+}
+
+/// Backend messages as a server writes them, for tests that play the server.
+#[cfg(test)]
+pub(crate) mod fake {
+    use bytes::{BufMut, BytesMut};
+
+    pub(crate) fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// A DataRow, a CommandComplete and a ReadyForQuery: a command's whole answer.
+    pub(crate) fn one_row(columns: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut row = BytesMut::new();
+        row.put_i16(columns.len() as i16);
+        for c in columns {
+            match c {
+                Some(v) => {
+                    row.put_i32(v.len() as i32);
+                    row.put_slice(v);
+                }
+                None => row.put_i32(-1),
+            }
+        }
+        [
+            message(b'D', &row),
+            message(b'C', b"SELECT\0"),
+            message(b'Z', b"I"),
+        ]
+        .concat()
+    }
+
+    /// CopyBothResponse, as START_REPLICATION answers.
+    pub(crate) fn copy_both() -> Vec<u8> {
+        message(b'W', &[0, 0, 0])
+    }
+
+    /// An XLogData message in a CopyData.
+    pub(crate) fn xlog_data(start: u64, data: &[u8]) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        body.put_u8(b'w');
+        body.put_u64(start);
+        body.put_u64(start + data.len() as u64);
+        body.put_i64(0);
+        body.put_slice(data);
+        message(b'd', &body)
+    }
+}
+
+#[cfg(test)]
+impl ReplicationConnection {
+    /// A connection over any byte stream, already started up: tests play the server.
+    pub(crate) fn over(
+        socket: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        major: u32,
+    ) -> ReplicationConnection {
+        ReplicationConnection {
+            wire: Wire::over(socket),
+            major: Some(major),
+        }
+    }
 }
 
 /// A connection in COPY BOTH mode after `START_REPLICATION`.
@@ -478,10 +564,14 @@ fn optional_column<T: std::str::FromStr>(
     name: &str,
 ) -> Result<Option<T>, ReplError> {
     match row.get(index) {
-        Some(Some(text)) => text
-            .parse()
-            .map(Some)
-            .map_err(|_| ReplError::Protocol(format!("column {name}: unexpected value {text:?}"))),
+        Some(Some(bytes)) => {
+            let text = std::str::from_utf8(bytes).map_err(|_| {
+                ReplError::Protocol(format!("column {name}: {bytes:?} is not UTF-8"))
+            })?;
+            text.parse().map(Some).map_err(|_| {
+                ReplError::Protocol(format!("column {name}: unexpected value {text:?}"))
+            })
+        }
         Some(None) => Ok(None),
         None => Err(ReplError::Protocol(format!("column {name} missing"))),
     }
@@ -562,5 +652,65 @@ mod tests {
         ));
         let mut bad = Bytes::from_static(b"w\0\0");
         assert!(parse_copy_data(&mut bad).is_err());
+    }
+
+    /// What `timeline_history(3)` makes of a server's answer `(filename, content)`.
+    async fn history_reply(name: &str, content: &[u8]) -> Result<Bytes, ReplError> {
+        use tokio::io::AsyncWriteExt;
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut conn = ReplicationConnection::over(client, 15);
+        server
+            .write_all(&fake::one_row(&[Some(name.as_bytes()), Some(content)]))
+            .await
+            .unwrap();
+        let reply = conn.timeline_history(TimelineId(3)).await;
+        drop(server);
+        reply.map(|(_, content)| content)
+    }
+
+    #[tokio::test]
+    async fn timeline_histories_are_checked_before_use() {
+        // The reason is the server's free text, in its encoding: kept byte for byte.
+        let good = b"1\t0/3000158\tno recovery target specified\n\n2\t0/5000000\tat restore point \"\xE9t\xE9\"\n";
+        assert_eq!(
+            &history_reply("00000003.history", good).await.unwrap()[..],
+            &good[..]
+        );
+        for (name, content, problem) in [
+            (
+                "00000002.history",
+                &good[..],
+                "file name \"00000002.history\"",
+            ),
+            ("../../x", &good[..], "file name"),
+            (
+                "00000003.history",
+                b"2\t0/3000000\tr\n1\t0/4000000\tr\n",
+                "must increase",
+            ),
+            (
+                "00000003.history",
+                b"1\t0/5000000\tr\n2\t0/4000000\tr\n",
+                "is before switch point",
+            ),
+            (
+                "00000003.history",
+                b"1\t0/3000000\tr\n3\t0/4000000\tr\n",
+                "not older",
+            ),
+            (
+                "00000003.history",
+                b"1\t0/zz\tr\n",
+                "expected a switch point",
+            ),
+            ("00000003.history", b"", "names no parent timeline"),
+        ] {
+            let err = history_reply(name, content).await.unwrap_err().to_string();
+            assert!(
+                err.contains("TIMELINE_HISTORY 3 returned an invalid history")
+                    && err.contains(problem),
+                "{name} {content:?}: {err}"
+            );
+        }
     }
 }

@@ -20,10 +20,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
 
 const COPY_BOTH_RESPONSE: u8 = b'W';
 
+/// The longest backend message accepted, length word included. The largest message of a
+/// replication connection is XLogData: walsender sends at most `MAX_SEND_SIZE` = 16 WAL pages
+/// per message (128 KiB with the default 8 KiB `XLOG_BLCKSZ`, 1 MiB with the largest, 64 KiB,
+/// that PostgreSQL can be built with), plus 25 bytes of headers. Everything else (rows of
+/// replication commands, a timeline history, errors) is far smaller. Without a bound the
+/// buffer grows to whatever length a server declares, up to 4 GiB.
+const MAX_MESSAGE_LEN: usize = (1 << 20) + 1024;
+
 /// A backend message, reduced to what the replication client acts on.
 #[derive(Debug)]
 pub(super) enum Backend {
-    DataRow(Vec<Option<String>>),
+    /// Column values as the server sent them; the caller decides how to read them.
+    DataRow(Vec<Option<Bytes>>),
     RowDescription,
     CommandComplete,
     EmptyQuery,
@@ -236,6 +245,7 @@ impl Wire {
     pub(super) async fn recv_any(&mut self) -> Result<Backend, ReplError> {
         // postgres-protocol does not know CopyBothResponse; take it off the buffer here.
         loop {
+            check_length(&self.buf)?;
             if self.buf.len() >= 5 && self.buf[0] == COPY_BOTH_RESPONSE {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
                 let total = len as usize + 1;
@@ -255,6 +265,7 @@ impl Wire {
     /// A message during startup, where postgres-protocol's own types are what we need.
     async fn next_message(&mut self) -> Result<Message, ReplError> {
         loop {
+            check_length(&self.buf)?;
             if let Some(message) =
                 Message::parse(&mut self.buf).map_err(|e| ReplError::Protocol(e.to_string()))?
             {
@@ -276,6 +287,22 @@ impl Wire {
     }
 }
 
+/// Refuses a message whose declared length is impossible, as soon as its header is in the
+/// buffer and before its body is read.
+fn check_length(buf: &[u8]) -> Result<(), ReplError> {
+    let Some(&[kind, a, b, c, d]) = buf.first_chunk::<5>() else {
+        return Ok(());
+    };
+    let len = u32::from_be_bytes([a, b, c, d]);
+    if len < 4 || len as usize > MAX_MESSAGE_LEN {
+        return Err(ReplError::Protocol(format!(
+            "message {:?} declares {len} bytes; a PostgreSQL message has 4 to {MAX_MESSAGE_LEN}",
+            char::from(kind)
+        )));
+    }
+    Ok(())
+}
+
 fn backend(message: Message) -> Result<Backend, ReplError> {
     Ok(match message {
         Message::DataRow(row) => {
@@ -283,7 +310,7 @@ fn backend(message: Message) -> Result<Backend, ReplError> {
             let mut values = Vec::new();
             let mut ranges = row.ranges();
             while let Some(range) = ranges.next()? {
-                values.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                values.push(range.map(|r| Bytes::copy_from_slice(&buf[r])));
             }
             Backend::DataRow(values)
         }
@@ -318,5 +345,71 @@ fn server_error(body: &ErrorResponseBody) -> ReplError {
         code,
         message,
         detail,
+    }
+}
+
+#[cfg(test)]
+impl Wire {
+    /// A wire over any byte stream: tests play the server on the other end.
+    pub(super) fn over(socket: impl AsyncRead + AsyncWrite + Unpin + Send + 'static) -> Wire {
+        Wire {
+            socket: Box::new(socket),
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A declared length beyond the bound is refused at once, naming the message and the
+    /// length, instead of buffering what the server sends until the length is reached.
+    #[tokio::test]
+    async fn oversized_messages_are_refused_before_their_body() {
+        for (kind, len) in [
+            (b'd', 0x7FFF_FFFFu32),
+            (b'D', (MAX_MESSAGE_LEN + 1) as u32),
+            (b'W', 3),
+        ] {
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            let mut wire = Wire::over(client);
+            let mut message = vec![kind];
+            message.extend_from_slice(&len.to_be_bytes());
+            message.extend_from_slice(&[0; 1000]);
+            server.write_all(&message).await.unwrap();
+            // The server keeps the connection open, as one that streams more would.
+            let err = wire
+                .recv(Duration::from_secs(5), "a test message")
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "message {:?} declares {len} bytes",
+                    char::from(kind)
+                )),
+                "{err}"
+            );
+            drop(server);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_largest_xlogdata_passes() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut wire = Wire::over(client);
+        let body = vec![7u8; MAX_MESSAGE_LEN - 4];
+        let mut out = BytesMut::new();
+        frontend::CopyData::new(&body[..]).unwrap().write(&mut out);
+        tokio::spawn(async move { server.write_all(&out).await });
+        match wire
+            .recv(Duration::from_secs(5), "a test message")
+            .await
+            .unwrap()
+        {
+            Backend::CopyData(data) => assert_eq!(data.len(), body.len()),
+            other => panic!("{other:?}"),
+        }
     }
 }

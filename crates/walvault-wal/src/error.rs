@@ -169,6 +169,36 @@ pub enum WalError {
         problem: String,
     },
 
+    /// A streamed WAL page whose header does not fit its position or its cluster.
+    #[error("WAL page at {lsn}: {problem}")]
+    BadPage {
+        /// Where the page starts.
+        lsn: Lsn,
+        /// What is wrong with its header.
+        problem: String,
+    },
+
+    /// Streamed WAL that does not continue where the stream stands.
+    #[error(
+        "WAL from {found} does not continue the stream at {expected} ({})",
+        if .found < .expected { "it goes backwards" } else { "it leaves a gap" }
+    )]
+    StreamPosition {
+        /// Where the data starts.
+        found: Lsn,
+        /// Where the stream stands: the end of the data before.
+        expected: Lsn,
+    },
+
+    /// A position plus a length that passes the end of the 64-bit WAL address space.
+    #[error("{len} bytes from {start} reach past the end of the WAL address space")]
+    LsnOverflow {
+        /// The position.
+        start: Lsn,
+        /// The length added to it.
+        len: u64,
+    },
+
     /// A backup history file without its one mandatory line.
     #[error("backup history file has no START WAL LOCATION line")]
     BackupHistoryNoStart,

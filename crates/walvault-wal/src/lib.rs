@@ -24,7 +24,8 @@ pub use history::{BackupHistory, HistoryEntry, TimelineHistory, TimelineSpan};
 pub use lsn::Lsn;
 pub use name::{SegmentName, SegmentNo, WalFileName, WalSegmentSize};
 pub use page::{
-    short_page_header, validate_partial, validate_segment, LongPageHeader, PgMajor, ShortPageHeader,
+    short_page_header, validate_partial, validate_segment, ClusterWal, LongPageHeader, PgMajor,
+    ShortPageHeader, StreamedPages,
 };
 pub use record::{PgTimestamp, RecordReader, RecordScanner, TargetEvent, WalRecord, XactEnd};
 pub use timeline::TimelineId;

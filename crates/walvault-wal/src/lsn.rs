@@ -7,7 +7,6 @@
 //! start/stop points, recovery targets, streaming and segment naming.
 
 use std::fmt;
-use std::ops::Add;
 use std::str::FromStr;
 
 use crate::error::WalError;
@@ -32,7 +31,9 @@ impl Lsn {
         self.0.checked_sub(other.0)
     }
 
-    /// `self + bytes`, or `None` past the end of the 64-bit address space.
+    /// `self + bytes`, or `None` past the end of the 64-bit address space. There is
+    /// deliberately no `+`: positions come from servers and repositories, and a sum that
+    /// wrapped in a release build would point at the start of the WAL.
     pub fn checked_add(self, bytes: u64) -> Option<Lsn> {
         self.0.checked_add(bytes).map(Lsn)
     }
@@ -54,17 +55,6 @@ impl Lsn {
     pub fn segment_offset(self, seg_size: WalSegmentSize) -> u64 {
         // Segment sizes are powers of two, so a mask is the remainder.
         self.0 & (u64::from(seg_size.bytes()) - 1)
-    }
-}
-
-/// Plain integer addition: overflows (a panic in debug builds) only past the
-/// end of the 64-bit address space, which WAL never reaches. Use
-/// [`Lsn::checked_add`] for untrusted distances.
-impl Add<u64> for Lsn {
-    type Output = Lsn;
-
-    fn add(self, bytes: u64) -> Lsn {
-        Lsn(self.0 + bytes)
     }
 }
 
@@ -168,8 +158,8 @@ mod tests {
 
     #[test]
     fn arithmetic() {
-        assert_eq!(Lsn(0x10) + 0x20, Lsn(0x30));
-        assert_eq!(lsn("0/FFFFFFFF") + 1, lsn("1/0"));
+        assert_eq!(Lsn(0x10).checked_add(0x20), Some(Lsn(0x30)));
+        assert_eq!(lsn("0/FFFFFFFF").checked_add(1), Some(lsn("1/0")));
         assert_eq!(Lsn(100).checked_sub(Lsn(40)), Some(60));
         assert_eq!(Lsn(40).checked_sub(Lsn(100)), None);
         assert_eq!(Lsn(5).checked_sub(Lsn(5)), Some(0));

@@ -12,7 +12,7 @@ use std::fmt;
 
 use crate::error::WalError;
 use crate::lsn::Lsn;
-use crate::name::{SegmentName, WalFileName, WalSegmentSize};
+use crate::name::{SegmentName, SegmentNo, WalFileName, WalSegmentSize};
 use crate::timeline::TimelineId;
 
 /// `SizeOfXLogShortPHD`: 20 bytes of fields, MAXALIGNed to 24.
@@ -220,11 +220,7 @@ impl LongPageHeader {
         let block_size = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
 
         let seg_size = WalSegmentSize::new(u64::from(seg_size))?;
-        // XLOG_BLCKSZ is a configure-time choice limited to these values.
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        {
-            return Err(WalError::BadBlockSize(block_size));
-        }
+        check_block_size(block_size)?;
         Ok(LongPageHeader {
             magic: short.magic,
             major: short.major,
@@ -237,6 +233,14 @@ impl LongPageHeader {
             block_size,
         })
     }
+}
+
+/// XLOG_BLCKSZ is a configure-time choice limited to powers of two from 1 to 64 KiB.
+fn check_block_size(block_size: u32) -> Result<(), WalError> {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(WalError::BadBlockSize(block_size));
+    }
+    Ok(())
 }
 
 /// Checks that a complete segment file is the segment `name` says it is:
@@ -314,6 +318,200 @@ fn validate_common(
         });
     }
     Ok(header)
+}
+
+/// What every page header of one cluster's WAL says, whatever the page: the server's major
+/// version (its magic), system identifier, segment size and WAL block size.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ClusterWal {
+    /// The major version of the server writing the WAL.
+    pub major: PgMajor,
+    /// The cluster's system identifier.
+    pub system_identifier: u64,
+    /// The cluster's WAL segment size.
+    pub seg_size: WalSegmentSize,
+    /// `XLOG_BLCKSZ`, the WAL page size (`wal_block_size`).
+    pub block_size: u32,
+}
+
+/// Checks WAL that arrives as consecutive byte ranges of one timeline (streaming replication)
+/// before anything keeps it: each range must start where the previous one ended, and each page
+/// header must be the one PostgreSQL writes at that position, as `XLogReaderValidatePageHeader`
+/// checks it on replay (magic, address, timeline never newer than the stream's nor going back,
+/// and on a segment's first page the long header's system identifier, segment and block size).
+/// A header split across ranges is checked once its last byte arrives.
+///
+/// The pages that follow a WAL switch record are never written: the segment file keeps its
+/// zeros there and walsender sends them as they are. So a page whose header is all zeros is
+/// accepted anywhere but at a segment's start, and then the rest of that segment must be zeros
+/// too.
+#[derive(Clone, Debug)]
+pub struct StreamedPages {
+    cluster: ClusterWal,
+    tli: TimelineId,
+    next: Lsn,
+    /// The page whose header is being collected and its bytes so far, when a range ended
+    /// inside a header.
+    partial: Option<(Lsn, Vec<u8>)>,
+    /// Timeline of the last page checked.
+    last_tli: Option<TimelineId>,
+    /// The segment whose pages are zeros from some page on.
+    zeroed: Option<SegmentNo>,
+}
+
+impl StreamedPages {
+    /// A stream of timeline `tli` starting at `start`. Started inside a page header, that one
+    /// header is not checked: its first bytes were never seen here.
+    pub fn new(
+        cluster: ClusterWal,
+        tli: TimelineId,
+        start: Lsn,
+    ) -> Result<StreamedPages, WalError> {
+        check_block_size(cluster.block_size)?;
+        Ok(StreamedPages {
+            cluster,
+            tli,
+            next: start,
+            partial: None,
+            last_tli: None,
+            zeroed: None,
+        })
+    }
+
+    /// Where the next range must start: the end of everything checked.
+    pub fn next(&self) -> Lsn {
+        self.next
+    }
+
+    /// The timeline being streamed.
+    pub fn tli(&self) -> TimelineId {
+        self.tli
+    }
+
+    /// Checks `data`, streamed from `start`, and returns where it ends.
+    pub fn feed(&mut self, start: Lsn, data: &[u8]) -> Result<Lsn, WalError> {
+        if start != self.next {
+            return Err(WalError::StreamPosition {
+                found: start,
+                expected: self.next,
+            });
+        }
+        let len = data.len() as u64;
+        let end = start
+            .checked_add(len)
+            .ok_or(WalError::LsnOverflow { start, len })?;
+        let block = u64::from(self.cluster.block_size);
+        let mut pos = start.0;
+        while pos < end.0 {
+            let page = pos - pos % block;
+            let header_len = if Lsn(page).segment_offset(self.cluster.seg_size) == 0 {
+                SIZE_OF_XLOG_LONG_PHD
+            } else {
+                SIZE_OF_XLOG_SHORT_PHD
+            } as u64;
+            let header_end = page + header_len;
+            if pos >= header_end {
+                // In the page's data: on to the next page, if the address space has one.
+                match page.checked_add(block) {
+                    Some(next_page) => pos = next_page,
+                    None => break,
+                }
+                continue;
+            }
+            let upto = header_end.min(end.0);
+            let bytes = &data[(pos - start.0) as usize..(upto - start.0) as usize];
+            let collected = match self.partial.take() {
+                _ if pos == page => Some(bytes.to_vec()),
+                Some((at, mut head)) if at.0 == page && head.len() as u64 == pos - page => {
+                    head.extend_from_slice(bytes);
+                    Some(head)
+                }
+                _ => None,
+            };
+            if let Some(head) = collected {
+                if upto == header_end {
+                    self.check_header(Lsn(page), &head)?;
+                } else {
+                    self.partial = Some((Lsn(page), head));
+                }
+            }
+            pos = upto;
+        }
+        self.next = end;
+        Ok(end)
+    }
+
+    fn check_header(&mut self, page: Lsn, bytes: &[u8]) -> Result<(), WalError> {
+        let bad = |problem: String| WalError::BadPage { lsn: page, problem };
+        let segno = page.segment_number(self.cluster.seg_size);
+        let first = page.segment_offset(self.cluster.seg_size) == 0;
+        if !first && bytes.iter().all(|&b| b == 0) {
+            self.zeroed = Some(segno);
+            return Ok(());
+        }
+        if self.zeroed == Some(segno) {
+            return Err(bad(
+                "a page header after a page of zeros in the same segment \
+                 (PostgreSQL leaves the rest of a segment unwritten only after a WAL switch)"
+                    .into(),
+            ));
+        }
+        let header = short_page_header(bytes).map_err(|e| bad(e.to_string()))?;
+        let cluster = &self.cluster;
+        if header.major != cluster.major {
+            return Err(bad(format!(
+                "magic 0x{:04X} is PostgreSQL {}'s, but the server is PostgreSQL {}",
+                header.magic, header.major, cluster.major
+            )));
+        }
+        if header.pageaddr != page {
+            return Err(bad(format!(
+                "page address {} is not the page's position",
+                header.pageaddr
+            )));
+        }
+        if header.tli > self.tli {
+            return Err(bad(format!(
+                "timeline {} is newer than the streamed timeline {}",
+                header.tli.0, self.tli.0
+            )));
+        }
+        if let Some(last) = self.last_tli.filter(|&last| header.tli < last) {
+            return Err(bad(format!(
+                "timeline {} follows a page of timeline {}",
+                header.tli.0, last.0
+            )));
+        }
+        if first {
+            let long = LongPageHeader::parse(bytes).map_err(|e| bad(e.to_string()))?;
+            let mismatch = [
+                (
+                    "system identifier",
+                    long.system_identifier,
+                    cluster.system_identifier,
+                ),
+                (
+                    "segment size",
+                    u64::from(long.seg_size.bytes()),
+                    u64::from(cluster.seg_size.bytes()),
+                ),
+                (
+                    "block size",
+                    u64::from(long.block_size),
+                    u64::from(cluster.block_size),
+                ),
+            ]
+            .into_iter()
+            .find(|(_, found, expected)| found != expected);
+            if let Some((what, found, expected)) = mismatch {
+                return Err(bad(format!(
+                    "{what} {found} in the segment's first page is not the server's {expected}"
+                )));
+            }
+        }
+        self.last_tli = Some(header.tli);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -728,5 +926,230 @@ mod tests {
             validate_partial(&name, &h.bytes(), FULL),
             Err(WalError::TimelineFromFuture { .. })
         ));
+    }
+
+    const BLOCK: u64 = 8192;
+
+    fn cluster() -> ClusterWal {
+        ClusterWal {
+            major: PgMajor::V15,
+            system_identifier: SYSID,
+            seg_size: WalSegmentSize::new(u64::from(MIB)).unwrap(),
+            block_size: BLOCK as u32,
+        }
+    }
+
+    /// `pages` WAL pages from `start` (a page boundary) as PostgreSQL 15 writes them on
+    /// timeline 1 with 1 MiB segments: a long header on each segment's first page.
+    fn stream_bytes(start: u64, pages: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for n in 0..pages {
+            let at = start + n * BLOCK;
+            let mut h = Hdr::new(PgMajor::V15);
+            h.pageaddr = at;
+            h.seg_size = MIB;
+            let mut page = if at.is_multiple_of(u64::from(MIB)) {
+                h.bytes()
+            } else {
+                h.info = XLP_BKP_REMOVABLE;
+                h.bytes()[..SIZE_OF_XLOG_SHORT_PHD].to_vec()
+            };
+            page.resize(BLOCK as usize, (n % 251) as u8);
+            out.extend_from_slice(&page);
+        }
+        out
+    }
+
+    /// Feeds `bytes` from `start` in pieces of the given sizes (cycled), as messages.
+    fn feed_in(
+        pages: &mut StreamedPages,
+        start: u64,
+        bytes: &[u8],
+        sizes: &[usize],
+    ) -> Result<(), WalError> {
+        let mut at = 0;
+        for size in sizes.iter().cycle() {
+            if at == bytes.len() {
+                return Ok(());
+            }
+            let to = (at + size).min(bytes.len());
+            let end = pages.feed(Lsn(start + at as u64), &bytes[at..to])?;
+            assert_eq!(end, Lsn(start + to as u64));
+            at = to;
+        }
+        unreachable!()
+    }
+
+    const SEG_START: u64 = 0x30_0000;
+
+    #[test]
+    fn streamed_pages_pass_whatever_the_message_boundaries() {
+        let bytes = stream_bytes(SEG_START - 2 * BLOCK, 6);
+        for sizes in [
+            &[bytes.len()][..],
+            &[1],
+            &[7, 30, 8192],
+            &[8190, 5, 50],
+            &[16, 16, 8],
+        ] {
+            let mut pages =
+                StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START - 2 * BLOCK)).unwrap();
+            feed_in(&mut pages, SEG_START - 2 * BLOCK, &bytes, sizes).unwrap();
+            assert_eq!(pages.next(), Lsn(SEG_START + 4 * BLOCK));
+        }
+        // Resumed inside a header: that header's start was checked by whoever saw it.
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START + 10)).unwrap();
+        pages
+            .feed(Lsn(SEG_START + 10), &bytes[2 * BLOCK as usize + 10..])
+            .unwrap();
+    }
+
+    /// Which error a stream gets with one header field changed on the page at `page`.
+    fn corrupted(page: u64, change: impl Fn(&mut Hdr)) -> WalError {
+        let start = SEG_START - BLOCK;
+        let mut bytes = stream_bytes(start, 3);
+        let mut h = Hdr::new(PgMajor::V15);
+        h.pageaddr = page;
+        h.seg_size = MIB;
+        let long = page.is_multiple_of(u64::from(MIB));
+        if !long {
+            h.info = XLP_BKP_REMOVABLE;
+        }
+        change(&mut h);
+        let header = h.bytes();
+        let len = if long {
+            SIZE_OF_XLOG_LONG_PHD
+        } else {
+            SIZE_OF_XLOG_SHORT_PHD
+        };
+        let at = (page - start) as usize;
+        bytes[at..at + len].copy_from_slice(&header[..len]);
+        // Split inside the header: the check must not depend on the message boundaries.
+        let mut pages = StreamedPages::new(cluster(), TimelineId(2), Lsn(start)).unwrap();
+        let err = feed_in(&mut pages, start, &bytes, &[at + 13, 100_000]).unwrap_err();
+        match &err {
+            WalError::BadPage { lsn, .. } => assert_eq!(*lsn, Lsn(page), "{err}"),
+            other => panic!("{other}"),
+        }
+        err
+    }
+
+    #[test]
+    fn streamed_pages_refuse_headers_that_do_not_fit() {
+        let middle = SEG_START + BLOCK;
+        type Change = Box<dyn Fn(&mut Hdr)>;
+        let cases: Vec<(u64, Change, &str)> = vec![
+            (
+                middle,
+                Box::new(|h| h.pageaddr += BLOCK),
+                "page address 0/304000",
+            ),
+            (
+                SEG_START,
+                Box::new(|h| h.pageaddr = 0x20_0000),
+                "page address 0/200000",
+            ),
+            (
+                middle,
+                Box::new(|h| h.magic = PgMajor::V16.magic()),
+                "PostgreSQL 16's",
+            ),
+            (middle, Box::new(|h| h.magic = 0xBEEF), "0xBEEF"),
+            (middle, Box::new(|h| h.tli = 3), "timeline 3 is newer"),
+            (SEG_START, Box::new(|h| h.sysid += 1), "system identifier"),
+            (
+                SEG_START,
+                Box::new(|h| h.seg_size = 2 * MIB),
+                "segment size 2097152",
+            ),
+            (
+                SEG_START,
+                Box::new(|h| h.blcksz = 16384),
+                "block size 16384",
+            ),
+            (
+                SEG_START,
+                Box::new(|h| h.info = XLP_BKP_REMOVABLE),
+                "no long header",
+            ),
+        ];
+        for (page, change, expected) in cases {
+            let err = corrupted(page, change).to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+        }
+        // Timelines never go back within a stream: a page of timeline 2, then one of 1.
+        let mut bytes = stream_bytes(SEG_START, 2);
+        bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let mut pages = StreamedPages::new(cluster(), TimelineId(2), Lsn(SEG_START)).unwrap();
+        let err = pages.feed(Lsn(SEG_START), &bytes).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "WAL page at 0/302000: timeline 1 follows a page of timeline 2"
+        );
+    }
+
+    #[test]
+    fn zero_pages_end_a_segment() {
+        // A WAL switch in the first page: the rest of the segment is zeros, the next one WAL.
+        let mut bytes = stream_bytes(SEG_START, 1);
+        bytes.resize(MIB as usize, 0);
+        bytes.extend_from_slice(&stream_bytes(SEG_START + u64::from(MIB), 2));
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        feed_in(&mut pages, SEG_START, &bytes, &[8000, 70_000]).unwrap();
+        // A page after zeros in the same segment is not what PostgreSQL writes.
+        let mut bytes = stream_bytes(SEG_START, 3);
+        bytes[BLOCK as usize..2 * BLOCK as usize].fill(0);
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        let err = pages.feed(Lsn(SEG_START), &bytes).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("WAL page at 0/304000: a page header after a page of zeros"),
+            "{err}"
+        );
+        // A segment never starts with zeros.
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        let err = pages.feed(Lsn(SEG_START), &[0; 100]).unwrap_err();
+        assert!(err.to_string().contains("magic 0x0000"), "{err}");
+    }
+
+    #[test]
+    fn streamed_ranges_must_be_consecutive() {
+        let bytes = stream_bytes(SEG_START, 2);
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), Lsn(SEG_START)).unwrap();
+        pages.feed(Lsn(SEG_START), &bytes[..100]).unwrap();
+        let back = pages
+            .feed(Lsn(SEG_START + 50), &bytes[50..200])
+            .unwrap_err();
+        assert_eq!(
+            back.to_string(),
+            "WAL from 0/300032 does not continue the stream at 0/300064 (it goes backwards)"
+        );
+        let gap = pages
+            .feed(Lsn(SEG_START + 200), &bytes[200..300])
+            .unwrap_err();
+        assert!(gap.to_string().ends_with("(it leaves a gap)"), "{gap}");
+        assert_eq!(pages.next(), Lsn(SEG_START + 100));
+        // Nothing wraps around the end of the address space.
+        let top = Lsn(u64::MAX - 10);
+        let mut pages = StreamedPages::new(cluster(), TimelineId(1), top).unwrap();
+        assert_eq!(
+            pages.feed(top, &[0; 20]),
+            Err(WalError::LsnOverflow {
+                start: top,
+                len: 20
+            })
+        );
+        assert_eq!(
+            StreamedPages::new(
+                ClusterWal {
+                    block_size: 0,
+                    ..cluster()
+                },
+                TimelineId(1),
+                top
+            )
+            .unwrap_err(),
+            WalError::BadBlockSize(0)
+        );
     }
 }
