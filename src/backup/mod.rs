@@ -1,10 +1,10 @@
-//! Base backups: `backup-push` (full and page-level delta), `backup-fetch` and the pieces they
-//! share.
+//! Base backups: `backup-push` (full and page-level delta), `backup-fetch`, the catalog and the
+//! recoverable window.
 //!
-//! A backup is a set of pack objects under `backups/<name>/packs/` plus the manifest, written
-//! last (`manifest.rs`). `walk.rs` decides what is copied, `page.rs` which pages of a relation
-//! file a delta must keep, `push.rs` reads and stores, `fetch.rs` restores a chain. Used by the
-//! CLI, the catalog and verify.
+//! A backup is a set of pack objects plus the manifest, written last (`manifest.rs`). `walk.rs`
+//! decides what is copied, `page.rs` which pages a delta keeps, `push.rs` reads and stores,
+//! `fetch.rs` restores a chain, `catalog.rs` lists backups and `window.rs` says what they and the
+//! archived WAL can recover to. Used by `cmd/`, recover and verify.
 
 pub(crate) mod catalog;
 pub(crate) mod consistency;
@@ -14,6 +14,7 @@ pub(crate) mod page;
 pub(crate) mod progress;
 pub(crate) mod push;
 pub(crate) mod walk;
+pub(crate) mod window;
 
 use std::path::PathBuf;
 

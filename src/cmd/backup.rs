@@ -9,9 +9,9 @@ use std::time::Instant;
 use crate::backup::fetch::{self, FetchOptions};
 use crate::backup::manifest::Summary;
 use crate::backup::push::{self, Mode, PushOptions};
+use crate::backup::window::{self, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
-use crate::recover::plan::TimelineChoice;
 use crate::repo::Repository;
 use anyhow::Context;
 
@@ -205,9 +205,9 @@ pub(super) async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCo
             println!("    delta of {parent}");
         }
     }
-    match crate::recover::plan::window(repo, TimelineChoice::Latest).await {
+    match window::window(repo, TimelineChoice::Latest).await {
         Ok(window) => println!("recoverable window (latest timeline): {window}"),
-        Err(crate::recover::RecoverError::NoBackups) => {
+        Err(WindowError::NoBackups) => {
             println!("no backups: nothing is recoverable yet")
         }
         Err(e) => println!("recoverable window: unknown ({e})"),

@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backup::fetch;
+use crate::backup::window::TimelineChoice;
 use crate::config::{FlagValues, Settings};
 use crate::recover::check_target_dir;
-use crate::recover::plan::{self, Request, TimelineChoice};
+use crate::recover::plan::{self, Request};
 use crate::recover::settings::RecoverySettings;
 use crate::recover::start::{self, StartOptions};
-use crate::recover::target::{self, Target, UnixMicros};
+use crate::recover::target::{self, Target};
 use crate::repo::Repository;
+use crate::time::UnixMicros;
 use anyhow::Context;
 
 use super::backup;

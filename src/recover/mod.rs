@@ -1,10 +1,10 @@
 //! Point-in-time recovery: `walvault recover`.
 //!
 //! Plans first ([`plan`]: backup, WAL continuity across timelines, reachability of the target),
-//! refusing with the reason and the recoverable window before anything is written; then restores
-//! the backup with backup-fetch, writes the recovery configuration ([`settings`]), and optionally
-//! starts PostgreSQL and follows recovery to the target ([`start`]). Targets and their time
-//! formats are in [`target`]. Used by `cmd/recover.rs`.
+//! refusing with the reason and the [recoverable window](crate::backup::window) before anything
+//! is written; then, after backup-fetch, the recovery configuration ([`settings`]) and,
+//! optionally, starting PostgreSQL and following recovery to the target ([`start`]). Targets and
+//! their time formats are in [`target`]. Used by `cmd/recover.rs`.
 
 pub(crate) mod plan;
 pub(crate) mod settings;
@@ -13,6 +13,7 @@ pub(crate) mod target;
 
 use std::path::{Path, PathBuf};
 
+use crate::backup::window::WindowError;
 use crate::backup::BackupError;
 use crate::pg::PgError;
 use crate::repo::RepoError;
@@ -21,8 +22,6 @@ use crate::repo::RepoError;
 pub(crate) enum RecoverError {
     #[error("refusing to recover: {reason}; recoverable window: {window}")]
     Refused { reason: String, window: String },
-    #[error("the repository has no backups: nothing to recover from (take one with backup-push)")]
-    NoBackups,
     #[error(
         "{0} is not empty: recover restores only into an empty or absent directory, and \
          nothing was written to it"
@@ -30,6 +29,8 @@ pub(crate) enum RecoverError {
     NotEmpty(PathBuf),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Window(#[from] WindowError),
     #[error(transparent)]
     Backup(#[from] BackupError),
     #[error(transparent)]

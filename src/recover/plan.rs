@@ -1,51 +1,22 @@
-//! Recovery planning: which backup, which WAL, and whether the target can be reached at all,
-//! decided from the repository alone before anything is written to the target directory.
+//! Recovery planning: which backup and which WAL a recovery request needs, and whether its target
+//! can be reached at all, decided from the repository alone before anything is written.
 //!
-//! Understands the catalog (backups with their start/stop LSNs and times and timelines), the
-//! archived WAL names, timeline history files and the per-segment [summaries](crate::wal::summary)
-//! of transaction ends and restore points. A plan picks the newest backup that ends before the
-//! target, checks that every segment from the backup's start to the segment where recovery will
-//! stop is archived on the timeline the target timeline's history says owns it, and refuses a
-//! target that no archived transaction end (or restore point) can satisfy, which is the case
-//! where PostgreSQL would otherwise replay everything and stop with "recovery ended before
-//! configured recovery target was reached". Used by `walvault recover`.
+//! Picks the newest backup that ends before the target, checks that every segment to the stop is
+//! archived along the [recoverable window](crate::backup::window)'s history, and refuses a target
+//! no archived transaction end or restore point can satisfy. Used by `cmd/recover.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 
-use walvault_wal::{
-    Lsn, SegmentName, SegmentNo, TimelineHistory, TimelineId, WalFileName, WalSegmentSize,
-};
+use walvault_wal::{Lsn, SegmentName, SegmentNo, TimelineId};
 
-use super::target::{Target, UnixMicros};
+use super::target::Target;
 use super::RecoverError;
 use crate::backup::manifest::Summary;
-use crate::repo::layout::{self, Listing, ObjectKey};
+use crate::backup::window::{Missing, Recoverable, TimelineChoice, Walk, Window};
 use crate::repo::Repository;
-use crate::wal::summary::{self, SegmentSummary};
-
-/// Which timeline to recover along (`recovery_target_timeline`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TimelineChoice {
-    /// The newest timeline with a history file in the archive.
-    Latest,
-    Id(TimelineId),
-}
-
-impl TimelineChoice {
-    pub(crate) fn parse(text: &str) -> Result<TimelineChoice, String> {
-        if text == "latest" {
-            return Ok(TimelineChoice::Latest);
-        }
-        match text.parse::<u32>() {
-            Ok(n) if n > 0 => Ok(TimelineChoice::Id(TimelineId(n))),
-            _ => Err(format!(
-                "{text:?} is not a timeline: expected latest or a number from 1"
-            )),
-        }
-    }
-}
+use crate::time::UnixMicros;
+use crate::wal::summary;
 
 /// What the user asked for.
 #[derive(Clone, Debug)]
@@ -57,34 +28,6 @@ pub(crate) struct Request {
     pub(crate) timeline: TimelineChoice,
     /// A backup name (or LATEST) to restore instead of the planner's choice.
     pub(crate) backup: Option<String>,
-}
-
-/// What can be recovered: from the end of the oldest backup to the last transaction end in the
-/// archive. Printed with every refusal.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Window {
-    pub(crate) oldest_backup_end: Option<(String, Lsn)>,
-    pub(crate) last_xact_end: Option<summary::Mark>,
-    pub(crate) newest_segment: Option<SegmentName>,
-}
-
-impl fmt::Display for Window {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.oldest_backup_end {
-            None => return f.write_str("nothing is recoverable: the repository has no backups"),
-            Some((time, lsn)) => write!(f, "from {time} (LSN {lsn}, end of the oldest backup)")?,
-        }
-        match (&self.last_xact_end, &self.newest_segment) {
-            (Some(mark), _) => write!(
-                f,
-                " to {} (LSN {}, the last archived transaction end)",
-                UnixMicros(mark.time_us),
-                mark.lsn
-            ),
-            (None, Some(seg)) => write!(f, " to the end of segment {seg} (no commit times known)"),
-            (None, None) => f.write_str(" to the backup's end (no WAL is archived)"),
-        }
-    }
 }
 
 /// How recovery will go.
@@ -169,154 +112,61 @@ impl fmt::Display for Plan {
     }
 }
 
-/// The archived WAL, by kind.
-struct Archive {
-    /// Archived segments and their stored sizes.
-    segments: BTreeMap<SegmentName, u64>,
-    histories: BTreeSet<TimelineId>,
-    seg_size: WalSegmentSize,
-}
-
-impl Archive {
-    async fn load(repo: &Repository, seg_size: WalSegmentSize) -> Result<Archive, RecoverError> {
-        let mut archive = Archive {
-            segments: BTreeMap::new(),
-            histories: BTreeSet::new(),
-            seg_size,
-        };
-        for object in repo.list(Listing::Wal).await? {
-            let Some(ObjectKey::Wal(name)) = ObjectKey::parse(&object.key) else {
-                continue;
-            };
-            match name {
-                WalFileName::Segment(seg) => {
-                    archive.segments.insert(seg, object.size);
-                }
-                WalFileName::History(tli) => {
-                    archive.histories.insert(tli);
-                }
-                _ => {}
-            }
-        }
-        Ok(archive)
-    }
-
-    fn segno(&self, seg: &SegmentName) -> Option<SegmentNo> {
-        seg.segno(self.seg_size).ok()
-    }
-
-    /// The name segment `segno` has on the path of `history`: the timeline that owns the
-    /// segment's last byte, since that timeline's copy also holds the part before a switch.
-    fn name_on(&self, history: &TimelineHistory, segno: SegmentNo) -> Option<SegmentName> {
-        let end = SegmentNo(segno.0 + 1).start_lsn(self.seg_size).ok()?;
-        let tli = history.timeline_at(Lsn(end.0.saturating_sub(1)));
-        SegmentName::new(tli, segno, self.seg_size).ok()
-    }
-
-    /// The highest segment number archived on any timeline of `history`.
-    fn newest_on(&self, history: &TimelineHistory) -> Option<SegmentName> {
-        self.segments
-            .keys()
-            .filter(|s| history.contains(s.tli))
-            .filter_map(|s| self.segno(s).and_then(|n| self.name_on(history, n)))
-            .filter(|s| self.segments.contains_key(s))
-            .max_by_key(|s| self.segno(s))
-    }
-}
-
-/// What the repository holds along one timeline's history.
-struct Loaded {
-    backups: Vec<Summary>,
-    archive: Archive,
-    history: TimelineHistory,
-    window: Window,
-}
-
-impl Loaded {
-    async fn load(repo: &Repository, timeline: TimelineChoice) -> Result<Loaded, RecoverError> {
-        let backups = crate::backup::catalog::list(repo).await?;
-        let Some(newest) = backups.last() else {
-            return Err(RecoverError::NoBackups);
-        };
-        let seg_size = WalSegmentSize::new(u64::from(newest.wal_segment_size))
-            .map_err(|e| RecoverError::Invalid(format!("backup {}: {e}", newest.name)))?;
-        let archive = Archive::load(repo, seg_size).await?;
-        let history = target_history(repo, &archive, timeline, newest).await?;
-        let newest_segment = archive.newest_on(&history);
-        let window = Window {
-            oldest_backup_end: backups
-                .iter()
-                .find(|b| usable_on(b, &history))
-                .map(|b| (b.stop_time.clone(), b.stop_lsn)),
-            last_xact_end: last_xact_end(repo, &archive, &history, newest_segment).await,
-            newest_segment,
-        };
-        Ok(Loaded {
-            backups,
-            archive,
-            history,
-            window,
-        })
-    }
-}
-
-/// Whether recovery along `history` can start from `backup`: taken on a timeline of it, before
-/// that timeline ended.
-fn usable_on(backup: &Summary, history: &TimelineHistory) -> bool {
-    history.timeline_at(backup.start_lsn) == TimelineId(backup.timeline)
-}
-
-/// What can be recovered along `timeline`: the window every refusal prints, for `backup-list`.
-pub(crate) async fn window(
-    repo: &Repository,
-    timeline: TimelineChoice,
-) -> Result<Window, RecoverError> {
-    Ok(Loaded::load(repo, timeline).await?.window)
-}
-
 /// Plans a recovery, or says why it cannot work.
 pub(crate) async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Plan, RecoverError> {
-    let Loaded {
-        backups,
-        archive,
-        history,
-        window,
-    } = Loaded::load(repo, request.timeline).await?;
-    let seg_size = archive.seg_size;
-    let usable: Vec<&Summary> = backups.iter().filter(|b| usable_on(b, &history)).collect();
-    let newest_segment = window.newest_segment;
+    let recoverable = Recoverable::load(repo, request.timeline).await?;
+    let backup = choose_backup(repo, &recoverable, request).await?;
+    let search = Search {
+        recoverable: &recoverable,
+        walk: recoverable.walk(repo),
+    };
+    let first = backup
+        .start_lsn
+        .segment_number(recoverable.archive.seg_size());
+    let (last, stop, caveat) = search.stop(first, backup, request).await?;
+    let segments = search.require(first, last.max(first), &request.target)?;
+    let wal_stored = segments
+        .iter()
+        .filter_map(|s| recoverable.archive.stored_size(s))
+        .sum();
+    let chain = chain_of(&recoverable.backups, backup);
+    let backup = backup.clone();
+    Ok(Plan {
+        chain,
+        wal_stored,
+        backup,
+        target: request.target.clone(),
+        inclusive: request.inclusive,
+        timeline: recoverable.history.timeline,
+        segments,
+        stop,
+        caveat,
+        window: recoverable.window,
+    })
+}
 
-    let refuse = |reason: String, window: &Window| RecoverError::Refused {
+fn refused(reason: String, window: &Window) -> RecoverError {
+    RecoverError::Refused {
         reason,
         window: window.to_string(),
-    };
-    let candidates: Vec<&Summary> = match &request.backup {
-        Some(wanted) => {
-            let name = crate::backup::catalog::resolve_name(repo, wanted).await?;
-            let found = backups.iter().find(|b| b.name == name).ok_or_else(|| {
-                RecoverError::Backup(crate::backup::BackupError::NotFound(name.to_string()))
-            })?;
-            if !usable.iter().any(|b| b.name == found.name) {
-                return Err(refuse(
-                    format!(
-                        "backup {} is on timeline {}, which is not on the history of timeline {}",
-                        found.name, found.timeline, history.timeline.0
-                    ),
-                    &window,
-                ));
-            }
-            vec![found]
-        }
-        None => usable.clone(),
-    };
-    // Newest first: the least WAL to replay.
-    let backup = candidates
+    }
+}
+
+/// The backup to restore: of those the request allows, the newest that ends before the target
+/// (the least WAL to replay).
+async fn choose_backup<'a>(
+    repo: &Repository,
+    recoverable: &'a Recoverable,
+    request: &Request,
+) -> Result<&'a Summary, RecoverError> {
+    let candidates = candidates(repo, recoverable, request).await?;
+    candidates
         .iter()
         .rev()
         .find(|b| ends_before(b, &request.target, request.inclusive))
         .copied()
         .ok_or_else(|| {
-            refuse(
+            refused(
                 format!(
                     "{} is before the end of {}",
                     request.target,
@@ -325,65 +175,36 @@ pub(crate) async fn plan(repo: &Arc<Repository>, request: &Request) -> Result<Pl
                         None => "the oldest backup",
                     }
                 ),
-                &window,
+                &recoverable.window,
             )
-        })?;
+        })
+}
 
-    let first = backup.start_lsn.segment_number(seg_size);
-    let walk = Walk {
-        repo,
-        archive: &archive,
-        history: &history,
-        window: &window,
+/// The backup named with `--backup`, which must be usable along the history, or else every
+/// usable backup, oldest first.
+async fn candidates<'a>(
+    repo: &Repository,
+    recoverable: &'a Recoverable,
+    request: &Request,
+) -> Result<Vec<&'a Summary>, RecoverError> {
+    let backups = &recoverable.backups;
+    let Some(wanted) = &request.backup else {
+        return Ok(backups.iter().filter(|b| recoverable.usable(b)).collect());
     };
-    let (last, stop, caveat) = match &request.target {
-        Target::Time(t) => walk.find_time(first, *t, request.inclusive).await?,
-        Target::Name(name) => {
-            walk.find_restore_point(first, name, backup.stop_lsn)
-                .await?
-        }
-        Target::Lsn(lsn) => {
-            if !ends_before(backup, &request.target, request.inclusive) {
-                return Err(refuse(
-                    format!(
-                        "{} is before the end of backup {}",
-                        request.target, backup.name
-                    ),
-                    &window,
-                ));
-            }
-            (lsn.segment_number(seg_size), None, None)
-        }
-        Target::Immediate => (backup.stop_lsn.end_segment_number(seg_size), None, None),
-        Target::Xid(_) | Target::EndOfArchive => {
-            let last = newest_segment
-                .and_then(|s| archive.segno(&s))
-                .unwrap_or_else(|| backup.stop_lsn.end_segment_number(seg_size));
-            let caveat = matches!(request.target, Target::Xid(_)).then(|| {
-                "whether the transaction ended in the archived WAL is only known when recovery \
-                 reaches it"
-                    .to_string()
-            });
-            (last, None, caveat)
-        }
-    };
-    let segments = walk.require(first, last.max(first), &request.target)?;
-    let wal_stored = segments
-        .iter()
-        .filter_map(|s| archive.segments.get(s))
-        .sum();
-    Ok(Plan {
-        chain: chain_of(&backups, backup),
-        wal_stored,
-        backup: backup.clone(),
-        target: request.target.clone(),
-        inclusive: request.inclusive,
-        timeline: history.timeline,
-        segments,
-        stop,
-        caveat,
-        window,
-    })
+    let name = crate::backup::catalog::resolve_name(repo, wanted).await?;
+    let found = backups.iter().find(|b| b.name == name).ok_or_else(|| {
+        RecoverError::Backup(crate::backup::BackupError::NotFound(name.to_string()))
+    })?;
+    if !recoverable.usable(found) {
+        return Err(refused(
+            format!(
+                "backup {} is on timeline {}, which is not on the history of timeline {}",
+                found.name, found.timeline, recoverable.history.timeline.0
+            ),
+            &recoverable.window,
+        ));
+    }
+    Ok(vec![found])
 }
 
 /// `backup` and the backups it is a delta of, the full one first.
@@ -416,114 +237,72 @@ fn ends_before(backup: &Summary, target: &Target, inclusive: bool) -> bool {
     }
 }
 
-async fn target_history(
-    repo: &Repository,
-    archive: &Archive,
-    choice: TimelineChoice,
-    newest_backup: &Summary,
-) -> Result<TimelineHistory, RecoverError> {
-    let tli = match choice {
-        TimelineChoice::Id(tli) => tli,
-        TimelineChoice::Latest => archive
-            .histories
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(TimelineId(1))
-            .max(TimelineId(newest_backup.timeline)),
-    };
-    if tli == TimelineId(1) {
-        return Ok(TimelineHistory {
-            timeline: tli,
-            entries: Vec::new(),
-        });
-    }
-    let key = layout::wal(&WalFileName::History(tli));
-    let Some(bytes) = repo.get_bytes(&key).await? else {
-        if archive.segments.keys().any(|s| s.tli == tli) {
-            // A timeline without a history file has no ancestors (initdb's timeline, or a
-            // cluster whose history was never archived): follow it alone.
-            return Ok(TimelineHistory {
-                timeline: tli,
-                entries: Vec::new(),
-            });
-        }
-        return Err(RecoverError::Invalid(format!(
-            "timeline {} has neither a history file nor WAL in the archive",
-            tli.0
-        )));
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    TimelineHistory::parse(tli, &text).map_err(|e| RecoverError::Invalid(e.to_string()))
+/// Where recovery stops, searched for along the archived segments of one history.
+struct Search<'a> {
+    recoverable: &'a Recoverable,
+    walk: Walk<'a>,
 }
 
-/// The latest-timed transaction end in the archive, looking back from the newest segment through at
-/// most a bounded number of summaries (a quiet cluster writes segments without commits).
-async fn last_xact_end(
-    repo: &Repository,
-    archive: &Archive,
-    history: &TimelineHistory,
-    newest: Option<SegmentName>,
-) -> Option<summary::Mark> {
-    const LOOK_BACK: u64 = 64;
-    let newest = archive.segno(&newest?)?;
-    for back in 0..LOOK_BACK.min(newest.0 + 1) {
-        let name = archive.name_on(history, SegmentNo(newest.0 - back))?;
-        if let Some(mark) = summary::load(repo, &name).await.and_then(|s| s.latest()) {
-            return Some(mark);
-        }
-    }
-    None
-}
-
-/// Walks the archived segments of one history from a backup's start.
-struct Walk<'a> {
-    repo: &'a Arc<Repository>,
-    archive: &'a Archive,
-    history: &'a TimelineHistory,
-    window: &'a Window,
-}
-
+/// The last segment replay needs, the record recovery stops at (when the summaries tell) and why
+/// that record is not known exactly (if it is not).
 type Found = (SegmentNo, Option<summary::Mark>, Option<String>);
 
-/// A segment recovery would need that is not archived.
-enum Missing {
-    /// Later segments exist: replay would stop early. The refusal to report.
-    Gap(RecoverError),
-    /// The archive simply ends here; why, for messages.
-    End(String),
-}
-
-impl Walk<'_> {
+impl Search<'_> {
     fn refuse(&self, reason: String) -> RecoverError {
-        RecoverError::Refused {
-            reason,
-            window: self.window.to_string(),
+        refused(reason, &self.recoverable.window)
+    }
+
+    /// Where recovery to the request's target from `backup` (starting at segment `first`) stops.
+    async fn stop(
+        &self,
+        first: SegmentNo,
+        backup: &Summary,
+        request: &Request,
+    ) -> Result<Found, RecoverError> {
+        let seg_size = self.recoverable.archive.seg_size();
+        match &request.target {
+            Target::Time(t) => self.find_time(first, *t, request.inclusive).await,
+            Target::Name(name) => self.find_restore_point(first, name, backup.stop_lsn).await,
+            Target::Lsn(lsn) => {
+                if !ends_before(backup, &request.target, request.inclusive) {
+                    return Err(self.refuse(format!(
+                        "{} is before the end of backup {}",
+                        request.target, backup.name
+                    )));
+                }
+                Ok((lsn.segment_number(seg_size), None, None))
+            }
+            Target::Immediate => Ok((backup.stop_lsn.end_segment_number(seg_size), None, None)),
+            Target::Xid(_) | Target::EndOfArchive => {
+                let last = self
+                    .recoverable
+                    .window
+                    .newest_segment
+                    .and_then(|s| self.recoverable.archive.segno(&s))
+                    .unwrap_or_else(|| backup.stop_lsn.end_segment_number(seg_size));
+                let caveat = matches!(request.target, Target::Xid(_)).then(|| {
+                    "whether the transaction ended in the archived WAL is only known when \
+                     recovery reaches it"
+                        .to_string()
+                });
+                Ok((last, None, caveat))
+            }
         }
     }
 
-    /// The archived name of `segno`, or why recovery cannot get past it.
-    fn segment(&self, segno: SegmentNo, target: &Target) -> Result<SegmentName, Missing> {
-        let name = self.archive.name_on(self.history, segno).ok_or_else(|| {
-            Missing::Gap(RecoverError::Invalid(format!(
+    /// Why recovery to `target` cannot get past a segment that is not archived: the refusal when
+    /// later segments exist (replay would stop early), else the reason the archive ends, for
+    /// messages.
+    fn archive_end(&self, missing: Missing, target: &Target) -> Result<String, RecoverError> {
+        match missing {
+            Missing::OutOfRange(segno) => Err(RecoverError::Invalid(format!(
                 "segment number {segno} is out of range"
-            )))
-        })?;
-        if self.archive.segments.contains_key(&name) {
-            return Ok(name);
-        }
-        let later = self
-            .archive
-            .newest_on(self.history)
-            .and_then(|s| self.archive.segno(&s))
-            .is_some_and(|newest| newest > segno);
-        if later {
-            Err(Missing::Gap(self.refuse(format!(
+            ))),
+            Missing::Gap(name) => Err(self.refuse(format!(
                 "WAL segment {name} is missing from the archive (later segments exist): recovery \
                  to {target} would stop there"
-            ))))
-        } else {
-            Err(Missing::End(format!("segment {name} is not archived")))
+            ))),
+            Missing::End(name) => Ok(format!("segment {name} is not archived")),
         }
     }
 
@@ -536,24 +315,14 @@ impl Walk<'_> {
     ) -> Result<Vec<SegmentName>, RecoverError> {
         (first.0..=last.0)
             .map(|n| {
-                self.segment(SegmentNo(n), target)
-                    .map_err(|missing| match missing {
-                        Missing::Gap(e) => e,
-                        Missing::End(end) => self.refuse(format!(
-                            "{target} is after the end of the archived WAL ({end})"
-                        )),
-                    })
+                self.walk.segment(SegmentNo(n)).or_else(|missing| {
+                    let end = self.archive_end(missing, target)?;
+                    Err(self.refuse(format!(
+                        "{target} is after the end of the archived WAL ({end})"
+                    )))
+                })
             })
             .collect()
-    }
-
-    fn summaries(&self, first: SegmentNo) -> SummaryStream<'_> {
-        SummaryStream {
-            walk: self,
-            next: first,
-            loads: VecDeque::new(),
-            spawned_to: first,
-        }
     }
 
     /// The segment holding the transaction end PostgreSQL stops before: the first one after
@@ -566,29 +335,28 @@ impl Walk<'_> {
     ) -> Result<Found, RecoverError> {
         let stops = |m: &summary::Mark| m.time_us > time.0 || (!inclusive && m.time_us == time.0);
         let target = Target::Time(time);
-        let mut stream = self.summaries(first);
+        let mut stream = self.walk.summaries(first);
         let mut unknown = Vec::new();
         loop {
-            let (segno, summary) = match stream.next(&target).await {
+            let (segno, summary) = match stream.next().await {
                 Ok(next) => next,
-                Err(Missing::Gap(gap)) => return Err(gap),
-                Err(Missing::End(end)) if unknown.is_empty() => {
-                    return Err(self.refuse(format!(
-                        "{target} is after the last archived transaction end, so recovery could \
-                         never stop there ({end})"
-                    )))
-                }
-                Err(_) => {
+                Err(missing) => {
+                    let end = self.archive_end(missing, &target)?;
+                    if unknown.is_empty() {
+                        return Err(self.refuse(format!(
+                            "{target} is after the last archived transaction end, so recovery \
+                             could never stop there ({end})"
+                        )));
+                    }
                     // Without every summary the planner cannot rule the target out; recovery
                     // will tell. Plan to the end of the archive.
-                    let last = SegmentNo(stream.next.0.saturating_sub(1));
                     let caveat = format!(
                         "no summary for {} segment(s) (archived before walvault recorded \
                          summaries?): whether a transaction ends after the target is only known \
                          when recovery reaches it",
                         unknown.len()
                     );
-                    return Ok((last, None, Some(caveat)));
+                    return Ok((stream.last_read(), None, Some(caveat)));
                 }
             };
             match summary {
@@ -613,26 +381,25 @@ impl Walk<'_> {
         backup_stop: Lsn,
     ) -> Result<Found, RecoverError> {
         let target = Target::Name(name.to_string());
-        let mut stream = self.summaries(first);
+        let mut stream = self.walk.summaries(first);
         let mut unknown = 0usize;
         loop {
-            let (segno, summary) = match stream.next(&target).await {
+            let (segno, summary) = match stream.next().await {
                 Ok(next) => next,
-                Err(Missing::Gap(gap)) => return Err(gap),
-                Err(Missing::End(end)) if unknown == 0 => {
-                    return Err(self.refuse(format!(
-                        "no restore point named {name:?} after the end of the chosen backup in \
-                         the archived WAL ({end}); if it is older, name an older backup with \
-                         --backup"
-                    )))
-                }
-                Err(_) => {
-                    let last = SegmentNo(stream.next.0.saturating_sub(1));
+                Err(missing) => {
+                    let end = self.archive_end(missing, &target)?;
+                    if unknown == 0 {
+                        return Err(self.refuse(format!(
+                            "no restore point named {name:?} after the end of the chosen backup \
+                             in the archived WAL ({end}); if it is older, name an older backup \
+                             with --backup"
+                        )));
+                    }
                     let caveat = format!(
                         "no summary for {unknown} segment(s): the restore point is only found \
                          when recovery reaches it"
                     );
-                    return Ok((last, None, Some(caveat)));
+                    return Ok((stream.last_read(), None, Some(caveat)));
                 }
             };
             let Some(summary) = summary else {
@@ -646,61 +413,6 @@ impl Walk<'_> {
             {
                 return Ok((segno, Some(rp.at), None));
             }
-        }
-    }
-}
-
-/// Summaries of consecutive archived segments; ends (with the reason) at the first segment that
-/// is not archived. Reads up to [`READ_AHEAD`] summaries concurrently, since a long archive on
-/// S3 would otherwise cost one round trip per segment in a row.
-struct SummaryStream<'a> {
-    walk: &'a Walk<'a>,
-    next: SegmentNo,
-    /// Summaries being read, in segment order, starting at `next`.
-    loads: VecDeque<(SegmentNo, tokio::task::JoinHandle<Option<SegmentSummary>>)>,
-    /// The first segment not yet being read.
-    spawned_to: SegmentNo,
-}
-
-const READ_AHEAD: u64 = 16;
-
-impl SummaryStream<'_> {
-    async fn next(
-        &mut self,
-        target: &Target,
-    ) -> Result<(SegmentNo, Option<SegmentSummary>), Missing> {
-        let segno = self.next;
-        let name = self.walk.segment(segno, target)?;
-        self.next = SegmentNo(segno.0 + 1);
-        while self.spawned_to.0 < segno.0 + READ_AHEAD {
-            let ahead = self.spawned_to;
-            let Some(ahead_name) = self
-                .walk
-                .archive
-                .name_on(self.walk.history, ahead)
-                .filter(|n| self.walk.archive.segments.contains_key(n))
-            else {
-                break;
-            };
-            let repo = Arc::clone(self.walk.repo);
-            let load = tokio::spawn(async move { summary::load(&repo, &ahead_name).await });
-            self.loads.push_back((ahead, load));
-            self.spawned_to = SegmentNo(ahead.0 + 1);
-        }
-        // `segno` is archived, so the loop above queued it (or an earlier call did) at the front.
-        let summary = match self.loads.pop_front() {
-            Some((queued, load)) if queued == segno => load.await.ok().flatten(),
-            _ => summary::load(self.walk.repo, &name).await,
-        };
-        Ok((segno, summary))
-    }
-}
-
-impl Drop for SummaryStream<'_> {
-    /// Reads past the segment the planner stopped at are not needed.
-    fn drop(&mut self) {
-        for (_, load) in &self.loads {
-            load.abort();
         }
     }
 }

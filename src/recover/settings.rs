@@ -11,9 +11,9 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 
-use super::plan::TimelineChoice;
 use super::target::Target;
 use super::RecoverError;
+use crate::backup::window::TimelineChoice;
 
 /// `recovery_target_action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -138,7 +138,7 @@ fn shell_quote(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recover::target::UnixMicros;
+    use crate::time::UnixMicros;
 
     fn settings(target: Target) -> RecoverySettings {
         RecoverySettings {

@@ -1,13 +1,10 @@
 //! `recover --start`: starts PostgreSQL on the restored directory, follows recovery to its end
 //! and reports the point it reached.
 //!
-//! Understands `pg_ctl start`, the recovery functions (`pg_is_in_recovery()`,
-//! `pg_last_wal_replay_lsn()`, `pg_last_xact_replay_timestamp()`, `pg_is_wal_replay_paused()`)
-//! and the log lines that say how recovery ended, in particular PostgreSQL's FATAL "recovery
-//! ended before configured recovery target was reached", which walvault turns into a failure
-//! instead of letting the server look healthy. The server's log goes to
-//! `<pgdata>/walvault-recover.log` (logging_collector off, so nothing else captures it). Used by
-//! `recover`.
+//! Understands `pg_ctl start`, the recovery functions (`pg_is_in_recovery()` and friends) and the
+//! log lines that say how recovery ended, in particular the FATAL "recovery ended before configured
+//! recovery target was reached", which becomes a failure instead of a healthy-looking server. The
+//! server logs to `<pgdata>/walvault-recover.log`. Used by `cmd/recover.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -53,8 +50,14 @@ pub(crate) async fn start(
     action: TargetAction,
 ) -> Result<Reached, RecoverError> {
     let started = Instant::now();
-    let pg_ctl = find_pg_ctl(opts)?;
     let log = pgdata.join(LOG_FILE);
+    pg_ctl_start(pgdata, opts, &log).await?;
+    follow(pgdata, opts, &log, action, started).await
+}
+
+/// Runs `pg_ctl start`, which returns as soon as the postmaster is forked.
+async fn pg_ctl_start(pgdata: &Path, opts: &StartOptions, log: &Path) -> Result<(), RecoverError> {
+    let pg_ctl = find_pg_ctl(opts)?;
     let mut server_options = vec![
         "-p".to_string(),
         opts.port.to_string(),
@@ -71,12 +74,12 @@ pub(crate) async fn start(
         .arg("-D")
         .arg(pgdata)
         .arg("-l")
-        .arg(&log)
+        .arg(log)
         .arg("-o")
         .arg(server_options.join(" "))
         .arg("-W")
         .stdin(Stdio::null());
-    // pg_ctl returns as soon as the postmaster is forked (its output goes to the log file).
+    // pg_ctl's output goes to the log file.
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
         .map_err(|e| RecoverError::Start(format!("pg_ctl task failed: {e}")))?
@@ -92,9 +95,21 @@ pub(crate) async fn start(
             output.status,
             String::from_utf8_lossy(&output.stderr).trim(),
             log.display(),
-            log_tail(&log)
+            log_tail(log)
         )));
     }
+    Ok(())
+}
+
+/// Follows the started server, through its log and its recovery functions, until recovery
+/// ends as `action` says it should, or fails.
+async fn follow(
+    pgdata: &Path,
+    opts: &StartOptions,
+    log: &Path,
+    action: TargetAction,
+    started: Instant,
+) -> Result<Reached, RecoverError> {
     let conninfo = format!(
         "host={} port={} dbname=postgres",
         opts.socket_dir.display(),
@@ -108,81 +123,93 @@ pub(crate) async fn start(
         tokio::time::sleep(POLL).await;
         let running = pid_file.exists();
         seen_running |= running;
-        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        let log_text = std::fs::read_to_string(log).unwrap_or_default();
         if log_text.contains(ENDED_EARLY) {
             return Err(RecoverError::EndedEarly {
-                log: log.clone(),
-                tail: log_tail(&log),
+                log: log.to_path_buf(),
+                tail: log_tail(log),
             });
         }
         if !running && (seen_running || started.elapsed() > Duration::from_secs(30)) {
-            if action == TargetAction::Shutdown && log_text.contains("shutdown at recovery target")
-            {
-                return Ok(Reached {
-                    replay_lsn: last_match(&log_text, "redo done at "),
-                    last_commit: last_match(
-                        &log_text,
-                        "last completed transaction was at log time ",
-                    ),
-                    timeline: None,
-                    state: "shut down at the target",
-                    elapsed: started.elapsed(),
-                });
-            }
-            // Usually PostgreSQL's FATAL after restore_command failed (exit above 125) for a
-            // reason other than "not found": name that reason first.
-            let cause = last_match(&log_text, "walvault wal-fetch ERROR: ")
-                .or_else(|| last_match(&log_text, "FATAL:  "))
-                .map(|c| format!(": {c}"))
-                .unwrap_or_default();
-            return Err(RecoverError::Start(format!(
-                "the server stopped during recovery{cause}; it did not reach the target and did \
-                 not promote; server log {}:\n{}",
-                log.display(),
-                log_tail(&log)
-            )));
+            return stopped(&log_text, log, action, started);
         }
-        let Ok(client) = target.connect().await else {
-            continue; // not accepting connections yet (before consistency)
-        };
-        let Ok(row) = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), \
-                 pg_last_wal_replay_lsn()::text, \
-                 to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', \
-                         'YYYY-MM-DD HH24:MI:SS.US') || '+00', \
-                 CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
-                 CASE WHEN pg_is_in_recovery() THEN NULL \
-                      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
-                &[],
-            )
-            .await
-        else {
-            continue;
-        };
-        let in_recovery: bool = row.get(0);
-        let paused: bool = row.get(3);
-        let done = match action {
-            TargetAction::Promote => !in_recovery,
-            TargetAction::Pause => paused || !in_recovery,
-            TargetAction::Shutdown => false,
-        };
-        if done {
-            return Ok(Reached {
-                replay_lsn: row.get(1),
-                last_commit: row.get(2),
-                timeline: row
-                    .get::<_, Option<i32>>(4)
-                    .and_then(|t| u32::try_from(t).ok()),
-                state: if in_recovery {
-                    "paused at the target (resume with SELECT pg_wal_replay_resume())"
-                } else {
-                    "promoted"
-                },
-                elapsed: started.elapsed(),
-            });
+        if let Some(reached) = recovery_state(&target, action, started).await {
+            return Ok(reached);
         }
     }
+}
+
+/// What a server that stopped means: the target reached with `shutdown`, else a failure.
+fn stopped(
+    log_text: &str,
+    log: &Path,
+    action: TargetAction,
+    started: Instant,
+) -> Result<Reached, RecoverError> {
+    if action == TargetAction::Shutdown && log_text.contains("shutdown at recovery target") {
+        return Ok(Reached {
+            replay_lsn: last_match(log_text, "redo done at "),
+            last_commit: last_match(log_text, "last completed transaction was at log time "),
+            timeline: None,
+            state: "shut down at the target",
+            elapsed: started.elapsed(),
+        });
+    }
+    // Usually PostgreSQL's FATAL after restore_command failed (exit above 125) for a reason
+    // other than "not found": name that reason first.
+    let cause = last_match(log_text, "walvault wal-fetch ERROR: ")
+        .or_else(|| last_match(log_text, "FATAL:  "))
+        .map(|c| format!(": {c}"))
+        .unwrap_or_default();
+    Err(RecoverError::Start(format!(
+        "the server stopped during recovery{cause}; it did not reach the target and did not \
+         promote; server log {}:\n{}",
+        log.display(),
+        log_tail(log)
+    )))
+}
+
+/// Where recovery is, asked of the server: `Some` once it has ended as `action` says it should,
+/// `None` while it goes on or the server does not answer yet (before consistency).
+async fn recovery_state(
+    target: &ConnTarget,
+    action: TargetAction,
+    started: Instant,
+) -> Option<Reached> {
+    let client = target.connect().await.ok()?;
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+             pg_last_wal_replay_lsn()::text, \
+             to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', \
+                     'YYYY-MM-DD HH24:MI:SS.US') || '+00', \
+             CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
+             CASE WHEN pg_is_in_recovery() THEN NULL \
+                  ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+            &[],
+        )
+        .await
+        .ok()?;
+    let in_recovery: bool = row.get(0);
+    let paused: bool = row.get(3);
+    let done = match action {
+        TargetAction::Promote => !in_recovery,
+        TargetAction::Pause => paused || !in_recovery,
+        TargetAction::Shutdown => false,
+    };
+    done.then(|| Reached {
+        replay_lsn: row.get(1),
+        last_commit: row.get(2),
+        timeline: row
+            .get::<_, Option<i32>>(4)
+            .and_then(|t| u32::try_from(t).ok()),
+        state: if in_recovery {
+            "paused at the target (resume with SELECT pg_wal_replay_resume())"
+        } else {
+            "promoted"
+        },
+        elapsed: started.elapsed(),
+    })
 }
 
 /// `pg_ctl` from `--pg-bin`, `PATH`, or the packaged location of the backup's major version.

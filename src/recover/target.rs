@@ -1,17 +1,15 @@
 //! Recovery targets as the user writes them and as PostgreSQL's `recovery_target_*` settings
 //! take them.
 //!
-//! Understands the time formats `walvault recover --target-time` accepts: RFC 3339
-//! (`2026-11-21T12:00:00Z`, `+02:00`), `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]|Z]` (the local time
-//! zone when none is given, as `psql` users expect), and a duration before now (`-15m`,
-//! `-1h 30m`, humantime syntax). Every time is kept as microseconds since the Unix epoch and
-//! written out in UTC with an explicit zone, so the server's `timezone` setting cannot shift it.
-//! Used by the planner and by the settings writer.
+//! Understands the time formats `--target-time` accepts: RFC 3339, `YYYY-MM-DD HH:MM:SS[.ffffff]`
+//! with an optional zone (the local zone when none is given, as `psql` users expect) and a
+//! duration before now (`-15m`). Used by the planner, the settings writer and `cmd/recover.rs`.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use walvault_wal::Lsn;
+
+use crate::time::UnixMicros;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum TargetError {
@@ -25,40 +23,6 @@ pub(crate) enum TargetError {
     OutOfRange(String),
     #[error("recovery target name {0:?} must be 1 to 63 bytes")]
     BadName(String),
-}
-
-/// A point in time: microseconds since the Unix epoch, UTC.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-pub(crate) struct UnixMicros(pub(crate) i64);
-
-impl UnixMicros {
-    pub(crate) fn now() -> UnixMicros {
-        UnixMicros::from_system(SystemTime::now())
-    }
-
-    pub(crate) fn from_system(time: SystemTime) -> UnixMicros {
-        let micros = time
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        UnixMicros(micros)
-    }
-
-    /// Parses an RFC 3339 time such as a manifest's start or stop time.
-    pub(crate) fn parse_rfc3339(text: &str) -> Option<UnixMicros> {
-        humantime::parse_rfc3339_weak(text)
-            .ok()
-            .map(UnixMicros::from_system)
-    }
-}
-
-/// `2026-11-21 12:00:00.123456+00`: what `recovery_target_time` is given, and what people read.
-impl fmt::Display for UnixMicros {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let time = UNIX_EPOCH + Duration::from_micros(u64::try_from(self.0).unwrap_or(0));
-        let text = humantime::format_rfc3339_micros(time).to_string();
-        write!(f, "{}+00", text.replace('T', " ").trim_end_matches('Z'))
-    }
 }
 
 /// Where recovery should stop.
@@ -310,13 +274,5 @@ mod tests {
         ] {
             assert!(parse_time(bad, NOW).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn printed_in_utc_with_zone() {
-        assert_eq!(
-            UnixMicros(NOW.0 + 5).to_string(),
-            "2025-11-21 12:00:00.000005+00"
-        );
     }
 }

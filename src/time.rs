@@ -1,0 +1,57 @@
+//! Points in time as walvault keeps and prints them: microseconds since the Unix epoch, UTC.
+//!
+//! Manifests record RFC 3339 times, segment summaries record microseconds; both become a
+//! [`UnixMicros`], printed as `2026-11-21 12:00:00.123456+00` with an explicit zone so the reader's
+//! (or the server's) time zone cannot shift it. Used by the recoverable window (backup-list),
+//! recovery targets and the recovery settings writer.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A point in time: microseconds since the Unix epoch, UTC.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub(crate) struct UnixMicros(pub(crate) i64);
+
+impl UnixMicros {
+    pub(crate) fn now() -> UnixMicros {
+        UnixMicros::from_system(SystemTime::now())
+    }
+
+    pub(crate) fn from_system(time: SystemTime) -> UnixMicros {
+        let micros = time
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        UnixMicros(micros)
+    }
+
+    /// Parses an RFC 3339 time such as a manifest's start or stop time.
+    pub(crate) fn parse_rfc3339(text: &str) -> Option<UnixMicros> {
+        humantime::parse_rfc3339_weak(text)
+            .ok()
+            .map(UnixMicros::from_system)
+    }
+}
+
+/// `2026-11-21 12:00:00.123456+00`: what `recovery_target_time` is given, and what people read.
+impl fmt::Display for UnixMicros {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let time = UNIX_EPOCH + Duration::from_micros(u64::try_from(self.0).unwrap_or(0));
+        let text = humantime::format_rfc3339_micros(time).to_string();
+        write!(f, "{}+00", text.replace('T', " ").trim_end_matches('Z'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_in_utc_with_zone() {
+        // 2025-11-21 12:00:00 UTC, plus five microseconds.
+        assert_eq!(
+            UnixMicros(1_763_726_400_000_005).to_string(),
+            "2025-11-21 12:00:00.000005+00"
+        );
+    }
+}
