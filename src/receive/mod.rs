@@ -31,7 +31,7 @@ use walvault_wal::{
 
 use crate::replication::{
     sqlstate, ConnParams, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent,
-    WalStream,
+    SystemInfo, WalStream,
 };
 use crate::repo::identity::{self, Identity, IdentityError};
 use crate::repo::layout::{Listing, ObjectKey};
@@ -233,6 +233,35 @@ impl Receiver {
     /// Returns whether any WAL position was streamed (to reset the backoff).
     async fn session(&mut self) -> Result<bool, ReceiveError> {
         let mut conn = ReplicationConnection::connect(&self.options.conn).await?;
+        let (system, cluster) = self.identify(&mut conn).await?;
+        let slot = self.slot(&mut conn, cluster.major.number()).await?;
+        let ladder = self.ladder(cluster.seg_size).await?;
+        // Continue spooled WAL where it stopped; else from the slot (a slot that never held WAL:
+        // from the server's position, as pg_receivewal does), at a segment start so that the
+        // segment is spooled whole.
+        let restart_tli = slot.restart_tli.unwrap_or(system.timeline);
+        let slot_lsn = match slot.restart_lsn.filter(|l| l.is_valid()) {
+            Some(lsn) => lsn,
+            None if ladder.received_end().is_some() => system.xlogpos,
+            None => self
+                .repository_end(cluster.seg_size)
+                .await?
+                .unwrap_or(system.xlogpos),
+        };
+        let from = ladder
+            .received_end()
+            .unwrap_or((restart_tli, segment_start(slot_lsn, cluster.seg_size)));
+        // Never report less than the slot already holds: that would only move it back.
+        ladder.start_at(slot_lsn);
+        self.stream_timelines(conn, &system, cluster, &ladder, from)
+            .await
+    }
+
+    /// The server's identity and WAL format, checked against the repository's cluster.
+    async fn identify(
+        &self,
+        conn: &mut ReplicationConnection,
+    ) -> Result<(SystemInfo, ClusterWal), ReceiveError> {
         let system = conn.identify_system().await?;
         let major = conn.server_major();
         let seg_bytes = conn.wal_segment_size().await?;
@@ -263,45 +292,42 @@ impl Receiver {
         };
         let what = format!("the server at {}", self.options.conn.endpoint);
         identity::ensure(&self.repo, &found, &what).await?;
-        let slot = self.slot(&mut conn, major.unwrap_or(0)).await?;
-        let ladder = match &self.ladder {
-            Some(l) => Arc::clone(l),
-            None => {
-                let l = Ladder::new(
-                    Arc::clone(&self.repo),
-                    self.options.spool.clone(),
-                    seg_size,
-                    Arc::clone(&self.metrics),
-                )?;
-                if let Err(e) = l.store_completed_fragments().await {
-                    // wal-fetch serves such a segment from its fragments meanwhile.
-                    tracing::warn!("could not store segments left as fragments: {e}");
-                }
-                tokio::spawn(
-                    Arc::clone(&l)
-                        .run_uploader(self.options.flush_interval, self.options.synchronous),
-                );
-                self.ladder = Some(Arc::clone(&l));
-                l
-            }
-        };
-        // Continue spooled WAL where it stopped; else from the slot (a slot that never held WAL:
-        // from the server's position, as pg_receivewal does), at a segment start so that the
-        // segment is spooled whole.
-        let restart_tli = slot.restart_tli.unwrap_or(system.timeline);
-        let slot_lsn = match slot.restart_lsn.filter(|l| l.is_valid()) {
-            Some(lsn) => lsn,
-            None if ladder.received_end().is_some() => system.xlogpos,
-            None => self
-                .repository_end(seg_size)
-                .await?
-                .unwrap_or(system.xlogpos),
-        };
-        let (mut tli, mut start) = ladder
-            .received_end()
-            .unwrap_or((restart_tli, segment_start(slot_lsn, seg_size)));
-        // Never report less than the slot already holds: that would only move it back.
-        ladder.start_at(slot_lsn);
+        Ok((system, cluster))
+    }
+
+    /// The ladder, made on the first session: it outlives reconnections, and its uploader runs
+    /// from then on.
+    async fn ladder(&mut self, seg_size: WalSegmentSize) -> Result<Arc<Ladder>, ReceiveError> {
+        if let Some(l) = &self.ladder {
+            return Ok(Arc::clone(l));
+        }
+        let l = Ladder::new(
+            Arc::clone(&self.repo),
+            self.options.spool.clone(),
+            seg_size,
+            Arc::clone(&self.metrics),
+        )?;
+        if let Err(e) = l.store_completed_fragments().await {
+            // wal-fetch serves such a segment from its fragments meanwhile.
+            tracing::warn!("could not store segments left as fragments: {e}");
+        }
+        tokio::spawn(
+            Arc::clone(&l).run_uploader(self.options.flush_interval, self.options.synchronous),
+        );
+        self.ladder = Some(Arc::clone(&l));
+        Ok(l)
+    }
+
+    /// Streams from `from` (timeline, position), following timeline switches, until the server
+    /// ends the stream. Returns whether anything was streamed.
+    async fn stream_timelines(
+        &mut self,
+        mut conn: ReplicationConnection,
+        system: &SystemInfo,
+        cluster: ClusterWal,
+        ladder: &Arc<Ladder>,
+        (mut tli, mut start): (TimelineId, Lsn),
+    ) -> Result<bool, ReceiveError> {
         let mut streamed = false;
         // The timeline streaming came from and where it ended, after a switch.
         let mut came_from = None;
@@ -330,9 +356,7 @@ impl Receiver {
                 _ => StreamedPages::new(cluster, tli, start)
                     .map_err(|e| ReceiveError::InvalidWal(e.to_string()))?,
             };
-            let result = self
-                .stream(stream, &ladder, &mut pages, &mut streamed)
-                .await;
+            let result = self.stream(stream, ladder, &mut pages, &mut streamed).await;
             self.pages = Some(pages);
             let Some((next, back)) = result? else {
                 return Ok(streamed);
@@ -355,7 +379,7 @@ impl Receiver {
             conn = back;
             came_from = Some((tli, next_start));
             tli = next_tli;
-            start = segment_start(next_start, seg_size);
+            start = segment_start(next_start, cluster.seg_size);
         }
     }
 
