@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod page;
 pub mod progress;
 pub mod push;
+mod tree;
 pub mod walk;
 
 use std::path::PathBuf;
@@ -52,6 +53,12 @@ pub enum BackupError {
     NotFound(String),
     #[error("object {object}: {problem}")]
     Corrupt { object: String, problem: String },
+    #[error("restoring {file}: {source}")]
+    Restore {
+        file: String,
+        #[source]
+        source: RepoError,
+    },
     #[error("a background task failed: {0}")]
     Task(String),
 }
