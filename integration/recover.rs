@@ -586,6 +586,20 @@ fn recover_from_a_delta_chain(kind: RepoKind) {
     ] {
         assert!(dry.stdout.contains(needle), "{needle:?} missing:\n{dry}");
     }
+    // Every directory the restore writes below is listed (here, the data directory alone).
+    let writes: Vec<&str> = dry
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("writes below "))
+        .collect();
+    assert_eq!(
+        writes,
+        [format!(
+            "writes below {} (data directory, to be created, mode 0700)",
+            dir.display()
+        )],
+        "{dry}"
+    );
     assert!(!dir.exists(), "a dry run writes nothing");
     let (r, out) = recover_and_start(&env, &wv, "delta", &["--target-time", &target]);
     assert_eq!(ids(&r, ""), expected, "{out}");

@@ -82,6 +82,10 @@ pub enum Command {
         /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
         #[arg(long, value_name = "N")]
         concurrency: Option<String>,
+        /// Check the backup and the directories, list every directory the restore would write
+        /// below, and write nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Point-in-time recovery: restore the right backup into DIR and configure recovery
     ///

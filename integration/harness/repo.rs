@@ -189,6 +189,17 @@ impl Repo {
         }
     }
 
+    /// Stores `content` under `key` framed as walvault frames objects (uncompressed blocks),
+    /// written here independently of walvault's codec so tests can forge repository objects.
+    pub fn put_object(&self, key: &str, content: &[u8]) {
+        if let Location::Local(dir) = &self.location {
+            let parent = dir.join(key).parent().unwrap().to_path_buf();
+            fs::create_dir_all(&parent)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
+        }
+        self.write(key, frame_object(content));
+    }
+
     pub fn delete(&self, key: &str) {
         match &self.location {
             Location::Local(dir) => fs::remove_file(dir.join(key))
@@ -221,6 +232,25 @@ impl Repo {
                 .collect(),
         )
     }
+}
+
+/// An object in walvault's format: header (magic, version 1, no compression or encryption,
+/// content length, header crc32), blocks of at most 1 MiB stored uncompressed (bit 31 of the
+/// stored length), end marker and content crc32.
+fn frame_object(content: &[u8]) -> Vec<u8> {
+    let mut out = b"WVLT".to_vec();
+    out.extend_from_slice(&[1, 0, 0, 0]);
+    out.extend_from_slice(&(content.len() as u64).to_le_bytes());
+    let header_crc = crc32fast::hash(&out);
+    out.extend_from_slice(&header_crc.to_le_bytes());
+    for block in content.chunks(1 << 20) {
+        out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(block.len() as u32 | 1 << 31).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(content).to_le_bytes());
+    out
 }
 
 fn walk(root: &Path, dir: &Path, keys: &mut Vec<String>) {

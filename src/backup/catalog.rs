@@ -5,36 +5,64 @@
 //! leftovers of an interrupted push and are ignored. Backups are ordered by the start time and
 //! start LSN recorded in their manifests, never by storage modification times. A delta resolves
 //! to its chain (full first) by following recorded parents, each checked against the delta's
-//! record of it. Used by backup-push (choosing a parent), backup-fetch, backup-list and verify.
+//! record of it; a chain that loops is refused. A manifest that cannot be read is skipped with a
+//! warning by listings (`verify` reports it), and a whole manifest is validated when it is read.
+//! Used by backup-push (choosing a parent), backup-fetch, backup-list and verify.
 
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use crate::backup::manifest::{BackupKind, BackupName, Manifest, Summary};
 use crate::backup::BackupError;
 use crate::repo::layout::{Listing, ObjectKey};
-use crate::repo::Repository;
+use crate::repo::{RepoError, Repository};
 
-/// The complete backups, oldest first.
+/// The complete backups, oldest first. A manifest that cannot be read is reported (a warning
+/// naming its object) and skipped, so one damaged backup does not hide the others.
 pub(crate) async fn list(repo: &Repository) -> Result<Vec<Summary>, BackupError> {
+    let (summaries, unreadable) = scan(repo).await?;
+    for problem in unreadable {
+        tracing::warn!("skipping a backup: {problem}");
+    }
+    Ok(summaries)
+}
+
+/// The complete backups, oldest first, and a message for each manifest that could not be read
+/// (which `verify` reports as a problem). Only a failure to reach the store fails the scan.
+pub(crate) async fn scan(repo: &Repository) -> Result<(Vec<Summary>, Vec<String>), BackupError> {
     let mut summaries = Vec::new();
+    let mut unreadable = Vec::new();
     for object in repo.list(Listing::Backups).await? {
         let Some(ObjectKey::Manifest(name)) = ObjectKey::parse(&object.key) else {
             continue;
         };
-        let Some(bytes) = repo.get_bytes(&object.key).await? else {
-            continue; // deleted while listing
+        let bytes = match repo.get_bytes(&object.key).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => continue, // deleted while listing
+            Err(RepoError::Codec(e)) => {
+                unreadable.push(e.to_string());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
-        let summary = Summary::from_json(&object.key, &bytes)?;
-        if summary.name != name {
-            return Err(BackupError::invalid(
-                format!("manifest {}", object.key),
-                format!("records the name {}", summary.name),
-            ));
+        match read_summary(&object.key, &name, &bytes) {
+            Ok(summary) => summaries.push(summary),
+            Err(e) => unreadable.push(e.to_string()),
         }
-        summaries.push(summary);
     }
     summaries.sort_by_key(order_key);
-    Ok(summaries)
+    Ok((summaries, unreadable))
+}
+
+fn read_summary(key: &str, name: &BackupName, bytes: &[u8]) -> Result<Summary, BackupError> {
+    let summary = Summary::from_json(key, bytes)?;
+    if &summary.name != name {
+        return Err(BackupError::invalid(
+            format!("manifest {key}"),
+            format!("records the name {}", summary.name),
+        ));
+    }
+    Ok(summary)
 }
 
 fn order_key(s: &Summary) -> (SystemTime, walvault_wal::Lsn) {
@@ -42,7 +70,7 @@ fn order_key(s: &Summary) -> (SystemTime, walvault_wal::Lsn) {
     (time, s.start_lsn)
 }
 
-/// One backup's whole manifest.
+/// One backup's whole manifest, validated ([`Manifest::validate`]).
 pub(crate) async fn manifest(
     repo: &Repository,
     name: &BackupName,
@@ -59,6 +87,7 @@ pub(crate) async fn manifest(
             format!("records the name {}", manifest.summary.name),
         ));
     }
+    manifest.validate()?;
     Ok(manifest)
 }
 
@@ -78,12 +107,14 @@ pub(crate) async fn resolve_name(
 }
 
 /// The chain that restores `name`: its full backup first, `name` last. Each parent must be the
-/// backup the child recorded (same start LSN), and the chain must end at a full backup.
+/// backup the child recorded (same start LSN), the chain must end at a full backup, and no
+/// backup may appear in it twice.
 pub(crate) async fn chain(
     repo: &Repository,
     name: &BackupName,
 ) -> Result<Vec<Manifest>, BackupError> {
     let mut chain = vec![manifest(repo, name).await?];
+    let mut seen = HashSet::from([name.clone()]);
     loop {
         let child = &chain[chain.len() - 1].summary;
         match (child.kind, &child.parent) {
@@ -95,6 +126,12 @@ pub(crate) async fn chain(
                 ))
             }
             (BackupKind::Delta, Some(parent)) => {
+                if !seen.insert(parent.clone()) {
+                    return Err(BackupError::invalid(
+                        format!("backup {name}"),
+                        format!("delta chain of {name} loops back to {parent}"),
+                    ));
+                }
                 let what = format!("backup {} (delta of {parent})", child.name);
                 let expected = child.delta_base_lsn;
                 let parent = manifest(repo, parent).await.map_err(|e| match e {
@@ -103,7 +140,7 @@ pub(crate) async fn chain(
                     }
                     other => other,
                 })?;
-                if Some(parent.summary.start_lsn) != expected || chain.len() > 1000 {
+                if Some(parent.summary.start_lsn) != expected {
                     return Err(BackupError::invalid(
                         what,
                         "the parent's start LSN is not the one the delta was taken against",
@@ -121,6 +158,7 @@ pub(crate) async fn chain(
 mod tests {
     use super::*;
     use crate::backup::manifest::tests::sample;
+    use crate::repo::PutMode;
 
     /// Names are only labels: a backup whose name sorts first but that started later comes later.
     #[test]
@@ -132,5 +170,72 @@ mod tests {
         backups.sort_by_key(order_key);
         let names: Vec<&str> = backups.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["base_b", "base_a"]);
+    }
+
+    async fn put(repo: &Repository, m: &Manifest) {
+        let json = m.to_json().unwrap();
+        repo.put_bytes(&m.summary.name.manifest_key(), &json, PutMode::IfAbsent)
+            .await
+            .unwrap();
+    }
+
+    fn delta_of(name: &str, parent: &Manifest) -> Manifest {
+        let mut m = sample(name, "2026-01-02T00:00:00Z");
+        m.summary.kind = BackupKind::Delta;
+        m.summary.parent = Some(parent.summary.name.clone());
+        m.summary.delta_base_lsn = Some(parent.summary.start_lsn);
+        m
+    }
+
+    /// Two deltas naming each other: the cycle is named at once, not after 1000 reads.
+    #[tokio::test]
+    async fn a_delta_cycle_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = crate::repo::local_for_tests(dir.path()).await;
+        let mut a = sample("base_a", "2026-01-01T00:00:00Z");
+        let b = delta_of("base_b", &a);
+        a = delta_of("base_a", &b);
+        put(&repo, &a).await;
+        put(&repo, &b).await;
+        let err = chain(&repo, &a.summary.name).await.unwrap_err().to_string();
+        assert!(
+            err.contains("delta chain of base_a loops back to base_a"),
+            "{err}"
+        );
+    }
+
+    /// A damaged manifest (bad framing, bad JSON) is skipped by the listing and LATEST, and
+    /// reported by the scan verify uses.
+    #[tokio::test]
+    async fn unreadable_manifests_are_skipped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = crate::repo::local_for_tests(dir.path()).await;
+        let good = sample("base_a", "2026-01-01T00:00:00Z");
+        put(&repo, &good).await;
+        let later = BackupName::parse("base_later").unwrap();
+        repo.put_bytes(&later.manifest_key(), b"{not json", PutMode::IfAbsent)
+            .await
+            .unwrap();
+        let framing = BackupName::parse("base_z").unwrap();
+        let key = framing.manifest_key();
+        repo.put_bytes(&key, b"{}", PutMode::IfAbsent)
+            .await
+            .unwrap();
+        let path = dir.path().join(&key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+
+        let listed = list(&repo).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            resolve_name(&repo, "LATEST").await.unwrap().as_str(),
+            "base_a"
+        );
+        let (_, unreadable) = scan(&repo).await.unwrap();
+        assert_eq!(unreadable.len(), 2, "{unreadable:?}");
+        assert!(unreadable.iter().any(|p| p.contains(&later.manifest_key())));
+        assert!(unreadable.iter().any(|p| p.contains(&key)));
     }
 }

@@ -18,8 +18,11 @@ use crate::repo::Repository;
 /// to its content length.
 pub(crate) async fn check(repo: &Repository, contents: &HashMap<String, u64>) -> Vec<String> {
     let mut problems = Vec::new();
-    let backups = match crate::backup::catalog::list(repo).await {
-        Ok(backups) => backups,
+    let backups = match crate::backup::catalog::scan(repo).await {
+        Ok((backups, unreadable)) => {
+            problems.extend(unreadable);
+            backups
+        }
         Err(e) => return vec![format!("listing backups: {e}")],
     };
     for summary in backups {

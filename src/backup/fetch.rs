@@ -3,25 +3,26 @@
 //! Understands how a chain composes: each file of the target backup is rebuilt from the newest
 //! backup that stored it whole, then patched, oldest to newest, with the pages each later delta
 //! stored, after setting the size that delta recorded (so truncations and extensions replay in
-//! order). Files the target backup does not list are never created. Every piece is checked
-//! against its crc32 before it is written, and every pack's framing and content checksum is
-//! checked by the codec; an error names the pack and the file. Everything in the manifests is
-//! validated before anything is written: relative paths without `.` or `..` parts, tablespace
-//! links only under `pg_tblspc/<oid>` pointing at absolute, empty (or new) directories.
+//! order). Files the target backup does not list are never created. Manifests are validated by
+//! the catalog before anything is written; every piece is checked against its crc32 before it is
+//! written (the repository's pack reader does that); an error names the pack and the file.
+//! Writes go only below the target and the tablespace directories, each absent or empty, walked
+//! by descriptor without following links (`tree.rs`); modes are at most 0700/0600.
 //! Writeback of each piece starts as soon as it is written, so the disk works while later packs
 //! are decompressed; `global/pg_control` is written last, after every other file is fsynced, then
 //! `backup_label` and `tablespace_map` byte for byte. Used by the CLI.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use indicatif::ProgressBar;
 
 use super::manifest::{BackupName, FileEntry, Manifest, PackId, Piece, Storage};
+use super::tree::{self, Found, Parent, Root, DIR_MODE_MAX};
 use super::{progress, BackupError};
+use crate::repo::packs::WantedPiece;
 use crate::repo::Repository;
 
 #[derive(Clone, Debug, Default)]
@@ -41,7 +42,18 @@ pub(crate) struct Fetched {
     pub(crate) bytes_written: u64,
 }
 
+/// A directory a restore writes below, as `--dry-run` lists it.
+#[derive(Clone, Debug)]
+pub(crate) struct Location {
+    pub(crate) path: PathBuf,
+    /// "data directory" or "tablespace <oid>".
+    pub(crate) what: String,
+    /// Whether it exists (empty) already; otherwise the restore creates it.
+    pub(crate) exists: bool,
+}
+
 const CONTROL: &str = "global/pg_control";
+/// Where pg_control is written until everything else is durable (renamed in `finish`).
 const CONTROL_TEMP: &str = "global/pg_control.walvault-restore";
 
 /// Restores backup `wanted` (`LATEST` or a name) into `target`.
@@ -53,12 +65,9 @@ pub(crate) async fn fetch(
 ) -> Result<Fetched, BackupError> {
     let name = crate::backup::catalog::resolve_name(&repo, wanted).await?;
     let chain = crate::backup::catalog::chain(&repo, &name).await?;
-    for manifest in &chain {
-        validate(manifest)?;
-    }
     let last = chain.len() - 1;
     let final_manifest = &chain[last];
-    let layout = Layout::new(target, final_manifest, &opts.relocate)?;
+    let planned = Planned::new(target, final_manifest, &opts.relocate)?;
     let bases = base_layers(&chain)?;
     if !final_manifest.files.iter().any(|f| f.path == CONTROL) {
         return Err(BackupError::invalid(
@@ -66,7 +75,7 @@ pub(crate) async fn fetch(
             "its manifest lists no global/pg_control",
         ));
     }
-    layout.create(final_manifest)?;
+    let layout = Layout::create(planned, final_manifest)?;
 
     let total: u64 = (0..=last)
         .flat_map(|layer| layer_files(&chain, &bases, layer))
@@ -78,7 +87,8 @@ pub(crate) async fn fetch(
     for layer in 0..=last {
         let files = layer_files(&chain, &bases, layer);
         let sizes = layer_sizes(&layout, &files, &bases, layer);
-        tokio::task::spawn_blocking(move || prepare_layer(&sizes)).await??;
+        let for_task = Arc::clone(&layout);
+        tokio::task::spawn_blocking(move || prepare_layer(&for_task, &sizes)).await??;
         apply_layer(
             &repo,
             &layout,
@@ -99,173 +109,213 @@ pub(crate) async fn fetch(
     })
 }
 
-/// Refuses anything in a manifest that could write outside the target.
-fn validate(manifest: &Manifest) -> Result<(), BackupError> {
-    let what = format!("manifest of {}", manifest.summary.name);
-    let paths = manifest
-        .dirs
+/// Every directory a restore of `wanted` into `target` would write below, checked as the
+/// restore checks them, without writing anything.
+pub(crate) async fn locations(
+    repo: &Repository,
+    wanted: &str,
+    target: &Path,
+    opts: &FetchOptions,
+) -> Result<Vec<Location>, BackupError> {
+    let name = crate::backup::catalog::resolve_name(repo, wanted).await?;
+    let chain = crate::backup::catalog::chain(repo, &name).await?;
+    let planned = Planned::new(target, &chain[chain.len() - 1], &opts.relocate)?;
+    Ok(planned
+        .roots
         .iter()
-        .map(|d| d.path.as_str())
-        .chain(manifest.files.iter().map(|f| f.path.as_str()));
-    for path in paths {
-        if !safe_relative(path) {
-            return Err(BackupError::invalid(
-                &what,
-                format!("refusing path {path:?}: absolute or with empty, . or .. parts"),
-            ));
-        }
-    }
-    for ts in &manifest.tablespaces {
-        let location = Path::new(&ts.location);
-        let clean = location.is_absolute()
-            && location
-                .components()
-                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-        if !clean {
-            return Err(BackupError::invalid(
-                &what,
-                format!(
-                    "refusing tablespace {} at {:?}: not an absolute path without . or ..",
-                    ts.oid, ts.location
-                ),
-            ));
-        }
-    }
-    for file in &manifest.files {
-        for piece in &file.pieces {
-            let fits = piece.pack.0 < manifest.summary.packs
-                && piece
-                    .file_offset
-                    .checked_add(piece.len)
-                    .is_some_and(|end| end <= file.size);
-            if !fits {
-                return Err(BackupError::invalid(
-                    &what,
-                    format!(
-                        "{}: a piece lies outside the file or the backup's packs",
-                        file.path
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
+        .map(|r| Location {
+            path: r.path.clone(),
+            what: r.what.clone(),
+            exists: r.found == Found::Empty,
+        })
+        .collect())
 }
 
-fn safe_relative(path: &str) -> bool {
-    !path.is_empty()
-        && !path.contains('\0')
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
+/// A directory the restore will write below, checked but not yet touched.
+struct PlannedRoot {
+    path: PathBuf,
+    what: String,
+    found: Found,
+    parent: Parent,
 }
 
-/// Where each path of the backup goes.
-struct Layout {
-    target: PathBuf,
-    /// Tablespace OID → the directory its link points to.
-    tablespaces: BTreeMap<u32, PathBuf>,
+/// Where a restore will write: the target (first) and each tablespace directory, each absent
+/// or empty, none inside another. A tablespace directory from the manifest (not relocated by the
+/// user) must have an existing parent.
+struct Planned {
+    roots: Vec<PlannedRoot>,
+    /// Tablespace OID → index in `roots`.
+    tablespaces: BTreeMap<u32, usize>,
     relocated: bool,
 }
 
-impl Layout {
+impl Planned {
     fn new(
         target: &Path,
         manifest: &Manifest,
         relocate: &[(u32, PathBuf)],
-    ) -> Result<Layout, BackupError> {
-        let mut tablespaces = BTreeMap::new();
-        for ts in &manifest.tablespaces {
-            let dir = relocate
-                .iter()
-                .find(|(oid, _)| *oid == ts.oid)
-                .map(|(_, dir)| dir.clone())
-                .unwrap_or_else(|| PathBuf::from(&ts.location));
-            tablespaces.insert(ts.oid, dir);
-        }
+    ) -> Result<Planned, BackupError> {
         for (oid, _) in relocate {
-            if !tablespaces.contains_key(oid) {
+            if !manifest.tablespaces.iter().any(|ts| ts.oid == *oid) {
                 return Err(BackupError::invalid(
                     format!("--tablespace {oid}=..."),
                     format!("backup {} has no tablespace {oid}", manifest.summary.name),
                 ));
             }
         }
-        let layout = Layout {
-            target: target.to_path_buf(),
-            tablespaces,
-            relocated: !relocate.is_empty(),
-        };
-        layout.check_empty(target, "target directory")?;
-        for dir in layout.tablespaces.values() {
+        let target = std::path::absolute(target).map_err(BackupError::io("resolve", target))?;
+        let found = tree::inspect(&target, "target directory", Parent::Create)?;
+        if found == Found::Empty {
+            check_data_dir_mode(&target)?;
+        }
+        let mut roots = vec![PlannedRoot {
+            path: target,
+            what: "data directory".into(),
+            found,
+            parent: Parent::Create,
+        }];
+        let mut tablespaces = BTreeMap::new();
+        for ts in &manifest.tablespaces {
+            // A directory the user named may get its parents created; the manifest's may not.
+            let (dir, parent) = relocate
+                .iter()
+                .find(|(oid, _)| *oid == ts.oid)
+                .map(|(_, dir)| (dir.clone(), Parent::Create))
+                .unwrap_or_else(|| (PathBuf::from(&ts.location), Parent::MustExist));
             if !dir.is_absolute() {
                 return Err(BackupError::invalid(
                     format!("tablespace directory {}", dir.display()),
                     "must be an absolute path",
                 ));
             }
-            layout.check_empty(dir, "tablespace directory")?;
-        }
-        Ok(layout)
-    }
-
-    fn check_empty(&self, dir: &Path, what: &str) -> Result<(), BackupError> {
-        match fs::read_dir(dir) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Err(BackupError::invalid(
-                        format!("{what} {}", dir.display()),
-                        "is not empty: backup-fetch restores only into an empty or absent directory",
-                    ));
-                }
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackupError::io("read directory", dir)(e)),
-        }
-    }
-
-    /// The local path of backup path `path`; `None` for a tablespace link itself.
-    fn dest(&self, path: &str) -> Option<PathBuf> {
-        if path == CONTROL {
-            return Some(self.target.join(CONTROL_TEMP));
-        }
-        if let Some(rest) = path.strip_prefix("pg_tblspc/") {
-            let (oid, inner) = rest.split_once('/').unwrap_or((rest, ""));
-            if let Some(dir) = oid
-                .parse()
-                .ok()
-                .and_then(|oid: u32| self.tablespaces.get(&oid))
+            if let Some(other) = roots
+                .iter()
+                .find(|r| dir.starts_with(&r.path) || r.path.starts_with(&dir))
             {
-                return (!inner.is_empty()).then(|| dir.join(inner));
+                return Err(BackupError::invalid(
+                    format!("tablespace {} at {}", ts.oid, dir.display()),
+                    format!(
+                        "overlaps the {} at {}: each must be a directory of its own",
+                        other.what,
+                        other.path.display()
+                    ),
+                ));
             }
+            let found = tree::inspect(&dir, "tablespace directory", parent)?;
+            tablespaces.insert(ts.oid, roots.len());
+            roots.push(PlannedRoot {
+                path: dir,
+                what: format!("tablespace {}", ts.oid),
+                found,
+                parent,
+            });
         }
-        Some(self.target.join(path))
-    }
-
-    /// The data directory (mode 0700), tablespace directories and links, and every directory.
-    fn create(&self, manifest: &Manifest) -> Result<(), BackupError> {
-        make_dir(&self.target, 0o700)?;
-        make_dir(&self.target.join("pg_tblspc"), 0o700)?;
-        for (oid, dir) in &self.tablespaces {
-            make_dir(dir, 0o700)?;
-            let link = self.target.join("pg_tblspc").join(oid.to_string());
-            std::os::unix::fs::symlink(dir, &link)
-                .map_err(BackupError::io("create link", &link))?;
-        }
-        for dir in &manifest.dirs {
-            if let Some(path) = self.dest(&dir.path) {
-                make_dir(&path, dir.mode & 0o7777)?;
-            }
-        }
-        Ok(())
+        Ok(Planned {
+            roots,
+            tablespaces,
+            relocated: !relocate.is_empty(),
+        })
     }
 }
 
-fn make_dir(path: &Path, mode: u32) -> Result<(), BackupError> {
-    fs::create_dir_all(path).map_err(BackupError::io("create directory", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(BackupError::io("chmod", path))
+/// PostgreSQL starts only on a data directory of mode 0700 or 0750, and a restore sets no mode on
+/// a directory it did not create: an existing target must already be one of those.
+fn check_data_dir_mode(dir: &Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(dir)
+        .map_err(BackupError::io("stat", dir))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o7027 != 0 {
+        return Err(BackupError::invalid(
+            format!("target directory {}", dir.display()),
+            format!(
+                "has mode {mode:04o}, which PostgreSQL refuses (0700 or 0750): chmod it, or name \
+                 an absent directory for the restore to create"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Where a backup path goes: a path below one of the layout's roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Dest {
+    root: usize,
+    rel: String,
+}
+
+/// The open roots of a restore.
+struct Layout {
+    roots: Vec<Root>,
+    tablespaces: BTreeMap<u32, usize>,
+    relocated: bool,
+}
+
+impl Layout {
+    /// The local place of backup path `path`; `None` for a tablespace link itself.
+    fn dest(&self, path: &str) -> Option<Dest> {
+        dest(&self.tablespaces, path)
+    }
+
+    fn root(&self, dest: &Dest) -> &Root {
+        &self.roots[dest.root]
+    }
+
+    /// The local path of `dest`, for messages.
+    fn display(&self, dest: &Dest) -> PathBuf {
+        self.root(dest).display(&dest.rel)
+    }
+
+    /// Opens (or creates) the roots, then makes the tablespace links and every directory of
+    /// `manifest`, parents first.
+    fn create(planned: Planned, manifest: &Manifest) -> Result<Layout, BackupError> {
+        let roots = planned
+            .roots
+            .iter()
+            .map(|r| Root::open(&r.path, &r.what, r.parent))
+            .collect::<Result<Vec<_>, _>>()?;
+        let layout = Layout {
+            roots,
+            tablespaces: planned.tablespaces,
+            relocated: planned.relocated,
+        };
+        let data = &layout.roots[0];
+        data.make_dir("pg_tblspc", DIR_MODE_MAX)?;
+        for (oid, root) in &layout.tablespaces {
+            data.symlink(&format!("pg_tblspc/{oid}"), layout.roots[*root].path())?;
+        }
+        let mut dirs: Vec<_> = manifest.dirs.iter().collect();
+        dirs.sort_by_key(|d| d.path.matches('/').count());
+        for dir in dirs {
+            if let Some(dest) = layout.dest(&dir.path) {
+                layout.root(&dest).make_dir(&dest.rel, dir.mode)?;
+            }
+        }
+        Ok(layout)
+    }
+}
+
+fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
+    if path == CONTROL {
+        return Some(Dest {
+            root: 0,
+            rel: CONTROL_TEMP.into(),
+        });
+    }
+    let in_tablespace = |oid| tablespaces.contains_key(&oid);
+    if let Some((oid, inner)) = super::manifest::tablespace_content(path, in_tablespace) {
+        let root = *tablespaces.get(&oid)?;
+        return (!inner.is_empty()).then(|| Dest {
+            root,
+            rel: inner.to_owned(),
+        });
+    }
+    Some(Dest {
+        root: 0,
+        rel: path.to_owned(),
+    })
 }
 
 /// For each file of the last backup, the index of the newest backup of the chain that stored it
@@ -316,7 +366,7 @@ fn layer_files<'a>(
 
 /// What one layer does to one file before its pieces are written.
 struct Resize {
-    path: PathBuf,
+    dest: Dest,
     size: u64,
     mode: u32,
     /// The file's reconstruction starts at this layer: create it empty first.
@@ -332,30 +382,29 @@ fn layer_sizes(
     files
         .iter()
         .filter_map(|file| {
-            layout.dest(&file.path).map(|path| Resize {
-                path,
+            layout.dest(&file.path).map(|dest| Resize {
+                dest,
                 size: file.size,
-                mode: file.mode & 0o777,
+                mode: file.mode,
                 create: bases.get(&file.path) == Some(&layer),
             })
         })
         .collect()
 }
 
-/// Creates the files a layer starts and sets every file's size to the layer's record of it, so
-/// truncations and extensions replay in order.
-fn prepare_layer(resizes: &[Resize]) -> Result<(), BackupError> {
+/// Creates the files a layer starts (new files only, at most mode 0600) and sets every file's
+/// size to the layer's record of it, so truncations and extensions replay in order.
+fn prepare_layer(layout: &Layout, resizes: &[Resize]) -> Result<(), BackupError> {
     for r in resizes {
-        let handle = OpenOptions::new()
-            .write(true)
-            .create(r.create)
-            .truncate(r.create)
-            .mode(r.mode)
-            .open(&r.path)
-            .map_err(BackupError::io("open", &r.path))?;
+        let root = layout.root(&r.dest);
+        let handle = if r.create {
+            root.create_file(&r.dest.rel, r.mode)?
+        } else {
+            root.open_file(&r.dest.rel)?
+        };
         handle
             .set_len(r.size)
-            .map_err(BackupError::io("set length of", &r.path))?;
+            .map_err(BackupError::io("set length of", &layout.display(&r.dest)))?;
     }
     Ok(())
 }
@@ -391,7 +440,8 @@ async fn apply_layer(
                 break;
             };
             let (repo, key, bar) = (Arc::clone(repo), name.pack_key(pack), bar.clone());
-            tasks.spawn(async move { apply_pack(&repo, &key, targets, &bar).await });
+            let layout = Arc::clone(layout);
+            tasks.spawn(async move { apply_pack(&repo, &layout, &key, targets, &bar).await });
         }
         let Some(joined) = tasks.join_next().await else {
             break;
@@ -406,93 +456,71 @@ async fn apply_layer(
     }
 }
 
-/// A piece and the file it goes to (backup path, local path).
+/// A piece and the file it goes to (backup path, local place).
 struct Target {
     piece: Piece,
-    file: Arc<(String, PathBuf)>,
+    file: Arc<(String, Dest)>,
 }
 
-/// Streams one pack and writes the pieces wanted from it, each checked before it is written.
+/// Streams one pack and writes the pieces wanted from it as the repository hands them over,
+/// each already checked against its crc32.
 async fn apply_pack(
     repo: &Repository,
+    layout: &Arc<Layout>,
     key: &str,
-    mut targets: Vec<Target>,
+    targets: Vec<Target>,
     bar: &ProgressBar,
 ) -> Result<(), BackupError> {
-    targets.sort_by_key(|t| t.piece.at);
-    let first_file = targets
-        .first()
-        .map(|t| t.file.0.clone())
-        .unwrap_or_default();
-    let corrupt = |problem: String| BackupError::Corrupt {
-        object: key.to_owned(),
-        problem,
+    let wanted = targets
+        .iter()
+        .map(|t| WantedPiece {
+            at: t.piece.at,
+            len: t.piece.len,
+            crc32: t.piece.crc32,
+        })
+        .collect();
+    let file_of = |i: Option<usize>| {
+        i.and_then(|i| targets.get(i))
+            .map(|t| t.file.0.clone())
+            .unwrap_or_default()
     };
-    let mut decoder = match repo.open_pack(key).await {
-        Ok(Some(pack)) => pack,
-        Ok(None) => return Err(corrupt(format!("missing, yet it holds {first_file}"))),
-        Err(e) => return Err(corrupt(format!("{e} (it holds {first_file})"))),
-    };
-    let mut index = 0;
-    let mut pos = 0u64;
-    let mut buf = Vec::new();
+    let mut pack = repo
+        .open_pack(key, wanted)
+        .await
+        .map_err(|source| BackupError::Restore {
+            file: file_of(Some(0)),
+            source,
+        })?
+        .ok_or_else(|| BackupError::Corrupt {
+            object: key.to_owned(),
+            problem: format!("missing, yet it holds {}", file_of(Some(0))),
+        })?;
     loop {
-        let block = match decoder.next_block().await {
-            Ok(Some(block)) => block,
-            Ok(None) => break,
-            Err(e) => {
-                let file = targets.get(index).map(|t| t.file.0.as_str()).unwrap_or("");
-                return Err(corrupt(format!("{e} (while restoring {file})")));
+        let (i, data) = match pack.next().await {
+            Ok(Some(piece)) => piece,
+            Ok(None) => return Ok(()),
+            Err(source) => {
+                return Err(BackupError::Restore {
+                    file: file_of(pack.pending()),
+                    source,
+                })
             }
         };
-        let (block_start, block_end) = (pos, pos + block.len() as u64);
-        while let Some(target) = targets.get(index) {
-            let piece = target.piece;
-            let piece_end = piece.at + piece.len;
-            if piece.at >= block_end && piece.len > 0 {
-                break;
-            }
-            let from = piece.at.max(block_start);
-            let to = piece_end.min(block_end);
-            if from < to {
-                buf.extend_from_slice(
-                    &block[(from - block_start) as usize..(to - block_start) as usize],
-                );
-            }
-            if piece_end > block_end {
-                break;
-            }
-            if crc32fast::hash(&buf) != piece.crc32 {
-                return Err(corrupt(format!(
-                    "the bytes of {} at offset {} do not match their checksum",
-                    target.file.0, piece.file_offset
-                )));
-            }
-            let data = std::mem::take(&mut buf);
-            let file = Arc::clone(&target.file);
-            let offset = piece.file_offset;
-            tokio::task::spawn_blocking(move || write_at(&file.1, offset, &data)).await??;
-            bar.inc(piece.len);
-            index += 1;
-        }
-        pos = block_end;
+        let target = &targets[i];
+        let (layout, file, offset) = (
+            Arc::clone(layout),
+            Arc::clone(&target.file),
+            target.piece.file_offset,
+        );
+        tokio::task::spawn_blocking(move || write_at(&layout, &file.1, offset, &data)).await??;
+        bar.inc(target.piece.len);
     }
-    if let Some(target) = targets.get(index) {
-        return Err(corrupt(format!(
-            "ends before the bytes of {} at offset {}",
-            target.file.0, target.piece.file_offset
-        )));
-    }
-    Ok(())
 }
 
-fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<(), BackupError> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(BackupError::io("open", path))?;
+fn write_at(layout: &Layout, dest: &Dest, offset: u64, data: &[u8]) -> Result<(), BackupError> {
+    let file = layout.root(dest).open_file(&dest.rel)?;
     file.write_all_at(data, offset)
-        .map_err(BackupError::io("write", path))?;
+        .map_err(BackupError::io("write", &layout.display(dest)))?;
     start_writeback(&file, offset, data.len());
     Ok(())
 }
@@ -501,7 +529,7 @@ fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<(), BackupError> {
 /// PostgreSQL's `initdb -S` does before its fsyncs: the disk then works while later packs are
 /// decompressed, instead of the whole restore sitting dirty in memory until the fsyncs at the
 /// end. Only a hint: durability still comes from those fsyncs, so a failure here is ignored.
-fn start_writeback(file: &fs::File, offset: u64, len: usize) {
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
@@ -518,16 +546,16 @@ async fn finish(
     manifest: &Manifest,
     concurrency: usize,
 ) -> Result<(), BackupError> {
-    let paths: Vec<PathBuf> = manifest
+    let files: Vec<Dest> = manifest
         .files
         .iter()
         .filter_map(|f| layout.dest(&f.path))
         .collect();
-    let per_task = paths.len().div_ceil(concurrency.max(1)).max(1);
+    let per_task = files.len().div_ceil(concurrency.max(1)).max(1);
     let mut tasks = tokio::task::JoinSet::new();
-    for group in paths.chunks(per_task) {
-        let group = group.to_vec();
-        tasks.spawn_blocking(move || group.iter().try_for_each(|p| sync_path(p)));
+    for group in files.chunks(per_task) {
+        let (group, layout) = (group.to_vec(), Arc::clone(layout));
+        tasks.spawn_blocking(move || group.iter().try_for_each(|d| layout.root(d).sync(&d.rel)));
     }
     while let Some(joined) = tasks.join_next().await {
         joined??;
@@ -535,41 +563,30 @@ async fn finish(
     let layout = Arc::clone(layout);
     let label = manifest.backup_label.clone();
     let map = manifest.tablespace_map.clone();
-    let dirs: Vec<PathBuf> = manifest
+    let dirs: Vec<Dest> = manifest
         .dirs
         .iter()
         .filter_map(|d| layout.dest(&d.path))
         .collect();
     tokio::task::spawn_blocking(move || {
-        let target = &layout.target;
-        let label_path = target.join("backup_label");
-        fs::write(&label_path, label.as_bytes()).map_err(BackupError::io("write", &label_path))?;
-        sync_path(&label_path)?;
+        let data = &layout.roots[0];
+        data.write_new("backup_label", label.as_bytes())?;
         // With relocated tablespaces the links already point to the new places; a
         // tablespace_map would make PostgreSQL put them back where they were.
         if let (Some(map), false) = (map, layout.relocated) {
-            let map_path = target.join("tablespace_map");
-            fs::write(&map_path, map.as_bytes()).map_err(BackupError::io("write", &map_path))?;
-            sync_path(&map_path)?;
+            data.write_new("tablespace_map", map.as_bytes())?;
         }
-        for dir in dirs
-            .iter()
-            .chain([target.clone(), target.join("pg_tblspc")].iter())
-        {
-            sync_path(dir)?;
+        for dir in &dirs {
+            layout.root(dir).sync(&dir.rel)?;
         }
-        let temp = target.join(CONTROL_TEMP);
-        let control = target.join(CONTROL);
-        fs::rename(&temp, &control).map_err(BackupError::io("rename", &temp))?;
-        sync_path(&target.join("global"))
+        data.sync("pg_tblspc")?;
+        for root in &layout.roots {
+            root.sync("")?;
+        }
+        data.rename_in("global", "pg_control.walvault-restore", "pg_control")?;
+        data.sync("global")
     })
     .await?
-}
-
-fn sync_path(path: &Path) -> Result<(), BackupError> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(BackupError::io("fsync", path))
 }
 
 #[cfg(test)]
@@ -577,7 +594,6 @@ mod tests {
     use super::*;
     use crate::backup::manifest::tests::sample;
     use crate::backup::manifest::Tablespace;
-    use crate::config::FlagValues;
     use crate::repo::PutMode;
 
     fn manifest(files: Vec<FileEntry>, tablespaces: Vec<Tablespace>) -> Manifest {
@@ -609,16 +625,20 @@ mod tests {
             "",
         ] {
             let m = manifest(vec![file(bad)], vec![]);
-            assert!(validate(&m).is_err(), "{bad:?} accepted");
+            assert!(m.validate().is_err(), "{bad:?} accepted");
         }
-        assert!(validate(&manifest(vec![file("base/1/2")], vec![])).is_ok());
+        assert!(manifest(vec![file("base/1/2")], vec![]).validate().is_ok());
         let ts = |location: &str| Tablespace {
             oid: 1,
             location: location.into(),
         };
-        assert!(validate(&manifest(vec![], vec![ts("relative/dir")])).is_err());
-        assert!(validate(&manifest(vec![], vec![ts("/srv/../etc")])).is_err());
-        assert!(validate(&manifest(vec![], vec![ts("/srv/ts")])).is_ok());
+        assert!(manifest(vec![], vec![ts("relative/dir")])
+            .validate()
+            .is_err());
+        assert!(manifest(vec![], vec![ts("/srv/../etc")])
+            .validate()
+            .is_err());
+        assert!(manifest(vec![], vec![ts("/srv/ts")]).validate().is_ok());
     }
 
     #[test]
@@ -632,15 +652,22 @@ mod tests {
             }],
         );
         let target = dir.path().join("data");
-        let layout = Layout::new(&target, &m, &[(16390, dir.path().join("ts"))]).unwrap();
-        assert_eq!(
-            layout.dest("pg_tblspc/16390/PG_15/5/1").unwrap(),
-            dir.path().join("ts/PG_15/5/1")
-        );
-        assert_eq!(layout.dest("pg_tblspc/16390"), None);
-        assert_eq!(layout.dest("base/5/1").unwrap(), target.join("base/5/1"));
-        fs::create_dir_all(target.join("x")).unwrap();
-        assert!(Layout::new(&target, &m, &[(16390, dir.path().join("ts"))]).is_err());
+        let relocate = [(16390, dir.path().join("ts"))];
+        let planned = Planned::new(&target, &m, &relocate).unwrap();
+        assert_eq!(planned.roots[1].path, dir.path().join("ts"));
+        let dest = |path| dest(&planned.tablespaces, path);
+        let at = |root, rel: &str| {
+            Some(Dest {
+                root,
+                rel: rel.into(),
+            })
+        };
+        assert_eq!(dest("pg_tblspc/16390/PG_15/5/1"), at(1, "PG_15/5/1"));
+        assert_eq!(dest("pg_tblspc/16390"), None);
+        assert_eq!(dest("base/5/1"), at(0, "base/5/1"));
+        assert_eq!(dest(CONTROL), at(0, CONTROL_TEMP));
+        std::fs::create_dir_all(target.join("x")).unwrap();
+        assert!(Planned::new(&target, &m, &relocate).is_err());
     }
 
     /// The whole fetch path, catalog included, with a manifest naming a path outside the target:
@@ -649,13 +676,8 @@ mod tests {
     async fn a_manifest_escaping_the_target_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("repo");
-        fs::create_dir(&repo_dir).unwrap();
-        let settings = crate::config::Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_dir.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let repo = Arc::new(Repository::open(&settings).await.unwrap());
+        std::fs::create_dir(&repo_dir).unwrap();
+        let repo = Arc::new(crate::repo::local_for_tests(&repo_dir).await);
         let m = manifest(vec![file("base/1"), file("base/../../escaped")], vec![]);
         let json = m.to_json().unwrap();
         repo.put_bytes(&m.summary.name.manifest_key(), &json, PutMode::IfAbsent)

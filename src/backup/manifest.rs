@@ -8,10 +8,13 @@
 //! written last, only if absent: a backup without it does not exist. Used by push, fetch,
 //! the catalog and verify.
 
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Component, Path};
+
 use serde::{Deserialize, Serialize};
 use walvault_wal::Lsn;
 
-use super::BackupError;
+use super::{BackupError, CHUNK, PACK_TARGET};
 
 pub(crate) const FORMAT: u32 = 1;
 
@@ -184,6 +187,137 @@ impl Manifest {
     }
 }
 
+/// The longest path a manifest may name, in bytes (PostgreSQL's own limit, `MAXPGPATH`).
+const MAX_PATH: usize = 1024;
+/// The largest piece walvault writes (a file is read in chunks of [`CHUNK`]), so a restore
+/// holds at most this much of one piece in memory.
+pub(crate) const MAX_PIECE: u64 = CHUNK;
+/// The most content a pack holds: it is closed once it reaches [`PACK_TARGET`], after at most
+/// one more chunk.
+pub(crate) const MAX_PACK_CONTENT: u64 = PACK_TARGET as u64 + CHUNK;
+
+impl Manifest {
+    /// Refuses anything in a manifest (repository content, so untrusted) that could make a
+    /// restore write outside its target, hold unbounded memory or misplace bytes: paths that are
+    /// not short, clean and relative, or named twice; tablespace locations that are not clean
+    /// absolute paths; tablespace content outside its `PG_*` version directory; modes beyond
+    /// permission bits; pieces larger than walvault writes, outside their file, their pack or
+    /// the backup's packs, or overlapping in a pack.
+    pub(crate) fn validate(&self) -> Result<(), BackupError> {
+        let what = format!("manifest of {}", self.summary.name);
+        let refuse = |problem: String| BackupError::invalid(&what, problem);
+        let mut oids = HashSet::new();
+        for ts in &self.tablespaces {
+            let location = Path::new(&ts.location);
+            let clean = location.is_absolute()
+                && ts.location.len() <= MAX_PATH
+                && !ts.location.contains('\0')
+                && location
+                    .components()
+                    .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+            if !clean || location.parent().is_none() {
+                return Err(refuse(format!(
+                    "refusing tablespace {} at {:?}: not an absolute path below / without . or ..",
+                    ts.oid, ts.location
+                )));
+            }
+            if !oids.insert(ts.oid) {
+                return Err(refuse(format!("tablespace {} is listed twice", ts.oid)));
+            }
+        }
+        let mut seen = HashSet::new();
+        let entries = self
+            .dirs
+            .iter()
+            .map(|d| (d.path.as_str(), d.mode))
+            .chain(self.files.iter().map(|f| (f.path.as_str(), f.mode)));
+        for (path, mode) in entries {
+            if !safe_relative(path) {
+                return Err(refuse(format!(
+                    "refusing path {:.100?}: absolute, over {MAX_PATH} bytes, or with NUL, empty, . or .. parts",
+                    path
+                )));
+            }
+            if let Some((_, inner)) = tablespace_content(path, |oid| oids.contains(&oid)) {
+                if !inner.is_empty() && !inner.starts_with("PG_") {
+                    return Err(refuse(format!(
+                        "refusing path {path:?}: a tablespace holds only its PG_* version directory"
+                    )));
+                }
+            }
+            if mode & !0o7777 != 0 {
+                return Err(refuse(format!(
+                    "{path}: mode {mode:o} is not a permission mode"
+                )));
+            }
+            if !seen.insert(path) {
+                return Err(refuse(format!("{path} is listed twice")));
+            }
+        }
+        let mut in_packs = BTreeSet::new();
+        for file in &self.files {
+            for piece in &file.pieces {
+                let fits = piece.pack.0 < self.summary.packs
+                    && piece.len <= MAX_PIECE
+                    && piece
+                        .at
+                        .checked_add(piece.len)
+                        .is_some_and(|end| end <= MAX_PACK_CONTENT)
+                    && piece
+                        .file_offset
+                        .checked_add(piece.len)
+                        .is_some_and(|end| end <= file.size);
+                if !fits {
+                    return Err(refuse(format!(
+                        "{}: the piece of {} bytes at {} of pack {} (for offset {}) lies outside \
+                         the file or the backup's packs, or is larger than walvault writes \
+                         ({MAX_PIECE} bytes in packs of at most {MAX_PACK_CONTENT})",
+                        file.path, piece.len, piece.at, piece.pack.0, piece.file_offset
+                    )));
+                }
+                if piece.len > 0 {
+                    in_packs.insert((piece.pack, piece.at, piece.len, file.path.as_str()));
+                }
+            }
+        }
+        let mut last: Option<(PackId, u64, &str)> = None;
+        for (pack, at, len, path) in in_packs {
+            if let Some((p, end, other)) = last {
+                if p == pack && at < end {
+                    return Err(refuse(format!(
+                        "pieces of {other} and {path} overlap in pack {}",
+                        pack.0
+                    )));
+                }
+            }
+            last = Some((pack, at + len, path));
+        }
+        Ok(())
+    }
+}
+
+/// `path` is relative, not too long, and made of plain names only.
+fn safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= MAX_PATH
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// For a path inside `pg_tblspc/<oid>` where `<oid>` is a tablespace (`is_tablespace`), the OID
+/// and its path inside the tablespace's directory (`""` for the link itself).
+pub(crate) fn tablespace_content(
+    path: &str,
+    is_tablespace: impl Fn(u32) -> bool,
+) -> Option<(u32, &str)> {
+    let rest = path.strip_prefix("pg_tblspc/")?;
+    let (oid, inner) = rest.split_once('/').unwrap_or((rest, ""));
+    let oid = oid.parse().ok().filter(|oid| is_tablespace(*oid))?;
+    Some((oid, inner))
+}
+
 impl Summary {
     pub(crate) fn from_json(key: &str, bytes: &[u8]) -> Result<Summary, BackupError> {
         let summary: Summary = serde_json::from_slice(bytes).map_err(|e| BackupError::Invalid {
@@ -264,6 +398,90 @@ pub(crate) mod tests {
         assert!(Summary::from_json("k", &json).is_ok());
         for bad in ["base_../x", "other", "base_a/b"] {
             assert!(BackupName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn with_two_pieces() -> Manifest {
+        let mut m = sample("base_x", "2026-01-01T00:00:00Z");
+        let piece = |at, file_offset| Piece {
+            pack: PackId(0),
+            at,
+            len: CHUNK,
+            file_offset,
+            crc32: 0,
+        };
+        m.files = vec![FileEntry {
+            path: "base/1".into(),
+            size: 2 * CHUNK,
+            mode: 0o600,
+            storage: Storage::Whole,
+            crc32: 0,
+            pieces: vec![piece(0, 0), piece(CHUNK, CHUNK)],
+        }];
+        m.tablespaces = vec![Tablespace {
+            oid: 16390,
+            location: "/srv/ts".into(),
+        }];
+        m.dirs.push(DirEntry {
+            path: "pg_tblspc/16390".into(),
+            mode: 0o700,
+        });
+        m.dirs.push(DirEntry {
+            path: "pg_tblspc/16390/PG_15_202209061".into(),
+            mode: 0o700,
+        });
+        m
+    }
+
+    /// Each forgery a manifest could carry, refused; the unforged manifest passes.
+    #[test]
+    fn forged_manifests_are_refused() {
+        assert!(with_two_pieces().validate().is_ok());
+        type Forge = fn(&mut Manifest);
+        let forgeries: [(&str, Forge); 14] = [
+            ("long path", |m| {
+                m.files[0].path = format!("{}x", "a/".repeat(600))
+            }),
+            ("NUL", |m| m.files[0].path = "base/\0x".into()),
+            ("path twice", |m| {
+                m.dirs.push(DirEntry {
+                    path: "base/1".into(),
+                    mode: 0o700,
+                })
+            }),
+            ("file type in mode", |m| m.files[0].mode = 0o100600),
+            ("piece over the cap", |m| {
+                m.files[0].size = 3 * CHUNK;
+                m.files[0].pieces[1].len = CHUNK + 1;
+            }),
+            ("piece past the largest pack", |m| {
+                m.files[0].pieces[1].at = MAX_PACK_CONTENT - 1
+            }),
+            ("piece offset overflows", |m| {
+                m.files[0].pieces[1].at = u64::MAX
+            }),
+            ("file offset overflows", |m| {
+                m.files[0].pieces[1].file_offset = u64::MAX
+            }),
+            ("piece past the file", |m| m.files[0].size = CHUNK),
+            ("pieces overlap", |m| m.files[0].pieces[1].at = CHUNK - 1),
+            ("pack beyond the backup's", |m| {
+                m.files[0].pieces[1].pack = PackId(1)
+            }),
+            ("file in a tablespace beside PG_*", |m| {
+                m.files[0].path = "pg_tblspc/16390/authorized_keys".into()
+            }),
+            ("tablespace at /", |m| {
+                m.tablespaces[0].location = "/".into()
+            }),
+            ("tablespace twice", |m| {
+                m.tablespaces.push(m.tablespaces[0].clone())
+            }),
+        ];
+        for (what, forge) in forgeries {
+            let mut m = with_two_pieces();
+            forge(&mut m);
+            assert!(m.validate().is_err(), "{what}: accepted");
         }
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod manifest;
 pub(crate) mod page;
 pub(crate) mod progress;
 pub(crate) mod push;
+mod tree;
 pub(crate) mod walk;
 pub(crate) mod window;
 
@@ -53,6 +54,12 @@ pub(crate) enum BackupError {
     NotFound(String),
     #[error("object {object}: {problem}")]
     Corrupt { object: String, problem: String },
+    #[error("restoring {file}: {source}")]
+    Restore {
+        file: String,
+        #[source]
+        source: RepoError,
+    },
     #[error("a background task failed: {0}")]
     Task(String),
 }

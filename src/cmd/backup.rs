@@ -76,16 +76,35 @@ pub(super) async fn push(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `backup-fetch` flags.
+pub(super) struct FetchArgs<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) dir: &'a Path,
+    pub(crate) tablespaces: &'a [String],
+    pub(crate) dry_run: bool,
+}
+
 pub(super) async fn fetch(
     settings: &Settings,
     quiet: bool,
     repo: Arc<Repository>,
-    name: &str,
-    dir: &Path,
-    tablespaces: &[String],
+    args: FetchArgs<'_>,
 ) -> anyhow::Result<ExitCode> {
+    let FetchArgs {
+        name,
+        dir,
+        tablespaces,
+        dry_run,
+    } = args;
     let started = Instant::now();
     let opts = fetch_options(settings, quiet, tablespaces)?;
+    if dry_run {
+        let locations = fetch::locations(&repo, name, dir, &opts)
+            .await
+            .with_context(|| format!("backup-fetch {name} into {} (dry run)", dir.display()))?;
+        print_locations(&locations);
+        return Ok(ExitCode::SUCCESS);
+    }
     let fetched = fetch::fetch(repo, name, dir, &opts)
         .await
         .with_context(|| format!("backup-fetch {name} into {}", dir.display()))?;
@@ -116,6 +135,22 @@ pub(super) fn fetch_options(
         progress: !quiet,
         relocate,
     })
+}
+
+/// What `--dry-run` says about where a restore writes: nowhere else than these directories.
+pub(super) fn print_locations(locations: &[fetch::Location]) {
+    for l in locations {
+        println!(
+            "writes below {} ({}, {})",
+            l.path.display(),
+            l.what,
+            if l.exists {
+                "exists and is empty"
+            } else {
+                "to be created, mode 0700"
+            }
+        );
+    }
 }
 
 pub(super) fn report_fetched(fetched: &fetch::Fetched, dir: &Path, started: Instant) {

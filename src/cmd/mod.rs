@@ -90,8 +90,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             dir,
             tablespaces,
+            dry_run,
             ..
-        } => backup::fetch(&settings, quiet, repo, &name, &dir, &tablespaces).await,
+        } => {
+            let fetch = backup::FetchArgs {
+                name: &name,
+                dir: &dir,
+                tablespaces: &tablespaces,
+                dry_run,
+            };
+            backup::fetch(&settings, quiet, repo, fetch).await
+        }
         Command::BackupList { json } => backup::list(&repo, json).await,
         Command::Recover(args) => recover::recover(&settings, &flags, quiet, repo, args).await,
         Command::Verify { concurrency } => verify::verify(repo, concurrency).await,

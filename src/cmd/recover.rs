@@ -68,6 +68,10 @@ pub(super) async fn recover(
         keep_archive_command: args.keep_archive_command,
     };
     if args.dry_run {
+        let locations = fetch::locations(&repo, plan.backup.name.as_str(), &dir, &fetch_opts)
+            .await
+            .with_context(|| format!("checking where {} would be restored", plan.backup.name))?;
+        backup::print_locations(&locations);
         println!(
             "settings: recovery.signal, and appended to {}:{}",
             dir.join("postgresql.auto.conf").display(),

@@ -466,3 +466,14 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
     }
     Ok(filled)
 }
+
+/// A repository in a local directory, for unit tests.
+#[cfg(test)]
+pub(crate) async fn local_for_tests(dir: &Path) -> Repository {
+    let settings = Settings::load(&crate::config::FlagValues {
+        repo: Some(format!("file://{}", dir.display())),
+        ..Default::default()
+    })
+    .unwrap();
+    Repository::open(&settings).await.unwrap()
+}
