@@ -673,7 +673,6 @@ fn read_range(file: &std::fs::File, path: &Path, from: u64, to: u64) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FlagValues, Settings};
 
     /// A receiver killed after the last fragment of a segment but before storing it whole
     /// leaves a covered segment behind; the next run stores it and drops the fragments, and
@@ -683,12 +682,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("repo");
         std::fs::create_dir(&repo_dir).unwrap();
-        let settings = Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_dir.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let repo = Arc::new(Repository::open(&settings).await.unwrap());
+        let repo = Arc::new(crate::repo::local_for_tests(&repo_dir).await);
         let seg_size = WalSegmentSize::new(1 << 20).unwrap();
         let (done, open): (SegmentName, SegmentName) = (
             "000000010000000000000008".parse().unwrap(),

@@ -623,7 +623,6 @@ fn segment_start(lsn: Lsn, seg_size: WalSegmentSize) -> Lsn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FlagValues, Settings};
     use crate::replication::fake;
     use tokio::io::AsyncWriteExt;
 
@@ -669,12 +668,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("repo");
         std::fs::create_dir(&repo_dir).unwrap();
-        let settings = Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_dir.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let repo = Arc::new(Repository::open(&settings).await.unwrap());
+        let repo = Arc::new(crate::repo::local_for_tests(&repo_dir).await);
         let spool = dir.path().join("spool");
         let metrics = Arc::new(Metrics::default());
         let seg_size = WalSegmentSize::new(SEG_SIZE).unwrap();

@@ -360,7 +360,6 @@ fn lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FlagValues, Settings};
     use crate::wal::fetch::{fetch, Fetched};
 
     #[tokio::test]
@@ -369,12 +368,7 @@ mod tests {
         let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
         std::fs::create_dir_all(&wal_dir).unwrap();
         std::fs::create_dir(&repo_dir).unwrap();
-        let settings = Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_dir.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let repo = Repository::open(&settings).await.unwrap();
+        let repo = crate::repo::local_for_tests(&repo_dir).await;
         let spool = Spool::locate(None, &wal_dir);
         let prefetch = spool.prefetch_dir();
         std::fs::create_dir_all(&prefetch).unwrap();

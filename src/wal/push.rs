@@ -186,7 +186,6 @@ fn parse_name(path: &Path) -> Result<WalFileName, ArchiveError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{FlagValues, Settings};
     use walvault_wal::page::{PgMajor, XLP_LONG_HEADER};
     use walvault_wal::WalSegmentSize;
 
@@ -224,12 +223,7 @@ pub(crate) mod tests {
             std::fs::write(wal_dir.join(name), segment(name)).unwrap();
             std::fs::write(wal_dir.join(format!("archive_status/{name}.ready")), "").unwrap();
         }
-        let settings = Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_dir.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let archiver = Archiver::new(Arc::new(Repository::open(&settings).await.unwrap()));
+        let archiver = Archiver::new(Arc::new(crate::repo::local_for_tests(&repo_dir).await));
         let spool = Spool::locate(None, &wal_dir);
 
         // The first call stores its own file and asks for a pusher: others are ready.
