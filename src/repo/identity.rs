@@ -49,7 +49,7 @@ impl Identity {
     pub(crate) fn from_header(header: &LongPageHeader) -> Identity {
         Identity {
             system_identifier: header.system_identifier,
-            pg_major: header.major.number(),
+            pg_major: header.std.major.number(),
             wal_segment_size: header.seg_size.bytes(),
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         }

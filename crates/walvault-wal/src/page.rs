@@ -178,21 +178,12 @@ pub fn short_page_header(bytes: &[u8]) -> Result<ShortPageHeader, WalError> {
 }
 
 /// The header of a segment's first page (`XLogLongPageHeaderData`), which
-/// identifies the cluster and the segment size the file was written with.
+/// identifies the cluster and the segment size the file was written with. As
+/// in PostgreSQL, it embeds the standard header as `std`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct LongPageHeader {
-    /// `xlp_magic`.
-    pub magic: u16,
-    /// The major version the magic identifies.
-    pub major: PgMajor,
-    /// `xlp_info`: `XLP_*` flag bits, including `XLP_LONG_HEADER`.
-    pub info: u16,
-    /// `xlp_tli`: timeline of the first record on the page.
-    pub tli: TimelineId,
-    /// `xlp_pageaddr`: the LSN of the segment's first byte.
-    pub pageaddr: Lsn,
-    /// `xlp_rem_len`: bytes of a record continued from the previous segment.
-    pub rem_len: u32,
+    /// The standard header fields; `std.info` includes `XLP_LONG_HEADER`.
+    pub std: ShortPageHeader,
     /// `xlp_sysid`: the cluster's system identifier from `pg_control`.
     pub system_identifier: u64,
     /// `xlp_seg_size`.
@@ -210,9 +201,9 @@ impl LongPageHeader {
                 len: bytes.len(),
                 need: SIZE_OF_XLOG_LONG_PHD,
             })?;
-        let short = short_page_header(h)?;
-        if !short.is_long() {
-            return Err(WalError::NotLongHeader(short.info));
+        let std = short_page_header(h)?;
+        if !std.is_long() {
+            return Err(WalError::NotLongHeader(std.info));
         }
         let system_identifier =
             u64::from_le_bytes([h[24], h[25], h[26], h[27], h[28], h[29], h[30], h[31]]);
@@ -222,12 +213,7 @@ impl LongPageHeader {
         let seg_size = WalSegmentSize::new(u64::from(seg_size))?;
         check_block_size(block_size)?;
         Ok(LongPageHeader {
-            magic: short.magic,
-            major: short.major,
-            info: short.info,
-            tli: short.tli,
-            pageaddr: short.pageaddr,
-            rem_len: short.rem_len,
+            std,
             system_identifier,
             seg_size,
             block_size,
@@ -303,17 +289,17 @@ fn validate_common(
     // The header's own segment size decides how the name maps to an LSN:
     // the file must be self-consistent whatever walvault was configured with.
     let expected = name.start_lsn(header.seg_size).map_err(in_file)?;
-    if header.pageaddr != expected {
+    if header.std.pageaddr != expected {
         return Err(WalError::PageAddressMismatch {
             file: file.to_string(),
-            found: header.pageaddr,
+            found: header.std.pageaddr,
             expected,
         });
     }
-    if header.tli > name.tli {
+    if header.std.tli > name.tli {
         return Err(WalError::TimelineFromFuture {
             file: file.to_string(),
-            found: header.tli,
+            found: header.std.tli,
             name_tli: name.tli,
         });
     }
@@ -610,12 +596,14 @@ mod tests {
             assert_eq!(
                 parsed,
                 LongPageHeader {
-                    magic: major.magic(),
-                    major,
-                    info: XLP_LONG_HEADER | XLP_FIRST_IS_CONTRECORD,
-                    tli: TimelineId(3),
-                    pageaddr: Lsn(0x1_2C00_0000),
-                    rem_len: 0x1234,
+                    std: ShortPageHeader {
+                        magic: major.magic(),
+                        major,
+                        info: XLP_LONG_HEADER | XLP_FIRST_IS_CONTRECORD,
+                        tli: TimelineId(3),
+                        pageaddr: Lsn(0x1_2C00_0000),
+                        rem_len: 0x1234,
+                    },
                     system_identifier: SYSID,
                     seg_size: WalSegmentSize::new(64 << 20).unwrap(),
                     block_size: 32768,
@@ -760,7 +748,7 @@ mod tests {
     fn validates_a_good_segment() {
         let name = seg_name("000000010000000000000003");
         let header = validate_segment(&name, &Hdr::new(PgMajor::V16).bytes(), FULL).unwrap();
-        assert_eq!(header.major, PgMajor::V16);
+        assert_eq!(header.std.major, PgMajor::V16);
         assert_eq!(header.system_identifier, SYSID);
     }
 

@@ -260,7 +260,7 @@ impl RecordScanner {
         RecordScanner {
             start,
             block_size: u64::from(header.block_size),
-            major: header.major,
+            major: header.std.major,
             offset: 0,
             page: PageHead::Reading {
                 buf: [0; SIZE_OF_XLOG_SHORT_PHD],
