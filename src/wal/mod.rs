@@ -6,6 +6,7 @@
 
 pub mod fetch;
 pub mod fragments;
+pub(crate) mod history;
 pub mod prefetch;
 pub mod push;
 pub mod pusher;

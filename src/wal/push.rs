@@ -17,8 +17,9 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 use walvault_wal::page::{validate_partial, validate_segment, SIZE_OF_XLOG_LONG_PHD};
-use walvault_wal::{BackupHistory, TimelineHistory, WalError, WalFileName};
+use walvault_wal::{WalError, WalFileName};
 
+use super::history::{self, BadHistoryFile};
 use super::pusher::Markers;
 use super::spool::{self, Spool};
 use crate::repo::codec::Checksum;
@@ -57,11 +58,30 @@ pub enum ArchiveError {
         stored: Checksum,
         local: Checksum,
     },
+    #[error("{path}: {source}")]
+    BadHistory {
+        path: PathBuf,
+        #[source]
+        source: BadHistoryFile,
+    },
+    #[error(
+        "{key} in {repo} exists but could not be read back to compare it with the file to archive \
+         ({attempts} attempts); nothing was stored"
+    )]
+    Unreadable {
+        key: String,
+        repo: String,
+        attempts: u32,
+    },
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
+
+/// Rounds of store-or-compare for one file: an object seen but gone when read back is looked for
+/// again, a bounded number of times.
+const STORE_ATTEMPTS: u32 = 3;
 
 /// How one file ended up archived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,41 +143,61 @@ impl Archiver {
     ) -> Result<Pushed, ArchiveError> {
         self.validate(name, path).await?;
         let key = wal_key(name);
+        for _ in 0..STORE_ATTEMPTS {
+            if let Some(pushed) = self.store_or_compare(name, &key, path).await? {
+                return Ok(pushed);
+            }
+        }
+        Err(ArchiveError::Unreadable {
+            key,
+            repo: self.repo.url().to_owned(),
+            attempts: STORE_ATTEMPTS,
+        })
+    }
+
+    /// Stores the file, or compares it with the object already stored. `None` when the object
+    /// exists but was gone when read (retention racing a retry), so that the caller tries again.
+    async fn store_or_compare(
+        &self,
+        name: &WalFileName,
+        key: &str,
+        path: &Path,
+    ) -> Result<Option<Pushed>, ArchiveError> {
         let repo = &self.repo;
         // Checking first costs one round trip but keeps the no-overwrite promise even on S3
         // services that ignore If-None-Match.
         if repo
             .store()
-            .head(&key)
+            .head(key)
             .await
             .map_err(RepoError::from)?
             .is_some()
         {
-            return self.compare_existing(name, &key, path).await;
+            return self.compare_existing(name, key, path).await;
         }
         let stored = match name {
-            WalFileName::Segment(seg) => summary::put_segment(repo, &key, seg, path).await?,
-            _ => repo.put_file(&key, path, PutMode::IfAbsent).await?,
+            WalFileName::Segment(seg) => summary::put_segment(repo, key, seg, path).await?,
+            _ => repo.put_file(key, path, PutMode::IfAbsent).await?,
         };
         match stored.committed {
-            Committed::Created => Ok(Pushed::Stored {
+            Committed::Created => Ok(Some(Pushed::Stored {
                 content: stored.content_len,
                 stored: stored.stored_len,
-            }),
+            })),
             // Another pusher won the race: same rule as a retry.
-            Committed::AlreadyExists => self.compare_existing(name, &key, path).await,
+            Committed::AlreadyExists => self.compare_existing(name, key, path).await,
         }
     }
 
+    /// `None` when the object is gone by the time it is read.
     async fn compare_existing(
         &self,
         name: &WalFileName,
         key: &str,
         path: &Path,
-    ) -> Result<Pushed, ArchiveError> {
+    ) -> Result<Option<Pushed>, ArchiveError> {
         let Some(cmp) = self.repo.compare_with_file(key, path).await? else {
-            // Deleted between the check and the read (retention racing a retry): store it again.
-            return Box::pin(self.push(name, path)).await;
+            return Ok(None);
         };
         if !cmp.identical {
             return Err(ArchiveError::Conflict {
@@ -167,7 +207,7 @@ impl Archiver {
                 local: cmp.local,
             });
         }
-        Ok(Pushed::AlreadyArchived)
+        Ok(Some(Pushed::AlreadyArchived))
     }
 
     /// Refuses what is not WAL of this repository's cluster, before anything is stored.
@@ -202,13 +242,28 @@ impl Archiver {
                 // The cached identity came from the first file of this call; check each file.
                 identity::check(recorded, &found, &what, self.repo.url())?;
             }
-            WalFileName::History(tli) => {
-                let text = tokio::fs::read_to_string(path).await.map_err(read_err)?;
-                TimelineHistory::parse(*tli, &text).map_err(invalid)?;
-            }
-            WalFileName::Backup { .. } => {
-                let text = tokio::fs::read_to_string(path).await.map_err(read_err)?;
-                BackupHistory::parse(&text).map_err(invalid)?;
+            WalFileName::History(_) | WalFileName::Backup { .. } => {
+                // One byte past the limit is enough to refuse an oversized file.
+                let mut content = Vec::new();
+                tokio::fs::File::open(path)
+                    .await
+                    .map_err(read_err)?
+                    .take(history::MAX_LEN + 1)
+                    .read_to_end(&mut content)
+                    .await
+                    .map_err(read_err)?;
+                let seg_size = match name {
+                    WalFileName::Backup { .. } => identity::load(&self.repo)
+                        .await?
+                        .and_then(|id| id.segment_size()),
+                    _ => None,
+                };
+                history::check(name, &content, seg_size).map_err(|source| {
+                    ArchiveError::BadHistory {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?;
             }
         }
         Ok(())
@@ -315,5 +370,67 @@ pub(crate) mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let third = archiver.push_requested(&path, &spool, || {}).await.unwrap();
         assert_eq!(third.1, Pushed::AlreadyArchived);
+    }
+
+    async fn archiver_and_dirs() -> (tempfile::TempDir, Arc<Archiver>, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+        std::fs::create_dir_all(wal_dir.join("archive_status")).unwrap();
+        std::fs::create_dir(&repo_dir).unwrap();
+        let settings = Settings::load(&FlagValues {
+            repo: Some(format!("file://{}", repo_dir.display())),
+            ..Default::default()
+        })
+        .unwrap();
+        let archiver = Archiver::new(Arc::new(Repository::open(&settings).await.unwrap()));
+        (dir, archiver, repo_dir, wal_dir)
+    }
+
+    #[tokio::test]
+    async fn history_files_postgres_never_writes_are_not_archived() {
+        let (_dir, archiver, repo_dir, wal_dir) = archiver_and_dirs().await;
+        let spool = Spool::locate(None, &wal_dir);
+        for (name, content) in [
+            ("00000002.history", ""),
+            ("00000003.history", "3\t0/3000158\tits own parent\n"),
+            ("000000010000000000000002.00000028.backup", ""),
+        ] {
+            let path = wal_dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            let err = archiver
+                .push_requested(&path, &spool, || {})
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ArchiveError::BadHistory { .. }),
+                "{name}: {err}"
+            );
+            assert!(
+                !repo_dir.join("wal").join(name).exists(),
+                "{name} was stored"
+            );
+        }
+        let path = wal_dir.join("00000002.history");
+        std::fs::write(&path, "1\t0/3000158\tno recovery target specified\n").unwrap();
+        let (_, pushed) = archiver.push_requested(&path, &spool, || {}).await.unwrap();
+        assert!(matches!(pushed, Pushed::Stored { .. }), "{pushed:?}");
+    }
+
+    #[tokio::test]
+    async fn an_object_that_exists_but_cannot_be_read_fails_the_push() {
+        let (_dir, archiver, repo_dir, wal_dir) = archiver_and_dirs().await;
+        let spool = Spool::locate(None, &wal_dir);
+        let name = "000000010000000000000002";
+        let path = wal_dir.join(name);
+        std::fs::write(&path, segment(name)).unwrap();
+        // A name that is taken (a new link to it fails) but opens as missing.
+        std::fs::create_dir_all(repo_dir.join("wal")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", repo_dir.join("wal").join(name)).unwrap();
+        let err = archiver
+            .push_requested(&path, &spool, || {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ArchiveError::Unreadable { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("wal/{name}")), "{err}");
     }
 }
