@@ -1,14 +1,19 @@
 //! The prefetcher: after wal-fetch served segment N, a detached `wal-prefetch` process downloads
 //! N+1..N+k into the spool (outside `pg_wal`), verified, so later calls only rename a local file.
 //!
-//! The spool is a cache and is not fsynced: each file is named `<segment>.<crc32>.<boot id>`. A
-//! file written since the machine last booted is whole (it was renamed into place after its
-//! content was verified, and nothing but a crash of the kernel loses page-cache writes), so it is
-//! served as it is; one from an earlier boot may have been torn by that crash, so wal-fetch checks
-//! its content against the checksum first and fetches it again from the repository if it differs.
-//! A call for a segment the prefetcher is downloading at that moment waits for it rather than
-//! downloading it a second time. The spool never holds more than k segments: each run first
-//! deletes what recovery has passed.
+//! Each repository has its own spool directory (named by a hash of its URL), so a spool shared by
+//! several clusters never serves one's WAL to another; the prefetcher refuses any object whose
+//! length is not the repository's segment size. The spool is a cache and is not fsynced: each
+//! file is named `<segment>.<crc32>.<boot id>` (the segment name carries the timeline). Before a
+//! file is served, its first page must name that segment, its length must be the page's segment
+//! size and, when `PGDATA/global/pg_control` is readable, its system must be PGDATA's: a few
+//! microseconds. The content checksum is checked only for a file from an earlier boot, which a
+//! kernel crash may have torn; one written since boot was renamed into place after its content
+//! was verified, and checking it again would cost milliseconds per segment and guard against
+//! nothing a writer of the spool could not also forge. Whatever fails a check is deleted and
+//! fetched again from the repository. A call for a segment the prefetcher is downloading at that
+//! moment waits for it rather than downloading it a second time. The spool never holds more than
+//! k segments: each run first deletes what recovery has passed.
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -3,8 +3,9 @@
 //! It holds two kinds of small state, both safe to delete at any time:
 //! - `pushed/<name>`: a marker that a segment was already stored by push-ahead, with the checksum
 //!   and length of what was stored, so the archiver's later call for it returns at once;
-//! - `prefetch/<name>`: segments the prefetcher downloaded and verified ahead of recovery asking
-//!   for them, named with their checksum and the boot they were written in (see restore).
+//! - `prefetch/<repository>/<name>`: segments the prefetcher downloaded and verified ahead of
+//!   recovery asking for them, by repository, named with their checksum and the boot they were
+//!   written in (see [prefetch](super::prefetch)).
 //!
 //! It lives outside `pg_wal` (by default `<PGDATA>/walvault_spool`, next to `pg_wal`), so nothing
 //! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. The background helpers that
