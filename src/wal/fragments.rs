@@ -188,13 +188,25 @@ pub async fn fetch_partial(
                 return Ok(Partial::Vanished);
             };
             if f.start == 0 {
-                LongPageHeader::parse(&bytes)
+                let header = LongPageHeader::parse(&bytes)
                     .map_err(|e| invalid(&f.key, format!("first page: {e}")))?;
+                if u64::from(header.seg_size.bytes()) != seg_size {
+                    return Err(invalid(
+                        &f.key,
+                        format!(
+                            "its first page gives segment size {}, the repository {seg_size}",
+                            header.seg_size.bytes()
+                        ),
+                    ));
+                }
             }
-            // The chain only overlaps a fragment with the one before it (see `chain`).
+            // A link of the chain starts past the end of the link two before it (or it would
+            // have been chosen in the place of the one between), so it can only overlap the link
+            // just before it. Offsets are within the segment (at most 1 GiB), so they fit usize.
             if let Some((p, before)) = &previous {
-                let (from, to) = ((f.start - p.start) as usize, (written - p.start) as usize);
-                if before.get(from..to) != bytes.get(..to - from) {
+                let from = f.start.saturating_sub(p.start) as usize;
+                let to = written.saturating_sub(p.start) as usize;
+                if before.get(from..to) != bytes.get(..to.saturating_sub(from)) {
                     return Err(invalid(
                         &f.key,
                         format!(
@@ -204,7 +216,9 @@ pub async fn fetch_partial(
                     ));
                 }
             }
-            let fresh = &bytes[(written - f.start) as usize..];
+            let fresh = bytes
+                .get(written.saturating_sub(f.start) as usize..)
+                .unwrap_or_default();
             out.write_all(fresh).await.map_err(file_err("write"))?;
             written = f.end;
             previous = Some((f, bytes));
