@@ -263,7 +263,7 @@ async fn fetch_streamed(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{FlagValues, Settings};
     use crate::repo::store::PutMode;
@@ -272,13 +272,13 @@ mod tests {
 
     /// A local repository holding cluster 7 (1 MiB segments, what `segment` makes), and an empty
     /// data directory to recover into.
-    struct Setup {
-        dir: tempfile::TempDir,
-        repo: Repository,
-        pg_wal: PathBuf,
+    pub(crate) struct Setup {
+        pub(crate) dir: tempfile::TempDir,
+        pub(crate) repo: Repository,
+        pub(crate) pg_wal: PathBuf,
     }
 
-    async fn setup() -> Setup {
+    pub(crate) async fn setup() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("repo");
         let pg_wal = dir.path().join("data/pg_wal");
@@ -324,7 +324,7 @@ mod tests {
             (fetched, std::fs::read(&dest).ok())
         }
 
-        fn write_pg_control(&self, sysid: u64) {
+        pub(crate) fn write_pg_control(&self, sysid: u64) {
             let global = self.dir.path().join("data/global");
             std::fs::create_dir_all(&global).unwrap();
             let mut control = sysid.to_le_bytes().to_vec();

@@ -395,32 +395,16 @@ fn lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FlagValues, Settings};
+    use crate::wal::fetch::tests::{setup as fetch_setup, Setup};
     use crate::wal::fetch::{fetch, Fetched};
     use crate::wal::push::tests::segment;
 
-    /// A local repository holding cluster 7 (1 MiB segments, what `segment` makes), with a
-    /// `pg_wal` to recover into and its spool.
-    async fn setup(dir: &Path) -> (Repository, PathBuf, Spool) {
-        let (repo_path, wal_dir) = (dir.join("repo"), dir.join("data/pg_wal"));
-        std::fs::create_dir_all(&wal_dir).unwrap();
-        std::fs::create_dir(&repo_path).unwrap();
-        let settings = Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_path.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let repo = Repository::open(&settings).await.unwrap();
-        let cluster = identity::Identity {
-            system_identifier: 7,
-            pg_major: 15,
-            wal_segment_size: 1 << 20,
-            created_at: String::new(),
-        };
-        identity::ensure(&repo, &cluster, "test").await.unwrap();
-        let spool = Spool::locate(None, &wal_dir);
-        std::fs::create_dir_all(repo_dir(&spool, repo.url())).unwrap();
-        (repo, wal_dir, spool)
+    /// A repository holding cluster 7 and a `pg_wal` to recover into, with its spool.
+    async fn setup() -> (Setup, Spool) {
+        let s = fetch_setup().await;
+        let spool = Spool::locate(None, &s.pg_wal);
+        std::fs::create_dir_all(repo_dir(&spool, s.repo.url())).unwrap();
+        (s, spool)
     }
 
     fn seg(n: u32) -> SegmentName {
@@ -435,8 +419,8 @@ mod tests {
 
     #[tokio::test]
     async fn spooled_segments_of_an_earlier_boot_are_checked_before_they_are_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let (repo, wal_dir, spool) = setup(dir.path()).await;
+        let (s, spool) = setup().await;
+        let (repo, wal_dir) = (&s.repo, &s.pg_wal);
         let prefetch = repo_dir(&spool, repo.url());
         let content = |n| segment(&seg(n).to_string());
         let this_boot = boot_id().expect("Linux names its boots");
@@ -464,16 +448,16 @@ mod tests {
 
         let dest = wal_dir.join("RECOVERYXLOG");
         for n in [1, 2] {
-            let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(n)), &dest).await;
+            let fetched = fetch(repo, &mut prefetched, &WalFileName::Segment(seg(n)), &dest).await;
             assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: true });
             assert_eq!(std::fs::read(&dest).unwrap(), content(n));
         }
         // The torn copy is dropped and the repository asked instead (where it is absent).
-        let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(3)), &dest).await;
+        let fetched = fetch(repo, &mut prefetched, &WalFileName::Segment(seg(3)), &dest).await;
         assert_eq!(fetched.unwrap(), Fetched::NotFound);
         // No prefetcher holds the lock, so nobody is finishing the download in flight: no wait.
         let started = std::time::Instant::now();
-        let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(4)), &dest).await;
+        let fetched = fetch(repo, &mut prefetched, &WalFileName::Segment(seg(4)), &dest).await;
         assert_eq!(fetched.unwrap(), Fetched::NotFound);
         assert!(started.elapsed() < IN_FLIGHT_WAIT);
         let left = Prefetched::read(&spool, repo.url());
@@ -486,9 +470,9 @@ mod tests {
 
     #[tokio::test]
     async fn only_segments_of_this_repository_and_cluster_are_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let (repo, wal_dir, spool) = setup(dir.path()).await;
-        let ours = repo_dir(&spool, repo.url());
+        let (s, spool) = setup().await;
+        let wal_dir = &s.pg_wal;
+        let ours = repo_dir(&spool, s.repo.url());
         let theirs = repo_dir(&spool, "s3://another/cluster");
         std::fs::create_dir_all(&theirs).unwrap();
         let boot = boot_id().expect("Linux names its boots");
@@ -501,22 +485,20 @@ mod tests {
         // Cut short.
         spool_file(&ours, 9, &boot, &content(9)[..4096]);
         let dest = wal_dir.join("RECOVERYXLOG");
-        let mut prefetched = Prefetched::read(&spool, repo.url());
+        let mut prefetched = Prefetched::read(&spool, s.repo.url());
         for n in [5, 6, 7, 9] {
             assert!(!prefetched.serve(&seg(n), &dest).await, "{} served", seg(n));
             assert!(!dest.exists());
         }
         // Another system's WAL once PGDATA says which system recovers.
         spool_file(&ours, 10, &boot, &content(10));
-        let global = dir.path().join("data/global");
-        std::fs::create_dir_all(&global).unwrap();
-        std::fs::write(global.join("pg_control"), 8u64.to_le_bytes()).unwrap();
-        let mut prefetched = Prefetched::read(&spool, repo.url());
+        s.write_pg_control(8);
+        let mut prefetched = Prefetched::read(&spool, s.repo.url());
         assert!(!prefetched.serve(&seg(10), &dest).await);
         assert!(!dest.exists());
-        std::fs::write(global.join("pg_control"), 7u64.to_le_bytes()).unwrap();
+        s.write_pg_control(7);
         spool_file(&ours, 11, &boot, &content(11));
-        let mut prefetched = Prefetched::read(&spool, repo.url());
+        let mut prefetched = Prefetched::read(&spool, s.repo.url());
         assert!(prefetched.serve(&seg(11), &dest).await);
         assert_eq!(std::fs::read(&dest).unwrap(), content(11));
     }

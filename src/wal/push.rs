@@ -314,10 +314,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn calls_find_what_the_pusher_stored_unless_the_file_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
-        std::fs::create_dir_all(wal_dir.join("archive_status")).unwrap();
-        std::fs::create_dir(&repo_dir).unwrap();
+        let (_dir, archiver, repo_dir, wal_dir) = archiver_and_dirs().await;
         let names = [
             "000000010000000000000001",
             "000000010000000000000002",
@@ -327,12 +324,6 @@ pub(crate) mod tests {
             std::fs::write(wal_dir.join(name), segment(name)).unwrap();
             std::fs::write(wal_dir.join(format!("archive_status/{name}.ready")), "").unwrap();
         }
-        let settings = Settings::load(&FlagValues {
-            repo: Some(format!("file://{}", repo_dir.display())),
-            ..Default::default()
-        })
-        .unwrap();
-        let archiver = Archiver::new(Arc::new(Repository::open(&settings).await.unwrap()));
         let spool = Spool::locate(None, &wal_dir);
 
         // The first call stores its own file and asks for a pusher: others are ready.
