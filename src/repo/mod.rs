@@ -34,7 +34,7 @@ pub enum RepoError {
         source: std::io::Error,
     },
     #[error(
-        "{key} declares {declared} bytes of content where {rule} are expected; nothing was written"
+        "{key} declares {declared} bytes of content where {rule} are expected; it was not read"
     )]
     Length {
         key: String,

@@ -17,7 +17,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use walvault_wal::{WalFileName, WalSegmentSize};
+use walvault_wal::page::{validate_segment, SIZE_OF_XLOG_LONG_PHD};
+use walvault_wal::{SegmentName, WalFileName, WalSegmentSize};
 
 use super::fragments::{self, Partial};
 use super::history::{self, BadHistoryFile};
@@ -63,6 +64,12 @@ pub enum FetchError {
     },
     #[error("repository {repo}: its identity gives an invalid WAL segment size {size}")]
     BadSegmentSize { repo: String, size: u32 },
+    #[error("object {key} in {repo} is not the segment its name says: {problem}")]
+    BadSegment {
+        key: String,
+        repo: String,
+        problem: String,
+    },
     #[error("object {key} in {repo}: {source}")]
     BadHistory {
         key: String,
@@ -85,10 +92,10 @@ pub async fn fetch(
             return Ok(Fetched::Found { from_spool: true });
         }
     }
-    let seg_size = this_cluster(repo, dest).await?;
+    let cluster = this_cluster(repo, dest).await?;
     let mut attempt = 1;
     loop {
-        match fetch_once(repo, seg_size, name, dest).await {
+        match fetch_once(repo, &cluster, name, dest).await {
             Ok(Some(fetched)) => return Ok(fetched),
             // Completed while we looked: fetch the whole segment on the next round.
             Ok(None) if attempt < FETCH_ATTEMPTS => attempt += 1,
@@ -121,21 +128,26 @@ pub async fn fetch(
 /// One look at the repository. `None` when streamed fragments changed while being read.
 async fn fetch_once(
     repo: &Repository,
-    seg_size: WalSegmentSize,
+    cluster: &Cluster,
     name: &WalFileName,
     dest: &Path,
 ) -> Result<Option<Fetched>, FetchError> {
     let key = wal_key(name);
+    let seg_size = cluster.seg_size;
     let size = u64::from(seg_size.bytes());
     let found = Some(Fetched::Found { from_spool: false });
     match name {
-        WalFileName::Segment(_) => match repo
-            .get_to_file(&key, dest, LengthRule::Exactly(size))
-            .await?
-        {
-            Some(_) => Ok(found),
-            None => Ok(fetch_streamed(repo, seg_size, name, dest).await?),
-        },
+        WalFileName::Segment(seg) => {
+            let rule = LengthRule::Exactly(size);
+            let fetched = match repo.get_to_file(&key, dest, rule).await? {
+                Some(_) => found,
+                None => fetch_streamed(repo, seg_size, name, dest).await?,
+            };
+            if matches!(fetched, Some(Fetched::Found { .. })) {
+                check_segment(repo, &key, seg, cluster, dest)?;
+            }
+            Ok(fetched)
+        }
         WalFileName::Partial(_) => match repo
             .get_to_file(&key, dest, LengthRule::AtMost(size))
             .await?
@@ -161,11 +173,17 @@ async fn fetch_once(
     }
 }
 
-/// Checks that `repo` holds the cluster recovering into `dest` and returns its segment size.
+/// What the repository's identity says about the cluster it holds.
+struct Cluster {
+    system_identifier: u64,
+    seg_size: WalSegmentSize,
+}
+
+/// Checks that `repo` holds the cluster recovering into `dest` and returns what it says of it.
 /// One small read of the repository and one of `pg_control`, paid by every call the spool does
 /// not serve: a miss is only a miss in the right repository, and a segment's length is only
 /// known from the identity.
-async fn this_cluster(repo: &Repository, dest: &Path) -> Result<WalSegmentSize, FetchError> {
+async fn this_cluster(repo: &Repository, dest: &Path) -> Result<Cluster, FetchError> {
     let Some(recorded) = identity::load(repo).await? else {
         return Err(FetchError::NoIdentity {
             repo: repo.url().to_owned(),
@@ -181,7 +199,45 @@ async fn this_cluster(repo: &Repository, dest: &Path) -> Result<WalSegmentSize, 
             });
         }
     }
-    segment_size(repo, &recorded)
+    Ok(Cluster {
+        system_identifier: recorded.system_identifier,
+        seg_size: segment_size(repo, &recorded)?,
+    })
+}
+
+/// Deletes the segment restored to `dest` unless its first page names `seg` of this cluster.
+/// The checksum vouches only for what was stored under the key; PostgreSQL reads a page address
+/// or system other than it expects as the end of WAL, and would end recovery there.
+fn check_segment(
+    repo: &Repository,
+    key: &str,
+    seg: &SegmentName,
+    cluster: &Cluster,
+    dest: &Path,
+) -> Result<(), FetchError> {
+    use std::io::Read;
+    let checked = (|| {
+        let mut file = std::fs::File::open(dest).map_err(|e| e.to_string())?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut first = vec![0u8; SIZE_OF_XLOG_LONG_PHD];
+        file.read_exact(&mut first).map_err(|e| e.to_string())?;
+        let header = validate_segment(seg, &first, len).map_err(|e| e.to_string())?;
+        if header.system_identifier != cluster.system_identifier {
+            return Err(format!(
+                "it is WAL of system {}, not of the repository's system {}",
+                header.system_identifier, cluster.system_identifier
+            ));
+        }
+        Ok(())
+    })();
+    checked.map_err(|problem| {
+        let _ = std::fs::remove_file(dest);
+        FetchError::BadSegment {
+            key: key.to_owned(),
+            repo: repo.url().to_owned(),
+            problem,
+        }
+    })
 }
 
 pub(super) fn segment_size(
@@ -361,6 +417,22 @@ pub(crate) mod tests {
         let (fetched, written) = s.fetch(SEG).await;
         assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: false });
         assert_eq!(written.unwrap(), content);
+    }
+
+    #[tokio::test]
+    async fn a_stored_segment_must_be_the_segment_its_key_names() {
+        let s = setup().await;
+        // Another segment's content, and another system's, each with a valid checksum.
+        let mut other_system = segment(SEG);
+        other_system[24..32].copy_from_slice(&8u64.to_le_bytes());
+        for content in [segment("000000010000000000000004"), other_system] {
+            s.put(&format!("wal/{SEG}"), &content).await;
+            let (fetched, written) = s.fetch(SEG).await;
+            let err = fetched.unwrap_err();
+            assert!(matches!(err, FetchError::BadSegment { .. }), "{err}");
+            assert!(err.to_string().contains(&format!("wal/{SEG}")), "{err}");
+            assert_eq!(written, None);
+        }
     }
 
     #[tokio::test]
