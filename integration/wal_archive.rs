@@ -25,6 +25,7 @@ repo_kind_tests!(
     push_killed_before_commit_exposes_nothing,
     config_errors_are_reported,
     full_size_segments_in_parts,
+    wal_fetch_says_not_found_only_for_this_clusters_repository,
 );
 
 fn small_segments(name: &str) -> ClusterConfig {
@@ -329,6 +330,100 @@ fn wal_fetch_missing_and_corrupt(kind: RepoKind) {
     );
     let (_, problems) = verify_summary(&verify);
     assert!(problems >= 1, "{verify}");
+}
+
+/// A destination for `wal-fetch` in a data directory whose `global/pg_control` is `pg_control`'s.
+fn fetch_target_in(env: &TestEnv, name: &str, pg_control: &Path) -> PathBuf {
+    let dest = fetch_target(env, name);
+    let data_dir = dest.parent().unwrap().parent().unwrap();
+    env.write_file(
+        data_dir.join("global/pg_control"),
+        fs::read(pg_control).unwrap(),
+    );
+    dest
+}
+
+/// PostgreSQL ends recovery on "not found" (exit 1): wal-fetch says it only when the repository
+/// holds this cluster. An empty repository, a wrong location (another prefix or directory in the
+/// same store) and another cluster's repository (by PGDATA's pg_control) are fatal instead,
+/// for segments and for the history files recovery probes.
+fn wal_fetch_says_not_found_only_for_this_clusters_repository(kind: RepoKind) {
+    let env = TestEnv::new("fetch-identity");
+    let repo = env.repo(kind);
+    let walvault = env.walvault(repo.config_path());
+    let missing = ["0000000100000000000000A0", "00000002.history"];
+    let assert_fatal = |out: RunOutput, what: &str, dest: &Path| {
+        out.assert_fatal_for_recovery().assert_stderr_contains(what);
+        assert_nothing_written(dest);
+    };
+    for name in missing {
+        let dest = fetch_target(&env, name);
+        assert_fatal(walvault.wal_fetch(name, &dest), "identity", &dest);
+    }
+
+    let source = env.cluster(small_segments("source"));
+    let segment = source.switch_wal_and_copy(&env.mkdir("segments"));
+    walvault.wal_push(&segment).assert_success();
+    let ours = source.datadir().join("global/pg_control");
+    let other = env.cluster(small_segments("other"));
+    let theirs = other.datadir().join("global/pg_control");
+    let elsewhere = format!("{}-elsewhere", repo.url());
+    if let Some(dir) = elsewhere.strip_prefix("file://") {
+        env.mkdir(dir);
+    }
+    for name in missing {
+        let dest = fetch_target(&env, name);
+        walvault.wal_fetch(name, &dest).assert_code(1);
+        let dest = fetch_target_in(&env, name, &ours);
+        walvault.wal_fetch(name, &dest).assert_code(1);
+        assert_nothing_written(&dest);
+
+        let dest = fetch_target_in(&env, name, &theirs);
+        let out = walvault.wal_fetch(name, &dest);
+        assert_fatal(out, &other.system_identifier(), &dest);
+
+        let dest = fetch_target_in(&env, name, &ours);
+        let out = walvault.run(&[
+            "--repo",
+            &elsewhere,
+            "wal-fetch",
+            name,
+            dest.to_str().unwrap(),
+        ]);
+        assert_fatal(out, "identity", &dest);
+    }
+    // The segment this cluster archived is served into its own data directory.
+    let name = file_name(&segment);
+    let dest = fetch_target_in(&env, name, &ours);
+    walvault.wal_fetch(name, &dest).assert_success();
+    assert_eq!(fs::read(&dest).unwrap(), fs::read(&segment).unwrap());
+}
+
+/// A panic in wal-fetch (here forced by a failpoint) must not look like "not found" to
+/// PostgreSQL: it exits above 125 with one log line naming the command, the place and the
+/// message, and writes nothing.
+#[test]
+fn a_panic_in_wal_fetch_is_fatal_for_recovery() {
+    let env = TestEnv::new("fetch-panic");
+    let repo = env.repo(RepoKind::Local);
+    let walvault = env.walvault(repo.config_path());
+    let name = "000000010000000000000001";
+    let dest = fetch_target(&env, name);
+    let out = walvault.run_with_env(
+        &["wal-fetch", name, dest.to_str().unwrap()],
+        &[("WALVAULT_FAILPOINTS", "wal-fetch=panic")],
+    );
+    out.assert_fatal_for_recovery();
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one log line:\n{out}");
+    for part in [
+        "walvault wal-fetch ERROR",
+        "src/failpoint.rs:",
+        "failpoint wal-fetch reached",
+    ] {
+        assert!(lines[0].contains(part), "{part:?} missing:\n{out}");
+    }
+    assert_nothing_written(&dest);
 }
 
 /// A wal-push SIGKILLed right before it commits leaves no visible object; pushing again

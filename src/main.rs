@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     };
     walvault::logging::init(cli.command.name(), cli.verbose, cli.quiet);
     let failure = cmd::failure_code(&cli.command);
+    cmd::exit_on_panic(cli.command.name(), failure);
     let runtime = match cmd::runtime_for(&cli.command) {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -2,7 +2,10 @@
 //! settings each command's flags override, and the exit codes callers rely on: 0 success, 1 for
 //! `wal-fetch` only when the file is definitely not in the archive, 2 for usage errors, and for
 //! `wal-fetch` every other failure (usage errors included) exits 128, so that PostgreSQL stops
-//! recovery instead of taking the failure for the end of the archive.
+//! recovery instead of taking the failure for the end of the archive. A panic exits with the
+//! command's failure code too ([`exit_on_panic`]); what the kernel ends (a signal, or the abort
+//! after an allocation failure or a stack overflow) reaches PostgreSQL as 128 + the signal number,
+//! also above 125.
 
 mod backup;
 mod receive;
@@ -29,6 +32,33 @@ pub fn failure_code(command: &Command) -> u8 {
         Command::WalFetch { .. } => EXIT_FETCH_FAILED,
         _ => 1,
     }
+}
+
+/// Makes a panic end the process at once with `failure` after one log line naming the command,
+/// the place and the message. Rust's default would exit 101 (which PostgreSQL takes for "not in
+/// the archive" from wal-fetch) after a backtrace hint in PostgreSQL's log. Exiting here rather
+/// than building with `panic = "abort"` (SIGABRT, 134: above 125 as well) keeps the documented
+/// exit code and leaves no core file; the panic is a bug either way, so nothing is unwound.
+pub fn exit_on_panic(command: &'static str, failure: u8) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let place = info.location().map_or_else(
+            || "unknown place".to_owned(),
+            |l| format!("{}:{}", l.file(), l.line()),
+        );
+        let line = format!(
+            "walvault {command} ERROR: internal error (panic) at {place}: {}; exiting with {failure}\n",
+            message.replace(['\n', '\r'], " ")
+        );
+        // One write, not through the log subscriber: the panic may have happened inside it.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        std::process::exit(i32::from(failure));
+    }));
 }
 
 /// Prints a clap error (or the help it carries) and returns the exit code for it.

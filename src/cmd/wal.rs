@@ -72,7 +72,7 @@ pub(super) async fn fetch(
         .parse()
         .with_context(|| format!("{name} is not a WAL file name recovery asks for"))?;
     let spool = Spool::locate(settings.spool_dir.as_deref(), spool::wal_dir_of(dest));
-    let mut prefetched = Prefetched::read(&spool);
+    let mut prefetched = Prefetched::read(&spool, repo.url());
     let fetched = fetch::fetch(&repo, &mut prefetched, &name, dest)
         .await
         .with_context(|| format!("fetching {name} from {}", repo.url()))?;

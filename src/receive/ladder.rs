@@ -612,7 +612,7 @@ impl Ladder {
                 continue;
             }
             let whole = self.spool.join(format!("{name}.assembled"));
-            let assembled = fragments::fetch_partial(&self.repo, &name, &whole).await?;
+            let assembled = fragments::fetch_partial(&self.repo, &name, seg_size, &whole).await?;
             if assembled == fragments::Partial::Written(seg_size)
                 && self.store_segment(&name, &whole).await?
             {

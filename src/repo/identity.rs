@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use walvault_wal::page::LongPageHeader;
+use walvault_wal::WalSegmentSize;
 
 use crate::repo::layout;
 use crate::repo::store::{Committed, PutMode};
@@ -53,6 +54,11 @@ impl Identity {
             wal_segment_size: header.seg_size.bytes(),
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         }
+    }
+
+    /// The segment size the identity records; `None` when the object holds an impossible one.
+    pub(crate) fn segment_size(&self) -> Option<WalSegmentSize> {
+        WalSegmentSize::new(u64::from(self.wal_segment_size)).ok()
     }
 }
 

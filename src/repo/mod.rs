@@ -49,7 +49,10 @@ pub(crate) enum RepoError {
     },
     #[error("{what}: {problem}")]
     Changing { what: String, problem: &'static str },
-    #[error("{0} keeps disappearing while it is being stored and compared")]
+    #[error(
+        "{0} exists but could not be read back to compare it with what was to be stored \
+         ({STORE_WAL_ATTEMPTS} attempts); nothing was stored"
+    )]
     Vanishing(String),
     #[error("a repository task failed: {0}")]
     Task(String),
@@ -62,6 +65,14 @@ pub(crate) enum RepoError {
         repo: String,
         stored: Checksum,
         local: Checksum,
+    },
+    #[error(
+        "{key} declares {declared} bytes of content where {rule} are expected; it was not read"
+    )]
+    Length {
+        key: String,
+        declared: u64,
+        rule: LengthRule,
     },
     #[error("{path} changed size while it was being stored ({announced} bytes at the start, {read} read)")]
     FileChanged {
@@ -77,6 +88,33 @@ impl RepoError {
             op,
             path: path.to_path_buf(),
             source,
+        }
+    }
+}
+
+/// The content length a reader accepts from an object's header, checked before a byte of it is
+/// written or kept: the header is repository content, so it is not trusted to size anything. The
+/// decoder then refuses content beyond the declared length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LengthRule {
+    Exactly(u64),
+    AtMost(u64),
+}
+
+impl LengthRule {
+    fn admits(self, len: u64) -> bool {
+        match self {
+            LengthRule::Exactly(n) => len == n,
+            LengthRule::AtMost(n) => len <= n,
+        }
+    }
+}
+
+impl std::fmt::Display for LengthRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LengthRule::Exactly(n) => write!(f, "exactly {n} bytes"),
+            LengthRule::AtMost(n) => write!(f, "at most {n} bytes"),
         }
     }
 }
@@ -287,16 +325,37 @@ impl Repository {
         Ok(Some(codec::decode_all(reader, key).await?))
     }
 
+    /// Like [`Repository::get_bytes`], refusing an object whose declared length `rule` does not
+    /// admit before reading its content.
+    pub(crate) async fn get_bytes_checked(
+        &self,
+        key: &str,
+        rule: LengthRule,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let mut decoder = Decoder::new(reader, key).await?;
+        check_length(&decoder, key, rule)?;
+        let mut out = Vec::new();
+        while let Some(block) = decoder.next_block().await? {
+            out.extend_from_slice(block);
+        }
+        Ok(Some(out))
+    }
+
     /// Restores an object into `dest`: decoded into a temporary file beside it, verified, then
     /// renamed, so `dest` appears only with whole, verified content. `None` when absent. Not
     /// fsynced: restored WAL is read at once and PostgreSQL copies (and syncs) what it keeps, and
-    /// the prefetch spool checks the files it kept across a reboot before serving them.
+    /// the prefetch spool checks the files it kept across a reboot before serving them. An object
+    /// whose declared length `rule` does not admit is refused before anything is written.
     pub(crate) async fn get_to_file(
         &self,
         key: &str,
         dest: &Path,
+        rule: LengthRule,
     ) -> Result<Option<Checksum>, RepoError> {
-        self.get_to_file_named(key, dest, |_| dest.to_path_buf())
+        self.get_to_file_named(key, dest, rule, |_| dest.to_path_buf())
             .await
     }
 
@@ -306,6 +365,7 @@ impl Repository {
         &self,
         key: &str,
         near: &Path,
+        rule: LengthRule,
         name: impl FnOnce(Checksum) -> PathBuf,
     ) -> Result<Option<Checksum>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
@@ -314,6 +374,7 @@ impl Repository {
         let temp = temp_beside(near);
         let result = async {
             let mut decoder = Decoder::new(reader, key).await?;
+            check_length(&decoder, key, rule)?;
             let mut out = File::create(&temp)
                 .await
                 .map_err(RepoError::file("create", &temp))?;
@@ -396,6 +457,22 @@ impl Repository {
             local: Checksum(local_crc.finalize()),
         }))
     }
+}
+
+fn check_length<R: tokio::io::AsyncRead + Unpin>(
+    decoder: &Decoder<R>,
+    key: &str,
+    rule: LengthRule,
+) -> Result<(), RepoError> {
+    let declared = decoder.header().content_length;
+    if rule.admits(declared) {
+        return Ok(());
+    }
+    Err(RepoError::Length {
+        key: key.to_owned(),
+        declared,
+        rule,
+    })
 }
 
 /// A temporary name in the same directory as `dest`, so the final rename stays atomic.

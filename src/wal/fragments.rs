@@ -17,8 +17,8 @@ use tokio::io::AsyncWriteExt;
 use walvault_wal::page::LongPageHeader;
 use walvault_wal::SegmentName;
 
-use crate::repo::layout::{Listing, ObjectKey};
-use crate::repo::{temp_beside, RepoError, Repository};
+use crate::repo::layout::{self, Listing, ObjectKey};
+use crate::repo::{temp_beside, LengthRule, RepoError, Repository};
 
 /// One stored fragment: bytes `start..end` of its segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,22 +103,55 @@ pub(crate) enum Partial {
     Vanished,
 }
 
-/// Assembles the streamed part of `seg` into `dest`, padded with zeros to the segment size like
-/// a pg_receivewal `.partial` (recovery reads the zeros as the end of WAL). Written beside `dest`,
-/// fsynced and renamed, like every restore.
+/// Assembles the streamed part of `seg` (of `seg_size` bytes) into `dest`, padded with zeros to
+/// the segment size like a pg_receivewal `.partial` (recovery reads the zeros as the end of WAL).
+/// Written beside `dest`, fsynced and renamed, like every restore.
+///
+/// Fragment names and contents come from the repository, so they are checked before use: each
+/// fragment must lie within the segment and hold exactly the bytes its name says, overlapping
+/// fragments must agree where they overlap, and a fragment past a hole in the chain is an error
+/// (serving the part before the hole would end recovery early), unless the whole segment was
+/// stored meanwhile.
 pub(crate) async fn fetch_partial(
     repo: &Repository,
     seg: &SegmentName,
+    seg_size: u64,
     dest: &Path,
 ) -> Result<Partial, RepoError> {
     let fragments = list(repo, seg).await?;
     if fragments.is_empty() {
         return Ok(Partial::None);
     }
+    let invalid = |key: &str, problem: String| RepoError::File {
+        op: "assemble fragment",
+        path: key.into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, problem),
+    };
+    if let Some(f) = fragments.iter().find(|f| f.end > seg_size) {
+        return Err(invalid(
+            &f.key,
+            format!("it ends past the segment size {seg_size}"),
+        ));
+    }
     let chain = chain(&fragments);
-    if chain.is_empty() {
-        // Fragments but none at offset 0: the completed segment's cleanup is under way.
-        return Ok(Partial::Vanished);
+    let covered = chain.last().map_or(0, |f| f.end);
+    if chain.is_empty() || fragments.iter().any(|f| f.start > covered) {
+        // Fragments but none at offset 0, or beyond a hole: the completed segment's cleanup is
+        // under way if the whole segment is stored; otherwise fragments were lost.
+        if repo.head(&layout::segment(seg)).await?.is_some() {
+            return Ok(Partial::Vanished);
+        }
+        let after_hole = fragments
+            .iter()
+            .find(|f| f.start > covered)
+            .unwrap_or(&fragments[0]);
+        return Err(invalid(
+            &after_hole.key,
+            format!(
+                "no stored fragment covers bytes {covered}..{} of the segment",
+                after_hole.start
+            ),
+        ));
     }
     let temp = temp_beside(dest);
     let file_err = |op: &'static str| {
@@ -130,30 +163,52 @@ pub(crate) async fn fetch_partial(
             .await
             .map_err(file_err("create"))?;
         let mut written = 0u64;
-        let mut seg_size = None;
+        let mut previous: Option<(&Fragment, Vec<u8>)> = None;
         for f in &chain {
-            let Some(bytes) = repo.get_bytes(&f.key).await? else {
+            let len = f.end - f.start;
+            let Some(bytes) = repo
+                .get_bytes_checked(&f.key, LengthRule::Exactly(len))
+                .await?
+            else {
                 return Ok(Partial::Vanished);
             };
-            if seg_size.is_none() {
-                let header = LongPageHeader::parse(&bytes).map_err(|e| RepoError::File {
-                    op: "parse the first page of",
-                    path: f.key.clone().into(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                })?;
-                seg_size = Some(u64::from(header.seg_size.bytes()));
+            if f.start == 0 {
+                let header = LongPageHeader::parse(&bytes)
+                    .map_err(|e| invalid(&f.key, format!("first page: {e}")))?;
+                if u64::from(header.seg_size.bytes()) != seg_size {
+                    return Err(invalid(
+                        &f.key,
+                        format!(
+                            "its first page gives segment size {}, the repository {seg_size}",
+                            header.seg_size.bytes()
+                        ),
+                    ));
+                }
             }
-            // Skip what an overlapping earlier fragment already gave.
-            let skip = usize::try_from(written - f.start).unwrap_or(usize::MAX);
-            if let Some(fresh) = bytes.get(skip..) {
-                out.write_all(fresh).await.map_err(file_err("write"))?;
+            // A link of the chain starts past the end of the link two before it (or it would
+            // have been chosen in the place of the one between), so it can only overlap the link
+            // just before it. Offsets are within the segment (at most 1 GiB), so they fit usize.
+            if let Some((p, before)) = &previous {
+                let from = f.start.saturating_sub(p.start) as usize;
+                let to = written.saturating_sub(p.start) as usize;
+                if before.get(from..to) != bytes.get(..to.saturating_sub(from)) {
+                    return Err(invalid(
+                        &f.key,
+                        format!(
+                            "bytes {}..{written} differ from fragment {}",
+                            f.start, p.key
+                        ),
+                    ));
+                }
             }
+            let fresh = bytes
+                .get(written.saturating_sub(f.start) as usize..)
+                .unwrap_or_default();
+            out.write_all(fresh).await.map_err(file_err("write"))?;
             written = f.end;
+            previous = Some((f, bytes));
         }
-        let seg_size = seg_size.unwrap_or(written);
-        out.set_len(seg_size.max(written))
-            .await
-            .map_err(file_err("extend"))?;
+        out.set_len(seg_size).await.map_err(file_err("extend"))?;
         out.sync_all().await.map_err(file_err("fsync"))?;
         tokio::fs::rename(&temp, dest)
             .await

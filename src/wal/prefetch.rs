@@ -1,14 +1,19 @@
 //! The prefetcher: after wal-fetch served segment N, a detached `wal-prefetch` process downloads
 //! N+1..N+k into the spool (outside `pg_wal`), verified, so later calls only rename a local file.
 //!
-//! The spool is a cache and is not fsynced: each file is named `<segment>.<crc32>.<boot id>`. A
-//! file written since the machine last booted is whole (it was renamed into place after its
-//! content was verified, and nothing but a crash of the kernel loses page-cache writes), so it is
-//! served as it is; one from an earlier boot may have been torn by that crash, so wal-fetch checks
-//! its content against the checksum first and fetches it again from the repository if it differs.
-//! A call for a segment the prefetcher is downloading at that moment waits for it rather than
-//! downloading it a second time. The spool never holds more than k segments: each run first
-//! deletes what recovery has passed.
+//! Each repository has its own spool directory (named by a hash of its URL), so a spool shared by
+//! several clusters never serves one's WAL to another; the prefetcher refuses any object whose
+//! length is not the repository's segment size. The spool is a cache and is not fsynced: each
+//! file is named `<segment>.<crc32>.<boot id>` (the segment name carries the timeline). Before a
+//! file is served, its first page must name that segment, its length must be the page's segment
+//! size and, when `PGDATA/global/pg_control` is readable, its system must be PGDATA's: a few
+//! microseconds. The content checksum is checked only for a file from an earlier boot, which a
+//! kernel crash may have torn; one written since boot was renamed into place after its content
+//! was verified, and checking it again would cost milliseconds per segment and guard against
+//! nothing a writer of the spool could not also forge. Whatever fails a check is deleted and
+//! fetched again from the repository. A call for a segment the prefetcher is downloading at that
+//! moment waits for it rather than downloading it a second time. The spool never holds more than
+//! k segments: each run first deletes what recovery has passed.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -16,13 +21,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use walvault_wal::page::LongPageHeader;
+use walvault_wal::page::{validate_segment, LongPageHeader, SIZE_OF_XLOG_LONG_PHD};
 use walvault_wal::{SegmentName, WalFileName};
 
+use super::fetch::{local_system_identifier, segment_size, FetchError};
 use super::spool::{self, Spool};
 use crate::repo::layout;
 use crate::repo::Checksum;
-use crate::repo::{RepoError, Repository};
+use crate::repo::{identity, LengthRule, RepoError, Repository};
 
 /// The longest a wal-fetch call waits for the prefetcher to finish downloading the segment it
 /// wants. The prefetcher's own requests are bounded by the store's timeouts; past this, the call
@@ -49,8 +55,9 @@ struct SpoolFile {
 }
 
 impl Prefetched {
-    pub(crate) fn read(spool: &Spool) -> Prefetched {
-        Prefetched::scan(spool.prefetch_dir(), boot_id())
+    /// What the prefetcher of repository `repo_url` spooled.
+    pub(crate) fn read(spool: &Spool, repo_url: &str) -> Prefetched {
+        Prefetched::scan(repo_dir(spool, repo_url), boot_id())
     }
 
     fn scan(dir: PathBuf, boot: Option<String>) -> Prefetched {
@@ -92,7 +99,7 @@ impl Prefetched {
         let Some(file) = self.take(seg).await else {
             return false;
         };
-        match file.serve(dest) {
+        match file.serve(seg, dest) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(
@@ -146,8 +153,24 @@ impl Prefetched {
 }
 
 impl SpoolFile {
-    /// Moves the file to `dest`; one from an earlier boot is checked against its checksum first.
-    fn serve(&self, dest: &Path) -> std::io::Result<()> {
+    /// Moves the file to `dest` once its first page says it is `seg` of this cluster and its
+    /// length is that page's segment size; one from an earlier boot is also checked against its
+    /// checksum.
+    fn serve(&self, seg: &SegmentName, dest: &Path) -> std::io::Result<()> {
+        let mut file = std::fs::File::open(&self.path)?;
+        let len = file.metadata()?.len();
+        let mut first = vec![0u8; SIZE_OF_XLOG_LONG_PHD];
+        file.read_exact(&mut first)?;
+        let header = validate_segment(seg, &first, len).map_err(std::io::Error::other)?;
+        if let Some((pg_control, sysid)) = local_system_identifier(dest) {
+            if header.system_identifier != sysid {
+                return Err(std::io::Error::other(format!(
+                    "it is WAL of system {}, but {} names system {sysid}",
+                    header.system_identifier,
+                    pg_control.display()
+                )));
+            }
+        }
         if !self.this_boot {
             let found = file_crc(&self.path)?;
             if found != self.crc.0 {
@@ -172,6 +195,14 @@ fn file_crc(path: &Path) -> std::io::Result<u32> {
         }
         hasher.update(&buf[..n]);
     }
+}
+
+/// The spool directory of one repository's prefetcher: a spool shared by several clusters (one
+/// repository each) never serves one's segments to another.
+fn repo_dir(spool: &Spool, repo_url: &str) -> PathBuf {
+    spool
+        .prefetch_dir()
+        .join(format!("{:08x}", Checksum::of(repo_url.as_bytes()).0))
 }
 
 /// This boot of the machine, as the kernel names it (hex digits only); `None` where the kernel
@@ -272,8 +303,8 @@ pub(crate) async fn prefetch(
     spool: &Spool,
     window: Vec<SegmentName>,
     concurrency: usize,
-) -> Result<usize, RepoError> {
-    let dir = spool.prefetch_dir();
+) -> Result<usize, FetchError> {
+    let dir = repo_dir(spool, repo.url());
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|source| RepoError::File {
@@ -285,6 +316,10 @@ pub(crate) async fn prefetch(
         return Ok(0);
     };
     let present = forget_outside(&dir, &window);
+    let Some(recorded) = identity::load(&repo).await? else {
+        return Ok(0);
+    };
+    let size = LengthRule::Exactly(u64::from(segment_size(&repo, &recorded)?.bytes()));
     let boot = boot_id();
     let mut wanted = window.into_iter().filter(|s| !present.contains(s));
     let mut tasks: tokio::task::JoinSet<Result<Option<Checksum>, RepoError>> =
@@ -303,7 +338,7 @@ pub(crate) async fn prefetch(
             tasks.spawn(async move {
                 let key = layout::wal(&WalFileName::Segment(seg));
                 // Named with its checksum only once whole, so wal-fetch never serves it earlier.
-                repo.get_to_file_named(&key, &dir.join(seg.to_string()), |crc| {
+                repo.get_to_file_named(&key, &dir.join(seg.to_string()), size, |crc| {
                     dir.join(spool_name(&seg, crc, boot.as_deref()))
                 })
                 .await
@@ -360,33 +395,45 @@ fn lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::fetch::tests::{setup as fetch_setup, Setup};
     use crate::wal::fetch::{fetch, Fetched};
+    use crate::wal::push::tests::segment;
+
+    /// A repository holding cluster 7 and a `pg_wal` to recover into, with its spool.
+    async fn setup() -> (Setup, Spool) {
+        let s = fetch_setup().await;
+        let spool = Spool::locate(None, &s.pg_wal);
+        std::fs::create_dir_all(repo_dir(&spool, s.repo.url())).unwrap();
+        (s, spool)
+    }
+
+    fn seg(n: u32) -> SegmentName {
+        format!("0000000100000000000000{n:02X}").parse().unwrap()
+    }
+
+    /// Writes `content` into `dir` as the spooled copy of `seg(n)` from boot `boot`.
+    fn spool_file(dir: &Path, n: u32, boot: &str, content: &[u8]) {
+        let name = spool_name(&seg(n), Checksum::of(content), Some(boot));
+        std::fs::write(dir.join(name), content).unwrap();
+    }
 
     #[tokio::test]
     async fn spooled_segments_of_an_earlier_boot_are_checked_before_they_are_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
-        std::fs::create_dir_all(&wal_dir).unwrap();
-        std::fs::create_dir(&repo_dir).unwrap();
-        let repo = crate::repo::local_for_tests(&repo_dir).await;
-        let spool = Spool::locate(None, &wal_dir);
-        let prefetch = spool.prefetch_dir();
-        std::fs::create_dir_all(&prefetch).unwrap();
-        let seg =
-            |n: u32| -> SegmentName { format!("0000000100000000000000{n:02X}").parse().unwrap() };
-        let content = b"whole segment".to_vec();
-        let crc = Checksum::of(&content);
+        let (s, spool) = setup().await;
+        let (repo, wal_dir) = (&s.repo, &s.pg_wal);
+        let prefetch = repo_dir(&spool, repo.url());
+        let content = |n| segment(&seg(n).to_string());
         let this_boot = boot_id().expect("Linux names its boots");
         let earlier_boot = "0".repeat(32);
-        let spool_file = |n, boot: &str, content: &[u8]| {
-            std::fs::write(prefetch.join(spool_name(&seg(n), crc, Some(boot))), content).unwrap();
-        };
         // Written in this boot: served as it is (a process crash cannot tear a renamed file).
-        spool_file(1, &this_boot, &content);
+        spool_file(&prefetch, 1, &this_boot, &content(1));
         // Written before a reboot: checked, whole...
-        spool_file(2, &earlier_boot, &content);
+        spool_file(&prefetch, 2, &earlier_boot, &content(2));
         // ...and torn by the crash.
-        spool_file(3, &earlier_boot, b"whole");
+        let mut torn = content(3);
+        torn[5000] ^= 1;
+        let torn_name = spool_name(&seg(3), Checksum::of(&content(3)), Some(&earlier_boot));
+        std::fs::write(prefetch.join(torn_name), &torn).unwrap();
         // A download in progress is not a spooled segment.
         std::fs::write(
             prefetch.join(".000000010000000000000004.walvault-7.tmp"),
@@ -394,26 +441,26 @@ mod tests {
         )
         .unwrap();
         std::fs::write(prefetch.join("lock"), b"").unwrap();
-        let mut prefetched = Prefetched::read(&spool);
+        let mut prefetched = Prefetched::read(&spool, repo.url());
         assert_eq!(prefetched.ready.len(), 3);
         assert_eq!(prefetched.in_flight.len(), 1);
         assert!(prefetched.ready[&seg(1)].this_boot && !prefetched.ready[&seg(2)].this_boot);
 
         let dest = wal_dir.join("RECOVERYXLOG");
         for n in [1, 2] {
-            let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(n)), &dest).await;
+            let fetched = fetch(repo, &mut prefetched, &WalFileName::Segment(seg(n)), &dest).await;
             assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: true });
-            assert_eq!(std::fs::read(&dest).unwrap(), content);
+            assert_eq!(std::fs::read(&dest).unwrap(), content(n));
         }
         // The torn copy is dropped and the repository asked instead (where it is absent).
-        let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(3)), &dest).await;
+        let fetched = fetch(repo, &mut prefetched, &WalFileName::Segment(seg(3)), &dest).await;
         assert_eq!(fetched.unwrap(), Fetched::NotFound);
         // No prefetcher holds the lock, so nobody is finishing the download in flight: no wait.
         let started = std::time::Instant::now();
-        let fetched = fetch(&repo, &mut prefetched, &WalFileName::Segment(seg(4)), &dest).await;
+        let fetched = fetch(repo, &mut prefetched, &WalFileName::Segment(seg(4)), &dest).await;
         assert_eq!(fetched.unwrap(), Fetched::NotFound);
         assert!(started.elapsed() < IN_FLIGHT_WAIT);
-        let left = Prefetched::read(&spool);
+        let left = Prefetched::read(&spool, repo.url());
         assert!(
             left.ready.is_empty(),
             "{:?}",
@@ -422,17 +469,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_segments_of_this_repository_and_cluster_are_served() {
+        let (s, spool) = setup().await;
+        let wal_dir = &s.pg_wal;
+        let ours = repo_dir(&spool, s.repo.url());
+        let theirs = repo_dir(&spool, "s3://another/cluster");
+        std::fs::create_dir_all(&theirs).unwrap();
+        let boot = boot_id().expect("Linux names its boots");
+        let content = |n: u32| segment(&seg(n).to_string());
+        // Outside this repository's directory: the spool's top, another repository's.
+        spool_file(&spool.prefetch_dir(), 5, &boot, &content(5));
+        spool_file(&theirs, 6, &boot, &content(6));
+        // Named for one segment, holding another.
+        spool_file(&ours, 7, &boot, &content(8));
+        // Cut short.
+        spool_file(&ours, 9, &boot, &content(9)[..4096]);
+        let dest = wal_dir.join("RECOVERYXLOG");
+        let mut prefetched = Prefetched::read(&spool, s.repo.url());
+        for n in [5, 6, 7, 9] {
+            assert!(!prefetched.serve(&seg(n), &dest).await, "{} served", seg(n));
+            assert!(!dest.exists());
+        }
+        // Another system's WAL once PGDATA says which system recovers.
+        spool_file(&ours, 10, &boot, &content(10));
+        s.write_pg_control(8);
+        let mut prefetched = Prefetched::read(&spool, s.repo.url());
+        assert!(!prefetched.serve(&seg(10), &dest).await);
+        assert!(!dest.exists());
+        s.write_pg_control(7);
+        spool_file(&ours, 11, &boot, &content(11));
+        let mut prefetched = Prefetched::read(&spool, s.repo.url());
+        assert!(prefetched.serve(&seg(11), &dest).await);
+        assert_eq!(std::fs::read(&dest).unwrap(), content(11));
+    }
+
+    #[tokio::test]
     async fn a_call_waits_for_the_download_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::locate(None, &dir.path().join("pg_wal"));
-        let prefetch = spool.prefetch_dir();
+        let prefetch = repo_dir(&spool, "file:///repo");
         std::fs::create_dir_all(&prefetch).unwrap();
         let seg: SegmentName = "000000010000000000000007".parse().unwrap();
         let temp = prefetch.join(format!(".{seg}.walvault-9.tmp"));
         std::fs::write(&temp, b"segment").unwrap();
         // The prefetcher: holds the lock, then renames its download into place.
         let held = lock(&prefetch).unwrap().unwrap();
-        let mut prefetched = Prefetched::read(&spool);
+        let mut prefetched = Prefetched::read(&spool, "file:///repo");
         let finished = prefetch.join(spool_name(
             &seg,
             Checksum::of(b"segment"),

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::sync::OnceCell;
 use walvault_wal::page::{validate_partial, validate_segment, SIZE_OF_XLOG_LONG_PHD};
-use walvault_wal::{BackupHistory, TimelineHistory, WalError, WalFileName};
+use walvault_wal::{WalError, WalFileName};
 
+use super::history::{self, BadHistoryFile};
 use super::pusher::Markers;
 use super::spool::{self, Spool};
 use crate::repo::identity::{self, Identity, IdentityError};
@@ -44,6 +45,12 @@ pub(crate) enum ArchiveError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    BadHistory {
+        path: PathBuf,
+        #[source]
+        source: BadHistoryFile,
     },
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -159,13 +166,28 @@ impl Archiver {
                 // The cached identity came from the first file of this call; check each file.
                 identity::check(recorded, &found, &what, self.repo.url())?;
             }
-            WalFileName::History(tli) => {
-                let text = tokio::fs::read_to_string(path).await.map_err(read_err)?;
-                TimelineHistory::parse(*tli, &text).map_err(invalid)?;
-            }
-            WalFileName::Backup { .. } => {
-                let text = tokio::fs::read_to_string(path).await.map_err(read_err)?;
-                BackupHistory::parse(&text).map_err(invalid)?;
+            WalFileName::History(_) | WalFileName::Backup { .. } => {
+                // One byte past the limit is enough to refuse an oversized file.
+                let mut content = Vec::new();
+                tokio::fs::File::open(path)
+                    .await
+                    .map_err(read_err)?
+                    .take(history::MAX_LEN + 1)
+                    .read_to_end(&mut content)
+                    .await
+                    .map_err(read_err)?;
+                let seg_size = match name {
+                    WalFileName::Backup { .. } => identity::load(&self.repo)
+                        .await?
+                        .and_then(|id| id.segment_size()),
+                    _ => None,
+                };
+                history::check(name, &content, seg_size).map_err(|source| {
+                    ArchiveError::BadHistory {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?;
             }
         }
         Ok(())
@@ -210,10 +232,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn calls_find_what_the_pusher_stored_unless_the_file_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
-        std::fs::create_dir_all(wal_dir.join("archive_status")).unwrap();
-        std::fs::create_dir(&repo_dir).unwrap();
+        let (_dir, archiver, repo_dir, wal_dir) = archiver_and_dirs().await;
         let names = [
             "000000010000000000000001",
             "000000010000000000000002",
@@ -223,7 +242,6 @@ pub(crate) mod tests {
             std::fs::write(wal_dir.join(name), segment(name)).unwrap();
             std::fs::write(wal_dir.join(format!("archive_status/{name}.ready")), "").unwrap();
         }
-        let archiver = Archiver::new(Arc::new(crate::repo::local_for_tests(&repo_dir).await));
         let spool = Spool::locate(None, &wal_dir);
 
         // The first call stores its own file and asks for a pusher: others are ready.
@@ -261,5 +279,66 @@ pub(crate) mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let third = archiver.push_requested(&path, &spool, || {}).await.unwrap();
         assert_eq!(third.1, Pushed::AlreadyArchived);
+    }
+
+    async fn archiver_and_dirs() -> (tempfile::TempDir, Arc<Archiver>, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+        std::fs::create_dir_all(wal_dir.join("archive_status")).unwrap();
+        std::fs::create_dir(&repo_dir).unwrap();
+        let archiver = Archiver::new(Arc::new(crate::repo::local_for_tests(&repo_dir).await));
+        (dir, archiver, repo_dir, wal_dir)
+    }
+
+    #[tokio::test]
+    async fn history_files_postgres_never_writes_are_not_archived() {
+        let (_dir, archiver, repo_dir, wal_dir) = archiver_and_dirs().await;
+        let spool = Spool::locate(None, &wal_dir);
+        for (name, content) in [
+            ("00000002.history", ""),
+            ("00000003.history", "3\t0/3000158\tits own parent\n"),
+            ("000000010000000000000002.00000028.backup", ""),
+        ] {
+            let path = wal_dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            let err = archiver
+                .push_requested(&path, &spool, || {})
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ArchiveError::BadHistory { .. }),
+                "{name}: {err}"
+            );
+            assert!(
+                !repo_dir.join("wal").join(name).exists(),
+                "{name} was stored"
+            );
+        }
+        let path = wal_dir.join("00000002.history");
+        std::fs::write(&path, "1\t0/3000158\tno recovery target specified\n").unwrap();
+        let (_, pushed) = archiver.push_requested(&path, &spool, || {}).await.unwrap();
+        assert!(matches!(pushed, Pushed::Stored { .. }), "{pushed:?}");
+    }
+
+    #[tokio::test]
+    async fn an_object_that_exists_but_cannot_be_read_fails_the_push() {
+        let (_dir, archiver, repo_dir, wal_dir) = archiver_and_dirs().await;
+        let spool = Spool::locate(None, &wal_dir);
+        let name = "000000010000000000000002";
+        let path = wal_dir.join(name);
+        std::fs::write(&path, segment(name)).unwrap();
+        // A name that is taken (a new link to it fails) but opens as missing.
+        std::fs::create_dir_all(repo_dir.join("wal")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", repo_dir.join("wal").join(name)).unwrap();
+        let err = archiver
+            .push_requested(&path, &spool, || {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ArchiveError::Repo(RepoError::Vanishing(_))),
+            "{err}"
+        );
+        let key = crate::repo::layout::wal(&name.parse().unwrap());
+        assert!(err.to_string().contains(&key), "{err}");
     }
 }

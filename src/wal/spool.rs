@@ -3,8 +3,9 @@
 //! It holds two kinds of small state, both safe to delete at any time:
 //! - `pushed/<name>`: a marker that a segment was already stored by push-ahead, with the checksum
 //!   and length of what was stored, so the archiver's later call for it returns at once;
-//! - `prefetch/<name>`: segments the prefetcher downloaded and verified ahead of recovery asking
-//!   for them, named with their checksum and the boot they were written in (see restore).
+//! - `prefetch/<repository>/<name>`: segments the prefetcher downloaded and verified ahead of
+//!   recovery asking for them, by repository, named with their checksum and the boot they were
+//!   written in (see [prefetch](super::prefetch)).
 //!
 //! It lives outside `pg_wal` (by default `<PGDATA>/walvault_spool`, next to `pg_wal`), so nothing
 //! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. The background helpers that
@@ -27,13 +28,7 @@ impl Spool {
     pub(crate) fn locate(configured: Option<&Path>, wal_dir: &Path) -> Spool {
         let dir = match configured {
             Some(dir) => dir.to_path_buf(),
-            None => {
-                let data_dir = match wal_dir.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => Path::new("."),
-                };
-                data_dir.join("walvault_spool")
-            }
+            None => data_dir_of(wal_dir).join("walvault_spool"),
         };
         Spool { dir }
     }
@@ -54,16 +49,28 @@ impl Spool {
     /// left behind. Called by wal-push, which runs once recovery is over (on a standby with
     /// `archive_mode = always` it runs during recovery too, hence the age limit).
     pub(crate) async fn drop_stale_prefetch(&self, max_age: std::time::Duration) {
-        let Ok(mut entries) = tokio::fs::read_dir(self.prefetch_dir()).await else {
-            return;
-        };
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let stale = match entry.metadata().await.and_then(|m| m.modified()) {
-                Ok(modified) => modified.elapsed().is_ok_and(|age| age > max_age),
-                Err(_) => false,
+        // Segments sit one directory down, in their repository's directory.
+        let mut dirs = vec![self.prefetch_dir()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+                continue;
             };
-            if stale {
-                let _ = tokio::fs::remove_file(entry.path()).await;
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let Ok(meta) = entry.metadata().await else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    if dir == self.prefetch_dir() {
+                        dirs.push(entry.path());
+                    }
+                    continue;
+                }
+                let stale = meta
+                    .modified()
+                    .is_ok_and(|m| m.elapsed().is_ok_and(|age| age > max_age));
+                if stale {
+                    let _ = tokio::fs::remove_file(entry.path()).await;
+                }
             }
         }
     }
@@ -128,6 +135,15 @@ pub(crate) fn spawn_helper(args: &[std::ffi::OsString]) -> std::io::Result<()> {
         .map(|_| ())
 }
 
+/// The data directory of `wal_dir` (`pg_wal`): its parent, `.` for a bare `pg_wal` (PostgreSQL
+/// runs archive and restore commands in the data directory).
+pub(crate) fn data_dir_of(wal_dir: &Path) -> &Path {
+    match wal_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// The directory a WAL path lives in, `.` for a bare name.
 pub(crate) fn wal_dir_of(path: &Path) -> &Path {
     match path.parent() {
@@ -146,7 +162,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::locate(Some(dir.path()), dir.path());
         std::fs::create_dir_all(spool.prefetch_dir()).unwrap();
-        let segment = spool.prefetch_dir().join("000000010000000000000001");
+        std::fs::create_dir_all(spool.prefetch_dir().join("0badf00d")).unwrap();
+        let segment = spool
+            .prefetch_dir()
+            .join("0badf00d/000000010000000000000001");
         std::fs::write(&segment, b"wal").unwrap();
         spool.drop_stale_prefetch(Duration::from_secs(3600)).await;
         assert!(segment.exists(), "a fresh file must stay");
