@@ -11,6 +11,7 @@ use walvault::backup::fetch::{self, FetchOptions};
 use walvault::backup::manifest::Summary;
 use walvault::backup::push::{self, Mode, PushOptions};
 use walvault::config::Settings;
+use walvault::pg::Timeouts;
 use walvault::recover::plan::TimelineChoice;
 use walvault::repo::Repository;
 
@@ -42,6 +43,10 @@ pub fn push_options(
         progress: !quiet,
         compression: settings.compression,
         spool_dir: settings.spool_dir.clone(),
+        pg_timeouts: Timeouts {
+            reply: settings.pg_timeout,
+            backup_stop: settings.backup_stop_timeout,
+        },
     }
 }
 

@@ -21,8 +21,8 @@ use anyhow::Context;
 use clap::Parser;
 use walvault::archive::{Archiver, Pushed};
 use walvault::config::{FlagValues, Settings};
+use walvault::pg::conninfo::ConnInfo;
 use walvault::receive;
-use walvault::replication::ConnParams;
 use walvault::repo::Repository;
 use walvault::restore::{self, Fetched};
 use walvault::spool::{self, Spool};
@@ -179,7 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                  WALVAULT_SPOOL_DIR"
             })?;
             let options = receive::ReceiveOptions {
-                conn: ConnParams::resolve(dbname.as_deref(), &application_name)?,
+                conn: ConnInfo::resolve(dbname.as_deref(), &application_name)?,
                 slot: slot.parse().map_err(anyhow::Error::msg)?,
                 create_slot,
                 flush_interval,

@@ -38,7 +38,7 @@ use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
 use crate::codec::{Compression, Encoder, LengthMismatch, MAX_BLOCK};
 use crate::identity::{self, Identity};
-use crate::pg::{BackupSession, ConnTarget, ServerInfo};
+use crate::pg::{BackupSession, ConnTarget, ServerInfo, Timeouts};
 use crate::repo::Repository;
 use crate::store::{Committed, PutMode};
 
@@ -64,6 +64,8 @@ pub struct PushOptions {
     pub compression: Compression,
     /// A spool directory to leave out when it lies inside PGDATA.
     pub spool_dir: Option<PathBuf>,
+    /// Bounds on the SQL session's calls.
+    pub pg_timeouts: Timeouts,
 }
 
 /// What a push stored.
@@ -122,7 +124,7 @@ struct Shared {
 /// Runs a backup.
 pub async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, BackupError> {
     let target = ConnTarget::resolve(opts.dbname.as_deref())?;
-    let session = BackupSession::connect(&target).await?;
+    let session = BackupSession::connect(&target, opts.pg_timeouts).await?;
     let info = session.info().clone();
     if info.in_recovery {
         return Err(BackupError::invalid(

@@ -27,9 +27,9 @@ use walvault_wal::{Lsn, TimelineId, WalFileName, WalSegmentSize};
 
 use crate::archive::wal_key;
 use crate::identity::{self, Identity, IdentityError};
+use crate::pg::conninfo::ConnInfo;
 use crate::replication::{
-    sqlstate, ConnParams, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent,
-    WalStream,
+    sqlstate, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent, WalStream,
 };
 use crate::repo::{RepoError, Repository};
 use crate::store::{Committed, PutMode};
@@ -48,7 +48,7 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How wal-receive runs.
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
-    pub conn: ConnParams,
+    pub conn: ConnInfo,
     pub slot: SlotName,
     pub create_slot: bool,
     pub flush_interval: Duration,
@@ -97,7 +97,10 @@ impl ReceiveError {
     fn is_permanent(&self) -> bool {
         match self {
             ReceiveError::Repl(e) => match e {
-                ReplError::Config(_) | ReplError::Auth(_) | ReplError::Protocol(_) => true,
+                ReplError::Config(_)
+                | ReplError::Auth(_)
+                | ReplError::Protocol(_)
+                | ReplError::Tls { .. } => true,
                 ReplError::Server { code, .. } => {
                     code.starts_with(sqlstate::AUTHORIZATION_CLASS)
                         || code == sqlstate::INSUFFICIENT_PRIVILEGE
@@ -187,7 +190,7 @@ impl Receiver {
                 major.map_or("of unknown version".into(), |m| format!("PostgreSQL {m}")),
             ));
         }
-        let what = format!("the server at {}", self.options.conn.endpoint);
+        let what = format!("the server at {}", conn.endpoint());
         identity::ensure(&self.repo, &found, &what).await?;
         let slot = self.slot(&mut conn, major.unwrap_or(0)).await?;
         let ladder = match &self.ladder {

@@ -29,6 +29,8 @@ pub struct StartOptions {
     /// Extra server options (`pg_ctl -o`), e.g. `-c shared_buffers=1GB`.
     pub pg_options: Vec<String>,
     pub major: u32,
+    /// Bound on one query while following recovery (`pg_timeout`).
+    pub pg_timeout: Duration,
 }
 
 /// Where recovery ended.
@@ -145,8 +147,10 @@ pub async fn start(
         let Ok(client) = target.connect().await else {
             continue; // not accepting connections yet (before consistency)
         };
-        let Ok(row) = client
-            .query_one(
+        // A server that stops answering must not hang recover: the poll moves on instead.
+        let Ok(Ok(row)) = tokio::time::timeout(
+            opts.pg_timeout,
+            client.query_one(
                 "SELECT pg_is_in_recovery(), \
                  pg_last_wal_replay_lsn()::text, \
                  to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', \
@@ -155,8 +159,9 @@ pub async fn start(
                  CASE WHEN pg_is_in_recovery() THEN NULL \
                       ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
                 &[],
-            )
-            .await
+            ),
+        )
+        .await
         else {
             continue;
         };
