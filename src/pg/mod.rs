@@ -141,8 +141,11 @@ impl ConnTarget {
             tls_failed: false,
             refused: false,
         };
-        let connect_error = |source: tokio_postgres::Error, tls_failed: bool| {
+        let connect_error = |source: tokio_postgres::Error, handshake_failed: bool| {
             let refused = source.as_db_error().is_some();
+            // tokio-postgres reports a server without TLS only in words ("server does not
+            // support TLS"); it has no error kind to test.
+            let tls_failed = handshake_failed || source.to_string().contains("TLS");
             let hint = if tls_failed {
                 " (check sslmode, sslrootcert/PGSSLROOTCERT and the server's certificate)"
             } else if refused {
