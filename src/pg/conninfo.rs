@@ -85,7 +85,7 @@ pub fn default_socket_dir() -> PathBuf {
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Host {
+pub(crate) enum Host {
     Tcp(String),
     /// A socket directory.
     Unix(PathBuf),
@@ -93,10 +93,10 @@ pub enum Host {
 
 /// One server to try: its name, the address to use instead of resolving the name, its port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostSpec {
-    pub host: Host,
-    pub hostaddr: Option<IpAddr>,
-    pub port: u16,
+pub(crate) struct HostSpec {
+    pub(crate) host: Host,
+    pub(crate) hostaddr: Option<IpAddr>,
+    pub(crate) port: u16,
 }
 
 impl HostSpec {
@@ -131,17 +131,17 @@ impl std::fmt::Display for HostSpec {
 /// A resolved connection: every setting has its final value.
 #[derive(Clone)]
 pub struct ConnInfo {
-    pub hosts: Vec<HostSpec>,
-    pub user: String,
-    pub dbname: String,
+    pub(crate) hosts: Vec<HostSpec>,
+    pub(crate) user: String,
+    pub(crate) dbname: String,
     password: Option<String>,
     passfile: Option<PathBuf>,
     default_socket: PathBuf,
-    pub application_name: String,
-    pub options: Option<String>,
-    pub connect_timeout: Duration,
-    pub tls: TlsSettings,
-    pub channel_binding: ChannelBinding,
+    pub(crate) application_name: String,
+    pub(crate) options: Option<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) tls: TlsSettings,
+    pub(crate) channel_binding: ChannelBinding,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -160,16 +160,16 @@ impl std::fmt::Debug for ConnInfo {
 
 /// A failed connection attempt, and what libpq's retry rule needs to know about it.
 pub(crate) struct Failed<E> {
-    pub error: E,
+    pub(crate) error: E,
     /// The TLS handshake failed (certificate or protocol).
-    pub tls_failed: bool,
+    pub(crate) tls_failed: bool,
     /// The server answered with an error (e.g. no `pg_hba.conf` entry for a connection in clear).
-    pub refused: bool,
+    pub(crate) refused: bool,
 }
 
 /// SCRAM channel binding, as libpq's `channel_binding`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChannelBinding {
+pub(crate) enum ChannelBinding {
     Disable,
     Prefer,
     Require,
@@ -177,10 +177,10 @@ pub enum ChannelBinding {
 
 /// What resolution reads besides the connection string; tests supply their own.
 pub(crate) struct Context<'a> {
-    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub(crate) env: &'a dyn Fn(&str) -> Option<String>,
     /// The effective OS user's name and home directory (`getpwuid(geteuid())`).
-    pub os_user: Option<(String, Option<PathBuf>)>,
-    pub default_socket: PathBuf,
+    pub(crate) os_user: Option<(String, Option<PathBuf>)>,
+    pub(crate) default_socket: PathBuf,
 }
 
 impl ConnInfo {
@@ -326,7 +326,7 @@ impl ConnInfo {
     /// The password for `host`: the one given, else the first matching passfile line.
     /// `database` is what passfile lines are matched against (`replication` for a physical
     /// replication connection, as libpq does).
-    pub fn password(&self, host: &HostSpec, database: &str) -> Option<String> {
+    pub(crate) fn password(&self, host: &HostSpec, database: &str) -> Option<String> {
         if let Some(p) = &self.password {
             return Some(p.clone());
         }
@@ -373,7 +373,7 @@ impl ConnInfo {
     }
 
     /// Where and as whom, for messages (no secrets).
-    pub fn shown(&self) -> String {
+    pub(crate) fn shown(&self) -> String {
         let hosts: Vec<String> = self
             .hosts
             .iter()

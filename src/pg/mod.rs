@@ -8,7 +8,7 @@
 
 pub mod conninfo;
 mod passfile;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,8 +23,12 @@ use tls::{Encryption, MakeRustls, TlsError};
 pub enum PgError {
     #[error(transparent)]
     Conninfo(#[from] ConnInfoError),
-    #[error("PostgreSQL at {target}: {0}", target = .1)]
-    Tls(TlsError, String),
+    #[error("PostgreSQL at {target}: {source}")]
+    Tls {
+        target: String,
+        #[source]
+        source: TlsError,
+    },
     #[error("cannot connect to PostgreSQL at {target}: {source}{hint}")]
     Connect {
         target: String,
@@ -67,12 +71,9 @@ impl ConnTarget {
     /// `dbname` is a database name, a `key=value` conninfo string or a `postgres://` URI; what
     /// it leaves unset comes from the `PG*` environment, then libpq's defaults.
     pub fn resolve(dbname: Option<&str>) -> Result<ConnTarget, PgError> {
-        Ok(Self::from_info(ConnInfo::resolve(dbname, "walvault")?))
-    }
-
-    fn from_info(info: ConnInfo) -> ConnTarget {
+        let info = ConnInfo::resolve(dbname, "walvault")?;
         let shown = info.shown();
-        ConnTarget { info, shown }
+        Ok(ConnTarget { info, shown })
     }
 
     pub fn shown(&self) -> &str {
@@ -163,36 +164,50 @@ impl ConnTarget {
                 refused,
             }
         };
-        if encryption == Encryption::Plain {
+        let opened = if encryption == Encryption::Plain {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            let (client, connection) =
-                tokio::time::timeout(info.connect_timeout, config.connect(NoTls))
-                    .await
-                    .map_err(|_| timeout())?
-                    .map_err(|e| connect_error(e, false))?;
-            tokio::spawn(drive(connection));
-            Ok(client)
+            open(&config, NoTls, info.connect_timeout).await
         } else {
             config.ssl_mode(if encryption == Encryption::Tls {
                 tokio_postgres::config::SslMode::Require
             } else {
                 tokio_postgres::config::SslMode::Prefer
             });
-            let tls = info.tls.client_config().map_err(|e| Failed {
-                error: PgError::Tls(e, target.clone()),
+            let tls = info.tls.client_config().map_err(|source| Failed {
+                error: PgError::Tls {
+                    target: target.clone(),
+                    source,
+                },
                 tls_failed: false,
                 refused: false,
             })?;
             let tls = MakeRustls::new(tls);
-            let (client, connection) =
-                tokio::time::timeout(info.connect_timeout, config.connect(tls.clone()))
-                    .await
-                    .map_err(|_| timeout())?
-                    .map_err(|e| connect_error(e, tls.handshake_failed()))?;
-            tokio::spawn(drive(connection));
-            Ok(client)
-        }
+            match open(&config, tls.clone(), info.connect_timeout).await {
+                Ok(Err(e)) if tls.handshake_failed() => return Err(connect_error(e, true)),
+                other => other,
+            }
+        };
+        opened
+            .map_err(|_| timeout())?
+            .map_err(|e| connect_error(e, false))
     }
+}
+
+/// Connects within `limit`; a task drives the connection until the client drops.
+async fn open<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    limit: Duration,
+) -> Result<Result<Client, tokio_postgres::Error>, tokio::time::error::Elapsed>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let connected = tokio::time::timeout(limit, config.connect(tls)).await?;
+    Ok(connected.map(|(client, connection)| {
+        tokio::spawn(drive(connection));
+        client
+    }))
 }
 
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)

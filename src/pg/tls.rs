@@ -29,7 +29,7 @@ use super::conninfo::{Host, HostSpec};
 
 /// libpq's `sslmode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     Disable,
     Allow,
     Prefer,
@@ -39,7 +39,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Allow => "allow",
@@ -73,7 +73,7 @@ impl std::str::FromStr for SslMode {
 
 /// Where trusted root certificates come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RootCert {
+pub(crate) enum RootCert {
     File(PathBuf),
     /// `sslrootcert=system`: the system's trust store.
     System,
@@ -81,21 +81,21 @@ pub enum RootCert {
 
 /// The TLS part of a connection's settings; paths are `None` only without a home directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsSettings {
-    pub mode: SslMode,
-    pub rootcert: Option<RootCert>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub crl: Option<PathBuf>,
+pub(crate) struct TlsSettings {
+    pub(crate) mode: SslMode,
+    pub(crate) rootcert: Option<RootCert>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) crl: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct TlsError(pub String);
+pub struct TlsError(pub(crate) String);
 
 /// How one connection attempt treats TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encryption {
+pub(crate) enum Encryption {
     Plain,
     /// Ask for TLS; go on in clear if the server has none.
     TryTls,
@@ -105,7 +105,7 @@ pub enum Encryption {
 
 /// When a second attempt follows a failed first one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Retry {
+pub(crate) enum Retry {
     /// `prefer`: the TLS handshake itself failed.
     AfterTlsFailure,
     /// `allow`: the server refused the connection in clear.
@@ -122,7 +122,7 @@ enum Check {
 
 impl TlsSettings {
     /// The attempts libpq makes for this mode against `host`, in order.
-    pub fn attempts(&self, host: &HostSpec) -> (Encryption, Option<(Retry, Encryption)>) {
+    pub(crate) fn attempts(&self, host: &HostSpec) -> (Encryption, Option<(Retry, Encryption)>) {
         if matches!(host.host, Host::Unix(_)) {
             return (Encryption::Plain, None);
         }
@@ -154,7 +154,7 @@ impl TlsSettings {
 
     /// The rustls configuration for this mode: roots, revocation lists and client certificate
     /// are read from their files now, so a changed file is seen at the next connection.
-    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+    pub(crate) fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let check = self.check();
         let verifier = Verifier {
@@ -349,7 +349,7 @@ impl ServerCertVerifier for Verifier {
 }
 
 /// Runs the TLS handshake over `stream` (after the server accepted an SSLRequest).
-pub async fn handshake<S>(
+pub(crate) async fn handshake<S>(
     config: Arc<ClientConfig>,
     host: &str,
     stream: S,
@@ -370,14 +370,14 @@ where
 
 /// Whether an I/O error from [`handshake`] is a TLS failure (certificate, protocol) rather than
 /// a broken connection.
-pub fn is_tls_failure(e: &io::Error) -> bool {
+pub(crate) fn is_tls_failure(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
         || e.kind() == io::ErrorKind::InvalidInput
 }
 
 /// `tls-server-end-point` channel binding data (RFC 5929): the server certificate hashed with
 /// its signature's hash, SHA-256 for MD5, SHA-1 and anything unrecognised.
-pub fn server_end_point(session: &rustls::ClientConnection) -> Option<Vec<u8>> {
+pub(crate) fn server_end_point(session: &rustls::ClientConnection) -> Option<Vec<u8>> {
     let cert = session.peer_certificates()?.first()?;
     const SHA384_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
     const SHA512_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
@@ -429,20 +429,20 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// tokio-postgres's TLS hook, over the same configuration. Remembers whether a handshake
 /// failed, so `prefer` knows to try again in clear.
 #[derive(Clone)]
-pub struct MakeRustls {
+pub(crate) struct MakeRustls {
     config: Arc<ClientConfig>,
     failed: Arc<AtomicBool>,
 }
 
 impl MakeRustls {
-    pub fn new(config: Arc<ClientConfig>) -> MakeRustls {
+    pub(crate) fn new(config: Arc<ClientConfig>) -> MakeRustls {
         MakeRustls {
             config,
             failed: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    pub fn handshake_failed(&self) -> bool {
+    pub(crate) fn handshake_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
 }
@@ -464,7 +464,7 @@ where
     }
 }
 
-pub struct RustlsConnect {
+pub(crate) struct RustlsConnect {
     config: Arc<ClientConfig>,
     domain: String,
     failed: Arc<AtomicBool>,
@@ -492,7 +492,7 @@ where
     }
 }
 
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub(crate) struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
