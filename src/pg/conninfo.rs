@@ -884,6 +884,57 @@ mod tests {
         assert!(err.contains("verify-full"), "{err}");
     }
 
+    /// Records the attempts `try_hosts` makes, failing each as `fail` says.
+    async fn attempts(
+        dbname: &str,
+        fail: impl Fn(&HostSpec, Encryption) -> Option<(bool, bool)>,
+    ) -> (Vec<(u16, Encryption)>, bool) {
+        let p = resolve(Some(dbname), &[]);
+        let mut seen = Vec::new();
+        let result = p
+            .try_hosts(async |host: &HostSpec, encryption| {
+                seen.push((host.port, encryption));
+                match fail(host, encryption) {
+                    None => Ok(()),
+                    Some((tls_failed, refused)) => Err(Failed {
+                        error: (),
+                        tls_failed,
+                        refused,
+                    }),
+                }
+            })
+            .await;
+        (seen, result.is_ok())
+    }
+
+    #[tokio::test]
+    async fn hosts_and_tls_attempts_follow_libpq() {
+        use Encryption::{Plain, Tls, TryTls};
+        // prefer: in clear again only after a failed handshake.
+        let (seen, ok) = attempts("host=h port=1 sslmode=prefer", |_, e| {
+            (e == TryTls).then_some((true, false))
+        })
+        .await;
+        assert_eq!((seen, ok), (vec![(1, TryTls), (1, Plain)], true));
+        let (seen, ok) = attempts("host=h port=1", |_, _| Some((false, true))).await;
+        assert_eq!((seen, ok), (vec![(1, TryTls)], false));
+        // allow: with TLS after the server refused the connection in clear.
+        let (seen, _) = attempts("host=h port=1 sslmode=allow", |_, e| {
+            (e == Plain).then_some((false, true))
+        })
+        .await;
+        assert_eq!(seen, vec![(1, Plain), (1, Tls)]);
+        // require: one attempt per host, never in clear; the next host after a failure.
+        let (seen, ok) = attempts("host=a,b port=1,2 sslmode=require", |h, _| {
+            (h.port == 1).then_some((true, false))
+        })
+        .await;
+        assert_eq!((seen, ok), (vec![(1, Tls), (2, Tls)], true));
+        // A socket never uses TLS, whatever the mode.
+        let (seen, _) = attempts("host=/run/pg port=3 sslmode=verify-full", |_, _| None).await;
+        assert_eq!(seen, vec![(3, Plain)]);
+    }
+
     #[test]
     fn connect_timeout_is_bounded_like_libpq() {
         let t = |v: &str| resolve(None, &[("PGCONNECT_TIMEOUT", v)]).connect_timeout;
