@@ -59,14 +59,14 @@ pub enum Command {
     },
     /// Stream WAL into the repository through a replication slot (a long-running service)
     ///
-    /// Connects like libpq (PGHOST, PGPORT, PGUSER, PGPASSWORD, or --dbname) with
+    /// Connects like libpq (PG* variables, ~/.pgpass, sslmode, or --dbname) with
     /// replication=true. Received WAL becomes durable in the repository within --flush-interval;
     /// the slot advances only to what is durable. Needs a local spool directory (spool_dir in the
     /// config file or WALVAULT_SPOOL_DIR). Exits only on permanent errors.
     WalReceive(ReceiveArgs),
     /// Take a base backup of the running cluster on this host (full or page-level delta)
     ///
-    /// Connects like libpq (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, or --dbname), runs a
+    /// Connects like libpq (PG* variables, ~/.pgpass, sslmode, or --dbname), runs a
     /// non-exclusive backup (fast checkpoint unless --spread-checkpoint) and reads the files from
     /// PGDATA. Takes a delta when a parent exists and its chain is shorter than --delta-max-steps.
     BackupPush(BackupPushArgs),

@@ -23,6 +23,8 @@ const KEYS: &[(&str, &str)] = &[
     ("compression", "WALVAULT_COMPRESSION"),
     ("backup_concurrency", "WALVAULT_BACKUP_CONCURRENCY"),
     ("delta_max_steps", "WALVAULT_DELTA_MAX_STEPS"),
+    ("pg_timeout", "WALVAULT_PG_TIMEOUT"),
+    ("backup_stop_timeout", "WALVAULT_BACKUP_STOP_TIMEOUT"),
     ("s3.endpoint", "WALVAULT_S3_ENDPOINT"),
     ("s3.region", "WALVAULT_S3_REGION"),
     ("s3.force_path_style", "WALVAULT_S3_FORCE_PATH_STYLE"),
@@ -141,6 +143,10 @@ pub(crate) struct Settings {
     pub(crate) backup_concurrency: usize,
     /// Deltas allowed after a full backup before backup-push takes a full one again.
     pub(crate) delta_max_steps: u32,
+    /// Bound on one reply on the SQL connection (backup-push, recover --start).
+    pub(crate) pg_timeout: Duration,
+    /// Bound on `pg_backup_stop`, which waits until WAL archiving caught up.
+    pub(crate) backup_stop_timeout: Duration,
 }
 
 /// Values set on the command line; `None` where the flag was not given.
@@ -326,6 +332,12 @@ impl Layers {
             delta_max_steps: self
                 .get("delta_max_steps", |s| parse_in_range(s, 0, 1000))?
                 .unwrap_or(6),
+            pg_timeout: self
+                .get("pg_timeout", parse_bounded_duration)?
+                .unwrap_or(Duration::from_secs(60)),
+            backup_stop_timeout: self
+                .get("backup_stop_timeout", parse_bounded_duration)?
+                .unwrap_or(Duration::from_secs(600)),
         })
     }
 }
@@ -342,6 +354,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m)"))?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// A duration of at most a week, so that adding it to a clock reading cannot overflow.
+fn parse_bounded_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(7 * 86_400) {
+        return Err("must be at most a week (7d)".into());
     }
     Ok(d)
 }
@@ -490,6 +511,34 @@ mod tests {
             load(FlagValues::default(), &[]),
             Err(ConfigError::NoRepo)
         ));
+    }
+
+    #[test]
+    fn postgres_timeouts_have_defaults_and_bounds() {
+        let s = load(FlagValues::default(), &[("WALVAULT_REPO", "file:///r")]).unwrap();
+        assert_eq!(s.pg_timeout, Duration::from_secs(60));
+        assert_eq!(s.backup_stop_timeout, Duration::from_secs(600));
+        let (_d, path) = config_file("repo = \"file:///r\"\npg_timeout = \"5s\"\n");
+        let s = load(
+            FlagValues {
+                config: Some(path),
+                ..Default::default()
+            },
+            &[("WALVAULT_BACKUP_STOP_TIMEOUT", "2m")],
+        )
+        .unwrap();
+        assert_eq!(s.pg_timeout, Duration::from_secs(5));
+        assert_eq!(s.backup_stop_timeout, Duration::from_secs(120));
+        let err = load(
+            FlagValues::default(),
+            &[
+                ("WALVAULT_REPO", "file:///r"),
+                ("WALVAULT_PG_TIMEOUT", "100000000000d"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("WALVAULT_PG_TIMEOUT"), "{err}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use super::manifest::{
 use super::page::{self, BlockNo, BLCKSZ};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
-use crate::pg::{BackupSession, BackupStop, ConnTarget, ServerInfo};
+use crate::pg::{BackupSession, BackupStop, ConnTarget, ServerInfo, Timeouts};
 use crate::repo::identity::{self, Identity};
 use crate::repo::packs::PackContent;
 use crate::repo::Repository;
@@ -63,6 +63,8 @@ pub(crate) struct PushOptions {
     pub(crate) progress: bool,
     /// A spool directory to leave out when it lies inside PGDATA.
     pub(crate) spool_dir: Option<PathBuf>,
+    /// Bounds on the SQL session's calls.
+    pub(crate) pg_timeouts: Timeouts,
 }
 
 /// What a push stored.
@@ -163,7 +165,7 @@ async fn preflight(
     opts: &PushOptions,
 ) -> Result<(BackupSession, PathBuf), BackupError> {
     let target = ConnTarget::resolve(opts.dbname.as_deref())?;
-    let session = BackupSession::connect(&target).await?;
+    let session = BackupSession::connect(&target, opts.pg_timeouts).await?;
     let info = session.info();
     if info.in_recovery {
         return Err(BackupError::invalid(

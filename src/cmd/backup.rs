@@ -12,6 +12,7 @@ use crate::backup::push::{self, Mode, PushOptions};
 use crate::backup::window::{self, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
+use crate::pg::Timeouts;
 use crate::repo::Repository;
 use anyhow::Context;
 
@@ -35,6 +36,10 @@ fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushO
         fast_checkpoint: !args.spread_checkpoint,
         progress: !quiet,
         spool_dir: settings.spool_dir.clone(),
+        pg_timeouts: Timeouts {
+            reply: settings.pg_timeout,
+            backup_stop: settings.backup_stop_timeout,
+        },
     }
 }
 

@@ -8,8 +8,8 @@ use anyhow::Context;
 
 use crate::cli::ReceiveArgs;
 use crate::config::Settings;
+use crate::pg::conninfo::ConnInfo;
 use crate::receive;
-use crate::replication::ConnParams;
 use crate::repo::Repository;
 
 /// `wal-receive`: streams WAL into the repository until a permanent error.
@@ -23,7 +23,7 @@ pub(super) async fn receive(
          WALVAULT_SPOOL_DIR"
     })?;
     let options = receive::ReceiveOptions {
-        conn: ConnParams::resolve(args.dbname.as_deref(), &args.application_name)?,
+        conn: ConnInfo::resolve(args.dbname.as_deref(), &args.application_name)?,
         slot: args.slot.parse().map_err(anyhow::Error::msg)?,
         create_slot: args.create_slot,
         flush_interval: args.flush_interval,

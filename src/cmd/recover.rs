@@ -2,7 +2,7 @@
 //! restores, writes the recovery configuration and, with `--start`, reports where recovery
 //! ended. The order is the promise: nothing touches the target directory until the plan holds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -107,9 +107,12 @@ pub(super) async fn recover(
     let start_opts = StartOptions {
         pg_bin: args.pg_bin,
         port: args.port,
-        socket_dir: args.socket_dir.unwrap_or_else(default_socket_dir),
+        socket_dir: args
+            .socket_dir
+            .unwrap_or_else(crate::pg::conninfo::default_socket_dir),
         pg_options: args.pg_options,
         major: plan.backup.pg_version_num / 10_000,
+        pg_timeout: settings.pg_timeout,
     };
     let reached = start::start(&dir, &start_opts, args.target_action).await?;
     println!(
@@ -146,13 +149,4 @@ fn fetch_command(settings: &Settings, flags: &FlagValues) -> anyhow::Result<Vec<
     command.extend(["--repo".to_string(), settings.repo.to_string()]);
     command.push("wal-fetch".to_string());
     Ok(command)
-}
-
-fn default_socket_dir() -> PathBuf {
-    let debian = Path::new("/var/run/postgresql");
-    if debian.is_dir() {
-        debian.to_path_buf()
-    } else {
-        PathBuf::from("/tmp")
-    }
 }

@@ -29,9 +29,10 @@ use walvault_wal::{
     ClusterWal, Lsn, PgMajor, SegmentName, StreamedPages, TimelineId, WalFileName, WalSegmentSize,
 };
 
+use crate::pg::conninfo::ConnInfo;
 use crate::replication::{
-    sqlstate, ConnParams, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent,
-    SystemInfo, WalStream,
+    sqlstate, ReplError, ReplicationConnection, SlotInfo, SlotName, StreamEvent, SystemInfo,
+    WalStream,
 };
 use crate::repo::identity::{self, Identity, IdentityError};
 use crate::repo::layout::{Listing, ObjectKey};
@@ -55,7 +56,7 @@ const STOP_BOUND: Duration = Duration::from_secs(60);
 /// How wal-receive runs.
 #[derive(Clone, Debug)]
 pub(crate) struct ReceiveOptions {
-    pub(crate) conn: ConnParams,
+    pub(crate) conn: ConnInfo,
     pub(crate) slot: SlotName,
     pub(crate) create_slot: bool,
     pub(crate) flush_interval: Duration,
@@ -116,7 +117,10 @@ impl ReceiveError {
     fn is_permanent(&self) -> bool {
         match self {
             ReceiveError::Repl(e) => match e {
-                ReplError::Config(_) | ReplError::Auth(_) | ReplError::Protocol(_) => true,
+                ReplError::Config(_)
+                | ReplError::Auth(_)
+                | ReplError::Protocol(_)
+                | ReplError::Tls { .. } => true,
                 ReplError::Server { code, .. } => {
                     code.starts_with(sqlstate::AUTHORIZATION_CLASS)
                         || code == sqlstate::INSUFFICIENT_PRIVILEGE
@@ -290,7 +294,7 @@ impl Receiver {
                 ReceiveError::Stream(format!("wal_block_size {block_size:?} is not a number"))
             })?,
         };
-        let what = format!("the server at {}", self.options.conn.endpoint);
+        let what = format!("the server at {}", conn.endpoint());
         identity::ensure(&self.repo, &found, &what).await?;
         Ok((system, cluster))
     }
@@ -682,7 +686,7 @@ mod tests {
         let receiver = Receiver {
             repo,
             options: ReceiveOptions {
-                conn: ConnParams::resolve(Some("host=127.0.0.1 port=1 user=t"), "t").unwrap(),
+                conn: ConnInfo::resolve(Some("host=127.0.0.1 port=1 user=t"), "t").unwrap(),
                 slot: "s".parse().unwrap(),
                 create_slot: false,
                 flush_interval: Duration::from_secs(1),

@@ -26,6 +26,8 @@ pub(crate) struct StartOptions {
     /// Extra server options (`pg_ctl -o`), e.g. `-c shared_buffers=1GB`.
     pub(crate) pg_options: Vec<String>,
     pub(crate) major: u32,
+    /// Bound on one query while following recovery (`pg_timeout`).
+    pub(crate) pg_timeout: Duration,
 }
 
 /// Where recovery ended.
@@ -133,7 +135,7 @@ async fn follow(
         if !running && (seen_running || started.elapsed() > Duration::from_secs(30)) {
             return stopped(&log_text, log, action, started);
         }
-        if let Some(reached) = recovery_state(&target, action, started).await {
+        if let Some(reached) = recovery_state(&target, action, started, opts.pg_timeout).await {
             return Ok(reached);
         }
     }
@@ -175,10 +177,12 @@ async fn recovery_state(
     target: &ConnTarget,
     action: TargetAction,
     started: Instant,
+    timeout: Duration,
 ) -> Option<Reached> {
+    // Not accepting connections yet (before consistency), or a server that stops answering:
+    // either way the poll moves on instead of hanging recover.
     let client = target.connect().await.ok()?;
-    let row = client
-        .query_one(
+    let query = client.query_one(
             "SELECT pg_is_in_recovery(), \
              pg_last_wal_replay_lsn()::text, \
              to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', \
@@ -186,10 +190,9 @@ async fn recovery_state(
              CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
              CASE WHEN pg_is_in_recovery() THEN NULL \
                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
-            &[],
-        )
-        .await
-        .ok()?;
+        &[],
+    );
+    let row = tokio::time::timeout(timeout, query).await.ok()?.ok()?;
     let in_recovery: bool = row.get(0);
     let paused: bool = row.get(3);
     let done = match action {

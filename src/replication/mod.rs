@@ -1,23 +1,22 @@
 //! A client for PostgreSQL's physical streaming replication protocol, on tokio.
 //!
-//! It understands the startup handshake with `replication=true`, authentication (trust, cleartext,
-//! md5 and SCRAM-SHA-256, through postgres-protocol), the replication commands walvault needs
+//! It understands the startup handshake with `replication=true` (over TLS as `sslmode` asks, see
+//! `crate::pg::tls`), authentication (trust, cleartext, md5 and SCRAM-SHA-256 with channel
+//! binding, through postgres-protocol), the replication commands walvault needs
 //! (`IDENTIFY_SYSTEM`, `SHOW`, `READ_REPLICATION_SLOT`, `CREATE_REPLICATION_SLOT ... PHYSICAL`,
 //! `TIMELINE_HISTORY`, `START_REPLICATION SLOT ... PHYSICAL`) and, once streaming, XLogData and
 //! keepalive messages, standby status updates and the end of a timeline. Every network wait is
 //! bounded by a timeout. It knows nothing about repositories or archiving: `wal-receive`
 //! (`crate::receive`) drives it.
 
-mod conninfo;
 mod wire;
-
-pub(crate) use conninfo::ConnParams;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use walvault_wal::{Lsn, TimelineHistory, TimelineId, WalFileName};
 
+use crate::pg::conninfo::ConnInfo;
 use wire::{Backend, Wire};
 
 /// Bound on one command's round trip (a replication command answers at once).
@@ -38,6 +37,8 @@ pub(crate) mod sqlstate {
 pub(crate) enum ReplError {
     #[error("{0}")]
     Config(String),
+    #[error("PostgreSQL at {endpoint}: TLS: {reason}")]
+    Tls { endpoint: String, reason: String },
     #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
     Connect {
         endpoint: String,
@@ -126,9 +127,14 @@ type Row = Vec<Option<Bytes>>;
 
 impl ReplicationConnection {
     /// Connects and authenticates.
-    pub(crate) async fn connect(params: &ConnParams) -> Result<ReplicationConnection, ReplError> {
+    pub(crate) async fn connect(params: &ConnInfo) -> Result<ReplicationConnection, ReplError> {
         let (wire, major) = Wire::connect(params).await?;
         Ok(ReplicationConnection { wire, major })
+    }
+
+    /// The server this connection reaches (`host:port` or a socket path).
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.wire.endpoint
     }
 
     /// The server's major version, from its startup parameters.

@@ -1,4 +1,5 @@
-//! The byte level of a replication connection: the socket, message framing, the startup and
+//! The byte level of a replication connection: the socket, TLS negotiation (SSLRequest, then
+//! rustls with the SQL connection's configuration), message framing, the startup and
 //! authentication exchange. postgres-protocol encodes and decodes the messages; the one it does
 //! not know, CopyBothResponse (`W`), is recognised here. Used by the parent module only.
 
@@ -7,13 +8,16 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::conninfo::{ConnParams, Endpoint};
 use super::ReplError;
+use crate::pg::conninfo::{self, ConnInfo, Failed, Host, HostSpec};
+use crate::pg::tls::{self, Encryption};
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
@@ -48,37 +52,79 @@ pub(super) enum Backend {
 pub(super) struct Wire {
     socket: Box<dyn Socket>,
     buf: BytesMut,
+    /// `tls-server-end-point` data when the connection is encrypted.
+    channel_binding: Option<Vec<u8>>,
+    /// The server this wire reaches, for messages.
+    pub(super) endpoint: String,
 }
 
+/// Answer to an SSLRequest: TLS accepted.
+const TLS_ACCEPTED: u8 = b'S';
+/// Answer to an SSLRequest: no TLS here.
+const TLS_REFUSED: u8 = b'N';
+
 impl Wire {
-    /// Opens the socket and runs the startup exchange, all within the connect timeout. Returns
-    /// the wire and the server's major version.
-    pub(super) async fn connect(params: &ConnParams) -> Result<(Wire, Option<u32>), ReplError> {
-        let timeout = params.connect_timeout;
-        tokio::time::timeout(timeout, Self::connect_unbounded(params))
-            .await
-            .map_err(|_| ReplError::Timeout {
-                what: "connecting and authenticating",
-                after: timeout,
-            })?
+    /// Opens the socket and runs the startup exchange, trying hosts and TLS as libpq does, each
+    /// attempt within the connect timeout. Returns the wire and the server's major version.
+    pub(super) async fn connect(info: &ConnInfo) -> Result<(Wire, Option<u32>), ReplError> {
+        info.try_hosts(async |host, encryption| {
+            let timeout = info.connect_timeout;
+            let failed = |error: ReplError| Failed {
+                tls_failed: matches!(error, ReplError::Tls { .. }),
+                refused: matches!(error, ReplError::Server { .. }),
+                error,
+            };
+            match tokio::time::timeout(timeout, Self::connect_unbounded(info, host, encryption))
+                .await
+            {
+                Ok(result) => result.map_err(failed),
+                Err(_) => Err(failed(ReplError::Timeout {
+                    what: "connecting and authenticating",
+                    after: timeout,
+                })),
+            }
+        })
+        .await
+        .map_err(|last| {
+            // ConnInfo always holds at least one host; this only keeps the function total.
+            last.unwrap_or_else(|| ReplError::Config("no host to connect to".into()))
+        })
     }
 
-    async fn connect_unbounded(params: &ConnParams) -> Result<(Wire, Option<u32>), ReplError> {
+    async fn connect_unbounded(
+        info: &ConnInfo,
+        host: &HostSpec,
+        encryption: Encryption,
+    ) -> Result<(Wire, Option<u32>), ReplError> {
+        let endpoint = host.to_string();
         let connect_err = |source| ReplError::Connect {
-            endpoint: params.endpoint.to_string(),
+            endpoint: endpoint.clone(),
             source,
         };
-        let socket: Box<dyn Socket> = match &params.endpoint {
-            Endpoint::Tcp { host, port } => {
-                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(connect_err)?;
+        let mut channel_binding = None;
+        let socket: Box<dyn Socket> = match &host.host {
+            Host::Tcp(name) => {
+                let stream = match host.hostaddr {
+                    Some(addr) => tokio::net::TcpStream::connect((addr, host.port)).await,
+                    None => tokio::net::TcpStream::connect((name.as_str(), host.port)).await,
+                }
+                .map_err(connect_err)?;
                 // Status updates are small and latency matters for synchronous commits.
                 stream.set_nodelay(true).map_err(connect_err)?;
-                Box::new(stream)
+                if encryption == Encryption::Plain {
+                    Box::new(stream)
+                } else {
+                    match negotiate_tls(stream, info, name, encryption, &endpoint).await? {
+                        Ok(tls) => {
+                            channel_binding = tls::server_end_point(tls.get_ref().1);
+                            Box::new(tls)
+                        }
+                        Err(plain) => Box::new(plain),
+                    }
+                }
             }
-            Endpoint::Unix(path) => Box::new(
-                tokio::net::UnixStream::connect(path)
+            Host::Unix(dir) => Box::new(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", host.port)))
                     .await
                     .map_err(connect_err)?,
             ),
@@ -86,16 +132,19 @@ impl Wire {
         let mut wire = Wire {
             socket,
             buf: BytesMut::with_capacity(64 * 1024),
+            channel_binding,
+            endpoint: endpoint.clone(),
         };
+        let mut startup = vec![
+            ("user", info.user.as_str()),
+            ("replication", "true"),
+            ("application_name", info.application_name.as_str()),
+        ];
+        if let Some(options) = &info.options {
+            startup.push(("options", options.as_str()));
+        }
         let mut out = BytesMut::new();
-        frontend::startup_message(
-            [
-                ("user", params.user.as_str()),
-                ("replication", "true"),
-                ("application_name", params.application_name.as_str()),
-            ],
-            &mut out,
-        )?;
+        frontend::startup_message(startup, &mut out)?;
         wire.send(out).await?;
         // A PostgreSQL server answers a startup message with an authentication request, an error
         // or a protocol negotiation. Anything else is another kind of server, and waiting for a
@@ -104,11 +153,13 @@ impl Wire {
         if !matches!(wire.buf.first(), Some(b'R' | b'E' | b'v' | b'N')) {
             let head = String::from_utf8_lossy(&wire.buf[..wire.buf.len().min(16)]).into_owned();
             return Err(ReplError::Protocol(format!(
-                "{} answered the startup message with {head:?}",
-                params.endpoint
+                "{endpoint} answered the startup message with {head:?}"
             )));
         }
-        wire.authenticate(params).await?;
+        // Physical replication connections match `replication` in the password file, as
+        // libpq's do.
+        let password = info.password(host, "replication");
+        wire.authenticate(info, password.as_deref()).await?;
         let mut major = None;
         loop {
             match wire.next_message().await? {
@@ -126,26 +177,47 @@ impl Wire {
         }
     }
 
-    async fn authenticate(&mut self, params: &ConnParams) -> Result<(), ReplError> {
+    async fn authenticate(
+        &mut self,
+        info: &ConnInfo,
+        password: Option<&str>,
+    ) -> Result<(), ReplError> {
         let password = || {
-            params.password.as_deref().ok_or_else(|| {
+            password.map(str::as_bytes).ok_or_else(|| {
                 ReplError::Auth(format!(
-                    "the server asks user {} for a password; set PGPASSWORD or password= in the \
-                     connection string",
-                    params.user
+                    "the server asks user {} for a password; put it in a password file \
+                     (~/.pgpass, PGPASSFILE or passfile=) or set PGPASSWORD",
+                    info.user
                 ))
             })
+        };
+        let require_binding = info.channel_binding == conninfo::ChannelBinding::Require;
+        let unbound = || {
+            ReplError::Auth(
+                "channel_binding=require, but the server did not authenticate with SCRAM \
+                 channel binding"
+                    .into(),
+            )
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let mut out = BytesMut::new();
             match self.next_message().await? {
+                Message::AuthenticationOk if require_binding && scram.is_none() => {
+                    return Err(unbound())
+                }
                 Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword
+                | Message::AuthenticationMd5Password(_)
+                    if require_binding =>
+                {
+                    return Err(unbound())
+                }
                 Message::AuthenticationCleartextPassword => {
                     frontend::password_message(password()?, &mut out)?
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(params.user.as_bytes(), password()?, body.salt());
+                    let hash = md5_hash(info.user.as_bytes(), password()?, body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out)?
                 }
                 Message::AuthenticationSasl(body) => {
@@ -154,14 +226,32 @@ impl Wire {
                     while let Some(m) = mechanisms.next()? {
                         offered.push(m.to_owned());
                     }
-                    if !offered.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(ReplError::Auth(format!(
-                            "the server offers SASL mechanisms {offered:?}, none of them SCRAM-SHA-256"
-                        )));
+                    let binding = self
+                        .channel_binding
+                        .clone()
+                        .filter(|_| info.channel_binding != conninfo::ChannelBinding::Disable);
+                    let plus = offered.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+                    let plain = offered.iter().any(|m| m == SCRAM_SHA_256);
+                    let (binding, mechanism) = match binding {
+                        Some(data) if plus => (
+                            ChannelBinding::tls_server_end_point(data),
+                            SCRAM_SHA_256_PLUS,
+                        ),
+                        // We could bind, the server does not offer it.
+                        Some(_) if plain => (ChannelBinding::unrequested(), SCRAM_SHA_256),
+                        None if plain => (ChannelBinding::unsupported(), SCRAM_SHA_256),
+                        _ => {
+                            return Err(ReplError::Auth(format!(
+                                "the server offers SASL mechanisms {offered:?}, none of them \
+                                 one walvault can use here"
+                            )))
+                        }
+                    };
+                    if require_binding && mechanism != SCRAM_SHA_256_PLUS {
+                        return Err(unbound());
                     }
-                    // No TLS, so no channel binding.
-                    let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    let s = ScramSha256::new(password()?, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
@@ -303,6 +393,54 @@ fn check_length(buf: &[u8]) -> Result<(), ReplError> {
     Ok(())
 }
 
+type TlsSocket = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Sends an SSLRequest and, if the server agrees, runs the TLS handshake. `Ok(Err(stream))` is
+/// the plain stream when the server has no TLS and `encryption` allows going on without it;
+/// with [`Encryption::Tls`] that is an error, raised before the password could be sent.
+async fn negotiate_tls(
+    mut stream: tokio::net::TcpStream,
+    info: &ConnInfo,
+    host: &str,
+    encryption: Encryption,
+    endpoint: &str,
+) -> Result<Result<TlsSocket, tokio::net::TcpStream>, ReplError> {
+    let tls_error = |reason: String| ReplError::Tls {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    let config = info
+        .tls
+        .client_config()
+        .map_err(|e| tls_error(e.to_string()))?;
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    stream.write_all(&out).await?;
+    let mut answer = [0u8];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        TLS_ACCEPTED => match tls::handshake(config, host, stream).await {
+            Ok(tls) => Ok(Ok(tls)),
+            Err(e) if tls::is_tls_failure(&e) => Err(tls_error(format!(
+                "{e} (sslmode={})",
+                info.tls.mode.as_str()
+            ))),
+            // A connection broken mid-handshake is worth another try, unlike a bad certificate.
+            Err(e) => Err(ReplError::Io(e)),
+        },
+        TLS_REFUSED if encryption == Encryption::TryTls => Ok(Err(stream)),
+        TLS_REFUSED => Err(tls_error(format!(
+            "the server does not accept TLS connections, and sslmode={} forbids connecting \
+             without",
+            info.tls.mode.as_str()
+        ))),
+        other => Err(ReplError::Protocol(format!(
+            "{endpoint} answered the TLS request with {:?}",
+            char::from(other)
+        ))),
+    }
+}
+
 fn backend(message: Message) -> Result<Backend, ReplError> {
     Ok(match message {
         Message::DataRow(row) => {
@@ -355,6 +493,8 @@ impl Wire {
         Wire {
             socket: Box::new(socket),
             buf: BytesMut::new(),
+            channel_binding: None,
+            endpoint: "test server".into(),
         }
     }
 }
