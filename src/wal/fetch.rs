@@ -317,6 +317,11 @@ async fn fetch_streamed(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The key of WAL file `name`.
+    fn key(name: &str) -> String {
+        layout::wal(&name.parse().unwrap())
+    }
     use crate::config::{FlagValues, Settings};
     use crate::repo::PutMode;
     use crate::wal::push::tests::segment;
@@ -392,7 +397,7 @@ pub(crate) mod tests {
         let s = setup().await;
         // Zeros compress to almost nothing: a small object can declare a huge content.
         for len in [2 << 20, 4096] {
-            s.put(&format!("wal/{SEG}"), &vec![0; len]).await;
+            s.put(&key(SEG), &vec![0; len]).await;
             let (fetched, written) = s.fetch(SEG).await;
             assert!(
                 matches!(fetched, Err(FetchError::Repo(RepoError::Length { .. }))),
@@ -400,7 +405,7 @@ pub(crate) mod tests {
             );
             assert_eq!(written, None);
         }
-        s.put("wal/00000002.history", &vec![b'#'; 2 << 20]).await;
+        s.put(&key("00000002.history"), &vec![b'#'; 2 << 20]).await;
         let (fetched, written) = s.fetch("00000002.history").await;
         assert!(matches!(
             fetched,
@@ -409,7 +414,7 @@ pub(crate) mod tests {
         assert_eq!(written, None);
 
         let content = segment(SEG);
-        s.put(&format!("wal/{SEG}"), &content).await;
+        s.put(&key(SEG), &content).await;
         let (fetched, written) = s.fetch(SEG).await;
         assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: false });
         assert_eq!(written.unwrap(), content);
@@ -422,11 +427,11 @@ pub(crate) mod tests {
         let mut other_system = segment(SEG);
         other_system[24..32].copy_from_slice(&8u64.to_le_bytes());
         for content in [segment("000000010000000000000004"), other_system] {
-            s.put(&format!("wal/{SEG}"), &content).await;
+            s.put(&key(SEG), &content).await;
             let (fetched, written) = s.fetch(SEG).await;
             let err = fetched.unwrap_err();
             assert!(matches!(err, FetchError::BadSegment { .. }), "{err}");
-            assert!(err.to_string().contains(&format!("wal/{SEG}")), "{err}");
+            assert!(err.to_string().contains(&key(SEG)), "{err}");
             assert_eq!(written, None);
         }
     }
@@ -486,15 +491,15 @@ pub(crate) mod tests {
     async fn a_stored_history_file_that_does_not_parse_is_not_served() {
         let s = setup().await;
         for bad in [&b""[..], b"2\t0/3000158\tnot a parent\n", b"\xff\xfe"] {
-            s.put("wal/00000002.history", bad).await;
+            s.put(&key("00000002.history"), bad).await;
             let (fetched, written) = s.fetch("00000002.history").await;
             let err = fetched.unwrap_err();
             assert!(matches!(err, FetchError::BadHistory { .. }), "{err}");
-            assert!(err.to_string().contains("wal/00000002.history"), "{err}");
+            assert!(err.to_string().contains(&key("00000002.history")), "{err}");
             assert_eq!(written, None);
         }
         let good = b"1\t0/3000158\tno recovery target specified\n";
-        s.put("wal/00000002.history", good).await;
+        s.put(&key("00000002.history"), good).await;
         let (fetched, written) = s.fetch("00000002.history").await;
         assert_eq!(fetched.unwrap(), Fetched::Found { from_spool: false });
         assert_eq!(written.unwrap(), good);
