@@ -8,6 +8,8 @@ mod backup;
 
 mod recover;
 
+mod store;
+
 mod stream;
 
 mod wal_archive;
