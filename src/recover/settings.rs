@@ -384,4 +384,20 @@ mod tests {
         assert!(!text.contains("recovery_target ="), "{text}");
         assert!(!text.contains("recovery_target_action"), "{text}");
     }
+
+    #[test]
+    fn the_plan_says_which_credentials_the_server_must_carry() {
+        let mut s = settings(Target::Immediate);
+        let text = s.describe_carried(Path::new("/data"));
+        assert!(text.contains("/data/walvault-recovery.toml"), "{text}");
+        assert!(text.contains("repo = \"file:///r\""), "{text}");
+        assert!(!text.contains("environment"), "{text}");
+        s.carried.env_credentials = vec!["WALVAULT_S3_SECRET_ACCESS_KEY"];
+        let text = s.describe_carried(Path::new("/data"));
+        assert!(
+            text.contains("WALVAULT_S3_SECRET_ACCESS_KEY")
+                && text.contains("server's environment must set them"),
+            "{text}"
+        );
+    }
 }
