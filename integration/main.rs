@@ -10,6 +10,8 @@ mod pg_conn;
 
 mod recover;
 
+mod store;
+
 mod stream;
 
 mod wal_archive;

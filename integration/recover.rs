@@ -4,6 +4,7 @@
 //! the end of a backup; and its refusals, each before anything is written to the target.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -13,9 +14,11 @@ use walvault_wal::{
 };
 
 use crate::harness::cmd::run_bounded;
+use crate::harness::repo::toml_str;
+use crate::harness::s3::{self, REGION};
 use crate::harness::{
-    free_port, repo_kind_tests, wait_until, Cluster, ClusterConfig, Repo, RepoKind, RunOutput,
-    TestEnv, Walvault,
+    free_port, repo_kind_tests, wait_until, Cluster, ClusterConfig, ConfigFile, Repo, RepoKind,
+    RunOutput, TestEnv, Walvault,
 };
 
 repo_kind_tests!(
@@ -802,4 +805,76 @@ fn recover_start_fails_when_wal_fetch_fails(kind: RepoKind) {
         control.stdout.contains("in archive recovery"),
         "the cluster must still be in recovery:\n{control}"
     );
+}
+
+/// Issue 12, findings 8 and 17: a restore point name holding `\` and `'` reaches PostgreSQL as
+/// written, injecting no setting into `postgresql.auto.conf`; and settings `recover` got only from
+/// its environment reach the restored cluster's `restore_command` (whose environment lacks them)
+/// through `walvault-recovery.toml`, which holds no credentials.
+#[test]
+fn recover_quotes_names_and_carries_environment_settings() {
+    let env = TestEnv::new("recover-carried");
+    let (repo, _wv, source) = archiving_source(&env, RepoKind::S3);
+    let name = r"x\' restore_command = 'false' #";
+    source.psql(&format!(
+        "SELECT pg_create_restore_point('{}')",
+        name.replace('\'', "''")
+    ));
+    archive_everything(&source);
+
+    // Credentials in the config file, where to find the server only in the environment.
+    let (key_id, secret) = ("AKIDCARRIEDKEY", "CarriedSecretValue");
+    let partial = ConfigFile::new(repo.url())
+        .set_s3("region", &toml_str(REGION))
+        .set_s3("access_key_id", &toml_str(key_id))
+        .set_s3("secret_access_key", &toml_str(secret));
+    let wv = env.walvault(&env.write_config("partial.toml", &partial));
+    let dir = env.path().join("carried");
+    let port = free_port().to_string();
+    let socket_dir = env.path().to_str().unwrap();
+    let args = [
+        "recover",
+        "--pgdata",
+        dir.to_str().unwrap(),
+        "--target-name",
+        name,
+        "--target-action",
+        "pause",
+        "--start",
+        "--port",
+        &port,
+        "--socket-dir",
+        socket_dir,
+    ];
+    let endpoint = s3::server().endpoint();
+    let out = wv.run_with_env(
+        &args,
+        &[
+            ("WALVAULT_S3_ENDPOINT", endpoint),
+            ("WALVAULT_S3_FORCE_PATH_STYLE", "true"),
+        ],
+    );
+    out.assert_success();
+    let mut recovered = env.cluster_from_copy(ClusterConfig::new("carried"), &dir);
+    recovered.stop();
+    recovered.start();
+    assert_eq!(recovered.psql("SHOW recovery_target_name"), name);
+    let restore_command = recovered.psql("SHOW restore_command");
+    assert!(
+        restore_command.contains("walvault-recovery.toml") && restore_command.ends_with("%f %p"),
+        "{restore_command}"
+    );
+
+    let carried_path = dir.join("walvault-recovery.toml");
+    let carried = std::fs::read_to_string(&carried_path).unwrap();
+    assert!(carried.contains(endpoint), "{carried}");
+    assert!(
+        !carried.contains(secret) && !carried.contains(key_id),
+        "{carried}"
+    );
+    let mode = std::fs::metadata(&carried_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }

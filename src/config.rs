@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::fmt::Write as _;
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -34,6 +35,18 @@ const KEYS: &[(&str, &str)] = &[
     ("s3.max_attempts", "WALVAULT_S3_MAX_ATTEMPTS"),
     ("s3.part_size", "WALVAULT_S3_PART_SIZE"),
 ];
+
+/// Settings whose values are credentials: never printed, logged or carried into a file.
+const SECRET_KEYS: &[&str] = &["s3.access_key_id", "s3.secret_access_key"];
+
+/// Bounds of `s3.timeout`: the whole-call bound is the attempts times this, and both must stay
+/// far from the limits of the clocks the timers run on.
+const S3_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+const S3_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+
+fn is_secret(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+}
 
 /// Where a value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +101,18 @@ impl FromStr for RepoUrl {
             if !path.is_absolute() {
                 return Err("a file:// repository needs an absolute path (file:///path)".into());
             }
+            // The repository owns its directory (it creates and deletes below it), so a root
+            // such as `/` or one reached through `..` would put the whole file system in reach.
+            if path.components().any(|c| c == Component::ParentDir) {
+                return Err("a file:// repository path must not contain `..`".into());
+            }
+            if !path.components().any(|c| matches!(c, Component::Normal(_))) {
+                return Err(
+                    "a file:// repository cannot be the root directory: name a directory of its \
+                     own (file:///var/lib/walvault)"
+                        .into(),
+                );
+            }
             Ok(RepoUrl::Local(path.to_path_buf()))
         } else if let Some(rest) = s.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -114,8 +139,8 @@ impl fmt::Display for RepoUrl {
     }
 }
 
-/// How to reach an S3-compatible service.
-#[derive(Clone, Debug)]
+/// How to reach an S3-compatible service. `Debug` leaves the credentials out.
+#[derive(Clone)]
 pub(crate) struct S3Settings {
     pub(crate) endpoint: Option<String>,
     pub(crate) region: Option<String>,
@@ -127,6 +152,22 @@ pub(crate) struct S3Settings {
     pub(crate) max_attempts: u32,
     /// Objects larger than this are uploaded in parts of this size.
     pub(crate) part_size: usize,
+}
+
+impl fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |v: &Option<String>| v.as_ref().map(|_| "(set)");
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("force_path_style", &self.force_path_style)
+            .field("access_key_id", &set(&self.access_key_id))
+            .field("secret_access_key", &set(&self.secret_access_key))
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("part_size", &self.part_size)
+            .finish()
+    }
 }
 
 /// Everything a command needs to know, typed.
@@ -178,13 +219,133 @@ impl Settings {
         flags: &FlagValues,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
+        Layers::gather(flags, env)?.0.settings()
+    }
+
+    /// The configuration `recover` hands on to the restored cluster's `restore_command`, which
+    /// runs in the PostgreSQL server's environment, not in this one (see [`CarriedConfig`]).
+    pub(crate) fn carried(flags: &FlagValues) -> Result<CarriedConfig, ConfigError> {
+        Self::carried_from_sources(flags, |name| std::env::var(name).ok())
+    }
+
+    fn carried_from_sources(
+        flags: &FlagValues,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<CarriedConfig, ConfigError> {
+        let (layers, file) = Layers::gather(flags, &env)?;
+        let mut toml = String::from(
+            "# Written by walvault recover for this cluster's restore_command: the settings of \
+             the\n# recover call that did not come from its config file. Credentials are never \
+             written here.\n",
+        );
+        if let Some(file) = file {
+            let file = std::path::absolute(&file).unwrap_or(file);
+            let _ = writeln!(
+                toml,
+                "include = {}",
+                toml_string(&file.display().to_string())
+            );
+        }
+        let mut carried: Vec<(&str, String)> = layers
+            .0
+            .iter()
+            .filter(|(key, v)| !is_secret(key) && !matches!(v.source, Source::File(_)))
+            .map(|(key, v)| (*key, v.text.clone()))
+            .collect();
+        // The S3 client falls back to these for the region; the server may not have them.
+        if !layers.0.contains_key("s3.region") {
+            if let Some(region) = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .iter()
+                .find_map(|v| env(v).filter(|r| !r.is_empty()))
+            {
+                carried.push(("s3.region", region));
+            }
+        }
+        carried.sort_by_key(|(key, _)| key.starts_with("s3."));
+        let mut in_s3 = false;
+        for (key, text) in carried {
+            let name = match key.strip_prefix("s3.") {
+                Some(name) => {
+                    if !in_s3 {
+                        toml.push_str("[s3]\n");
+                        in_s3 = true;
+                    }
+                    name
+                }
+                None => key,
+            };
+            let _ = writeln!(toml, "{name} = {}", toml_string(&text));
+        }
+        let env_credentials = SECRET_KEYS
+            .iter()
+            .filter_map(|key| match layers.0.get(key).map(|v| &v.source) {
+                Some(Source::Env(var)) => Some(*var),
+                _ => None,
+            })
+            .chain(
+                [
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_SESSION_TOKEN",
+                    "AWS_PROFILE",
+                ]
+                .into_iter()
+                .filter(|var| env(var).is_some()),
+            )
+            .collect();
+        Ok(CarriedConfig {
+            toml,
+            env_credentials,
+        })
+    }
+}
+
+/// What `recover` carries into the restored data directory for `restore_command`: a config file
+/// that includes the one this call read (its secrets stay there) and sets every other non-secret
+/// value that came from the environment or a flag, so recovery sees what planning saw.
+#[derive(Clone, Debug)]
+pub(crate) struct CarriedConfig {
+    /// The file's TOML text.
+    pub(crate) toml: String,
+    /// Environment variables with credentials this call could use: never written to a file,
+    /// so the server's environment must set them too.
+    pub(crate) env_credentials: Vec<&'static str>,
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// How deep `include` may nest: `recover`'s carried file includes a config file that may
+/// include one of its own.
+const MAX_INCLUDE_DEPTH: usize = 3;
+
+impl Layers {
+    /// Every layer, and the config file read (if any).
+    fn gather(
+        flags: &FlagValues,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Layers, Option<PathBuf>), ConfigError> {
         let mut layers = Layers(BTreeMap::new());
         let config_file = flags
             .config
             .clone()
             .or_else(|| env("WALVAULT_CONFIG").map(PathBuf::from));
-        if let Some(path) = config_file {
-            layers.read_file(&path)?;
+        if let Some(path) = &config_file {
+            layers.read_file(path, 0)?;
         }
         for (key, var) in KEYS {
             if let Some(text) = env(var) {
@@ -211,26 +372,45 @@ impl Settings {
                 layers.set(key, text.clone(), Source::Flag(flag));
             }
         }
-        layers.settings()
+        Ok((layers, config_file))
     }
-}
 
-impl Layers {
     fn set(&mut self, key: &str, text: String, source: Source) {
         if let Some((k, _)) = KEYS.iter().find(|(k, _)| *k == key) {
             self.0.insert(k, Value { text, source });
         }
     }
 
-    fn read_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+    /// Reads a config file; its `include` (an absolute path) is read first, so the including
+    /// file's own values win.
+    fn read_file(&mut self, path: &Path, depth: usize) -> Result<(), ConfigError> {
         let file_err = |reason: String| ConfigError::File {
             path: path.to_path_buf(),
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let table: toml::Table = text
+        let mut table: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| file_err(e.to_string().trim_end().replace('\n', " ")))?;
+            .map_err(|e: toml::de::Error| file_err(syntax_error(&text, &e)))?;
+        if let Some(include) = table.remove("include") {
+            let toml::Value::String(include) = include else {
+                return Err(file_err("include: expected a path".into()));
+            };
+            let include = Path::new(&include);
+            if !include.is_absolute() {
+                return Err(file_err(format!(
+                    "include {}: expected an absolute path",
+                    include.display()
+                )));
+            }
+            if depth >= MAX_INCLUDE_DEPTH {
+                return Err(file_err(format!(
+                    "include {}: includes nest deeper than {MAX_INCLUDE_DEPTH}",
+                    include.display()
+                )));
+            }
+            self.read_file(include, depth + 1)?;
+        }
         self.read_table(&table, "", path)
     }
 
@@ -281,7 +461,11 @@ impl Layers {
             .map(Some)
             .map_err(|reason| ConfigError::Invalid {
                 key,
-                value: v.text.clone(),
+                value: if is_secret(key) {
+                    "(hidden)".to_owned()
+                } else {
+                    v.text.clone()
+                },
                 origin: v.source.clone(),
                 reason,
             })
@@ -300,7 +484,9 @@ impl Layers {
             access_key_id: self.get("s3.access_key_id", |s| Ok(s.to_owned()))?,
             secret_access_key: self.get("s3.secret_access_key", |s| Ok(s.to_owned()))?,
             timeout: self
-                .get("s3.timeout", parse_duration)?
+                .get("s3.timeout", |s| {
+                    parse_duration_in(s, S3_TIMEOUT_MIN, S3_TIMEOUT_MAX)
+                })?
                 .unwrap_or(Duration::from_secs(30)),
             max_attempts: self
                 .get("s3.max_attempts", |s| parse_in_range(s, 1, 20))?
@@ -350,21 +536,47 @@ fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration_in(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m)"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
+    if d < min || d > max {
+        return Err(format!(
+            "must be from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
 }
 
 /// A duration of at most a week, so that adding it to a clock reading cannot overflow.
 fn parse_bounded_duration(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d > Duration::from_secs(7 * 86_400) {
-        return Err("must be at most a week (7d)".into());
-    }
-    Ok(d)
+    parse_duration_in(s, Duration::ZERO, Duration::from_secs(7 * 86_400))
+}
+
+/// A TOML syntax error as the position, the key of the line and the parser's message, without
+/// the text of the line: the parser's own rendering quotes it, and the line may hold a secret.
+fn syntax_error(text: &str, err: &toml::de::Error) -> String {
+    let Some(at) = err.span().map(|s| s.start) else {
+        return format!("TOML syntax error: {}", err.message());
+    };
+    let before = text.get(..at).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let key = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches(['"', '\'']))
+        .filter(|k| {
+            KEYS.iter()
+                .any(|(known, _)| known == k || known.strip_prefix("s3.") == Some(k))
+        })
+        .map(|k| format!(" (key {k})"))
+        .unwrap_or_default();
+    format!(
+        "TOML syntax error at line {line}, column {column}{key}: {}",
+        err.message().trim_end().replace('\n', " ")
+    )
 }
 
 fn parse_in_range<T>(s: &str, min: T, max: T) -> Result<T, String>
@@ -551,8 +763,164 @@ mod tests {
         ] {
             assert_eq!(text.parse::<RepoUrl>().unwrap().to_string(), shown);
         }
-        for bad in ["file://rel", "s3://", "/abs/path", "http://x"] {
+        for bad in [
+            "file://rel",
+            "s3://",
+            "/abs/path",
+            "http://x",
+            "file:///",
+            "file:////",
+            "file:///.",
+            "file:///..",
+            "file:///var/..",
+            "file:///var/../etc",
+        ] {
             assert!(bad.parse::<RepoUrl>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn s3_timeout_is_bounded() {
+        for bad in ["0s", "50ms", "2h", "100000000000000s", "584542046090years"] {
+            let err = load(
+                FlagValues::default(),
+                &[("WALVAULT_REPO", "s3://b"), ("WALVAULT_S3_TIMEOUT", bad)],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("s3.timeout"), "{bad}: {err}");
+        }
+        let s = load(
+            FlagValues::default(),
+            &[("WALVAULT_REPO", "s3://b"), ("WALVAULT_S3_TIMEOUT", "1h")],
+        )
+        .unwrap();
+        assert_eq!(s.s3.timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_errors_and_debug_output() {
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        let key_id = "AKIAIOSFODNN7EXAMPLE";
+        for text in [
+            format!("repo = \"s3://b\"\n[s3]\nsecret_access_key = \"{secret}\n"),
+            format!("repo = \"s3://b\"\n[s3]\nsecret_access_key = \"{secret}\" x\n"),
+            format!("repo = \"s3://b\"\n[s3]\naccess_key_id = {key_id}\n"),
+            format!("[s3]\nsecret_access_key = \"{secret}\\q\"\n"),
+        ] {
+            let (_d, path) = config_file(&text);
+            let flags = FlagValues {
+                config: Some(path),
+                ..Default::default()
+            };
+            let err = load(flags, &[]).unwrap_err().to_string();
+            assert!(err.contains("line 3") || err.contains("line 2"), "{err}");
+            assert!(!err.contains(secret) && !err.contains(key_id), "{err}");
+            assert!(!err.contains("EXAMPLE"), "{err}");
+        }
+
+        let s = load(
+            FlagValues::default(),
+            &[
+                ("WALVAULT_REPO", "s3://b"),
+                ("WALVAULT_S3_ACCESS_KEY_ID", key_id),
+                ("WALVAULT_S3_SECRET_ACCESS_KEY", secret),
+            ],
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains(key_id) && !shown.contains(secret),
+            "{shown}"
+        );
+        assert!(shown.contains("access_key_id: Some(\"(set)\")"), "{shown}");
+    }
+    #[test]
+    fn carried_config_reproduces_the_settings_without_secrets() {
+        let secret = "file-secret-value";
+        let (_d, path) = config_file(&format!(
+            "repo = \"s3://from-file\"\nprefetch = 3\n[s3]\naccess_key_id = \"file-id\"\n\
+             secret_access_key = \"{secret}\"\ntimeout = \"9s\"\n"
+        ));
+        let env = [
+            ("WALVAULT_CONFIG", path.to_str().unwrap()),
+            ("WALVAULT_S3_ENDPOINT", "http://127.0.0.1:9/a \"b\"\\c"),
+            ("WALVAULT_S3_FORCE_PATH_STYLE", "true"),
+            ("AWS_REGION", "eu-west-3"),
+            ("WALVAULT_S3_SECRET_ACCESS_KEY", "env-secret-value"),
+        ];
+        let flags = FlagValues {
+            repo: Some("s3://bucket/prefix".into()),
+            ..Default::default()
+        };
+        let map: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let carried = Settings::carried_from_sources(&flags, |k| map.get(k).cloned()).unwrap();
+        assert!(!carried.toml.contains("secret-value"), "{}", carried.toml);
+        assert!(!carried.toml.contains("file-id"), "{}", carried.toml);
+        assert_eq!(
+            carried.env_credentials,
+            ["WALVAULT_S3_SECRET_ACCESS_KEY"],
+            "{}",
+            carried.toml
+        );
+
+        // In the server's environment (none of the above), the carried file gives the same
+        // settings, with the secrets the config file holds.
+        let (_d2, carried_path) = config_file(&carried.toml);
+        let s = load(
+            FlagValues {
+                config: Some(carried_path),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.repo,
+            RepoUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: "prefix".into()
+            }
+        );
+        assert_eq!(
+            s.s3.endpoint.as_deref(),
+            Some("http://127.0.0.1:9/a \"b\"\\c")
+        );
+        assert!(s.s3.force_path_style);
+        assert_eq!(s.s3.region.as_deref(), Some("eu-west-3"));
+        assert_eq!(s.s3.timeout, Duration::from_secs(9));
+        assert_eq!(s.prefetch, 3);
+        assert_eq!(s.s3.access_key_id.as_deref(), Some("file-id"));
+        assert_eq!(s.s3.secret_access_key.as_deref(), Some(secret));
+    }
+
+    #[test]
+    fn includes_are_absolute_and_shallow() {
+        let (_d, path) = config_file("include = \"relative.toml\"\n");
+        let err = load(
+            FlagValues {
+                config: Some(path.clone()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("absolute"), "{err}");
+        // A file including itself stops at the depth bound.
+        std::fs::write(&path, format!("include = {:?}\n", path.to_str().unwrap())).unwrap();
+        let err = load(
+            FlagValues {
+                config: Some(path),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nest deeper"), "{err}");
     }
 }

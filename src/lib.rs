@@ -19,6 +19,9 @@ pub(crate) mod time;
 pub(crate) mod verify;
 pub(crate) mod wal;
 
+#[doc(hidden)]
+pub use repo::testing;
+
 #[cfg(test)]
 mod tests {
     /// ARCHITECTURE.md's module map names every source file of the workspace, and only those.

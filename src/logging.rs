@@ -5,9 +5,12 @@
 use std::fmt;
 
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 struct Line {
@@ -52,5 +55,20 @@ pub fn init(command: &'static str, verbose: u8, quiet: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .event_format(Line { command })
+        .finish()
+        .with(filter_fn(|meta| {
+            *meta.level() <= Level::INFO
+                || !CREDENTIAL_TARGETS
+                    .iter()
+                    .any(|t| meta.target().starts_with(t))
+        }))
         .init();
 }
+
+/// The AWS SDK's modules whose debug and trace events print the S3 access key id (resolved
+/// identities, signing and endpoint parameters): held to info whatever `WALVAULT_LOG` asks.
+const CREDENTIAL_TARGETS: &[&str] = &[
+    "aws_smithy_runtime::client::orchestrator",
+    "aws_sigv4",
+    "aws_sdk_s3",
+];

@@ -33,10 +33,18 @@ impl UnixMicros {
     }
 }
 
+/// The first microsecond of the year 10000, which four-digit years (and humantime) cannot show.
+pub(crate) const YEAR_10000: i64 = 253_402_300_800_000_000;
+
 /// `2026-11-21 12:00:00.123456+00`: what `recovery_target_time` is given, and what people read.
+/// A time outside 1970..=9999 (only a forged summary holds one) is shown as the bare number.
 impl fmt::Display for UnixMicros {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let time = UNIX_EPOCH + Duration::from_micros(u64::try_from(self.0).unwrap_or(0));
+        let in_range = u64::try_from(self.0).ok().filter(|_| self.0 < YEAR_10000);
+        let Some(micros) = in_range else {
+            return write!(f, "{} µs from 1970 (out of range)", self.0);
+        };
+        let time = UNIX_EPOCH + Duration::from_micros(micros);
         let text = humantime::format_rfc3339_micros(time).to_string();
         write!(f, "{}+00", text.replace('T', " ").trim_end_matches('Z'))
     }

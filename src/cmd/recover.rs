@@ -2,7 +2,7 @@
 //! restores, writes the recovery configuration and, with `--start`, reports where recovery
 //! ended. The order is the promise: nothing touches the target directory until the plan holds.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use crate::backup::window::TimelineChoice;
 use crate::config::{FlagValues, Settings};
 use crate::recover::check_target_dir;
 use crate::recover::plan::{self, Request};
-use crate::recover::settings::RecoverySettings;
+use crate::recover::settings::{RecoverySettings, CARRIED_CONFIG_FILE};
 use crate::recover::start::{self, StartOptions};
 use crate::recover::target::{self, Target};
 use crate::repo::Repository;
@@ -60,13 +60,16 @@ pub(super) async fn recover(
     let plan = plan::plan(&repo, &request).await?;
     println!("{plan}");
     let recovery = RecoverySettings {
-        fetch_command: fetch_command(settings, flags)?,
+        fetch_command: fetch_command(settings, &dir)?,
         target: plan.target.clone(),
         inclusive: plan.inclusive,
         action: args.target_action,
         timeline: request.timeline,
         keep_archive_command: args.keep_archive_command,
+        carried: Settings::carried(flags)?,
     };
+    let rendered = recovery.render()?;
+    println!("{}", recovery.describe_carried(&dir));
     if args.dry_run {
         let locations = fetch::locations(&repo, plan.backup.name.as_str(), &dir, &fetch_opts)
             .await
@@ -75,7 +78,7 @@ pub(super) async fn recover(
         println!(
             "settings: recovery.signal, and appended to {}:{}",
             dir.join("postgresql.auto.conf").display(),
-            recovery.render().trim_end()
+            rendered.trim_end()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -131,20 +134,14 @@ pub(super) async fn recover(
     Ok(ExitCode::SUCCESS)
 }
 
-/// This walvault binary with the configuration this call used, so the restored cluster fetches
-/// WAL from the same repository however walvault was configured here (flags, environment or a
-/// config file).
-fn fetch_command(settings: &Settings, flags: &FlagValues) -> anyhow::Result<Vec<String>> {
+/// This walvault binary with the configuration this call used, carried in the data directory
+/// `dir` (secrets aside), so the restored cluster fetches WAL from the same repository however
+/// walvault was configured here (flags, environment or a config file).
+fn fetch_command(settings: &Settings, dir: &Path) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("locating the walvault binary")?;
     let mut command = vec![exe.display().to_string()];
-    let config = flags
-        .config
-        .clone()
-        .or_else(|| std::env::var_os("WALVAULT_CONFIG").map(PathBuf::from));
-    if let Some(config) = config {
-        let config = std::path::absolute(&config).unwrap_or(config);
-        command.extend(["--config".to_string(), config.display().to_string()]);
-    }
+    let config = dir.join(CARRIED_CONFIG_FILE);
+    command.extend(["--config".to_string(), config.display().to_string()]);
     // The repository URL is always spelled out: PostgreSQL's environment may lack WALVAULT_REPO.
     command.extend(["--repo".to_string(), settings.repo.to_string()]);
     command.push("wal-fetch".to_string());

@@ -1,5 +1,6 @@
 //! The recovery configuration `walvault recover` leaves in a restored data directory:
-//! `recovery.signal` and a block of settings appended to `postgresql.auto.conf`.
+//! `recovery.signal`, a block of settings appended to `postgresql.auto.conf`, and the walvault
+//! configuration the `restore_command` reads ([`CARRIED_CONFIG_FILE`], no secrets).
 //!
 //! Understands PostgreSQL 12+ recovery configuration (`restore_command`, `recovery_target*`,
 //! `recovery_target_action`, `recovery_target_timeline`), its quoting rules for configuration
@@ -9,11 +10,17 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::target::Target;
 use super::RecoverError;
 use crate::backup::window::TimelineChoice;
+use crate::config::CarriedConfig;
+
+/// The walvault configuration file `recover` writes into the data directory for the
+/// `restore_command`, which runs in the server's environment rather than in this one.
+pub(crate) const CARRIED_CONFIG_FILE: &str = "walvault-recovery.toml";
 
 /// `recovery_target_action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -46,11 +53,15 @@ pub(crate) struct RecoverySettings {
     /// Keep the backed-up `archive_mode`/`archive_command` instead of turning archiving off, so
     /// the recovered cluster does not push into the repository it was restored from by accident.
     pub(crate) keep_archive_command: bool,
+    /// What `fetch_command` needs from this call's configuration, written to
+    /// [`CARRIED_CONFIG_FILE`].
+    pub(crate) carried: CarriedConfig,
 }
 
 impl RecoverySettings {
-    /// The lines appended to `postgresql.auto.conf`.
-    pub(crate) fn render(&self) -> String {
+    /// The lines appended to `postgresql.auto.conf`; refuses a value PostgreSQL's configuration
+    /// file parser could not read back as written (a control character).
+    pub(crate) fn render(&self) -> Result<String, RecoverError> {
         let restore_command = self
             .fetch_command
             .iter()
@@ -85,24 +96,41 @@ impl RecoverySettings {
         }
         let mut text = String::from("\n# Added by walvault recover.\n");
         for (key, value) in lines {
-            let _ = writeln!(text, "{key} = {}", conf_quote(&value));
+            let _ = writeln!(text, "{key} = {}", conf_quote(key, &value)?);
+        }
+        Ok(text)
+    }
+
+    /// What the plan output says about the configuration the `restore_command` will see.
+    pub(crate) fn describe_carried(&self, pgdata: &Path) -> String {
+        let mut text = format!(
+            "walvault configuration for restore_command, written to {} (mode 0600, no \
+             credentials):\n{}",
+            pgdata.join(CARRIED_CONFIG_FILE).display(),
+            self.carried.toml.trim_end()
+        );
+        if !self.carried.env_credentials.is_empty() {
+            let _ = write!(
+                text,
+                "\nnote: credentials came from the environment ({}) and are never written to a \
+                 file: the PostgreSQL server's environment must set them for restore_command",
+                self.carried.env_credentials.join(", ")
+            );
         }
         text
     }
 
     /// Writes `recovery.signal` and appends the settings to `postgresql.auto.conf` in `pgdata`.
     pub(crate) fn write(&self, pgdata: &Path) -> Result<(), RecoverError> {
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| RecoverError::Io { what, path, source }
-        };
+        let settings = self.render()?;
+        self.write_carried(pgdata)?;
         let auto_conf = pgdata.join("postgresql.auto.conf");
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&auto_conf)
             .map_err(io("open", &auto_conf))?;
-        file.write_all(self.render().as_bytes())
+        file.write_all(settings.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io("write", &auto_conf))?;
         let signal = pgdata.join("recovery.signal");
@@ -115,11 +143,46 @@ impl RecoverySettings {
         }
         Ok(())
     }
+
+    /// Writes [`CARRIED_CONFIG_FILE`] whole (a temporary file renamed over any copy the backup
+    /// held, so a planted symlink is replaced, not followed), readable by its owner only.
+    fn write_carried(&self, pgdata: &Path) -> Result<(), RecoverError> {
+        let path = pgdata.join(CARRIED_CONFIG_FILE);
+        let temp = pgdata.join(format!(".{CARRIED_CONFIG_FILE}.tmp"));
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io("create", &temp))?;
+        file.write_all(self.carried.toml.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io("write", &temp))?;
+        std::fs::rename(&temp, &path).map_err(io("rename", &path))
+    }
 }
 
-/// A configuration-file string: single quotes, embedded quotes doubled.
-fn conf_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecoverError {
+    let path = path.to_path_buf();
+    move |source| RecoverError::Io { what, path, source }
+}
+
+/// A configuration-file string as PostgreSQL's `guc-file.l` reads one: in single quotes, with
+/// quotes doubled and backslashes escaped (the parser treats `\` as an escape). A control
+/// character cannot be written at all (a newline ends the string; others are refused too, as
+/// nothing legitimate holds them), so it is an error naming the setting.
+fn conf_quote(key: &str, value: &str) -> Result<String, RecoverError> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(RecoverError::Invalid(format!(
+            "cannot write {key} to postgresql.auto.conf: its value {value:?} holds the control \
+             character {c:?}"
+        )));
+    }
+    Ok(format!(
+        "'{}'",
+        value.replace('\\', "\\\\").replace('\'', "''")
+    ))
 }
 
 /// One `/bin/sh` word, quoted unless it is plainly safe.
@@ -153,15 +216,147 @@ mod tests {
             action: TargetAction::Promote,
             timeline: TimelineChoice::Latest,
             keep_archive_command: false,
+            carried: CarriedConfig {
+                toml: "repo = \"file:///r\"\n".into(),
+                env_credentials: Vec::new(),
+            },
+        }
+    }
+
+    /// Reads `key = 'value'` lines as PostgreSQL's `guc-file.l` does: a string token is
+    /// `'([^'\\\n]|\\.|'')*'`, then `\b \f \n \r \t`, octal `\ooo` and `\x` (any other x) are
+    /// unescaped and `''` becomes `'`. Comment and blank lines are skipped; anything else fails.
+    fn parse_guc_lines(text: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, rest) = line.split_once(" = ").expect(line);
+            let mut chars = rest.strip_prefix('\'').expect(line).chars().peekable();
+            let mut value = String::new();
+            loop {
+                match chars.next().expect("unterminated string") {
+                    '\'' if chars.peek() == Some(&'\'') => {
+                        chars.next();
+                        value.push('\'');
+                    }
+                    '\'' => break,
+                    '\\' => match chars.next().expect("dangling backslash") {
+                        'b' => value.push('\u{8}'),
+                        'f' => value.push('\u{c}'),
+                        'n' => value.push('\n'),
+                        'r' => value.push('\r'),
+                        't' => value.push('\t'),
+                        d @ '0'..='7' => {
+                            let mut code = d.to_digit(8).unwrap();
+                            for _ in 0..2 {
+                                let Some(n) = chars.peek().and_then(|c| c.to_digit(8)) else {
+                                    break;
+                                };
+                                code = code * 8 + n;
+                                chars.next();
+                            }
+                            value.push(char::from_u32(code).unwrap());
+                        }
+                        other => value.push(other),
+                    },
+                    '\n' => panic!("newline inside a string"),
+                    c => value.push(c),
+                }
+            }
+            assert_eq!(chars.collect::<String>().trim(), "", "{line}");
+            out.push((key.to_string(), value));
+        }
+        out
+    }
+
+    #[test]
+    fn values_round_trip_through_postgresql_quoting() {
+        for name in [
+            "plain",
+            "it's",
+            r"back\slash",
+            r"x\' restore_command = 'touch /tmp/pwned' #",
+            r"ends in \",
+            r"\101\n",
+            "''",
+        ] {
+            let text = settings(Target::Name(name.into())).render().unwrap();
+            let parsed = parse_guc_lines(&text);
+            let names: Vec<_> = parsed
+                .iter()
+                .filter(|(k, _)| k == "recovery_target_name")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(names, [name], "{text}");
+            let commands: Vec<_> = parsed
+                .iter()
+                .filter(|(k, _)| k == "restore_command")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(
+                commands,
+                [r"/usr/bin/walvault --config '/etc/wal vault'\''s.toml' wal-fetch %f %p"],
+                "{text}"
+            );
         }
     }
 
     #[test]
+    fn control_characters_are_refused_naming_the_setting() {
+        for name in [
+            "a\nrestore_command = 'x'",
+            "a\rb",
+            "a\0b",
+            "a\u{1b}[31m",
+            "tab\there",
+        ] {
+            let err = settings(Target::Name(name.into()))
+                .render()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("recovery_target_name"), "{err}");
+        }
+        let mut s = settings(Target::Immediate);
+        s.fetch_command[2] = "/data/new\nline/walvault-recovery.toml".into();
+        let err = s.render().unwrap_err().to_string();
+        assert!(err.contains("restore_command"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(s.write(dir.path()).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn carried_config_is_private_and_replaces_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "keep").unwrap();
+        let pgdata = dir.path().join("pgdata");
+        std::fs::create_dir(&pgdata).unwrap();
+        std::os::unix::fs::symlink(&outside, pgdata.join(CARRIED_CONFIG_FILE)).unwrap();
+        let s = settings(Target::Immediate);
+        s.write(&pgdata).unwrap();
+        let carried = pgdata.join(CARRIED_CONFIG_FILE);
+        let meta = std::fs::symlink_metadata(&carried).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&carried).unwrap(), s.carried.toml);
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+        let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+        assert!(auto.contains("recovery_target = 'immediate'"), "{auto}");
+    }
+
+    #[test]
     fn renders_quoted_settings() {
-        let text = settings(Target::Time(UnixMicros(1_763_726_400_000_001))).render();
+        let text = settings(Target::Time(UnixMicros(1_763_726_400_000_001)))
+            .render()
+            .unwrap();
         assert!(
             text.contains(
-                "restore_command = '/usr/bin/walvault --config ''/etc/wal vault''\\''''s.toml'' wal-fetch %f %p'"
+                r"restore_command = '/usr/bin/walvault --config ''/etc/wal vault''\\''''s.toml'' wal-fetch %f %p'"
             ),
             "{text}"
         );
@@ -176,17 +371,33 @@ mod tests {
     fn exclusive() {
         let mut exclusive = settings(Target::Xid(1234));
         exclusive.inclusive = false;
-        let text = exclusive.render();
+        let text = exclusive.render().unwrap();
         assert!(text.contains("recovery_target_xid = '1234'"), "{text}");
         assert!(text.contains("recovery_target_inclusive = 'off'"), "{text}");
     }
 
     #[test]
     fn immediate_and_end_of_archive() {
-        let text = settings(Target::Immediate).render();
+        let text = settings(Target::Immediate).render().unwrap();
         assert!(text.contains("recovery_target = 'immediate'"));
-        let text = settings(Target::EndOfArchive).render();
+        let text = settings(Target::EndOfArchive).render().unwrap();
         assert!(!text.contains("recovery_target ="), "{text}");
         assert!(!text.contains("recovery_target_action"), "{text}");
+    }
+
+    #[test]
+    fn the_plan_says_which_credentials_the_server_must_carry() {
+        let mut s = settings(Target::Immediate);
+        let text = s.describe_carried(Path::new("/data"));
+        assert!(text.contains("/data/walvault-recovery.toml"), "{text}");
+        assert!(text.contains("repo = \"file:///r\""), "{text}");
+        assert!(!text.contains("environment"), "{text}");
+        s.carried.env_credentials = vec!["WALVAULT_S3_SECRET_ACCESS_KEY"];
+        let text = s.describe_carried(Path::new("/data"));
+        assert!(
+            text.contains("WALVAULT_S3_SECRET_ACCESS_KEY")
+                && text.contains("server's environment must set them"),
+            "{text}"
+        );
     }
 }

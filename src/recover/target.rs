@@ -9,7 +9,7 @@ use std::fmt;
 
 use walvault_wal::Lsn;
 
-use crate::time::UnixMicros;
+use crate::time::{UnixMicros, YEAR_10000};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum TargetError {
@@ -78,7 +78,7 @@ pub(crate) fn parse_time(text: &str, now: UnixMicros) -> Result<UnixMicros, Targ
         Some(offset_secs) => fields.as_utc_micros() - i64::from(offset_secs) * 1_000_000,
         None => local_to_utc_micros(&fields).ok_or_else(|| TargetError::OutOfRange(text.into()))?,
     };
-    if micros < 0 {
+    if !(0..YEAR_10000).contains(&micros) {
         return Err(TargetError::OutOfRange(text.to_string()));
     }
     Ok(UnixMicros(micros))
@@ -100,6 +100,10 @@ fn split_zone(text: &str) -> Option<(&str, Option<i32>)> {
         1
     };
     let zone = text[sign_at + 1..].replace(':', "");
+    // Checked before slicing by bytes below: user input may hold multi-byte characters.
+    if !zone.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let (hours, minutes) = match zone.len() {
         2 => (zone.parse::<i32>().ok()?, 0),
         4 => (
@@ -271,8 +275,33 @@ mod tests {
             "2025-11-21",
             "-",
             "2025-11-21 12:00:00+25",
+            "2025-11-21 12:00:00+aé1",
+            "2025-11-21 12:00:00+0é",
+            "2025-11-21 12:00:00+é",
+            "2025-11-21 12:00:00-€",
+            "2025-11-21T€2:00:00Z",
+            "2025-11-21 12:00:00.5é",
+            "é025-11-21 12:00:00",
+            "-1é",
+            "-99999999999999999999999y",
         ] {
             assert!(parse_time(bad, NOW).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn times_past_year_9999_are_refused_and_shown_without_panic() {
+        assert_eq!(
+            parse_time("9999-12-31 23:59:59-15:00", NOW),
+            Err(TargetError::OutOfRange("9999-12-31 23:59:59-15:00".into()))
+        );
+        assert_eq!(
+            parse_time("9999-12-31 23:59:59Z", NOW).unwrap().to_string(),
+            "9999-12-31 23:59:59.000000+00"
+        );
+        // Summaries are untrusted: whatever time they hold must display.
+        for micros in [i64::MAX, YEAR_10000, -1, i64::MIN] {
+            assert!(UnixMicros(micros).to_string().contains("out of range"));
         }
     }
 }

@@ -544,6 +544,51 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
     Ok(filled)
 }
 
+/// What the integration tests reach past the binary, for what the command line gives no handle
+/// on (a store writer dropped in the middle of a multipart upload). Not for other uses.
+#[doc(hidden)]
+pub mod testing {
+    use std::path::Path;
+
+    use super::store::Store;
+    use crate::config::{FlagValues, Settings};
+
+    async fn store(config: &Path) -> Result<Store, String> {
+        let settings = Settings::load(&FlagValues {
+            config: Some(config.to_path_buf()),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())?;
+        Store::open(&settings).await.map_err(|e| e.to_string())
+    }
+
+    /// Writes `len` bytes to `key` of the repository `config` names through one store writer,
+    /// then drops the writer uncommitted, as a caller that failed locally would; `before_drop`
+    /// runs between the two.
+    pub async fn write_and_drop(
+        config: &Path,
+        key: &str,
+        len: usize,
+        before_drop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
+        let store = store(config).await?;
+        let mut writer = store.writer(key).map_err(|e| e.to_string())?;
+        writer
+            .write(vec![7u8; len].into())
+            .await
+            .map_err(|e| e.to_string())?;
+        before_drop.await;
+        drop(writer);
+        Ok(())
+    }
+
+    /// Whether `key` exists in the repository `config` names.
+    pub async fn exists(config: &Path, key: &str) -> Result<bool, String> {
+        let store = store(config).await?;
+        Ok(store.head(key).await.map_err(|e| e.to_string())?.is_some())
+    }
+}
+
 /// A repository in a local directory, for unit tests.
 #[cfg(test)]
 pub(crate) async fn local_for_tests(dir: &Path) -> Repository {

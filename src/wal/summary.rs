@@ -19,7 +19,7 @@ use walvault_wal::{
 
 use crate::repo::layout;
 use crate::repo::PutMode;
-use crate::repo::{RepoError, Repository, WalContent, WalStored};
+use crate::repo::{LengthRule, RepoError, Repository, WalContent, WalStored};
 
 /// A point in the WAL with the time the record there carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,16 +209,100 @@ async fn put(
         .map(|_| ())
 }
 
-/// The stored summary of `name`; `None` when it is absent or unreadable.
+/// The largest summary read. A real one is a few hundred bytes (thousands of restore points in
+/// one segment would still fit); anything larger is forged or broken, and the planner copes
+/// without it.
+const MAX_SUMMARY_BYTES: u64 = 1 << 20;
+
+/// PostgreSQL keeps a restore point name in `MAXFNAMELEN` (64) bytes with its terminator.
+const MAX_RESTORE_POINT_NAME: usize = 63;
+
+/// The stored summary of `name`; `None` when it is absent, unreadable or implausible. Summaries
+/// are repository content, so untrusted: size and restore point names are checked.
 pub(crate) async fn load(repo: &Repository, name: &SegmentName) -> Option<SegmentSummary> {
-    let bytes = match repo.get_bytes(&layout::summary(name)).await {
+    let bytes = match repo
+        .get_bytes_checked(
+            &layout::summary(name),
+            LengthRule::AtMost(MAX_SUMMARY_BYTES),
+        )
+        .await
+    {
         Ok(bytes) => bytes?,
         Err(e) => {
             tracing::debug!("cannot read the summary of {name}: {e}");
             return None;
         }
     };
-    serde_json::from_slice(&bytes)
+    let summary: SegmentSummary = serde_json::from_slice(&bytes)
         .inspect_err(|e| tracing::debug!("ignoring unreadable summary of {name}: {e}"))
-        .ok()
+        .ok()?;
+    let bad_name = summary
+        .restore_points
+        .iter()
+        .find(|rp| rp.name.is_empty() || rp.name.len() > MAX_RESTORE_POINT_NAME);
+    if let Some(rp) = bad_name {
+        tracing::warn!(
+            "ignoring the summary of {name}: it names a restore point of {} bytes, which \
+             PostgreSQL cannot write (1 to {MAX_RESTORE_POINT_NAME})",
+            rp.name.len()
+        );
+        return None;
+    }
+    Some(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FlagValues, Settings};
+
+    async fn repo(dir: &Path) -> Repository {
+        let settings = Settings::load(&FlagValues {
+            repo: Some(format!("file://{}", dir.display())),
+            ..Default::default()
+        })
+        .unwrap();
+        Repository::open(&settings).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn implausible_summaries_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path()).await;
+        let name: SegmentName = "000000010000000000000003".parse().unwrap();
+        let at = Mark {
+            lsn: Lsn(0x0300_0028),
+            time_us: 1,
+        };
+        let with_name = |rp_name: String| SegmentSummary {
+            restore_points: vec![RestorePoint { name: rp_name, at }],
+            ..Default::default()
+        };
+
+        let fine = with_name("x".repeat(MAX_RESTORE_POINT_NAME));
+        put(&repo, &name, &fine).await.unwrap();
+        assert_eq!(load(&repo, &name).await, Some(fine));
+
+        for forged in [String::new(), "x".repeat(MAX_RESTORE_POINT_NAME + 1)] {
+            put(&repo, &name, &with_name(forged)).await.unwrap();
+            assert_eq!(load(&repo, &name).await, None);
+        }
+
+        // A huge object is refused on its announced length, before it is read.
+        let mut huge = br#"{"restore_points":[],"pad":""#.to_vec();
+        huge.resize(MAX_SUMMARY_BYTES as usize + 10, b' ');
+        huge.extend_from_slice(br#""}"#);
+        repo.put_bytes(&layout::summary(&name), &huge, PutMode::OverwriteDerived)
+            .await
+            .unwrap();
+        assert_eq!(load(&repo, &name).await, None);
+        let err = repo
+            .get_bytes_checked(
+                &layout::summary(&name),
+                LengthRule::AtMost(MAX_SUMMARY_BYTES),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RepoError::Length { .. }), "{err}");
+    }
 }

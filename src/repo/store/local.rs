@@ -3,11 +3,13 @@
 //! Writes go to a dot-file beside the target, are fsynced, then published with a hard link
 //! (`IfAbsent`: the kernel refuses an existing name, so nothing is ever replaced) or a rename
 //! (`OverwriteDerived`, not fsynced), and the directory is fsynced so the new name survives a crash. A writer that is
-//! dropped or killed leaves at most a dot-file, which listings ignore.
+//! dropped removes its dot-file; one that is killed leaves it, listings ignore it, and a later
+//! commit in that directory removes it once it is [`STALE_AFTER`] old ([`sweep_if_due`]).
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use tokio::fs::{self, File};
 use tokio::io::AsyncWriteExt;
@@ -126,8 +128,13 @@ impl LocalStore {
                 let dir = parent(&path);
                 // A directory whose last object went (a streamed segment's fragments) goes too,
                 // so deletions do not leave a trail of empty directories; a non-empty one stays.
-                if dir != self.root && fs::remove_dir(dir).await.is_ok() {
-                    return sync_dir(parent(dir)).await;
+                // Its sweep mark would keep it, so the mark goes first (in a directory that
+                // stays, that only brings the next sweep forward).
+                if dir != self.root {
+                    let _ = fs::remove_file(dir.join(SWEEP_MARK)).await;
+                    if fs::remove_dir(dir).await.is_ok() {
+                        return sync_dir(parent(dir)).await;
+                    }
                 }
                 sync_dir(dir).await
             }
@@ -222,8 +229,70 @@ impl LocalWriter {
         }
         .await;
         let _ = std::fs::remove_file(&temp);
+        if result.is_ok() {
+            sweep_if_due(parent(&self.target)).await;
+        }
         result
     }
+}
+
+/// How old a temp file of another writer must be before a sweep removes it. A live writer
+/// touches its file with every write; an hour without one means it was killed (or is stalled,
+/// and then the check that its process is gone still protects it on this host).
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// The dot-file whose modification time records a directory's last sweep.
+const SWEEP_MARK: &str = ".walvault-swept";
+
+/// Removes stale temp files of killed writers from `dir`, at most once per [`STALE_AFTER`]
+/// across all processes: a commit costs one stat of the mark, and a directory read (of a WAL
+/// directory that may hold many thousands of names) happens only when the mark is old. Best
+/// effort: a failure leaves the files for a later sweep.
+async fn sweep_if_due(dir: &Path) {
+    let mark = dir.join(SWEEP_MARK);
+    let now = SystemTime::now();
+    let recent = |modified: SystemTime| now.duration_since(modified).is_ok_and(|d| d < STALE_AFTER);
+    if let Ok(meta) = fs::metadata(&mark).await {
+        if meta.modified().is_ok_and(recent) {
+            return;
+        }
+    }
+    // Claim the sweep before doing it, so concurrent committers do not all read the directory.
+    if let Err(e) = File::create(&mark).await {
+        tracing::debug!("cannot mark a sweep of {}: {e}", dir.display());
+        return;
+    }
+    let Ok(mut entries) = fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_file_pid(&name) else {
+            continue;
+        };
+        let stale = match entry.metadata().await {
+            Ok(meta) => !meta.modified().is_ok_and(recent),
+            Err(_) => false,
+        };
+        if stale && !Path::new(&format!("/proc/{pid}")).exists() {
+            match fs::remove_file(entry.path()).await {
+                Ok(()) => {
+                    tracing::info!("removed {}, left by a killed write", entry.path().display())
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => tracing::debug!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+}
+
+/// The writer's process id when `name` is a temp file ([`LocalWriter`]'s `.NAME.tmp.PID.SEQ`).
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let mut parts = name.strip_prefix('.')?.rsplitn(3, '.');
+    let (seq, pid, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    seq.parse::<u64>().ok()?;
+    (rest.ends_with(".tmp") && rest.len() > 4).then_some(())?;
+    pid.parse().ok()
 }
 
 impl Drop for LocalWriter {
@@ -313,15 +382,17 @@ mod tests {
             ["dir/a"]
         );
         assert_eq!(store.head("dir/a").await.unwrap(), Some(8));
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("dir")).unwrap().count(),
-            1
-        );
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("dir"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|name| name != SWEEP_MARK)
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
 
         store.delete("dir/a").await.unwrap();
         assert_eq!(store.head("dir/a").await.unwrap(), None);
         assert!(
-            !dir.path().join("wal").exists(),
+            !dir.path().join("dir").exists(),
             "an emptied directory is removed"
         );
         assert!(dir.path().exists(), "the repository root stays");
@@ -334,5 +405,84 @@ mod tests {
         assert!(matches!(err, StoreError::MissingRoot(_)), "{err}");
         let mut w = store.writer("dir/x");
         assert!(w.write(b"x").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn stale_temp_files_of_killed_writers_are_swept_on_a_later_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let wal = dir.path().join("dir");
+        std::fs::create_dir(&wal).unwrap();
+        // A pid no process has (beyond pid_max); a live one is this process.
+        let dead = wal.join(".000000010000000000000001.tmp.4294967295.0");
+        let dead_fresh = wal.join(".000000010000000000000002.tmp.4294967295.1");
+        let live = wal.join(format!(
+            ".000000010000000000000003.tmp.{}.2",
+            std::process::id()
+        ));
+        let other = wal.join(".not-a-temp-file");
+        for f in [&dead, &dead_fresh, &live, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let old = SystemTime::now() - STALE_AFTER - Duration::from_secs(60);
+        for f in [&dead, &live, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+
+        let mut w = store.writer("dir/000000010000000000000004");
+        w.write(b"segment").await.unwrap();
+        w.commit(PutMode::IfAbsent).await.unwrap();
+        assert!(
+            !dead.exists(),
+            "a stale temp file of a dead process is removed"
+        );
+        assert!(
+            dead_fresh.exists(),
+            "a recent one may belong to a live writer"
+        );
+        assert!(live.exists(), "a stale one of a live process stays");
+        assert!(other.exists(), "only temp files are swept");
+
+        // The next sweep of the directory waits for the grace period.
+        std::fs::write(&dead, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&dead)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let mut w = store.writer("dir/000000010000000000000005");
+        w.write(b"segment").await.unwrap();
+        w.commit(PutMode::IfAbsent).await.unwrap();
+        assert!(dead.exists(), "swept at most once per grace period");
+        assert_eq!(
+            store.list("dir/").await.unwrap().len(),
+            2,
+            "the mark is not listed"
+        );
+    }
+
+    #[test]
+    fn temp_file_names_are_recognised() {
+        assert_eq!(
+            temp_file_pid(".0000000100000000000000AB.tmp.123.4"),
+            Some(123)
+        );
+        assert_eq!(temp_file_pid(".a.b.tmp.7.0"), Some(7));
+        for other in [
+            ".walvault-swept",
+            "x.tmp.1.2",
+            ".tmp.1.2",
+            ".a.tmp.x.2",
+            ".a.tmp.1.y",
+            ".a.1.2",
+        ] {
+            assert_eq!(temp_file_pid(other), None, "{other}");
+        }
     }
 }

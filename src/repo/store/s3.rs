@@ -5,8 +5,12 @@
 //! connection failures. Reads of a response body are bounded per read, so a stalled download
 //! fails instead of hanging. Uploads buffer at most one part (`s3.part_size`): a smaller object
 //! is one `PutObject`, a larger one a multipart upload that becomes visible only when completed,
-//! and is aborted if the writer fails. `IfAbsent` sends `If-None-Match: *`.
+//! and is aborted if the writer fails or is dropped uncommitted. `IfAbsent` sends
+//! `If-None-Match: *`. Over https the CA certificates come from one bundle file read once per
+//! process ([`ca_bundle`]), not from every file of the system's certificate directory.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
@@ -17,7 +21,10 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
+use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::{Bytes, BytesMut};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
 use crate::config::S3Settings;
@@ -45,7 +52,7 @@ impl S3Store {
                 TimeoutConfig::builder()
                     .connect_timeout(s.timeout)
                     .operation_attempt_timeout(s.timeout)
-                    .operation_timeout(s.timeout * (s.max_attempts + 1))
+                    .operation_timeout(s.timeout.saturating_mul(s.max_attempts.saturating_add(1)))
                     .build(),
             )
             .retry_config(
@@ -69,6 +76,19 @@ impl S3Store {
             // The default client loads the system's CA certificates when it is built, which costs
             // every wal-push and wal-fetch 20-50 ms (a file per CA); plain HTTP needs none.
             loader = loader.http_client(aws_smithy_http_client::Builder::new().build_http());
+        } else if let Some(bundle) = ca_bundle() {
+            let trust = TrustStore::empty().with_pem_certificate(bundle.to_vec());
+            // Building a TlsContext only stores its parts; it cannot fail today.
+            if let Ok(context) = TlsContext::builder().with_trust_store(trust).build() {
+                loader = loader.http_client(
+                    aws_smithy_http_client::Builder::new()
+                        .tls_provider(tls::Provider::Rustls(
+                            tls::rustls_provider::CryptoMode::AwsLc,
+                        ))
+                        .tls_context(context)
+                        .build_https(),
+                );
+            }
         }
         if let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) {
             loader = loader.credentials_provider(Credentials::new(
@@ -248,7 +268,15 @@ impl S3Writer {
                 .send()
                 .await
                 .map_err(|e| self.error("CreateMultipartUpload", &e))?;
-            let id = created.upload_id().unwrap_or_default().to_owned();
+            let Some(id) = created.upload_id().filter(|id| !id.is_empty()) else {
+                return Err(StoreError::S3 {
+                    op: "CreateMultipartUpload",
+                    bucket: self.bucket.clone(),
+                    key: self.full_key.clone(),
+                    message: "the answer holds no upload id".into(),
+                });
+            };
+            let id = id.to_owned();
             self.upload = Some(Multipart {
                 id,
                 parts: Vec::new(),
@@ -337,20 +365,123 @@ impl S3Writer {
     }
 
     async fn abort(&mut self) {
-        if let Some(upload) = self.upload.take() {
-            let aborted = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&self.full_key)
-                .upload_id(&upload.id)
-                .send()
-                .await;
-            if let Err(e) = aborted {
-                tracing::warn!(key = %self.key, "could not abort multipart upload {}: {}", upload.id, DisplayErrorContext(&e));
-            }
+        if let Some(abort) = self.take_abort() {
+            abort.await;
         }
     }
+
+    /// The request that aborts the open multipart upload, if any, bounded by [`ABORT_BOUND`];
+    /// the upload is forgotten, so it is aborted once.
+    fn take_abort(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let upload = self.upload.take()?;
+        let request = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.full_key)
+            .upload_id(&upload.id);
+        let key = self.key.clone();
+        Some(async move {
+            let problem = match tokio::time::timeout(ABORT_BOUND, request.send()).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => DisplayErrorContext(&e).to_string(),
+                Err(_) => format!("no answer within {ABORT_BOUND:?}"),
+            };
+            tracing::warn!(
+                key = %key,
+                "could not abort multipart upload {} (its parts stay stored until a lifecycle \
+                 rule removes them): {problem}",
+                upload.id
+            );
+        })
+    }
+}
+
+/// How long aborting an abandoned multipart upload may take.
+const ABORT_BOUND: Duration = Duration::from_secs(30);
+
+/// A writer dropped with a multipart upload open (its caller failed locally: a file could not be
+/// read, a check failed) aborts the upload in the background, so its parts are not left stored
+/// and billed. A process that exits at once may end before the abort is sent; S3 lifecycle
+/// rules (`AbortIncompleteMultipartUpload`) remain the backstop.
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        let Some(abort) = self.take_abort() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(abort);
+            }
+            Err(_) => tracing::warn!(
+                key = %self.key,
+                "multipart upload left open: no runtime to abort it from"
+            ),
+        }
+    }
+}
+
+/// Where a CA bundle usually is: Debian and Ubuntu, RHEL and Fedora, SUSE, Alpine.
+const CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The CA certificates for https endpoints, as PEM: `SSL_CERT_FILE`, else the system's bundle
+/// file, read and checked once per process; every certificate the TLS stack could not take is
+/// left out (it would panic on one). `None` leaves the choice to the default client (which then
+/// reads `SSL_CERT_DIR` and every file of the system's certificate directory, 20-50 ms): when
+/// `SSL_CERT_DIR` is set without `SSL_CERT_FILE`, or no bundle file holds a usable certificate.
+fn ca_bundle() -> Option<&'static [u8]> {
+    static BUNDLE: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+    BUNDLE
+        .get_or_init(|| {
+            let path = match std::env::var_os("SSL_CERT_FILE") {
+                Some(path) => PathBuf::from(path),
+                None if std::env::var_os("SSL_CERT_DIR").is_some() => return None,
+                None => PathBuf::from(CA_BUNDLES.iter().find(|p| Path::new(p).is_file())?),
+            };
+            let text = std::fs::read(&path)
+                .inspect_err(|e| tracing::warn!("cannot read CA bundle {}: {e}", path.display()))
+                .ok()?;
+            let usable = usable_certificates(&text);
+            if usable.is_empty() {
+                tracing::warn!("CA bundle {} holds no usable certificate", path.display());
+                return None;
+            }
+            Some(usable)
+        })
+        .as_deref()
+}
+
+/// The PEM certificates of `text` that parse and make trust anchors, one after another.
+fn usable_certificates(text: &[u8]) -> Vec<u8> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = find(rest, BEGIN) {
+        let Some(len) = find(&rest[start..], END) else {
+            break;
+        };
+        let pem = &rest[start..start + len + END.len()];
+        rest = &rest[start + len + END.len()..];
+        let ders: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+        let usable = ders.is_ok_and(|ders| {
+            ders.len() == 1
+                && ders
+                    .into_iter()
+                    .all(|der| rustls::RootCertStore::empty().add(der).is_ok())
+        });
+        if usable {
+            out.extend_from_slice(pem);
+            out.push(b'\n');
+        }
+    }
+    out
 }
 
 enum Outcome {
@@ -373,7 +504,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::is_plain_http;
+    use super::*;
 
     #[test]
     fn only_plain_http_endpoints_go_without_tls() {
@@ -381,5 +512,48 @@ mod tests {
         assert!(is_plain_http("HTTP://minio.local"));
         assert!(!is_plain_http("https://s3.eu-west-1.amazonaws.com"));
         assert!(!is_plain_http("http"));
+    }
+
+    #[tokio::test]
+    async fn extreme_timeouts_do_not_overflow() {
+        let settings = S3Settings {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: None,
+            force_path_style: true,
+            access_key_id: Some("id".into()),
+            secret_access_key: Some("secret".into()),
+            timeout: Duration::MAX,
+            max_attempts: u32::MAX,
+            part_size: 5 << 20,
+        };
+        S3Store::new(&settings, "b".into(), String::new()).await;
+    }
+
+    #[test]
+    fn only_usable_certificates_are_kept_from_a_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=walvault test CA", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(made.status.success(), "{made:?}");
+        let good = std::fs::read_to_string(&cert).unwrap();
+        let good = good.trim();
+        let not_base64 = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----";
+        let not_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
+        let bundle = format!(
+            "# comment\n{not_base64}\n{good}\nnoise\n{not_der}\n{good}\n-----BEGIN CERTIFICATE-----\nAAAA"
+        );
+        let usable = String::from_utf8(usable_certificates(bundle.as_bytes())).unwrap();
+        assert_eq!(usable, format!("{good}\n{good}\n"));
+        assert!(usable_certificates(b"").is_empty());
+        assert!(usable_certificates(not_der.as_bytes()).is_empty());
     }
 }
