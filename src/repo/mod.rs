@@ -372,7 +372,7 @@ impl Repository {
             return Ok(None);
         };
         let temp = temp_beside(near);
-        let result = async {
+        let written = async {
             let mut decoder = Decoder::new(reader, key).await?;
             check_length(&decoder, key, rule)?;
             let mut out = File::create(&temp)
@@ -385,18 +385,14 @@ impl Repository {
             }
             out.flush().await.map_err(RepoError::file("write", &temp))?;
             // The decoder returned None only after checking the content checksum.
-            let checksum = decoder.checksum().unwrap_or(Checksum(0));
-            let dest = name(checksum);
-            fs::rename(&temp, &dest)
-                .await
-                .map_err(RepoError::file("rename", &dest))?;
-            Ok(checksum)
+            Ok(decoder.checksum().unwrap_or(Checksum(0)))
         }
         .await;
-        if result.is_err() {
-            let _ = fs::remove_file(&temp).await;
-        }
-        result.map(Some)
+        let dest = match &written {
+            Ok(checksum) => name(*checksum),
+            Err(_) => near.to_path_buf(),
+        };
+        publish(&temp, &dest, written).await.map(Some)
     }
 
     /// Reads an object to its end, verifying it; returns its content length and checksum.
@@ -473,6 +469,26 @@ fn check_length<R: tokio::io::AsyncRead + Unpin>(
         declared,
         rule,
     })
+}
+
+/// Renames `temp`, once `written` says it is complete, to `dest`; on any failure `temp` is
+/// removed, so nothing half-made is left beside `dest`.
+pub(crate) async fn publish<T>(
+    temp: &Path,
+    dest: &Path,
+    written: Result<T, RepoError>,
+) -> Result<T, RepoError> {
+    let result = match written {
+        Ok(value) => fs::rename(temp, dest)
+            .await
+            .map(|()| value)
+            .map_err(RepoError::file("rename", dest)),
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        let _ = fs::remove_file(temp).await;
+    }
+    result
 }
 
 /// A temporary name in the same directory as `dest`, so the final rename stays atomic.

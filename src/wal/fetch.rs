@@ -26,7 +26,7 @@ use super::prefetch::Prefetched;
 use super::spool;
 use crate::repo::identity::{self, Identity, IdentityError};
 use crate::repo::layout;
-use crate::repo::{temp_beside, LengthRule, RepoError, Repository};
+use crate::repo::{publish, temp_beside, LengthRule, RepoError, Repository};
 
 /// Attempts at a fetch that failed for a reason other than "not found", on top of the store's
 /// own per-request retries (this also covers a body cut off mid-stream or read back corrupt).
@@ -264,27 +264,14 @@ pub(super) fn local_system_identifier(dest: &Path) -> Option<(PathBuf, u64)> {
 /// Writes a small verified file to `dest` under a temporary name first, like every restore.
 async fn write_file(dest: &Path, content: &[u8]) -> Result<(), RepoError> {
     let temp = temp_beside(dest);
-    let result = async {
-        tokio::fs::write(&temp, content)
-            .await
-            .map_err(|source| RepoError::File {
-                op: "write",
-                path: temp.clone(),
-                source,
-            })?;
-        tokio::fs::rename(&temp, dest)
-            .await
-            .map_err(|source| RepoError::File {
-                op: "rename",
-                path: dest.to_path_buf(),
-                source,
-            })
-    }
-    .await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&temp).await;
-    }
-    result
+    let written = tokio::fs::write(&temp, content)
+        .await
+        .map_err(|source| RepoError::File {
+            op: "write",
+            path: temp.clone(),
+            source,
+        });
+    publish(&temp, dest, written).await
 }
 
 /// A segment that is not archived whole may exist as fragments streamed by wal-receive: serve

@@ -18,7 +18,7 @@ use walvault_wal::page::LongPageHeader;
 use walvault_wal::SegmentName;
 
 use crate::repo::layout::{self, Listing, ObjectKey};
-use crate::repo::{temp_beside, LengthRule, RepoError, Repository};
+use crate::repo::{publish, temp_beside, LengthRule, RepoError, Repository};
 
 /// One stored fragment: bytes `start..end` of its segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,108 +122,143 @@ pub(crate) async fn fetch_partial(
     if fragments.is_empty() {
         return Ok(Partial::None);
     }
-    let invalid = |key: &str, problem: String| RepoError::File {
+    let chain = match covering_chain(repo, seg, seg_size, &fragments).await? {
+        Ok(chain) => chain,
+        Err(partial) => return Ok(partial),
+    };
+    let temp = temp_beside(dest);
+    match assemble(repo, &chain, seg_size, &temp).await {
+        written @ Ok(Partial::Written(_)) => publish(&temp, dest, written).await,
+        other => {
+            let _ = tokio::fs::remove_file(&temp).await;
+            other
+        }
+    }
+}
+
+/// A fragment that does not hold what its name and its neighbours say.
+fn invalid(key: &str, problem: String) -> RepoError {
+    RepoError::File {
         op: "assemble fragment",
         path: key.into(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, problem),
-    };
+    }
+}
+
+/// The chain of fragments that covers the segment from offset 0 with no fragment past a hole;
+/// `Err(Partial::Vanished)` when the whole segment was stored meanwhile (its fragments are being
+/// cleaned up).
+async fn covering_chain<'a>(
+    repo: &Repository,
+    seg: &SegmentName,
+    seg_size: u64,
+    fragments: &'a [Fragment],
+) -> Result<Result<Vec<&'a Fragment>, Partial>, RepoError> {
     if let Some(f) = fragments.iter().find(|f| f.end > seg_size) {
         return Err(invalid(
             &f.key,
             format!("it ends past the segment size {seg_size}"),
         ));
     }
-    let chain = chain(&fragments);
+    let chain = chain(fragments);
     let covered = chain.last().map_or(0, |f| f.end);
-    if chain.is_empty() || fragments.iter().any(|f| f.start > covered) {
-        // Fragments but none at offset 0, or beyond a hole: the completed segment's cleanup is
-        // under way if the whole segment is stored; otherwise fragments were lost.
-        if repo.head(&layout::segment(seg)).await?.is_some() {
-            return Ok(Partial::Vanished);
-        }
-        let after_hole = fragments
-            .iter()
-            .find(|f| f.start > covered)
-            .unwrap_or(&fragments[0]);
-        return Err(invalid(
-            &after_hole.key,
-            format!(
-                "no stored fragment covers bytes {covered}..{} of the segment",
-                after_hole.start
-            ),
-        ));
+    if !chain.is_empty() && fragments.iter().all(|f| f.start <= covered) {
+        return Ok(Ok(chain));
     }
-    let temp = temp_beside(dest);
+    // Fragments but none at offset 0, or beyond a hole: the completed segment's cleanup is
+    // under way if the whole segment is stored; otherwise fragments were lost.
+    if repo.head(&layout::segment(seg)).await?.is_some() {
+        return Ok(Err(Partial::Vanished));
+    }
+    let after_hole = fragments
+        .iter()
+        .find(|f| f.start > covered)
+        .unwrap_or(&fragments[0]);
+    Err(invalid(
+        &after_hole.key,
+        format!(
+            "no stored fragment covers bytes {covered}..{} of the segment",
+            after_hole.start
+        ),
+    ))
+}
+
+/// Writes the chain's bytes into `temp`, each fragment checked before it is used, and pads the
+/// file with zeros to the segment size.
+async fn assemble(
+    repo: &Repository,
+    chain: &[&Fragment],
+    seg_size: u64,
+    temp: &Path,
+) -> Result<Partial, RepoError> {
     let file_err = |op: &'static str| {
-        let path = temp.clone();
+        let path = temp.to_path_buf();
         move |source| RepoError::File { op, path, source }
     };
-    let result = async {
-        let mut out = tokio::fs::File::create(&temp)
-            .await
-            .map_err(file_err("create"))?;
-        let mut written = 0u64;
-        let mut previous: Option<(&Fragment, Vec<u8>)> = None;
-        for f in &chain {
-            let len = f.end - f.start;
-            let Some(bytes) = repo
-                .get_bytes_checked(&f.key, LengthRule::Exactly(len))
-                .await?
-            else {
-                return Ok(Partial::Vanished);
-            };
-            if f.start == 0 {
-                let header = LongPageHeader::parse(&bytes)
-                    .map_err(|e| invalid(&f.key, format!("first page: {e}")))?;
-                if u64::from(header.seg_size.bytes()) != seg_size {
-                    return Err(invalid(
-                        &f.key,
-                        format!(
-                            "its first page gives segment size {}, the repository {seg_size}",
-                            header.seg_size.bytes()
-                        ),
-                    ));
-                }
-            }
-            // A link of the chain starts past the end of the link two before it (or it would
-            // have been chosen in the place of the one between), so it can only overlap the link
-            // just before it. Offsets are within the segment (at most 1 GiB), so they fit usize.
-            if let Some((p, before)) = &previous {
-                let from = f.start.saturating_sub(p.start) as usize;
-                let to = written.saturating_sub(p.start) as usize;
-                if before.get(from..to) != bytes.get(..to.saturating_sub(from)) {
-                    return Err(invalid(
-                        &f.key,
-                        format!(
-                            "bytes {}..{written} differ from fragment {}",
-                            f.start, p.key
-                        ),
-                    ));
-                }
-            }
-            let fresh = bytes
-                .get(written.saturating_sub(f.start) as usize..)
-                .unwrap_or_default();
-            out.write_all(fresh).await.map_err(file_err("write"))?;
-            written = f.end;
-            previous = Some((f, bytes));
+    let mut out = tokio::fs::File::create(temp)
+        .await
+        .map_err(file_err("create"))?;
+    let mut written = 0u64;
+    let mut previous: Option<(&Fragment, Vec<u8>)> = None;
+    for &f in chain {
+        let Some(bytes) = repo
+            .get_bytes_checked(&f.key, LengthRule::Exactly(f.end - f.start))
+            .await?
+        else {
+            return Ok(Partial::Vanished);
+        };
+        check_fragment(f, &bytes, seg_size, previous.as_ref(), written)?;
+        let fresh = bytes
+            .get(written.saturating_sub(f.start) as usize..)
+            .unwrap_or_default();
+        out.write_all(fresh).await.map_err(file_err("write"))?;
+        written = f.end;
+        previous = Some((f, bytes));
+    }
+    out.set_len(seg_size).await.map_err(file_err("extend"))?;
+    out.sync_all().await.map_err(file_err("fsync"))?;
+    Ok(Partial::Written(written))
+}
+
+/// Checks fragment `f` (its content `bytes`) against the segment and against the fragment before
+/// it in the chain, which holds the segment up to `written`.
+fn check_fragment(
+    f: &Fragment,
+    bytes: &[u8],
+    seg_size: u64,
+    previous: Option<&(&Fragment, Vec<u8>)>,
+    written: u64,
+) -> Result<(), RepoError> {
+    if f.start == 0 {
+        let header = LongPageHeader::parse(bytes)
+            .map_err(|e| invalid(&f.key, format!("first page: {e}")))?;
+        if u64::from(header.seg_size.bytes()) != seg_size {
+            return Err(invalid(
+                &f.key,
+                format!(
+                    "its first page gives segment size {}, the repository {seg_size}",
+                    header.seg_size.bytes()
+                ),
+            ));
         }
-        out.set_len(seg_size).await.map_err(file_err("extend"))?;
-        out.sync_all().await.map_err(file_err("fsync"))?;
-        tokio::fs::rename(&temp, dest)
-            .await
-            .map_err(|source| RepoError::File {
-                op: "rename",
-                path: dest.to_path_buf(),
-                source,
-            })?;
-        Ok(Partial::Written(written))
     }
-    .await;
-    if !matches!(result, Ok(Partial::Written(_))) {
-        let _ = tokio::fs::remove_file(&temp).await;
+    // A link of the chain starts past the end of the link two before it (or it would have been
+    // chosen in the place of the one between), so it can only overlap the link just before it.
+    // Offsets are within the segment (at most 1 GiB), so they fit usize.
+    if let Some((p, before)) = previous {
+        let from = f.start.saturating_sub(p.start) as usize;
+        let to = written.saturating_sub(p.start) as usize;
+        if before.get(from..to) != bytes.get(..to.saturating_sub(from)) {
+            return Err(invalid(
+                &f.key,
+                format!(
+                    "bytes {}..{written} differ from fragment {}",
+                    f.start, p.key
+                ),
+            ));
+        }
     }
-    result
+    Ok(())
 }
 
 #[cfg(test)]
