@@ -9,6 +9,7 @@ use walvault::cmd;
 
 fn main() -> ExitCode {
     cmd::return_large_buffers_to_the_system();
+    cmd::exit_on_panic("walvault", cmd::failure_before_parsing());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cmd::usage_error(&e),

@@ -61,16 +61,24 @@ pub fn exit_on_panic(command: &'static str, failure: u8) {
     }));
 }
 
+/// The exit code of a failure before the command line is parsed (a usage error, or a panic while
+/// parsing): `wal-fetch`'s when its name is among the arguments.
+pub fn failure_before_parsing() -> u8 {
+    if std::env::args().any(|a| a == "wal-fetch") {
+        EXIT_FETCH_FAILED
+    } else {
+        2
+    }
+}
+
 /// Prints a clap error (or the help it carries) and returns the exit code for it.
 pub fn usage_error(e: &clap::Error) -> ExitCode {
     let _ = e.print();
-    let is_fetch = std::env::args().any(|a| a == "wal-fetch");
     match e.kind() {
         clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
             ExitCode::SUCCESS
         }
-        _ if is_fetch => ExitCode::from(EXIT_FETCH_FAILED),
-        _ => ExitCode::from(2),
+        _ => ExitCode::from(failure_before_parsing()),
     }
 }
 
