@@ -3,14 +3,14 @@
 //! password file, and bounds on a server that stops answering.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::harness::cmd::path_str;
+use crate::harness::cmd::{path_str, Walvault};
 use crate::harness::repo::toml_str;
 use crate::harness::{give_to_postgres, ClusterConfig, RepoKind, TestEnv};
 
@@ -266,6 +266,44 @@ fn require_refuses_a_server_without_tls() {
     );
 }
 
+/// A server on 127.0.0.1 that runs `greet` on each connection and, when it succeeds, holds the
+/// connection open without another word. Returns its port.
+fn mute_server(greet: fn(&mut TcpStream) -> std::io::Result<()>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut socket in listener.incoming().flatten() {
+            if greet(&mut socket).is_ok() {
+                held.push(socket);
+            }
+        }
+    });
+    port
+}
+
+/// backup-push as `postgres` against the server on 127.0.0.1 at `port`, with `bound` (a
+/// variable and its value) in the environment, fails saying `expected`, well within 20 s.
+fn backup_push_gives_up(wv: &Walvault, port: &str, bound: (&str, &str), expected: &str) {
+    let started = Instant::now();
+    wv.run_with_env(
+        &["backup-push"],
+        &[
+            ("PGHOST", "127.0.0.1"),
+            ("PGPORT", port),
+            ("PGUSER", "postgres"),
+            bound,
+        ],
+    )
+    .assert_failure()
+    .assert_stderr_contains(expected);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A server that accepts the connection and then says nothing: backup-push gives up within its
 /// connect timeout instead of hanging.
 #[test]
@@ -273,33 +311,32 @@ fn a_silent_server_does_not_hang_backup_push() {
     let env = TestEnv::new("pg-silent");
     let repo = env.repo(RepoKind::Local);
     let wv = env.walvault(repo.config_path());
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    thread::spawn(move || {
-        // Hold every connection open, never answering.
-        let mut held = Vec::new();
-        for socket in listener.incoming().flatten() {
-            held.push(socket);
-        }
-    });
-    let started = Instant::now();
-    wv.run_with_env(
-        &["backup-push"],
-        &[
-            ("PGHOST", "127.0.0.1"),
-            ("PGPORT", &port),
-            ("PGUSER", "postgres"),
-            ("PGCONNECT_TIMEOUT", "2"),
-        ],
-    )
-    .assert_failure()
-    .assert_stderr_contains("did not answer within 2s");
+    // Hold every connection open, never answering.
+    let port = mute_server(|_| Ok(()));
     // prefer: one attempt with a TLS request; the bound holds for it.
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
+    backup_push_gives_up(
+        &wv,
+        &port,
+        ("PGCONNECT_TIMEOUT", "2"),
+        "did not answer within 2s",
     );
+}
+
+/// Reads one startup packet (an SSLRequest first, answered "no TLS"), then answers
+/// AuthenticationOk and ReadyForQuery.
+fn startup_then_ready(socket: &mut TcpStream) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    socket.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+    socket.read_exact(&mut body)?;
+    if body[..4] == [0x04, 0xd2, 0x16, 0x2f] {
+        let _ = socket.write_all(b"N");
+        socket.read_exact(&mut len)?;
+        let mut startup = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        socket.read_exact(&mut startup)?;
+    }
+    let _ = socket.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I']);
+    Ok(())
 }
 
 /// A server that completes the startup exchange and then never answers a query: every call on
@@ -309,51 +346,13 @@ fn a_server_that_stops_answering_queries_is_given_up_on() {
     let env = TestEnv::new("pg-mute");
     let repo = env.repo(RepoKind::Local);
     let wv = env.walvault(repo.config_path());
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    thread::spawn(move || {
-        let mut held = Vec::new();
-        for mut socket in listener.incoming().flatten() {
-            // Startup packets (an SSLRequest first, answered "no TLS"), then AuthenticationOk
-            // and ReadyForQuery; whatever comes next is read and left unanswered.
-            let mut len = [0u8; 4];
-            if socket.read_exact(&mut len).is_err() {
-                continue;
-            }
-            let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-            if socket.read_exact(&mut body).is_err() {
-                continue;
-            }
-            if body[..4] == [0x04, 0xd2, 0x16, 0x2f] {
-                let _ = socket.write_all(b"N");
-                if socket.read_exact(&mut len).is_err() {
-                    continue;
-                }
-                let mut startup = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-                if socket.read_exact(&mut startup).is_err() {
-                    continue;
-                }
-            }
-            let _ = socket.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I']);
-            held.push(socket);
-        }
-    });
-    let started = Instant::now();
-    wv.run_with_env(
-        &["backup-push"],
-        &[
-            ("PGHOST", "127.0.0.1"),
-            ("PGPORT", &port),
-            ("PGUSER", "postgres"),
-            ("WALVAULT_PG_TIMEOUT", "2s"),
-        ],
-    )
-    .assert_failure()
-    .assert_stderr_contains("did not answer within 2s (reading server settings)");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
+    // Whatever comes after the startup exchange is read and left unanswered.
+    let port = mute_server(startup_then_ready);
+    backup_push_gives_up(
+        &wv,
+        &port,
+        ("WALVAULT_PG_TIMEOUT", "2s"),
+        "did not answer within 2s (reading server settings)",
     );
 }
 

@@ -597,12 +597,24 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn load(flags: FlagValues, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let env: HashMap<String, String> = env
-            .iter()
+    fn env_map(env: &[(&str, &str)]) -> HashMap<String, String> {
+        env.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+            .collect()
+    }
+
+    fn load(flags: FlagValues, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env = env_map(env);
         Settings::from_sources(&flags, |k| env.get(k).cloned())
+    }
+
+    /// Loads with `--config path` as the only flag.
+    fn load_file(path: PathBuf, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let flags = FlagValues {
+            config: Some(path),
+            ..Default::default()
+        };
+        load(flags, env)
     }
 
     fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
@@ -670,15 +682,7 @@ mod tests {
         );
 
         let (_d, path) = config_file("repo = \"relative/path\"\n");
-        let err = load(
-            FlagValues {
-                config: Some(path.clone()),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load_file(path.clone(), &[]).unwrap_err().to_string();
         assert!(
             err.contains("repo") && err.contains(path.to_str().unwrap()),
             "{err}"
@@ -688,36 +692,19 @@ mod tests {
     #[test]
     fn malformed_and_unknown_file_content_is_refused() {
         let (_d, path) = config_file("repo = \n");
-        let err = load(
-            FlagValues {
-                config: Some(path),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err();
+        let err = load_file(path, &[]).unwrap_err();
         assert!(matches!(err, ConfigError::File { .. }), "{err}");
 
         let (_d, path) = config_file("repo = \"file:///r\"\n[s3]\nendpiont = \"x\"\n");
-        let err = load(
-            FlagValues {
-                config: Some(path),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load_file(path, &[]).unwrap_err().to_string();
         assert!(err.contains("unknown key s3.endpiont"), "{err}");
     }
 
     #[test]
     fn missing_file_and_missing_repo_are_clear() {
-        let flags = FlagValues {
-            config: Some("/nonexistent/walvault.toml".into()),
-            ..Default::default()
-        };
-        let err = load(flags, &[]).unwrap_err().to_string();
+        let err = load_file("/nonexistent/walvault.toml".into(), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/walvault.toml"), "{err}");
         assert!(matches!(
             load(FlagValues::default(), &[]),
@@ -731,14 +718,7 @@ mod tests {
         assert_eq!(s.pg_timeout, Duration::from_secs(60));
         assert_eq!(s.backup_stop_timeout, Duration::from_secs(600));
         let (_d, path) = config_file("repo = \"file:///r\"\npg_timeout = \"5s\"\n");
-        let s = load(
-            FlagValues {
-                config: Some(path),
-                ..Default::default()
-            },
-            &[("WALVAULT_BACKUP_STOP_TIMEOUT", "2m")],
-        )
-        .unwrap();
+        let s = load_file(path, &[("WALVAULT_BACKUP_STOP_TIMEOUT", "2m")]).unwrap();
         assert_eq!(s.pg_timeout, Duration::from_secs(5));
         assert_eq!(s.backup_stop_timeout, Duration::from_secs(120));
         let err = load(
@@ -809,11 +789,7 @@ mod tests {
             format!("[s3]\nsecret_access_key = \"{secret}\\q\"\n"),
         ] {
             let (_d, path) = config_file(&text);
-            let flags = FlagValues {
-                config: Some(path),
-                ..Default::default()
-            };
-            let err = load(flags, &[]).unwrap_err().to_string();
+            let err = load_file(path, &[]).unwrap_err().to_string();
             assert!(err.contains("line 3") || err.contains("line 2"), "{err}");
             assert!(!err.contains(secret) && !err.contains(key_id), "{err}");
             assert!(!err.contains("EXAMPLE"), "{err}");
@@ -853,10 +829,7 @@ mod tests {
             repo: Some("s3://bucket/prefix".into()),
             ..Default::default()
         };
-        let map: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map = env_map(&env);
         let carried = Settings::carried_from_sources(&flags, |k| map.get(k).cloned()).unwrap();
         assert!(!carried.toml.contains("secret-value"), "{}", carried.toml);
         assert!(!carried.toml.contains("file-id"), "{}", carried.toml);
@@ -870,14 +843,7 @@ mod tests {
         // In the server's environment (none of the above), the carried file gives the same
         // settings, with the secrets the config file holds.
         let (_d2, carried_path) = config_file(&carried.toml);
-        let s = load(
-            FlagValues {
-                config: Some(carried_path),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap();
+        let s = load_file(carried_path, &[]).unwrap();
         assert_eq!(
             s.repo,
             RepoUrl::S3 {
@@ -900,27 +866,11 @@ mod tests {
     #[test]
     fn includes_are_absolute_and_shallow() {
         let (_d, path) = config_file("include = \"relative.toml\"\n");
-        let err = load(
-            FlagValues {
-                config: Some(path.clone()),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load_file(path.clone(), &[]).unwrap_err().to_string();
         assert!(err.contains("absolute"), "{err}");
         // A file including itself stops at the depth bound.
         std::fs::write(&path, format!("include = {:?}\n", path.to_str().unwrap())).unwrap();
-        let err = load(
-            FlagValues {
-                config: Some(path),
-                ..Default::default()
-            },
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load_file(path, &[]).unwrap_err().to_string();
         assert!(err.contains("nest deeper"), "{err}");
     }
 }

@@ -204,110 +204,22 @@ impl ConnInfo {
         fallback_application_name: &str,
         cx: &Context<'_>,
     ) -> Result<ConnInfo, ConnInfoError> {
-        let given = match dbname {
-            Some(text) if is_conninfo(text) => parse(text)?,
-            Some(name) => vec![("dbname", name.to_owned())],
-            None => Vec::new(),
-        };
-        let get = |key: &'static str| -> Option<(String, Origin)> {
-            if let Some((_, v)) = given.iter().rev().find(|(k, _)| *k == key) {
-                return Some((v.clone(), Origin::Conninfo(key)));
-            }
-            let var = PARAMS
-                .iter()
-                .find(|(k, _)| *k == key)
-                .and_then(|(_, v)| *v)?;
-            (cx.env)(var)
-                .filter(|v| !v.is_empty())
-                .map(|v| (v, Origin::Env(var)))
-        };
-        let invalid = |(value, origin): (String, Origin), reason: &str| ConnInfoError::Invalid {
-            origin,
-            value: Some(value),
-            reason: reason.to_owned(),
-        };
-        let home = (cx.env)("HOME")
-            .filter(|h| !h.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| cx.os_user.as_ref().and_then(|(_, h)| h.clone()));
-
-        let hosts = resolve_hosts(get("host"), get("hostaddr"), get("port"), cx)?;
-        let user = match get("user") {
-            Some((u, _)) => u,
-            None => match &cx.os_user {
-                Some((name, _)) => name.clone(),
-                None => return Err(ConnInfoError::NoUser("no name for this OS user".into())),
-            },
-        };
-        let dbname = get("dbname").map_or_else(|| user.clone(), |(d, _)| d);
-        let password = get("password").map(|(p, _)| p);
-        let passfile = get("passfile")
+        let src = Sources::new(dbname, cx)?;
+        let hosts = resolve_hosts(src.get("host"), src.get("hostaddr"), src.get("port"), cx)?;
+        let user = src.user()?;
+        let dbname = src.get("dbname").map_or_else(|| user.clone(), |(d, _)| d);
+        let password = src.get("password").map(|(p, _)| p);
+        let passfile = src
+            .get("passfile")
             .map(|(p, _)| PathBuf::from(p))
-            .or_else(|| home.as_ref().map(|h| h.join(".pgpass")));
-        let application_name = get("application_name")
-            .or_else(|| get("fallback_application_name"))
+            .or_else(|| src.home.as_ref().map(|h| h.join(".pgpass")));
+        let application_name = src
+            .get("application_name")
+            .or_else(|| src.get("fallback_application_name"))
             .map_or_else(|| fallback_application_name.to_owned(), |(a, _)| a);
-        let connect_timeout = match get("connect_timeout") {
-            None => DEFAULT_CONNECT_TIMEOUT,
-            Some(v) => match v.0.trim().parse::<i64>() {
-                // libpq waits forever for 0; walvault bounds every wait, so 0 means the default.
-                Ok(s) if s <= 0 => DEFAULT_CONNECT_TIMEOUT,
-                Ok(s) => Duration::from_secs(s.unsigned_abs()).max(MIN_CONNECT_TIMEOUT),
-                Err(_) => return Err(invalid(v, "expected a number of seconds")),
-            },
-        };
-        let rootcert_given = get("sslrootcert");
-        let mode = match get("sslmode") {
-            Some(v) => match v.0.parse::<SslMode>() {
-                Ok(m) => m,
-                Err(reason) => return Err(invalid(v, &reason)),
-            },
-            // libpq 16: trusting the system's roots implies checking the host name.
-            None if rootcert_given.as_ref().is_some_and(|(r, _)| r == "system") => {
-                SslMode::VerifyFull
-            }
-            None => SslMode::Prefer,
-        };
-        let dot_pg = |file: &str| home.as_ref().map(|h| h.join(".postgresql").join(file));
-        let rootcert = match rootcert_given {
-            Some((r, origin)) if r == "system" => {
-                if mode != SslMode::VerifyFull {
-                    return Err(ConnInfoError::Invalid {
-                        origin,
-                        value: Some(r),
-                        reason: format!(
-                            "sslrootcert=system needs sslmode=verify-full, not {}",
-                            mode.as_str()
-                        ),
-                    });
-                }
-                Some(RootCert::System)
-            }
-            Some((r, _)) => Some(RootCert::File(PathBuf::from(r))),
-            None => dot_pg("root.crt").map(RootCert::File),
-        };
-        let tls = TlsSettings {
-            mode,
-            rootcert,
-            cert: get("sslcert")
-                .map(|(c, _)| PathBuf::from(c))
-                .or_else(|| dot_pg("postgresql.crt")),
-            key: get("sslkey")
-                .map(|(k, _)| PathBuf::from(k))
-                .or_else(|| dot_pg("postgresql.key")),
-            crl: get("sslcrl")
-                .map(|(c, _)| PathBuf::from(c))
-                .or_else(|| dot_pg("root.crl")),
-        };
-        let channel_binding = match get("channel_binding") {
-            None => ChannelBinding::Prefer,
-            Some(v) => match v.0.as_str() {
-                "disable" => ChannelBinding::Disable,
-                "prefer" => ChannelBinding::Prefer,
-                "require" => ChannelBinding::Require,
-                _ => return Err(invalid(v, "expected disable, prefer or require")),
-            },
-        };
+        let connect_timeout = connect_timeout(src.get("connect_timeout"))?;
+        let tls = src.tls()?;
+        let channel_binding = channel_binding(src.get("channel_binding"))?;
         Ok(ConnInfo {
             hosts,
             user,
@@ -316,7 +228,7 @@ impl ConnInfo {
             passfile,
             default_socket: cx.default_socket.clone(),
             application_name,
-            options: get("options").map(|(o, _)| o),
+            options: src.get("options").map(|(o, _)| o),
             connect_timeout,
             tls,
             channel_binding,
@@ -391,6 +303,136 @@ impl ConnInfo {
             self.user,
             self.dbname
         )
+    }
+}
+
+/// Where resolution reads settings: the options of the connection string first, then their `PG*`
+/// variables; libpq's default files hang off `home`.
+struct Sources<'a> {
+    given: Vec<(&'static str, String)>,
+    cx: &'a Context<'a>,
+    home: Option<PathBuf>,
+}
+
+impl<'a> Sources<'a> {
+    fn new(dbname: Option<&str>, cx: &'a Context<'a>) -> Result<Self, ConnInfoError> {
+        let given = match dbname {
+            Some(text) if is_conninfo(text) => parse(text)?,
+            Some(name) => vec![("dbname", name.to_owned())],
+            None => Vec::new(),
+        };
+        let home = (cx.env)("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| cx.os_user.as_ref().and_then(|(_, h)| h.clone()));
+        Ok(Sources { given, cx, home })
+    }
+
+    /// The value of option `key` and where it came from; an empty variable counts as unset.
+    fn get(&self, key: &'static str) -> Option<(String, Origin)> {
+        if let Some((_, v)) = self.given.iter().rev().find(|(k, _)| *k == key) {
+            return Some((v.clone(), Origin::Conninfo(key)));
+        }
+        let var = PARAMS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| *v)?;
+        (self.cx.env)(var)
+            .filter(|v| !v.is_empty())
+            .map(|v| (v, Origin::Env(var)))
+    }
+
+    /// The user given, else the OS user.
+    fn user(&self) -> Result<String, ConnInfoError> {
+        match (self.get("user"), &self.cx.os_user) {
+            (Some((u, _)), _) => Ok(u),
+            (None, Some((name, _))) => Ok(name.clone()),
+            (None, None) => Err(ConnInfoError::NoUser("no name for this OS user".into())),
+        }
+    }
+
+    /// The file option `key` names, else `default` in `~/.postgresql/`.
+    fn file(&self, key: &'static str, default: &str) -> Option<PathBuf> {
+        self.get(key)
+            .map(|(f, _)| PathBuf::from(f))
+            .or_else(|| self.dot_pg(default))
+    }
+
+    fn dot_pg(&self, file: &str) -> Option<PathBuf> {
+        self.home.as_ref().map(|h| h.join(".postgresql").join(file))
+    }
+
+    fn tls(&self) -> Result<TlsSettings, ConnInfoError> {
+        let rootcert_given = self.get("sslrootcert");
+        let mode = ssl_mode(self.get("sslmode"), rootcert_given.as_ref())?;
+        let rootcert = match rootcert_given {
+            Some((r, origin)) if r == "system" => {
+                if mode != SslMode::VerifyFull {
+                    return Err(ConnInfoError::Invalid {
+                        origin,
+                        value: Some(r),
+                        reason: format!(
+                            "sslrootcert=system needs sslmode=verify-full, not {}",
+                            mode.as_str()
+                        ),
+                    });
+                }
+                Some(RootCert::System)
+            }
+            Some((r, _)) => Some(RootCert::File(PathBuf::from(r))),
+            None => self.dot_pg("root.crt").map(RootCert::File),
+        };
+        Ok(TlsSettings {
+            mode,
+            rootcert,
+            cert: self.file("sslcert", "postgresql.crt"),
+            key: self.file("sslkey", "postgresql.key"),
+            crl: self.file("sslcrl", "root.crl"),
+        })
+    }
+}
+
+fn invalid((value, origin): (String, Origin), reason: &str) -> ConnInfoError {
+    ConnInfoError::Invalid {
+        origin,
+        value: Some(value),
+        reason: reason.to_owned(),
+    }
+}
+
+fn connect_timeout(given: Option<(String, Origin)>) -> Result<Duration, ConnInfoError> {
+    let Some(v) = given else {
+        return Ok(DEFAULT_CONNECT_TIMEOUT);
+    };
+    match v.0.trim().parse::<i64>() {
+        // libpq waits forever for 0; walvault bounds every wait, so 0 means the default.
+        Ok(s) if s <= 0 => Ok(DEFAULT_CONNECT_TIMEOUT),
+        Ok(s) => Ok(Duration::from_secs(s.unsigned_abs()).max(MIN_CONNECT_TIMEOUT)),
+        Err(_) => Err(invalid(v, "expected a number of seconds")),
+    }
+}
+
+fn ssl_mode(
+    given: Option<(String, Origin)>,
+    rootcert: Option<&(String, Origin)>,
+) -> Result<SslMode, ConnInfoError> {
+    match given {
+        Some(v) => v.0.parse::<SslMode>().map_err(|reason| invalid(v, &reason)),
+        // libpq 16: trusting the system's roots implies checking the host name.
+        None if rootcert.is_some_and(|(r, _)| r == "system") => Ok(SslMode::VerifyFull),
+        None => Ok(SslMode::Prefer),
+    }
+}
+
+fn channel_binding(given: Option<(String, Origin)>) -> Result<ChannelBinding, ConnInfoError> {
+    let Some(v) = given else {
+        return Ok(ChannelBinding::Prefer);
+    };
+    match v.0.as_str() {
+        "disable" => Ok(ChannelBinding::Disable),
+        "prefer" => Ok(ChannelBinding::Prefer),
+        "require" => Ok(ChannelBinding::Require),
+        _ => Err(invalid(v, "expected disable, prefer or require")),
     }
 }
 

@@ -11,7 +11,7 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{
     ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
 };
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{AuthenticationSaslBody, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -177,98 +177,38 @@ impl Wire {
         }
     }
 
+    /// Answers the server's authentication requests until it accepts or refuses.
     async fn authenticate(
         &mut self,
         info: &ConnInfo,
         password: Option<&str>,
     ) -> Result<(), ReplError> {
-        let password = || {
-            password.map(str::as_bytes).ok_or_else(|| {
-                ReplError::Auth(format!(
-                    "the server asks user {} for a password; put it in a password file \
-                     (~/.pgpass, PGPASSFILE or passfile=) or set PGPASSWORD",
-                    info.user
-                ))
-            })
-        };
-        let require_binding = info.channel_binding == conninfo::ChannelBinding::Require;
-        let unbound = || {
-            ReplError::Auth(
-                "channel_binding=require, but the server did not authenticate with SCRAM \
-                 channel binding"
-                    .into(),
-            )
-        };
+        let creds = Credentials { info, password };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let mut out = BytesMut::new();
             match self.next_message().await? {
-                Message::AuthenticationOk if require_binding && scram.is_none() => {
+                Message::AuthenticationOk if creds.require_binding() && scram.is_none() => {
                     return Err(unbound())
                 }
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword
                 | Message::AuthenticationMd5Password(_)
-                    if require_binding =>
+                    if creds.require_binding() =>
                 {
                     return Err(unbound())
                 }
-                Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password()?, &mut out)?
-                }
-                Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(info.user.as_bytes(), password()?, body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut out)?
-                }
+                Message::AuthenticationCleartextPassword => creds.cleartext(&mut out)?,
+                Message::AuthenticationMd5Password(body) => creds.md5(body.salt(), &mut out)?,
                 Message::AuthenticationSasl(body) => {
-                    let mut offered = Vec::new();
-                    let mut mechanisms = body.mechanisms();
-                    while let Some(m) = mechanisms.next()? {
-                        offered.push(m.to_owned());
-                    }
-                    let binding = self
-                        .channel_binding
-                        .clone()
-                        .filter(|_| info.channel_binding != conninfo::ChannelBinding::Disable);
-                    let plus = offered.iter().any(|m| m == SCRAM_SHA_256_PLUS);
-                    let plain = offered.iter().any(|m| m == SCRAM_SHA_256);
-                    let (binding, mechanism) = match binding {
-                        Some(data) if plus => (
-                            ChannelBinding::tls_server_end_point(data),
-                            SCRAM_SHA_256_PLUS,
-                        ),
-                        // We could bind, the server does not offer it.
-                        Some(_) if plain => (ChannelBinding::unrequested(), SCRAM_SHA_256),
-                        None if plain => (ChannelBinding::unsupported(), SCRAM_SHA_256),
-                        _ => {
-                            return Err(ReplError::Auth(format!(
-                                "the server offers SASL mechanisms {offered:?}, none of them \
-                                 one walvault can use here"
-                            )))
-                        }
-                    };
-                    if require_binding && mechanism != SCRAM_SHA_256_PLUS {
-                        return Err(unbound());
-                    }
-                    let s = ScramSha256::new(password()?, binding);
-                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
-                    scram = Some(s);
+                    let tls_binding = self.channel_binding.clone();
+                    scram = Some(creds.scram_start(&body, tls_binding, &mut out)?);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ReplError::Protocol("SASL continue before SASL start".into())
-                    })?;
-                    s.update(body.data())
-                        .map_err(|e| ReplError::Auth(format!("SCRAM: {e}")))?;
-                    frontend::sasl_response(s.message(), &mut out)?;
+                    scram_continue(scram.as_mut(), body.data(), &mut out)?
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ReplError::Protocol("SASL final before SASL start".into())
-                    })?;
-                    s.finish(body.data()).map_err(|e| {
-                        ReplError::Auth(format!("the server's SCRAM signature is wrong: {e}"))
-                    })?;
+                    scram_finish(scram.as_mut(), body.data())?;
                     continue;
                 }
                 Message::ErrorResponse(e) => return Err(server_error(&e)),
@@ -375,6 +315,110 @@ impl Wire {
         }
         Ok(())
     }
+}
+
+/// What the authentication exchange answers with: the user, the password if there is one, the
+/// channel binding rule.
+struct Credentials<'a> {
+    info: &'a ConnInfo,
+    password: Option<&'a str>,
+}
+
+impl Credentials<'_> {
+    fn require_binding(&self) -> bool {
+        self.info.channel_binding == conninfo::ChannelBinding::Require
+    }
+
+    fn password(&self) -> Result<&[u8], ReplError> {
+        self.password.map(str::as_bytes).ok_or_else(|| {
+            ReplError::Auth(format!(
+                "the server asks user {} for a password; put it in a password file \
+                 (~/.pgpass, PGPASSFILE or passfile=) or set PGPASSWORD",
+                self.info.user
+            ))
+        })
+    }
+
+    fn cleartext(&self, out: &mut BytesMut) -> Result<(), ReplError> {
+        frontend::password_message(self.password()?, out)?;
+        Ok(())
+    }
+
+    fn md5(&self, salt: [u8; 4], out: &mut BytesMut) -> Result<(), ReplError> {
+        let hash = md5_hash(self.info.user.as_bytes(), self.password()?, salt);
+        frontend::password_message(hash.as_bytes(), out)?;
+        Ok(())
+    }
+
+    /// Chooses SCRAM-SHA-256-PLUS when the connection is encrypted (`tls_binding`), the server
+    /// offers it and channel binding is not disabled, else SCRAM-SHA-256; writes the first
+    /// message.
+    fn scram_start(
+        &self,
+        body: &AuthenticationSaslBody,
+        tls_binding: Option<Vec<u8>>,
+        out: &mut BytesMut,
+    ) -> Result<ScramSha256, ReplError> {
+        let mut offered = Vec::new();
+        let mut mechanisms = body.mechanisms();
+        while let Some(m) = mechanisms.next()? {
+            offered.push(m.to_owned());
+        }
+        let binding =
+            tls_binding.filter(|_| self.info.channel_binding != conninfo::ChannelBinding::Disable);
+        let plus = offered.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+        let plain = offered.iter().any(|m| m == SCRAM_SHA_256);
+        let (binding, mechanism) = match binding {
+            Some(data) if plus => (
+                ChannelBinding::tls_server_end_point(data),
+                SCRAM_SHA_256_PLUS,
+            ),
+            // We could bind, the server does not offer it.
+            Some(_) if plain => (ChannelBinding::unrequested(), SCRAM_SHA_256),
+            None if plain => (ChannelBinding::unsupported(), SCRAM_SHA_256),
+            _ => {
+                return Err(ReplError::Auth(format!(
+                    "the server offers SASL mechanisms {offered:?}, none of them \
+                     one walvault can use here"
+                )))
+            }
+        };
+        if self.require_binding() && mechanism != SCRAM_SHA_256_PLUS {
+            return Err(unbound());
+        }
+        let scram = ScramSha256::new(self.password()?, binding);
+        frontend::sasl_initial_response(mechanism, scram.message(), out)?;
+        Ok(scram)
+    }
+}
+
+fn unbound() -> ReplError {
+    ReplError::Auth(
+        "channel_binding=require, but the server did not authenticate with SCRAM \
+         channel binding"
+            .into(),
+    )
+}
+
+fn scram_continue(
+    scram: Option<&mut ScramSha256>,
+    data: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), ReplError> {
+    let scram =
+        scram.ok_or_else(|| ReplError::Protocol("SASL continue before SASL start".into()))?;
+    scram
+        .update(data)
+        .map_err(|e| ReplError::Auth(format!("SCRAM: {e}")))?;
+    frontend::sasl_response(scram.message(), out)?;
+    Ok(())
+}
+
+fn scram_finish(scram: Option<&mut ScramSha256>, data: &[u8]) -> Result<(), ReplError> {
+    let scram = scram.ok_or_else(|| ReplError::Protocol("SASL final before SASL start".into()))?;
+    scram
+        .finish(data)
+        .map_err(|e| ReplError::Auth(format!("the server's SCRAM signature is wrong: {e}")))
 }
 
 /// Refuses a message whose declared length is impossible, as soon as its header is in the
