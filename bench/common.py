@@ -7,6 +7,7 @@ Every other bench module imports from here; this module imports none of them.
 import os
 import pwd
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,7 @@ PGBIN = "/usr/lib/postgresql/15/bin"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG = 16 * 1024 * 1024
 MiB = 1024 * 1024
-SECTIONS = ["archive", "restore", "backup", "pitr", "rss"]
+SECTIONS = ["archive", "restore", "backup", "pitr", "rss", "https", "spool"]
 PG_USER = "postgres"
 T0 = time.monotonic()
 
@@ -119,6 +120,21 @@ def wait_for(cond, timeout, what, interval=0.05):
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def drop_caches():

@@ -7,8 +7,9 @@ One command (as root, on a Debian 12 host with PostgreSQL 15):
 
 See bench/README.md for what is measured and how. Python 3 standard library only. This file
 parses the options and runs the sections; the rest lives beside it: common.py (processes,
-measurement, stats), setup.py (packages, clusters, caches, segments), one module per section
-(archive.py, restore.py, backup.py, pitr.py, rss.py) and report.py (tables, ratios, targets).
+measurement, stats), setup.py (packages, clusters, caches, segments, S3 server), one module per
+section (archive.py, restore.py, backup.py, pitr.py, rss.py, https.py, spool.py) and report.py
+(tables, ratios, targets).
 """
 
 import argparse
@@ -21,14 +22,17 @@ import time
 from archive import ArchiveSection
 from backup import BackupSection
 from common import SECTIONS, BenchError, log, rmtree
+from https import HttpsSection
 from pitr import PitrSection
 from report import Report
 from restore import RestoreSection
 from rss import RssSection
 from setup import Setup, on_signal, stop_all
+from spool import SpoolSection
 
 
-class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, RssSection):
+class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, RssSection, HttpsSection,
+            SpoolSection):
     """One run: Setup's directories, clusters and segments, one bench_<section>() per section."""
 
     # ---------------------------------------------------------------- report
@@ -43,7 +47,8 @@ class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, R
 def main():
     ap = argparse.ArgumentParser(
         description="Benchmark walvault against pgBackRest and PostgreSQL's own tools "
-                    "(archive_command, restore_command, full/delta backup, PITR, peak RSS). Run as root.")
+                    "(archive_command, restore_command, full/delta backup, PITR, peak RSS), and walvault's "
+                    "wal-push CPU over https and its prefetch spool check. Run as root.")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections to run (default: all): {','.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true",

@@ -1,8 +1,9 @@
-"""Setup of the walvault benchmark (not a packaging script): PostgreSQL clusters (started ones are
-stopped on exit), the work and cache directories, missing packages, the walvault binary, machine
-facts, the cached pgbench clusters, the cached WAL segments and the write workload that makes
-them, PGDATA-like directories and pgBackRest configurations. `Setup` is the base of run.py's
-`Bench`; the section mixins (archive.py, restore.py, backup.py, pitr.py, rss.py) build on it.
+"""Setup of the walvault benchmark (not a packaging script): PostgreSQL clusters and background
+servers (started ones are stopped on exit), the work and cache directories, missing packages, the
+walvault binary, machine facts, the cached pgbench clusters, the cached WAL segments and the write
+workload that makes them, PGDATA-like directories, pgBackRest configurations, and the S3 server
+(moto) and TLS terminator (socat) of the https section. `Setup` is the base of run.py's `Bench`;
+the section mixins (archive.py, ..., https.py, spool.py) build on it.
 """
 
 import atexit
@@ -17,8 +18,8 @@ import sys
 import time
 
 import common
-from common import (MiB, PG_USER, PGBIN, REPO_ROOT, SEG, BenchError, helpers_running, is_seg, log,
-                    mkdir_pg, pg_env, q, rmtree, run, seg_next, wait_for, write_pg)
+from common import (MiB, PG_USER, PGBIN, REPO_ROOT, SEG, BenchError, helpers_running, is_seg, listening,
+                    log, mkdir_pg, pg_env, q, rmtree, run, seg_next, wait_for, write_pg)
 
 # --------------------------------------------------------------------------------------------
 # PostgreSQL clusters
@@ -85,6 +86,39 @@ def stop_all():
             c.stop("fast")
         except Exception as e:  # noqa: BLE001
             print(f"cleanup: {e}", file=sys.stderr)
+    for p in list(SERVERS):
+        stop_server(p)
+
+
+# --------------------------------------------------------------------------------------------
+# background servers (moto, socat)
+
+
+SERVERS = []
+
+
+def start_server(cmd, logfile, port, what, timeout=120):
+    """Starts cmd (as root, output to logfile) and waits until it listens on 127.0.0.1:port."""
+    with open(logfile, "a") as out:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    SERVERS.append(p)
+    wait_for(lambda: p.poll() is not None or listening(port), timeout, f"{what} to listen on port {port}")
+    if p.poll() is not None:
+        SERVERS.remove(p)
+        raise BenchError(f"{what} exited with {p.returncode} before listening; see {logfile}")
+    return p
+
+
+def stop_server(p):
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in SERVERS:
+        SERVERS.remove(p)
 
 
 atexit.register(stop_all)
@@ -162,16 +196,42 @@ class Setup:
             missing.append("pgbackrest")
         if not os.path.exists(f"{PGBIN}/postgres"):
             missing += ["postgresql-15", "postgresql-contrib"]
-        if not missing:
-            return
-        cmd = ["apt-get", "install", "-y"] + missing
+        if missing:
+            self.install(missing)
+
+    def install(self, packages):
+        cmd = ["apt-get", "install", "-y"] + packages
         if self.args.no_install:
             raise BenchError("missing packages; run: apt-get update && " + " ".join(cmd))
-        log(f"installing {' '.join(missing)} with apt-get")
+        log(f"installing {' '.join(packages)} with apt-get")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         if subprocess.run(cmd, env=env).returncode != 0:
             subprocess.run(["apt-get", "update"], env=env, check=True)
             subprocess.run(cmd, env=env, check=True)
+
+    def socat_program(self):
+        if not shutil.which("socat"):
+            self.install(["socat"])
+        return shutil.which("socat")
+
+    def moto_program(self):
+        """moto's S3 server: $WALVAULT_TEST_MOTO, the one integration/run.sh installs, one on
+        PATH, else installed as run.sh does it (a venv and pip) into WORK/tools/venv."""
+        venv = os.path.join(self.work, "tools", "venv")
+        for cand in (os.environ.get("WALVAULT_TEST_MOTO"),
+                     os.path.join(REPO_ROOT, ".test-tools", "venv", "bin", "moto_server"),
+                     shutil.which("moto_server"), os.path.join(venv, "bin", "moto_server")):
+            if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand
+        if self.args.no_install:
+            raise BenchError(f"moto_server not found: set WALVAULT_TEST_MOTO, or let run.py install it into {venv}")
+        if subprocess.run(["python3", "-c", "import venv, ensurepip"], capture_output=True).returncode != 0:
+            self.install(["python3-venv"])
+        log(f"installing moto (the S3 server) into {venv}")
+        rmtree(venv)
+        subprocess.run(["python3", "-m", "venv", venv], check=True)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "moto[server]>=5.1,<6"], check=True)
+        return os.path.join(venv, "bin", "moto_server")
 
     def install_walvault(self):
         src = self.args.walvault
