@@ -19,6 +19,8 @@ pub(crate) struct Report {
     pub(crate) wal_files: usize,
     pub(crate) content_bytes: u64,
     pub(crate) problems: Vec<String>,
+    /// The repository holds no object at all: nothing was archived yet, or the URL is wrong.
+    pub(crate) empty: bool,
 }
 
 /// Verifies every object in the repository, `concurrency` at a time.
@@ -29,9 +31,11 @@ pub(crate) async fn verify_all(
     let objects = repo.list(Listing::Everything).await?;
     let mut report = Report::default();
     let mut contents = HashMap::new();
-    if !objects
-        .iter()
-        .any(|o| ObjectKey::parse(&o.key) == Some(ObjectKey::Identity))
+    report.empty = objects.is_empty();
+    if !report.empty
+        && !objects
+            .iter()
+            .any(|o| ObjectKey::parse(&o.key) == Some(ObjectKey::Identity))
     {
         report.problems.push(format!(
             "{}: no repository identity object (nothing was ever archived here?)",
@@ -76,4 +80,19 @@ pub(crate) async fn verify_all(
         .extend(crate::backup::consistency::check(&repo, &contents).await);
     report.problems.sort();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh repository is reported as empty, not as a repository with a missing object.
+    #[tokio::test]
+    async fn an_empty_repository_is_called_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Arc::new(crate::repo::local_for_tests(dir.path()).await);
+        let report = verify_all(repo, 4).await.unwrap();
+        assert!(report.empty);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
 }

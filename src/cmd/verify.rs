@@ -9,7 +9,16 @@ use crate::verify;
 
 /// `verify`: re-reads the whole repository.
 pub(super) async fn verify(repo: Arc<Repository>, concurrency: usize) -> anyhow::Result<ExitCode> {
-    let report = verify::verify_all(repo, concurrency).await?;
+    let report = verify::verify_all(Arc::clone(&repo), concurrency).await?;
+    if report.empty {
+        // Not a success: a mistyped S3 prefix looks exactly like this.
+        println!(
+            "verify: {} is an empty repository: nothing archived yet (check the repository URL if \
+             there should be)",
+            repo.url()
+        );
+        return Ok(ExitCode::from(1));
+    }
     for problem in &report.problems {
         println!("problem: {problem}");
     }
