@@ -878,3 +878,40 @@ fn recover_quotes_names_and_carries_environment_settings() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// `recover --start` without `--port` beside the running source, whose port the restored
+/// configuration names: the recovered server gets another, free port, and says which.
+#[test]
+fn recover_start_without_a_port_does_not_collide_with_the_source() {
+    let env = TestEnv::new("recover-free-port");
+    let (_repo, wv, source) = archiving_source(&env, RepoKind::Local);
+    source.psql("INSERT INTO t (client) VALUES (1)");
+    archive_everything(&source);
+    let dir = env.path().join("recovered");
+    let out = wv.run(&[
+        "recover",
+        "--pgdata",
+        dir.to_str().unwrap(),
+        "--start",
+        "--socket-dir",
+        env.path().to_str().unwrap(),
+    ]);
+    // Adopted before the assertions, so that dropping it stops the server whatever they say.
+    let _recovered = dir
+        .join("postgresql.conf")
+        .exists()
+        .then(|| env.cluster_from_copy(ClusterConfig::new("recovered"), &dir));
+    out.assert_success();
+    let announced: u16 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("starting PostgreSQL on port "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port announced:\n{out}"));
+    assert_ne!(announced, source.port(), "{out}");
+    // postmaster.pid's fourth line is the port the server listens on.
+    let pid_file = std::fs::read_to_string(dir.join("postmaster.pid")).unwrap();
+    assert_eq!(pid_file.lines().nth(3), Some(announced.to_string().as_str()));
+    assert_eq!(source.psql("SELECT count(*) FROM t"), "1");
+}

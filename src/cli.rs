@@ -203,9 +203,10 @@ pub struct RecoverArgs {
     /// With --start: directory of pg_ctl (default: PATH, then /usr/lib/postgresql/<major>/bin)
     #[arg(long, value_name = "DIR")]
     pub(crate) pg_bin: Option<PathBuf>,
-    /// With --start: the server's port
-    #[arg(long, default_value_t = 5432)]
-    pub(crate) port: u16,
+    /// With --start: the server's port (default: the restored configuration's port when it is
+    /// free, else a free one; printed either way)
+    #[arg(long)]
+    pub(crate) port: Option<u16>,
     /// With --start: the server's socket directory (default: /var/run/postgresql, else /tmp)
     #[arg(long, value_name = "DIR")]
     pub(crate) socket_dir: Option<PathBuf>,

@@ -107,12 +107,21 @@ pub(super) async fn recover(
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let socket_dir = args
+        .socket_dir
+        .unwrap_or_else(crate::pg::conninfo::default_socket_dir);
+    let port = match args.port {
+        Some(port) => port,
+        None => start::choose_port(&dir, &socket_dir)?,
+    };
+    println!(
+        "starting PostgreSQL on port {port} (socket directory {})",
+        socket_dir.display()
+    );
     let start_opts = StartOptions {
         pg_bin: args.pg_bin,
-        port: args.port,
-        socket_dir: args
-            .socket_dir
-            .unwrap_or_else(crate::pg::conninfo::default_socket_dir),
+        port,
+        socket_dir,
         pg_options: args.pg_options,
         major: plan.backup.pg_version_num / 10_000,
         pg_timeout: settings.pg_timeout,

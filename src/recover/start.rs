@@ -57,6 +57,62 @@ pub(crate) async fn start(
     follow(pgdata, opts, &log, action, started).await
 }
 
+/// The port a recovered server starts on when none was given: the restored configuration's
+/// (PostgreSQL's default 5432 when it names none) if no server uses it, on 127.0.0.1 or as a
+/// socket in `socket_dir`; else one the kernel says is free. A recovery often runs beside the
+/// source cluster, which still holds the port its configuration names.
+pub(crate) fn choose_port(pgdata: &Path, socket_dir: &Path) -> Result<u16, RecoverError> {
+    let configured = configured_port(pgdata).unwrap_or(5432);
+    if port_free(configured, socket_dir) {
+        return Ok(configured);
+    }
+    for _ in 0..10 {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|source| RecoverError::Io {
+                what: "find a free port on",
+                path: "127.0.0.1".into(),
+                source,
+            })?
+            .port();
+        if port_free(port, socket_dir) {
+            return Ok(port);
+        }
+    }
+    Err(RecoverError::Io {
+        what: "find a free port (pass --port) on",
+        path: "127.0.0.1".into(),
+        source: std::io::Error::other("every port tried is in use"),
+    })
+}
+
+/// Whether nothing listens on `port`: neither on 127.0.0.1 nor as a socket in `socket_dir`.
+fn port_free(port: u16, socket_dir: &Path) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        && !socket_dir.join(format!(".s.PGSQL.{port}")).exists()
+}
+
+/// The port the restored configuration sets: the last `port` line of `postgresql.conf` and then
+/// of `postgresql.auto.conf`, which the server reads last (included files are not followed).
+fn configured_port(pgdata: &Path) -> Option<u16> {
+    ["postgresql.conf", "postgresql.auto.conf"]
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(pgdata.join(file)).ok())
+        .flat_map(|text| text.lines().filter_map(port_setting).collect::<Vec<_>>())
+        .last()
+}
+
+/// The value of a `port = N` line (`=` optional, the value possibly quoted, a comment after it).
+fn port_setting(line: &str) -> Option<u16> {
+    let line = line.split('#').next()?.trim();
+    let rest = line.strip_prefix("port")?;
+    if !rest.starts_with([' ', '\t', '=']) {
+        return None;
+    }
+    let value = rest.trim_start().strip_prefix('=').unwrap_or(rest).trim();
+    value.trim_matches('\'').parse().ok()
+}
+
 /// Runs `pg_ctl start`, which returns as soon as the postmaster is forked.
 async fn pg_ctl_start(pgdata: &Path, opts: &StartOptions, log: &Path) -> Result<(), RecoverError> {
     let pg_ctl = find_pg_ctl(opts)?;
@@ -272,5 +328,47 @@ fn sh_word(word: &str) -> String {
         format!("'{}'", word.replace('\'', "'\\''"))
     } else {
         word.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configured_port_is_read_as_postgresql_writes_it() {
+        assert_eq!(port_setting("port = 5433"), Some(5433));
+        assert_eq!(port_setting("port='6000' # moved"), Some(6000));
+        assert_eq!(port_setting("port 7000"), Some(7000));
+        assert_eq!(port_setting("#port = 5433"), None);
+        assert_eq!(port_setting("ports = 1"), None);
+        assert_eq!(port_setting("port = x"), None);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("postgresql.conf"),
+            "port = 5433\nport = '5434'\n",
+        )
+        .unwrap();
+        assert_eq!(configured_port(dir.path()), Some(5434));
+        std::fs::write(dir.path().join("postgresql.auto.conf"), "port = '5435'\n").unwrap();
+        assert_eq!(configured_port(dir.path()), Some(5435));
+    }
+
+    #[test]
+    fn a_port_in_use_is_not_chosen() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        std::fs::write(
+            dir.path().join("postgresql.conf"),
+            format!("port = {port}\n"),
+        )
+        .unwrap();
+        assert_ne!(choose_port(dir.path(), dir.path()).unwrap(), port);
+        drop(taken);
+        assert_eq!(choose_port(dir.path(), dir.path()).unwrap(), port);
+        // A socket file of another server takes the port too.
+        std::fs::write(dir.path().join(format!(".s.PGSQL.{port}")), "").unwrap();
+        assert_ne!(choose_port(dir.path(), dir.path()).unwrap(), port);
     }
 }
