@@ -912,6 +912,9 @@ fn recover_start_without_a_port_does_not_collide_with_the_source() {
     assert_ne!(announced, source.port(), "{out}");
     // postmaster.pid's fourth line is the port the server listens on.
     let pid_file = std::fs::read_to_string(dir.join("postmaster.pid")).unwrap();
-    assert_eq!(pid_file.lines().nth(3), Some(announced.to_string().as_str()));
+    assert_eq!(
+        pid_file.lines().nth(3),
+        Some(announced.to_string().as_str())
+    );
     assert_eq!(source.psql("SELECT count(*) FROM t"), "1");
 }

@@ -65,18 +65,26 @@ impl TimelineChoice {
 /// archive. Printed by backup-list and with every refusal to recover.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Window {
-    pub(crate) oldest_backup_end: Option<(String, Lsn)>,
+    /// The oldest usable backup: its name, stop time and stop LSN.
+    pub(crate) oldest_backup_end: Option<(BackupName, String, Lsn)>,
     pub(crate) last_xact_end: Option<summary::Mark>,
     pub(crate) newest_segment: Option<SegmentName>,
 }
 
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.oldest_backup_end {
+        let (name, end) = match &self.oldest_backup_end {
             None => return f.write_str("nothing is recoverable: the repository has no backups"),
-            Some((time, lsn)) => write!(f, "from {time} (LSN {lsn}, end of the oldest backup)")?,
-        }
+            Some((name, time, lsn)) => {
+                write!(f, "from {time} (LSN {lsn}, end of the oldest backup)")?;
+                (name, *lsn)
+            }
+        };
         match (&self.last_xact_end, &self.newest_segment) {
+            (Some(mark), _) if mark.lsn < end => write!(
+                f,
+                ": recoverable only to the end of backup {name} (no later transaction archived)"
+            ),
             (Some(mark), _) => write!(
                 f,
                 " to {} (LSN {}, the last archived transaction end)",
@@ -128,7 +136,7 @@ impl Recoverable {
             oldest_backup_end: backups
                 .iter()
                 .find(|b| usable_on(b, &history))
-                .map(|b| (b.stop_time.clone(), b.stop_lsn)),
+                .map(|b| (b.name.clone(), b.stop_time.clone(), b.stop_lsn)),
             last_xact_end: last_xact_end(repo, &archive, &history, newest_segment).await,
             newest_segment,
         };
@@ -388,5 +396,35 @@ impl Drop for SummaryStream<'_> {
         for (_, load) in &self.loads {
             load.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window whose last transaction end precedes the oldest backup's end says so, instead of
+    /// ending before it starts.
+    #[test]
+    fn a_window_without_a_later_transaction_ends_at_the_backup() {
+        let name = BackupName::parse("base_20261130T080000Z_00000001_0000000003000028").unwrap();
+        let mark = |lsn: u64| summary::Mark {
+            lsn: Lsn(lsn),
+            time_us: 1_764_489_600_000_000,
+        };
+        let window = |last: u64| Window {
+            oldest_backup_end: Some((name.clone(), "2026-11-30T08:00:01Z".into(), Lsn(0x3000100))),
+            last_xact_end: Some(mark(last)),
+            newest_segment: None,
+        };
+        let text = window(0x2FFFF00).to_string();
+        assert!(
+            text.ends_with(&format!(
+                ": recoverable only to the end of backup {name} (no later transaction archived)"
+            )),
+            "{text}"
+        );
+        let text = window(0x3000200).to_string();
+        assert!(text.contains("the last archived transaction end"), "{text}");
     }
 }
