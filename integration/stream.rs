@@ -920,3 +920,30 @@ fn pg14_resumes_from_the_repository() {
     assert_eq!(restored.psql("SELECT note FROM marker"), "end");
     assert_eq!(restored.psql("SELECT count(*) FROM while_down"), "100000");
 }
+
+/// Without `spool_dir` or `--spool-dir`, wal-receive keeps its spool under the user's state
+/// directory (as pg_receivewal needs only `-D`) instead of refusing to start.
+#[test]
+fn wal_receive_has_a_default_spool() {
+    let env = TestEnv::new("stream-default-spool");
+    let repo = env.repo(RepoKind::Local);
+    let walvault = env.walvault(repo.config_path());
+    let primary = env.cluster(primary_config("primary"));
+    let home = env.mkdir("home");
+    let port = primary.port().to_string();
+    walvault
+        .run_with_env(
+            &["wal-receive", "--slot", "absent"],
+            &[
+                ("PGHOST", path_str(env.path())),
+                ("PGPORT", &port),
+                ("PGUSER", "postgres"),
+                ("HOME", path_str(&home)),
+                ("XDG_STATE_HOME", ""),
+                ("STATE_DIRECTORY", ""),
+            ],
+        )
+        .assert_failure()
+        .assert_stderr_contains("does not exist");
+    assert!(home.join(".local/state/walvault/receive-absent").is_dir());
+}

@@ -61,8 +61,8 @@ pub enum Command {
     ///
     /// Connects like libpq (PG* variables, ~/.pgpass, sslmode, or --dbname) with
     /// replication=true. Received WAL becomes durable in the repository within --flush-interval;
-    /// the slot advances only to what is durable. Needs a local spool directory (spool_dir in the
-    /// config file or WALVAULT_SPOOL_DIR). Exits only on permanent errors.
+    /// the slot advances only to what is durable. Keeps a local spool (see --spool-dir). Exits
+    /// only on permanent errors; SIGTERM/SIGINT store what was received, then exit 0.
     WalReceive(ReceiveArgs),
     /// Take a base backup of the running cluster on this host (full or page-level delta)
     ///
@@ -248,6 +248,11 @@ pub struct ReceiveArgs {
     /// MiB in the local spool (received, not yet stored whole) beyond which reading pauses
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub(crate) spool_max_mib: u64,
+    /// Local spool of received WAL (default: <spool_dir>/receive when spool_dir is set, else
+    /// receive-<slot> under $STATE_DIRECTORY (systemd), $XDG_STATE_HOME/walvault or
+    /// ~/.local/state/walvault)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) spool_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
