@@ -605,3 +605,20 @@ fn full_size_segments_in_parts(kind: RepoKind) {
     // The identity, two segments and their two summaries.
     assert_eq!(verify_summary(&verify), (5, 0), "{verify}");
 }
+
+/// A mistyped command gets suggestions of commands a user can run, never the internal helpers
+/// (`wal-prefetch`, `wal-push-ahead`).
+#[test]
+fn typo_suggestions_name_only_user_commands() {
+    let env = TestEnv::new("typo-suggestions");
+    let repo = env.repo(RepoKind::Local);
+    let walvault = env.walvault(repo.config_path());
+    for (typo, meant, helper) in [
+        ("wal-fetc", "'wal-fetch'", "wal-prefetch"),
+        ("wal-push-ahea", "'wal-push'", "wal-push-ahead"),
+    ] {
+        let out = walvault.run(&[typo]);
+        out.assert_code(2).assert_stderr_contains(meant);
+        assert!(!out.stderr.contains(helper), "{out}");
+    }
+}

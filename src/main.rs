@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     cmd::exit_on_panic("walvault", cmd::failure_before_parsing());
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return cmd::usage_error(&e),
+        Err(e) => return cmd::usage_error(e),
     };
     walvault::logging::init(cli.command.name(), cli.verbose, cli.quiet);
     let failure = cmd::failure_code(&cli.command);

@@ -71,8 +71,10 @@ pub fn failure_before_parsing() -> u8 {
     }
 }
 
-/// Prints a clap error (or the help it carries) and returns the exit code for it.
-pub fn usage_error(e: &clap::Error) -> ExitCode {
+/// Prints a clap error (or the help it carries) and returns the exit code for it. Typo
+/// suggestions never name the internal helper commands.
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    let e = without_hidden_suggestions(e);
     let _ = e.print();
     match e.kind() {
         clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
@@ -80,6 +82,30 @@ pub fn usage_error(e: &clap::Error) -> ExitCode {
         }
         _ => ExitCode::from(failure_before_parsing()),
     }
+}
+
+/// `e` without the hidden subcommands (the detached helpers) among its suggestions.
+fn without_hidden_suggestions(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let Some(ContextValue::Strings(suggested)) = e.get(ContextKind::SuggestedSubcommand) else {
+        return e;
+    };
+    let cli = Cli::command();
+    let hidden = |name: &String| {
+        cli.get_subcommands()
+            .any(|c| c.is_hide_set() && c.get_name() == name.as_str())
+    };
+    let shown: Vec<String> = suggested.iter().filter(|s| !hidden(s)).cloned().collect();
+    if shown.is_empty() {
+        e.remove(ContextKind::SuggestedSubcommand);
+    } else {
+        e.insert(
+            ContextKind::SuggestedSubcommand,
+            ContextValue::Strings(shown),
+        );
+    }
+    e
 }
 
 /// The runtime a command runs on. PostgreSQL waits on every wal-push and wal-fetch, which each
