@@ -622,3 +622,21 @@ fn typo_suggestions_name_only_user_commands() {
         assert!(!out.stderr.contains(helper), "{out}");
     }
 }
+
+/// A command's help lists its own options first and the options every command takes apart,
+/// under their own heading.
+#[test]
+fn command_help_keeps_global_options_apart() {
+    let env = TestEnv::new("help-headings");
+    let repo = env.repo(RepoKind::Local);
+    let walvault = env.walvault(repo.config_path());
+    let out = walvault.run(&["help", "recover"]);
+    out.assert_success();
+    let at = |needle: &str| {
+        out.stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in the help:\n{out}"))
+    };
+    assert!(at("--pgdata") < at("Global options:"), "{out}");
+    assert!(at("Global options:") < at("--config"), "{out}");
+}
