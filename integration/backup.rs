@@ -370,13 +370,13 @@ fn backup_failures(kind: RepoKind) {
     assert_eq!(fine.psql("SELECT count(*) FROM t"), "100000");
 }
 
-/// PostgreSQL 13 and 14 use the older backup functions; each major available gets a full and a
-/// delta backup restored and compared.
+/// PostgreSQL 13 and 14 use the older backup functions; each of them available gets a full and a
+/// delta backup restored and compared (newer majors get theirs in the version matrix).
 #[test]
 fn older_majors_back_up_and_restore() {
     let installs: Vec<PgInstall> = PgInstall::all()
         .into_iter()
-        .filter(|i| i.major() != 15)
+        .filter(|i| i.major() < 15)
         .collect();
     if installs.is_empty() {
         eprintln!("no other PostgreSQL major available (integration/run.sh installs one)");
