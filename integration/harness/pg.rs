@@ -73,15 +73,14 @@ impl PgInstall {
     /// never pass as a skipped one there.
     pub fn required_or_skip(major: u32) -> Option<PgInstall> {
         let found = PgInstall::get(major);
-        let required = env::var("WALVAULT_TEST_REQUIRE_PG").unwrap_or_default();
-        let required = required
+        let listed = env::var("WALVAULT_TEST_REQUIRE_PG").unwrap_or_default();
+        let required = listed
             .split([' ', ','])
             .any(|m| m.trim() == major.to_string());
         assert!(
             found.is_some() || !required,
-            "PostgreSQL {major} is required (WALVAULT_TEST_REQUIRE_PG={:?}) but not in \
-             WALVAULT_TEST_PG_BINS: run integration/run.sh",
-            env::var("WALVAULT_TEST_REQUIRE_PG").unwrap_or_default()
+            "PostgreSQL {major} is required (WALVAULT_TEST_REQUIRE_PG={listed:?}) but not in \
+             WALVAULT_TEST_PG_BINS: run integration/run.sh"
         );
         if found.is_none() {
             println!(
