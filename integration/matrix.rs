@@ -4,11 +4,15 @@
 //! per major, so a failure names it; majors other than 15 come from integration/run.sh, and the
 //! full suite stays on 15 (and 14 for the pre-15 backup API).
 
+use std::fs;
 use std::time::Duration;
 
 use crate::backup::{backup_list, backup_push, table_md5s};
 use crate::harness::cmd::path_str;
-use crate::harness::{wait_until, Cluster, ClusterConfig, PgInstall, RepoKind, TestEnv, Walvault};
+use crate::harness::{
+    give_to_postgres, repo_kind_tests, wait_until, Cluster, ClusterConfig, PgInstall, RepoKind,
+    TestEnv, Walvault,
+};
 use crate::recover::recover_start;
 use crate::stream::{
     background_pgbench, primary_config, receiver_walvault, start_receiver, wait_child, wait_durable,
@@ -44,6 +48,28 @@ fn smoke_pg17() {
 #[test]
 fn smoke_pg18() {
     smoke(18, RepoKind::Local);
+}
+
+repo_kind_tests!(wal_of_a_future_major_is_refused);
+
+/// WAL whose page magic is newer than PostgreSQL 18's (as a future 19 will write) is refused by
+/// wal-push, saying so and naming the supported range, and nothing is stored.
+fn wal_of_a_future_major_is_refused(kind: RepoKind) {
+    let env = TestEnv::new("matrix-future");
+    let repo = env.repo(kind);
+    let wv = env.walvault(repo.config_path());
+    let src = env.cluster(ClusterConfig::new("src"));
+    let segment = src.switch_wal_and_copy(&env.mkdir("copies"));
+    let mut bytes = fs::read(&segment).unwrap();
+    // xlp_magic, the first two bytes of the page header, little-endian: 18's 0xD118 plus two.
+    bytes[..2].copy_from_slice(&0xD11Au16.to_le_bytes());
+    fs::write(&segment, bytes).unwrap();
+    give_to_postgres(&segment);
+    wv.wal_push(&segment)
+        .assert_failure()
+        .assert_stderr_contains("newer than PostgreSQL 18")
+        .assert_stderr_contains("13 to 18");
+    assert!(repo.wal_files().is_empty(), "{:?}", repo.wal_files());
 }
 
 fn smoke(major: u32, kind: RepoKind) {
