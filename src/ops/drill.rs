@@ -73,6 +73,8 @@ pub(crate) struct DrillReport {
     pub(crate) failures: Vec<String>,
     pub(crate) backup: Option<String>,
     pub(crate) target: String,
+    /// The target time (RFC 3339), for `--target-time` and `--random-time`.
+    pub(crate) target_time: Option<String>,
     pub(crate) reached: Option<Point>,
     pub(crate) scratch: String,
     pub(crate) kept: bool,
@@ -180,6 +182,9 @@ async fn restore_and_check(
         DrillTarget::Random => Target::Time(random_time(repo).await?),
     };
     report.target = target.to_string();
+    if let Target::Time(t) = target {
+        report.target_time = Some(t.rfc3339());
+    }
     let request = Request {
         target,
         inclusive: true,
