@@ -229,7 +229,25 @@ fn metrics_match_backup_list_and_the_window(kind: RepoKind) {
     let wv = env.walvault(repo.config_path());
     let cluster = source(&env, &wv, "src");
     cluster.psql("INSERT INTO t (client) VALUES (1)");
-    run_pg(&wv, &env, &cluster, &["backup-push"]).assert_success();
+    // backup-push runs its hook with the backup's JSON.
+    let hook_out = env.path().join("hook.json");
+    let hook = format!(
+        "{{ echo \"$WALVAULT_EVENT $WALVAULT_STATUS\"; cat; }} > {}",
+        hook_out.display()
+    );
+    run_pg_with(
+        &wv,
+        &env,
+        &cluster,
+        &["backup-push"],
+        &[("WALVAULT_HOOKS_ON_SUCCESS", &hook)],
+    )
+    .assert_success();
+    let hooked = std::fs::read_to_string(&hook_out).unwrap();
+    let (first, rest) = hooked.split_once('\n').unwrap();
+    assert_eq!(first, "backup-push success");
+    let hooked: Value = serde_json::from_str(rest).unwrap();
+    assert_eq!(hooked["backup"]["type"], "delta", "{hooked:#}");
     cluster.psql("INSERT INTO t (client) VALUES (2)");
     // Its last commit is in the segment it switches away from.
     let last_segment = archive_everything(&cluster);
@@ -314,6 +332,9 @@ fn metrics_match_backup_list_and_the_window(kind: RepoKind) {
     );
     assert_eq!(status["wal"]["newest_segment"], last_segment, "{status:#}");
     assert!(status.get("retention").is_none());
+
+    let listed_delta = of("delta")[0]["name"].clone();
+    assert_eq!(hooked["backup"]["name"], listed_delta);
 
     // Served over HTTP too.
     let port = crate::harness::free_port();
