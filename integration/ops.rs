@@ -1,6 +1,6 @@
-//! Operations on a live setup: `check` green on a good one and red, with the reason, when
-//! archiving fails, when the repository holds another cluster and when the newest backup is too
-//! old; `metrics` and `status` against backup-list and the source's last commit; drills that pass,
+//! Operations on a live setup: `check` green on a good one, warnings only on a standby, and red,
+//! with the reason, when archiving fails, when the repository holds another cluster and when the
+//! newest backup is too old; `metrics` and `status` against backup-list and the source's last commit; drills that pass,
 //! that fail (a corrupted pack, a missing segment) leaving nothing running and no scratch behind,
 //! and a random-time drill compared with the source's commit timestamps; hooks' JSON.
 
@@ -136,6 +136,27 @@ fn check_is_green_then_red_with_the_reason(kind: RepoKind) {
     assert_eq!(first, "check success");
     let report: Value = serde_json::from_str(rest).unwrap();
     assert_eq!(report["status"], "OK", "{report:#}");
+
+    // A standby (archive_mode=on copied from the primary): no forced switch, a warning that it
+    // does not archive itself, everything else OK: exit 3, warnings only.
+    let standby_dir = env.path().join("standby");
+    cluster.pg_basebackup(&standby_dir, &["-R", "-X", "stream"]);
+    let mut standby = env.cluster_from_copy(ClusterConfig::new("standby"), &standby_dir);
+    standby.start();
+    let out = run_pg(&wv, &env, &standby, &["check", "--json"]);
+    out.assert_code(3);
+    let report = json(&out);
+    assert_eq!(report["status"], "WARN");
+    let (v, message) = verdict(&report, "wal-switch");
+    assert_eq!(v, "SKIP", "{message}");
+    assert!(message.starts_with("standby"), "{message}");
+    let (v, message) = verdict(&report, "settings");
+    assert_eq!(v, "WARN", "{message}");
+    assert!(message.contains("archive_mode=always"), "{message}");
+    for name in ["identity", "backup-age", "archive-lag", "wal-continuity"] {
+        assert_eq!(verdict(&report, name).0, "OK", "{name}: {report:#}");
+    }
+    standby.stop();
 
     // Too old a backup: FAIL, exit 1, and the on_failure hook hears of it.
     let out = run_pg_with(
