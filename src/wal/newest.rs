@@ -46,15 +46,35 @@ pub(crate) fn position(seg: &SegmentName) -> (u32, u32, u32) {
 
 /// The status object, or `None` when absent, unreadable or implausible (a hint only).
 pub(crate) async fn load(repo: &Repository) -> Option<NewestWal> {
-    let bytes = repo
-        .get_bytes_checked(&layout::status_wal(), LengthRule::AtMost(MAX_BYTES))
+    read(repo)
         .await
         .inspect_err(|e| tracing::debug!("cannot read {}: {e}", layout::status_wal()))
-        .ok()??;
-    let newest: NewestWal = serde_json::from_slice(&bytes)
-        .inspect_err(|e| tracing::debug!("ignoring {}: {e}", layout::status_wal()))
-        .ok()?;
-    newest.segment_name().map(|_| newest)
+        .ok()
+        .flatten()
+}
+
+/// The status object; `Ok(None)` when absent or damaged (a torn or forged copy is there to be
+/// replaced), `Err` only when the store could not be asked (then nothing may be concluded).
+async fn read(repo: &Repository) -> Result<Option<NewestWal>, RepoError> {
+    let key = layout::status_wal();
+    let bytes = match repo
+        .get_bytes_checked(&key, LengthRule::AtMost(MAX_BYTES))
+        .await
+    {
+        Ok(bytes) => bytes,
+        Err(e @ RepoError::Store(_)) => return Err(e),
+        Err(e) => {
+            tracing::debug!("ignoring {key}: {e}");
+            None
+        }
+    };
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<NewestWal>(&bytes)
+        .inspect_err(|e| tracing::debug!("ignoring {key}: {e}"))
+        .ok()
+        .filter(|n| n.segment_name().is_some()))
 }
 
 /// Records that `seg` (with `summary`, if one was made) is now stored, unless the object already
@@ -78,7 +98,9 @@ async fn try_advance(
     seg: &SegmentName,
     summary: Option<&SegmentSummary>,
 ) -> Result<(), RepoError> {
-    let before = load(repo).await;
+    // A store that cannot be asked says nothing about the current position: writing now
+    // could move the object back, so it is left for the next segment.
+    let before = read(repo).await?;
     let known = before.as_ref().and_then(|b| b.segment_name());
     if known.is_some_and(|k| position(&k) >= position(seg)) {
         return Ok(());
