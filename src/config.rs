@@ -686,6 +686,33 @@ mod tests {
         assert_eq!(s.s3.timeout, Duration::from_secs(7));
     }
 
+    /// `[hooks]` reads from the file and the environment; hook command lines (which may hold a
+    /// webhook token) are never carried into a restored cluster's config file.
+    #[test]
+    fn hooks_are_read_and_never_carried() {
+        let (_d, path) = config_file(
+            "repo = \"file:///r\"\n[hooks]\non_success = \"echo ok\"\ntimeout = \"5s\"\n",
+        );
+        let env = [("WALVAULT_HOOKS_ON_FAILURE", "curl https://t/secret")];
+        let s = load_file(path.clone(), &env).unwrap();
+        assert_eq!(s.hooks.on_success.as_deref(), Some("echo ok"));
+        assert_eq!(s.hooks.on_failure.as_deref(), Some("curl https://t/secret"));
+        assert_eq!(s.hooks.timeout, Duration::from_secs(5));
+        let flags = FlagValues {
+            config: Some(path),
+            ..Default::default()
+        };
+        let carried = Settings::carried_from_sources(&flags, |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        assert!(!carried.toml.contains("secret"), "{}", carried.toml);
+        let (_d, bad) = config_file("repo = \"file:///r\"\n[hooks]\ntimeout = \"0s\"\n");
+        assert!(load_file(bad, &[]).is_err());
+    }
+
     #[test]
     fn config_file_comes_from_the_environment_too() {
         let (_d, path) = config_file("repo = \"file:///r\"\n");
