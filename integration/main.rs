@@ -7,6 +7,7 @@ mod harness;
 mod backup;
 
 mod matrix;
+mod ops;
 
 mod pg_conn;
 

@@ -12,6 +12,7 @@ use crate::backup::push::{self, Mode, PushOptions};
 use crate::backup::window::{self, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
+use crate::ops::hooks::Status as HookStatus;
 use crate::pg::Timeouts;
 use crate::repo::Repository;
 use anyhow::Context;
@@ -53,9 +54,17 @@ pub(super) async fn push(
     let started = Instant::now();
     let opts = &push_options(settings, quiet, args);
     let url = repo.url().to_owned();
-    let pushed = push::push(repo, opts)
+    let pushed = match push::push(repo, opts)
         .await
-        .with_context(|| format!("backup-push to {url}"))?;
+        .with_context(|| format!("backup-push to {url}"))
+    {
+        Ok(pushed) => pushed,
+        Err(e) => {
+            let report = serde_json::json!({ "repository": url, "error": super::one_line(&e) });
+            super::ops::hook(settings, "backup-push", HookStatus::Failure, &report).await;
+            return Err(e);
+        }
+    };
     let s = &pushed.summary;
     tracing::info!(
         "backup {} ({}{}) complete: {} files, {} read, {} stored, {} to {}, in {:.1} s",
@@ -78,6 +87,13 @@ pub(super) async fn push(
             s.page_checksum_failures.len()
         );
     }
+    let report = serde_json::json!({
+        "repository": url,
+        "backup": Listed::from(s),
+        "files": pushed.files,
+        "duration_seconds": started.elapsed().as_secs_f64(),
+    });
+    super::ops::hook(settings, "backup-push", HookStatus::Success, &report).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,6 +8,7 @@
 //! also above 125.
 
 mod backup;
+mod ops;
 mod receive;
 mod recover;
 mod verify;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::cli::{Cli, Command, RecoverArgs};
+use crate::cli::{Cli, Command, DrillArgs, RecoverArgs};
 use crate::config::{FlagValues, Settings};
 use crate::repo::Repository;
 
@@ -168,6 +169,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BackupList { json } => backup::list(&repo, json).await,
         Command::Recover(args) => recover::recover(&settings, &flags, quiet, repo, args).await,
         Command::Verify { concurrency } => verify::verify(repo, concurrency).await,
+        Command::Status { json } => ops::status(&repo, json).await,
+        Command::Check(args) => ops::check(&settings, repo, args).await,
+        Command::Metrics { listen } => ops::metrics(repo, listen).await,
+        Command::Drill(args) => ops::drill(&settings, &flags, quiet, repo, args).await,
     }
 }
 
@@ -188,7 +193,8 @@ fn flag_values(cli: &Cli) -> FlagValues {
             flags.delta_max_steps = args.delta_max_steps.clone();
         }
         Command::BackupFetch { concurrency, .. }
-        | Command::Recover(RecoverArgs { concurrency, .. }) => {
+        | Command::Recover(RecoverArgs { concurrency, .. })
+        | Command::Drill(DrillArgs { concurrency, .. }) => {
             flags.backup_concurrency = concurrency.clone()
         }
         _ => {}

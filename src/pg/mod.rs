@@ -330,6 +330,11 @@ impl BackupSession {
         })
     }
 
+    /// The session, for callers that only read (check).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     pub(crate) fn info(&self) -> &ServerInfo {
         &self.info
     }
@@ -430,7 +435,7 @@ impl BackupSession {
 }
 
 /// One SQL call, bounded.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     target: &str,
     what: &'static str,
     after: Duration,
@@ -456,6 +461,18 @@ struct ArchiverWatch<'a> {
     conn: &'a ConnTarget,
     reply: Duration,
     client: Option<Client>,
+}
+
+/// What archiving is doing according to `pg_stat_archiver`, in words naming the segments (the
+/// last failure, if it is more recent than the last success); never fails.
+pub(crate) async fn describe_archiver(conn: &ConnTarget, reply: Duration) -> String {
+    ArchiverWatch {
+        conn,
+        reply,
+        client: None,
+    }
+    .describe()
+    .await
 }
 
 impl ArchiverWatch<'_> {

@@ -22,6 +22,10 @@ const STREAM: &str = "stream/";
 const BACKUPS: &str = "backups/";
 const MANIFEST: &str = "manifest";
 const PACKS: &str = "packs/";
+/// The derived status object: the newest archived segment and its last transaction end.
+const STATUS_WAL: &str = "status/wal";
+/// Restore drill reports: `drills/<time>`.
+const DRILLS: &str = "drills/";
 
 /// A prefix to list: the kinds of object that are listed by group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +69,10 @@ pub(crate) enum ObjectKey {
     },
     Manifest(BackupName),
     Pack(BackupName, PackId),
+    /// The derived status object (`status/wal`).
+    StatusWal,
+    /// A restore drill's report.
+    Drill(DrillTime),
 }
 
 impl ObjectKey {
@@ -79,6 +87,8 @@ impl ObjectKey {
             }
             ObjectKey::Manifest(name) => format!("{BACKUPS}{name}/{MANIFEST}"),
             ObjectKey::Pack(name, id) => format!("{BACKUPS}{name}/{PACKS}{:06}", id.0),
+            ObjectKey::StatusWal => STATUS_WAL.to_owned(),
+            ObjectKey::Drill(time) => format!("{DRILLS}{}", time.0),
         }
     }
 
@@ -86,6 +96,12 @@ impl ObjectKey {
     pub(crate) fn parse(key: &str) -> Option<ObjectKey> {
         if key == IDENTITY {
             return Some(ObjectKey::Identity);
+        }
+        if key == STATUS_WAL {
+            return Some(ObjectKey::StatusWal);
+        }
+        if let Some(time) = key.strip_prefix(DRILLS) {
+            return DrillTime::parse(time).map(ObjectKey::Drill);
         }
         if let Some(name) = key.strip_prefix(WAL) {
             return name.parse().ok().map(ObjectKey::Wal);
@@ -228,6 +244,41 @@ impl fmt::Display for BackupName {
     }
 }
 
+/// Where the derived status object is stored.
+pub(crate) fn status_wal() -> String {
+    ObjectKey::StatusWal.key()
+}
+
+/// When a drill started, as its key names it: `YYYYMMDDTHHMMSSZ` (UTC), so keys sort by time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct DrillTime(String);
+
+impl DrillTime {
+    pub(crate) fn new(time: crate::time::UnixMicros) -> DrillTime {
+        DrillTime(time.compact())
+    }
+
+    /// Accepts only the form [`DrillTime::new`] writes.
+    pub(crate) fn parse(text: &str) -> Option<DrillTime> {
+        let b = text.as_bytes();
+        let ok = b.len() == 16
+            && b[8] == b'T'
+            && b[15] == b'Z'
+            && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+        ok.then(|| DrillTime(text.to_owned()))
+    }
+
+    pub(crate) fn key(&self) -> String {
+        ObjectKey::Drill(self.clone()).key()
+    }
+}
+
+impl fmt::Display for DrillTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The number of a pack object inside one backup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -253,6 +304,8 @@ mod tests {
             },
             ObjectKey::Manifest(backup.clone()),
             ObjectKey::Pack(backup, PackId(7)),
+            ObjectKey::StatusWal,
+            ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
         ];
         for key in keys {
             assert_eq!(ObjectKey::parse(&key.key()), Some(key.clone()), "{key}");
@@ -280,6 +333,9 @@ mod tests {
             "backups/base_a/other",
             "repository2",
             "drills/x",
+            "drills/20261130T091500",
+            "drills/2026113aT091500Z",
+            "status/wal2",
         ] {
             assert_eq!(ObjectKey::parse(key), None, "{key}");
         }
@@ -338,6 +394,8 @@ mod tests {
             },
             ObjectKey::Manifest(name.clone()),
             ObjectKey::Pack(name, PackId(0)),
+            ObjectKey::StatusWal,
+            ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
         ] {
             assert!(
                 shown.contains(&std::mem::discriminant(&kind)),
