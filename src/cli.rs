@@ -290,4 +290,13 @@ pub struct BackupPushArgs {
     /// Let the backup's checkpoint spread its writes instead of running at full speed
     #[arg(long)]
     pub(crate) spread_checkpoint: bool,
+    /// On a standby: how long to wait after the stop for the primary's archiving to bring the
+    /// backup's last WAL segment into the repository; also WALVAULT_WAL_WAIT_TIMEOUT
+    #[arg(long, value_name = "DURATION", env = "WALVAULT_WAL_WAIT_TIMEOUT",
+          default_value = "5m", value_parser = parse_duration)]
+    pub(crate) wal_wait_timeout: std::time::Duration,
+    /// On a standby: connection to the primary (key=value or URI), to run pg_switch_wal() there
+    /// so the backup's last WAL segment is archived at once
+    #[arg(long, value_name = "CONNINFO")]
+    pub(crate) primary_conninfo: Option<String>,
 }

@@ -34,6 +34,7 @@ use super::manifest::{
     Summary, Tablespace, FORMAT,
 };
 use super::page::{self, BlockNo, BLCKSZ};
+use super::standby::{self, StandbyOptions, StopWal};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
 use crate::pg::{BackupSession, BackupStop, ConnTarget, ServerInfo, Timeouts};
@@ -65,6 +66,8 @@ pub(crate) struct PushOptions {
     pub(crate) spool_dir: Option<PathBuf>,
     /// Bounds on the SQL session's calls.
     pub(crate) pg_timeouts: Timeouts,
+    /// How a backup from a standby waits for its WAL.
+    pub(crate) standby: StandbyOptions,
 }
 
 /// What a push stored.
@@ -139,8 +142,24 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     });
     let done = copy_files(&shared, opts.concurrency).await?;
 
-    tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
-    let stop = session.stop().await?;
+    let stop = if info.in_recovery {
+        tracing::info!("all files read; stopping the backup on the standby");
+        let stop = session.stop(false).await?;
+        let wal = StopWal {
+            repo: &repo,
+            system_identifier: info.system_identifier,
+            timeline: started.timeline,
+            stop_lsn: stop.lsn,
+            segment_size: info.wal_segment_size,
+            reply: opts.pg_timeouts.reply,
+            progress: opts.progress,
+        };
+        standby::wait_for_stop_wal(&wal, &opts.standby).await?;
+        stop
+    } else {
+        tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
+        session.stop(true).await?
+    };
     tracing::info!("backup {} stopped at {}", started.name, stop.lsn);
     let manifest = manifest(
         &shared,
@@ -168,10 +187,10 @@ async fn preflight(
     let session = BackupSession::connect(&target, opts.pg_timeouts).await?;
     let info = session.info();
     if info.in_recovery {
-        return Err(BackupError::invalid(
-            format!("PostgreSQL at {}", session.target()),
-            "the server is in recovery; backups from a standby are not supported yet",
-        ));
+        tracing::info!(
+            "PostgreSQL at {} is a standby: files are read from it, WAL comes from the primary's archiving",
+            session.target()
+        );
     }
     if info.block_size as usize != BLCKSZ {
         return Err(BackupError::invalid(
@@ -193,7 +212,7 @@ async fn preflight(
             )
         })?;
     check_pgdata(&pgdata, info, session.target())?;
-    if info.archive_mode == "off" {
+    if info.archive_mode == "off" && !info.in_recovery {
         // wal-receive may be streaming instead; without either, the backup cannot be restored.
         tracing::warn!(
             "archive_mode is off: restoring this backup needs the WAL from its start to its stop \

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::backup::fetch::{self, FetchOptions};
 use crate::backup::manifest::Summary;
 use crate::backup::push::{self, Mode, PushOptions};
+use crate::backup::standby::StandbyOptions;
 use crate::backup::window::{self, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
@@ -39,6 +40,10 @@ fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushO
         pg_timeouts: Timeouts {
             reply: settings.pg_timeout,
             backup_stop: settings.backup_stop_timeout,
+        },
+        standby: StandbyOptions {
+            wal_wait: args.wal_wait_timeout,
+            primary_conninfo: args.primary_conninfo,
         },
     }
 }
