@@ -6,6 +6,8 @@ mod harness;
 
 mod backup;
 
+mod debian;
+
 mod pg_conn;
 
 mod recover;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use indicatif::ProgressBar;
 
+use super::external_config;
 use super::manifest::{BackupName, FileEntry, Manifest, PackId, Piece, Storage};
 use super::tree::{self, Found, Parent, Root, DIR_MODE_MAX};
 use super::{progress, BackupError};
@@ -119,7 +120,9 @@ pub(crate) async fn locations(
 ) -> Result<Vec<Location>, BackupError> {
     let name = crate::backup::catalog::resolve_name(repo, wanted).await?;
     let chain = crate::backup::catalog::chain(repo, &name).await?;
-    let planned = Planned::new(target, &chain[chain.len() - 1], &opts.relocate)?;
+    let last = &chain[chain.len() - 1];
+    let planned = Planned::new(target, last, &opts.relocate)?;
+    let config = external_config::destinations(&planned.roots[0].path, &last.external_config);
     Ok(planned
         .roots
         .iter()
@@ -128,6 +131,11 @@ pub(crate) async fn locations(
             what: r.what.clone(),
             exists: r.found == Found::Empty,
         })
+        .chain(config.into_iter().map(|(path, what)| Location {
+            path,
+            what,
+            exists: false,
+        }))
         .collect())
 }
 
@@ -563,6 +571,9 @@ async fn finish(
     let layout = Arc::clone(layout);
     let label = manifest.backup_label.clone();
     let map = manifest.tablespace_map.clone();
+    let external = manifest.external_config.clone();
+    let has_conf = manifest.files.iter().any(|f| f.path == "postgresql.conf");
+    let version = manifest.summary.pg_version_num;
     let dirs: Vec<Dest> = manifest
         .dirs
         .iter()
@@ -576,6 +587,7 @@ async fn finish(
         if let (Some(map), false) = (map, layout.relocated) {
             data.write_new("tablespace_map", map.as_bytes())?;
         }
+        external_config::point_restored(data, &external, has_conf, version)?;
         for dir in &dirs {
             layout.root(dir).sync(&dir.rel)?;
         }

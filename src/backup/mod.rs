@@ -8,6 +8,7 @@
 
 pub(crate) mod catalog;
 pub(crate) mod consistency;
+pub(crate) mod external_config;
 pub(crate) mod fetch;
 pub(crate) mod manifest;
 pub(crate) mod page;

@@ -29,6 +29,7 @@ use indicatif::ProgressBar;
 use tokio::sync::{mpsc, Mutex};
 use walvault_wal::Lsn;
 
+use super::external_config;
 use super::manifest::{
     BackupKind, BackupName, DirEntry, FileEntry, Manifest, PackId, PageFailures, Piece, Storage,
     Summary, Tablespace, FORMAT,
@@ -130,6 +131,8 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     let started = start(&session, opts).await?;
     let parent = choose_parent_manifest(&repo, &catalog, opts, &started).await?;
     let mut planned = plan_files(&pgdata, opts, parent.as_ref(), &info).await?;
+    let external = external_config(&session, &pgdata).await?;
+    add_external(&mut planned, &external)?;
     let shared = Arc::new(Shared {
         repo: Arc::clone(&repo),
         name: started.name.clone(),
@@ -161,7 +164,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         session.stop(true).await?
     };
     tracing::info!("backup {} stopped at {}", started.name, stop.lsn);
-    let manifest = manifest(
+    let mut manifest = manifest(
         &shared,
         done,
         &info,
@@ -170,6 +173,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         stop,
         planned,
     );
+    manifest.external_config = external.entries;
     store_manifest(&repo, &manifest).await?;
     Ok(Pushed {
         files: manifest.files.len(),
@@ -360,6 +364,56 @@ async fn plan_files(
     })
 }
 
+/// The configuration files the server reads from outside `pgdata` (Debian's /etc/postgresql).
+async fn external_config(
+    session: &BackupSession,
+    pgdata: &Path,
+) -> Result<external_config::Discovered, BackupError> {
+    let settings = session.config_files().await?;
+    let pgdata = pgdata.to_path_buf();
+    let found = tokio::task::spawn_blocking(move || external_config::discover(&pgdata, &settings))
+        .await??;
+    for f in &found.files {
+        tracing::info!(
+            "configuration outside the data directory: {} (stored as {})",
+            f.source.display(),
+            f.path
+        );
+    }
+    Ok(found)
+}
+
+/// Adds the external configuration files to the plan, before `global/pg_control` (last).
+fn add_external(
+    planned: &mut Planned,
+    external: &external_config::Discovered,
+) -> Result<(), BackupError> {
+    if let Some(clash) = external.dirs.iter().find(|d| {
+        planned.dirs.iter().any(|p| &p.path == *d) || planned.files.iter().any(|f| &f.path == *d)
+    }) {
+        return Err(BackupError::invalid(
+            format!("data directory entry {clash}"),
+            "the data directory already holds walvault's directory for external configuration",
+        ));
+    }
+    planned.dirs.extend(external.dirs.iter().map(|d| DirEntry {
+        path: d.clone(),
+        mode: 0o700,
+    }));
+    let control = planned.files.len().saturating_sub(1);
+    let files = external.files.iter().map(|f| FileCtx {
+        path: f.path.clone(),
+        source: f.source.clone(),
+        mode: f.mode,
+        size: f.size,
+        parent_size: None,
+        check_pages: false,
+        segno: 0,
+    });
+    planned.files.splice(control..control, files);
+    Ok(())
+}
+
 /// Reads, packs and stores every file: all but the last (`global/pg_control`) by `concurrency`
 /// workers, then that one alone.
 async fn copy_files(
@@ -423,6 +477,7 @@ fn manifest(
         tablespaces: planned.tablespaces,
         dirs: planned.dirs,
         files: file_entries,
+        external_config: Vec::new(),
     }
 }
 

@@ -420,6 +420,24 @@ impl BackupSession {
         })
     }
 
+    /// The server's `config_file`, `hba_file` and `ident_file` (names and values), those this
+    /// user may see.
+    pub(crate) async fn config_files(&self) -> Result<Vec<(String, String)>, PgError> {
+        let rows = bounded(
+            &self.target,
+            "reading the configuration file locations",
+            self.timeouts.reply,
+            self.client.query(
+                "SELECT name, setting FROM pg_settings \
+                 WHERE name IN ('config_file', 'hba_file', 'ident_file') \
+                 ORDER BY name <> 'config_file', name",
+                &[],
+            ),
+        )
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     fn lsn(&self, text: String) -> Result<Lsn, PgError> {
         text.parse().map_err(|_| PgError::Unsupported {
             target: self.target.clone(),
