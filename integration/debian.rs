@@ -130,6 +130,14 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
     )
     .unwrap();
     crate::harness::give_to_postgres(&conf_d);
+    // And a file included by absolute path, which the restored copy must not read.
+    let extra = source.config_dir.join("extra.conf");
+    std::fs::write(&extra, "work_mem = '7MB'\n").unwrap();
+    crate::harness::give_to_postgres(&extra);
+    let main_conf = source.config_dir.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&main_conf).unwrap();
+    text.push_str(&format!("include = '{}'\n", extra.display()));
+    std::fs::write(&main_conf, text).unwrap();
     source.start(&env);
     assert_eq!(
         source.psql(&env, "SHOW config_file"),
@@ -198,6 +206,12 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
         expected
     );
     // Every configuration file it reads is the restored copy, none the source's.
+    let read = restored_sql("SELECT string_agg(DISTINCT sourcefile, ',') FROM pg_file_settings");
+    assert!(read.contains("extra.conf"), "{read}");
+    for file in read.split(',') {
+        assert!(Path::new(file).starts_with(&target), "{file} read\n{out}");
+    }
+    assert_eq!(restored_sql("SHOW work_mem"), "7MB");
     for setting in ["config_file", "hba_file", "ident_file", "data_directory"] {
         let value = restored_sql(&format!("SHOW {setting}"));
         assert!(

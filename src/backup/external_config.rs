@@ -434,6 +434,12 @@ pub(crate) fn point_restored(
             text.push_str(&format!("{setting} = {}\n", quoted(&at(e))));
         }
     }
+    for e in entries.iter().filter(|e| {
+        matches!(e.role, Role::ConfigFile | Role::Included)
+            && e.path.starts_with(&format!("{DIR}/"))
+    }) {
+        redirect_includes(data, e, entries)?;
+    }
     if config.is_some() {
         if has_conf {
             data.rename_in(".", POINTER, UNUSED)?;
@@ -443,6 +449,61 @@ pub(crate) fn point_restored(
         append(data, POINTER, &text)?;
     }
     data.sync("")
+}
+
+/// Rewrites the include directives of restored configuration file `e` that name a source file
+/// (or directory) by absolute path so that they name its restored copy; relative ones already
+/// resolve to the copies, which keep the source's layout.
+fn redirect_includes(
+    data: &Root,
+    e: &ExternalConfig,
+    entries: &[ExternalConfig],
+) -> Result<(), BackupError> {
+    let text = data.read_small(&e.path, MAX_FILE_SIZE)?;
+    let text = String::from_utf8_lossy(&text);
+    let restored = |original: &str| -> Option<String> {
+        let clean = lexical(Path::new(original))?;
+        let known = entries.iter().any(|x| {
+            x.original == clean
+                || x.original
+                    .strip_prefix(&clean)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        known.then(|| format!("{}/{DIR}{clean}", data.path().display()))
+    };
+    let mut changed = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let rewritten = directive(line).and_then(|d| {
+            let include = matches!(
+                d.name.as_str(),
+                "include" | "include_if_exists" | "include_dir"
+            );
+            let to = (include && d.value.starts_with('/'))
+                .then(|| restored(&d.value))
+                .flatten()?;
+            Some(format!(
+                "{} = {}  # walvault: was {}\n",
+                d.name,
+                quoted(&to),
+                quoted(&d.value)
+            ))
+        });
+        match rewritten {
+            Some(line) => {
+                changed = true;
+                out.push_str(&line);
+            }
+            None => out.push_str(line),
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    let (dir, name) = e.path.rsplit_once('/').unwrap_or((".", &e.path));
+    let temp = format!("{}.walvault-new", e.path);
+    data.write_new(&temp, out.as_bytes())?;
+    data.rename_in(dir, &format!("{name}.walvault-new"), name)
 }
 
 /// Appends `text` to file `rel` of the restore.
@@ -547,6 +608,80 @@ mod tests {
         // Everything inside the data directory: nothing to record.
         let inside = [("config_file".to_owned(), s(&data.join("pg_ident.conf")))];
         assert!(discover(&data, &inside).unwrap().entries.is_empty());
+    }
+
+    /// A restore of a Debian-like backup: the data directory's own postgresql.conf (unused by
+    /// the source) is moved aside, the new one includes the copy and overrides every setting
+    /// naming the source's places, and an absolute include now names the restored copy.
+    #[test]
+    fn the_restored_cluster_reads_only_restored_configuration() {
+        use super::super::tree::Parent;
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("restored");
+        let data = Root::open(&target, "target", Parent::Create).unwrap();
+        let entry = |role, original: &str| ExternalConfig {
+            role,
+            original: original.into(),
+            path: format!("{DIR}{original}"),
+        };
+        let entries = [
+            entry(Role::ConfigFile, "/etc/pg/main/postgresql.conf"),
+            entry(Role::Included, "/etc/pg/common.conf"),
+            entry(Role::Included, "/etc/pg/main/conf.d/a.conf"),
+            entry(Role::HbaFile, "/etc/pg/main/pg_hba.conf"),
+            ExternalConfig {
+                role: Role::IdentFile,
+                original: "/var/lib/pg/main/pg_ident.conf".into(),
+                path: "pg_ident.conf".into(),
+            },
+        ];
+        data.make_dir(&format!("{DIR}/etc/pg/main/conf.d"), 0o700)
+            .unwrap();
+        let conf = "data_directory = '/var/lib/pg/main'\n\
+                    include '/etc/pg/common.conf' # shared\n\
+                    include_dir '/etc/pg/main/conf.d'\n\
+                    include_if_exists '/elsewhere/x.conf'\n\
+                    include 'relative.conf'\n";
+        data.write_new(&entries[0].path, conf.as_bytes()).unwrap();
+        for e in &entries[1..4] {
+            data.write_new(&e.path, b"").unwrap();
+        }
+        data.write_new("postgresql.conf", b"port = 1\n").unwrap();
+        point_restored(&data, &entries, true, 140_000).unwrap();
+
+        let t = target.display();
+        let pointer = std::fs::read_to_string(target.join("postgresql.conf")).unwrap();
+        for line in [
+            format!("include '{t}/{DIR}/etc/pg/main/postgresql.conf'"),
+            format!("data_directory = '{t}'"),
+            "external_pid_file = ''".into(),
+            "stats_temp_directory = 'pg_stat_tmp'".into(),
+            format!("hba_file = '{t}/{DIR}/etc/pg/main/pg_hba.conf'"),
+            format!("ident_file = '{t}/pg_ident.conf'"),
+        ] {
+            assert!(
+                pointer.lines().any(|l| l == line),
+                "{line:?} missing:\n{pointer}"
+            );
+        }
+        let unused = std::fs::read_to_string(target.join(UNUSED)).unwrap();
+        assert_eq!(unused, "port = 1\n");
+        let copy = std::fs::read_to_string(target.join(&entries[0].path)).unwrap();
+        let got: Vec<(String, String)> = directives(&copy)
+            .into_iter()
+            .map(|d| (d.name, d.value))
+            .collect();
+        let want = |n: &str, v: String| (n.to_owned(), v);
+        assert_eq!(
+            got,
+            [
+                want("data_directory", "/var/lib/pg/main".into()),
+                want("include", format!("{t}/{DIR}/etc/pg/common.conf")),
+                want("include_dir", format!("{t}/{DIR}/etc/pg/main/conf.d")),
+                want("include_if_exists", "/elsewhere/x.conf".into()),
+                want("include", "relative.conf".into()),
+            ]
+        );
     }
 
     #[test]
