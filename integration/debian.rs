@@ -179,52 +179,67 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
     });
 
     let target = env.path().join("restored");
-    let dry = wv.run(&["recover", "--pgdata", target.to_str().unwrap(), "--dry-run"]);
+    // The copies go inside the restored directory by default; one run names a place of its own.
+    let config_dir = env.path().join("restored-config");
+    let (copies, extra_args) = match kind {
+        RepoKind::Local => (target.join("walvault_external_config"), vec![]),
+        RepoKind::S3 => (
+            config_dir.clone(),
+            vec!["--config-dir", config_dir.to_str().unwrap()],
+        ),
+    };
+    let mut dry_args = vec!["recover", "--pgdata", target.to_str().unwrap(), "--dry-run"];
+    dry_args.extend_from_slice(&extra_args);
+    let dry = wv.run(&dry_args);
     dry.assert_success();
-    let copy = target.join(format!(
-        "walvault_external_config{}",
-        source.config_dir.join("postgresql.conf").display()
-    ));
+    let copy = copies.join(main_conf.strip_prefix("/").unwrap());
     assert!(dry.stdout.contains(copy.to_str().unwrap()), "{dry}");
-    assert!(!target.exists());
+    assert!(!target.exists() && !config_dir.exists());
 
-    let port = free_port();
-    let out = wv.run(&[
+    let port = free_port().to_string();
+    let mut args = vec![
         "recover",
         "--pgdata",
         target.to_str().unwrap(),
         "--start",
         "--port",
-        &port.to_string(),
+        &port,
         "--socket-dir",
         env.path().to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(&extra_args);
+    let out = wv.run(&args);
     out.assert_success();
-    let restored_sql = |sql: &str| psql(&env, env.path(), port, sql);
+    let restored_sql = |sql: &str| psql(&env, env.path(), port.parse().unwrap(), sql);
     assert_eq!(
         restored_sql("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM t"),
         expected
     );
-    // Every configuration file it reads is the restored copy, none the source's.
+    // Every configuration file it reads is a restored copy, none the source's.
+    let ours =
+        |file: &str| Path::new(file).starts_with(&target) || Path::new(file).starts_with(&copies);
     let read = restored_sql("SELECT string_agg(DISTINCT sourcefile, ',') FROM pg_file_settings");
     assert!(read.contains("extra.conf"), "{read}");
     for file in read.split(',') {
-        assert!(Path::new(file).starts_with(&target), "{file} read\n{out}");
+        assert!(ours(file), "{file} read\n{out}");
     }
     assert_eq!(restored_sql("SHOW work_mem"), "7MB");
     for setting in ["config_file", "hba_file", "ident_file", "data_directory"] {
         let value = restored_sql(&format!("SHOW {setting}"));
-        assert!(
-            Path::new(&value).starts_with(&target),
-            "{setting} = {value}, outside {}\n{out}",
-            target.display()
-        );
+        assert!(ours(&value), "{setting} = {value}\n{out}");
     }
-    assert!(copy.is_file());
-    assert!(target
-        .join("walvault_external_config")
-        .join(conf_d.strip_prefix("/").unwrap())
-        .is_file());
+    // Its own postgresql.conf includes the copy of the source's.
+    let own = target.join("postgresql.conf");
+    assert_eq!(restored_sql("SHOW config_file"), own.to_str().unwrap());
+    assert!(
+        read.split(',').any(|f| f == copy.to_str().unwrap()),
+        "{read}"
+    );
+    assert_eq!(
+        restored_sql("SHOW data_directory"),
+        target.to_str().unwrap()
+    );
+    assert!(copies.join(conf_d.strip_prefix("/").unwrap()).is_file());
     // A later plain pg_ctl start of the restored directory works too.
     let mut restored = env.cluster_from_copy(ClusterConfig::new("restored"), &target);
     restored.stop();

@@ -96,6 +96,10 @@ pub enum Command {
         /// below, and write nothing
         #[arg(long)]
         dry_run: bool,
+        /// Where configuration the source kept outside its data directory (Debian's
+        /// /etc/postgresql/...) goes (default: DIR/walvault_external_config)
+        #[arg(long, value_name = "DIR")]
+        config_dir: Option<PathBuf>,
     },
     /// Point-in-time recovery: restore the right backup into DIR and configure recovery
     ///
@@ -226,6 +230,10 @@ pub struct RecoverArgs {
     /// Restore tablespace OID into DIR instead of its recorded location (repeatable)
     #[arg(long = "tablespace", value_name = "OID=DIR")]
     pub(crate) tablespaces: Vec<String>,
+    /// Where configuration the source kept outside its data directory (Debian's
+    /// /etc/postgresql/...) goes (default: <pgdata>/walvault_external_config)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) config_dir: Option<PathBuf>,
     /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
     #[arg(long, value_name = "N")]
     pub(crate) concurrency: Option<String>,

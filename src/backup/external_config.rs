@@ -353,20 +353,34 @@ pub(crate) fn validate(entries: &[ExternalConfig], files: &[FileEntry]) -> Resul
 }
 
 /// Whether the section asks for anything at restore time.
-fn outside(entries: &[ExternalConfig]) -> bool {
+pub(crate) fn outside(entries: &[ExternalConfig]) -> bool {
     entries
         .iter()
         .any(|e| e.path.starts_with(&format!("{DIR}/")))
 }
 
-/// Where a restore into `target` puts each external configuration file, for `--dry-run`.
-pub(crate) fn destinations(target: &Path, entries: &[ExternalConfig]) -> Vec<(PathBuf, String)> {
+/// For a backup path, `Some(Some(rel))` when it lies below [`DIR`] (`rel` inside it),
+/// `Some(None)` for [`DIR`] itself, `None` otherwise.
+pub(crate) fn below_dir(path: &str) -> Option<Option<&str>> {
+    match path.strip_prefix(DIR)? {
+        "" => Some(None),
+        rest => rest.strip_prefix('/').map(Some),
+    }
+}
+
+/// Where a restore into `target` puts each external configuration file (`copies` being
+/// [`DIR`] in the target or `--config-dir`), for `--dry-run`.
+pub(crate) fn destinations(
+    copies: &Path,
+    target: &Path,
+    entries: &[ExternalConfig],
+) -> Vec<(PathBuf, String)> {
     entries
         .iter()
-        .filter(|e| e.path.starts_with(&format!("{DIR}/")))
-        .map(|e| {
+        .filter_map(|e| Some((e, below_dir(&e.path)??)))
+        .map(|(e, rel)| {
             (
-                target.join(&e.path),
+                copies.join(rel),
                 format!(
                     "{} {} of the source; {}/{POINTER} points the restored cluster at it",
                     e.role.setting().unwrap_or("included file"),
@@ -392,6 +406,7 @@ fn quoted(value: &str) -> String {
 /// `postgresql.conf` in the data directory; `pg_version_num` chooses the settings that exist.
 pub(crate) fn point_restored(
     data: &Root,
+    copies: Option<&Root>,
     entries: &[ExternalConfig],
     has_conf: bool,
     pg_version_num: u32,
@@ -399,17 +414,15 @@ pub(crate) fn point_restored(
     if !outside(entries) {
         return Ok(());
     }
-    let target = data.path();
-    let target_text = target
-        .to_str()
-        .filter(|t| !t.contains(char::is_control))
-        .ok_or_else(|| {
-            BackupError::invalid(
-                target.display().to_string(),
-                "cannot be named in a configuration file (not UTF-8 or with control characters)",
-            )
-        })?;
-    let at = |e: &ExternalConfig| format!("{target_text}/{}", e.path);
+    let place = Place { data, copies };
+    let target_text = text_of(data.path())?;
+    if let Some(copies) = copies {
+        text_of(copies.path())?;
+    }
+    let at = |e: &ExternalConfig| {
+        let (root, rel) = place.of(&e.path);
+        format!("{}/{rel}", root.path().display())
+    };
     let config = entries
         .iter()
         .find(|e| e.role == Role::ConfigFile && e.path.starts_with(&format!("{DIR}/")));
@@ -438,7 +451,7 @@ pub(crate) fn point_restored(
         matches!(e.role, Role::ConfigFile | Role::Included)
             && e.path.starts_with(&format!("{DIR}/"))
     }) {
-        redirect_includes(data, e, entries)?;
+        redirect_includes(&place, e, entries)?;
     }
     if config.is_some() {
         if has_conf {
@@ -451,15 +464,52 @@ pub(crate) fn point_restored(
     data.sync("")
 }
 
+/// Where a restore put the copies: below [`DIR`] in the data directory, or in `--config-dir`.
+struct Place<'a> {
+    data: &'a Root,
+    copies: Option<&'a Root>,
+}
+
+impl Place<'_> {
+    /// The root and the path in it of backup path `path`.
+    fn of<'p>(&self, path: &'p str) -> (&Root, &'p str) {
+        match (self.copies, below_dir(path)) {
+            (Some(copies), Some(Some(rel))) => (copies, rel),
+            _ => (self.data, path),
+        }
+    }
+
+    /// The absolute path of the copy of source file `original`.
+    fn copy_of(&self, original: &str) -> String {
+        match self.copies {
+            Some(copies) => format!("{}{original}", copies.path().display()),
+            None => format!("{}/{DIR}{original}", self.data.path().display()),
+        }
+    }
+}
+
+/// `path` as text fit for a configuration file.
+fn text_of(path: &Path) -> Result<&str, BackupError> {
+    path.to_str()
+        .filter(|t| !t.contains(char::is_control))
+        .ok_or_else(|| {
+            BackupError::invalid(
+                path.display().to_string(),
+                "cannot be named in a configuration file (not UTF-8 or with control characters)",
+            )
+        })
+}
+
 /// Rewrites the include directives of restored configuration file `e` that name a source file
 /// (or directory) by absolute path so that they name its restored copy; relative ones already
 /// resolve to the copies, which keep the source's layout.
 fn redirect_includes(
-    data: &Root,
+    place: &Place<'_>,
     e: &ExternalConfig,
     entries: &[ExternalConfig],
 ) -> Result<(), BackupError> {
-    let text = data.read_small(&e.path, MAX_FILE_SIZE)?;
+    let (root, rel) = place.of(&e.path);
+    let text = root.read_small(rel, MAX_FILE_SIZE)?;
     let text = String::from_utf8_lossy(&text);
     let restored = |original: &str| -> Option<String> {
         let clean = lexical(Path::new(original))?;
@@ -469,7 +519,7 @@ fn redirect_includes(
                     .strip_prefix(&clean)
                     .is_some_and(|rest| rest.starts_with('/'))
         });
-        known.then(|| format!("{}/{DIR}{clean}", data.path().display()))
+        known.then(|| place.copy_of(&clean))
     };
     let mut changed = false;
     let mut out = String::with_capacity(text.len());
@@ -500,10 +550,9 @@ fn redirect_includes(
     if !changed {
         return Ok(());
     }
-    let (dir, name) = e.path.rsplit_once('/').unwrap_or((".", &e.path));
-    let temp = format!("{}.walvault-new", e.path);
-    data.write_new(&temp, out.as_bytes())?;
-    data.rename_in(dir, &format!("{name}.walvault-new"), name)
+    let (dir, name) = rel.rsplit_once('/').unwrap_or((".", rel));
+    root.write_new(&format!("{rel}.walvault-new"), out.as_bytes())?;
+    root.rename_in(dir, &format!("{name}.walvault-new"), name)
 }
 
 /// Appends `text` to file `rel` of the restore.
@@ -647,7 +696,7 @@ mod tests {
             data.write_new(&e.path, b"").unwrap();
         }
         data.write_new("postgresql.conf", b"port = 1\n").unwrap();
-        point_restored(&data, &entries, true, 140_000).unwrap();
+        point_restored(&data, None, &entries, true, 140_000).unwrap();
 
         let t = target.display();
         let pointer = std::fs::read_to_string(target.join("postgresql.conf")).unwrap();

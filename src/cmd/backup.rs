@@ -92,6 +92,7 @@ pub(super) struct FetchArgs<'a> {
     pub(crate) dir: &'a Path,
     pub(crate) tablespaces: &'a [String],
     pub(crate) dry_run: bool,
+    pub(crate) config_dir: Option<PathBuf>,
 }
 
 pub(super) async fn fetch(
@@ -105,9 +106,11 @@ pub(super) async fn fetch(
         dir,
         tablespaces,
         dry_run,
+        config_dir,
     } = args;
     let started = Instant::now();
-    let opts = fetch_options(settings, quiet, tablespaces)?;
+    let mut opts = fetch_options(settings, quiet, tablespaces)?;
+    opts.config_dir = config_dir;
     if dry_run {
         let locations = fetch::locations(&repo, name, dir, &opts)
             .await
@@ -144,6 +147,7 @@ pub(super) fn fetch_options(
         concurrency: settings.backup_concurrency,
         progress: !quiet,
         relocate,
+        config_dir: None,
     })
 }
 
