@@ -760,7 +760,10 @@ mod tests {
             ),
             entry("/etc/p.conf", "walvault_external_config/etc/other.conf"),
         ] {
-            assert!(validate(std::slice::from_ref(&bad), &files).is_err(), "{bad:?}");
+            assert!(
+                validate(std::slice::from_ref(&bad), &files).is_err(),
+                "{bad:?}"
+            );
         }
         assert!(validate(&[good.clone(), good], &files).is_err(), "twice");
     }

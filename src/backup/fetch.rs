@@ -54,6 +54,8 @@ pub(crate) struct Location {
     pub(crate) what: String,
     /// Whether it exists (empty) already; otherwise the restore creates it.
     pub(crate) exists: bool,
+    /// A file written below one of the directories (a copy of external configuration).
+    pub(crate) file: bool,
 }
 
 const CONTROL: &str = "global/pg_control";
@@ -140,11 +142,13 @@ pub(crate) async fn locations(
             path: r.path.clone(),
             what: r.what.clone(),
             exists: r.found == Found::Empty,
+            file: false,
         })
         .chain(config.into_iter().map(|(path, what)| Location {
             path,
             what,
             exists: false,
+            file: true,
         }))
         .collect())
 }

@@ -154,6 +154,10 @@ pub(super) fn fetch_options(
 /// What `--dry-run` says about where a restore writes: nowhere else than these directories.
 pub(super) fn print_locations(locations: &[fetch::Location]) {
     for l in locations {
+        if l.file {
+            println!("writes {} ({})", l.path.display(), l.what);
+            continue;
+        }
         println!(
             "writes below {} ({}, {})",
             l.path.display(),
