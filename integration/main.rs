@@ -8,10 +8,13 @@ mod backup;
 
 mod matrix;
 mod ops;
+mod debian;
 
 mod pg_conn;
 
 mod recover;
+
+mod standby;
 
 mod store;
 

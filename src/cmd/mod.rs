@@ -156,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             tablespaces,
             dry_run,
+            config_dir,
             ..
         } => {
             let fetch = backup::FetchArgs {
@@ -163,6 +164,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir: &dir,
                 tablespaces: &tablespaces,
                 dry_run,
+                config_dir,
             };
             backup::fetch(&settings, quiet, repo, fetch).await
         }
