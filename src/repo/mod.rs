@@ -384,6 +384,7 @@ impl Repository {
                     .map_err(RepoError::file("write", &temp))?;
             }
             out.flush().await.map_err(RepoError::file("write", &temp))?;
+            crate::failpoint::pause_if_enabled("restored-temp-written").await;
             // The decoder returned None only after checking the content checksum.
             Ok(decoder.checksum().unwrap_or(Checksum(0)))
         }

@@ -348,7 +348,10 @@ pub(crate) async fn prefetch(
             break;
         };
         match joined {
-            Ok(Ok(Some(_))) => stored += 1,
+            Ok(Ok(Some(_))) => {
+                stored += 1;
+                crate::failpoint::pause_if_enabled("prefetch-spool-written").await;
+            }
             Ok(Ok(None)) => end = true,
             Ok(Err(e)) => {
                 // wal-fetch will fetch (and retry) it itself when recovery asks.

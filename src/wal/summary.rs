@@ -182,6 +182,7 @@ pub(crate) async fn store_segment(
             },
         )
         .await?;
+    crate::failpoint::pause_if_enabled("wal-stored").await;
     // A store that had to start over fed some blocks twice: no summary rather than a wrong one.
     if let WalStored::Created(stored) = stored {
         if let Some(summary) = summariser.finish().filter(|_| fed == stored.content_len) {
@@ -191,6 +192,7 @@ pub(crate) async fn store_segment(
                     "could not store the summary of {name} (recovery planning will know less): {e}"
                 );
             }
+            crate::failpoint::pause_if_enabled("summary-written").await;
         }
     }
     Ok(stored)

@@ -205,8 +205,10 @@ impl LocalWriter {
         let durable = mode != PutMode::OverwriteDerived;
         let result = async {
             file.flush().await.map_err(io_err("write", &temp))?;
+            crate::failpoint::pause_if_enabled("local-temp-written").await;
             if durable {
                 file.sync_all().await.map_err(io_err("fsync", &temp))?;
+                crate::failpoint::pause_if_enabled("local-temp-fsynced").await;
             }
             drop(file);
             let outcome = match mode {
@@ -222,8 +224,10 @@ impl LocalWriter {
                     Committed::Created
                 }
             };
+            crate::failpoint::pause_if_enabled("local-linked").await;
             if outcome == Committed::Created && durable {
                 sync_dir(parent(&self.target)).await?;
+                crate::failpoint::pause_if_enabled("local-dir-fsynced").await;
             }
             Ok(outcome)
         }

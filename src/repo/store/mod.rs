@@ -161,10 +161,12 @@ impl ObjectWriter {
     pub(crate) async fn commit(self, mode: PutMode) -> Result<Committed, StoreError> {
         crate::failpoint::pause_if_enabled("store-before-commit").await;
         tracing::debug!(key = %self.key, ?mode, "committing object");
-        match self.inner {
+        let committed = match self.inner {
             WriterInner::Local(w) => w.commit(mode).await,
             WriterInner::S3(w) => w.commit(mode).await,
-        }
+        };
+        crate::failpoint::pause_if_enabled("store-committed").await;
+        committed
     }
 }
 
