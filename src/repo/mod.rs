@@ -8,6 +8,8 @@
 //! afterwards. Used by every command; the store and the codec are private to it.
 
 mod codec;
+#[cfg(test)]
+mod codec_fuzz;
 pub(crate) mod identity;
 pub(crate) mod layout;
 pub(crate) mod packs;
