@@ -11,7 +11,9 @@ use crate::fuzz::{peak_during, runtime};
 
 /// A 64 KiB + 3 object, so it has two blocks, compressed or not.
 fn object(compression: Compression) -> Vec<u8> {
-    let content: Vec<u8> = (0..65_539u32).map(|i| (i % 251) as u8 ^ (i >> 9) as u8).collect();
+    let content: Vec<u8> = (0..65_539u32)
+        .map(|i| (i % 251) as u8 ^ (i >> 9) as u8)
+        .collect();
     encode_all(compression, &content)
 }
 

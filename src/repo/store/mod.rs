@@ -10,6 +10,8 @@
 //! Used by [`crate::repo`], which adds the object codec on top.
 
 mod local;
+#[cfg(test)]
+mod powerloss;
 mod s3;
 
 use std::pin::Pin;
