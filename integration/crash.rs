@@ -19,32 +19,30 @@ use crate::harness::{
 #[allow(dead_code)]
 mod failpoint;
 
-repo_kind_tests!(kills_at_every_failpoint_and_at_random_under_load);
+repo_kind_tests!(
+    kills_at_every_failpoint_and_at_random_under_load,
+    wal_receive_killed_at_every_failpoint,
+);
 
 /// Longest wait for a command to reach its failpoint; generous, the machine is shared.
 const PAUSE: Duration = Duration::from_secs(90);
 
-/// Failpoints this test does not reach, and where they are covered instead.
+/// Failpoints the main test does not pause at, and what covers them instead.
 const ELSEWHERE: &[(&str, &str)] = &[
-    (
-        "pusher-claim-taken",
-        "not yet: the detached pusher's stderr is closed",
-    ),
-    (
-        "pusher-marker-written",
-        "not yet: the detached pusher's stderr is closed",
-    ),
+    // Its stderr is closed, so no test sees it pause: killed at random under load instead.
+    ("pusher-claim-taken", "random kills of wal-push-ahead"),
+    ("pusher-marker-written", "random kills of wal-push-ahead"),
     (
         "receive-fragment-stored",
-        "not yet: wal-receive kill tests are stream::receiver_killed_*",
+        "wal_receive_killed_at_every_failpoint",
     ),
     (
         "receive-segment-stored",
-        "not yet: wal-receive kill tests are stream::receiver_killed_*",
+        "wal_receive_killed_at_every_failpoint",
     ),
     (
         "receive-slot-advanced",
-        "not yet: wal-receive kill tests are stream::receiver_killed_*",
+        "wal_receive_killed_at_every_failpoint",
     ),
 ];
 
@@ -486,4 +484,63 @@ fn recover_to_end(env: &TestEnv, wv: &Walvault) -> Cluster {
     cluster.stop();
     cluster.start();
     cluster
+}
+
+/// wal-receive killed after a fragment is stored, after a whole segment is, and after it told
+/// the server a new flush position: each time the repository verifies, and a restarted receiver
+/// goes on so that a recovery from the repository equals the primary.
+fn wal_receive_killed_at_every_failpoint(kind: RepoKind) {
+    use crate::stream::{
+        base_backup, primary_config, receiver_walvault, recover, start_receiver, wait_durable,
+    };
+    let env = TestEnv::new("crash-receive");
+    let repo = env.repo(kind);
+    let wv = receiver_walvault(&env, &repo);
+    let primary = env.cluster(primary_config("primary"));
+    primary.psql("CREATE TABLE t (id serial PRIMARY KEY, v text)");
+    let port = primary.port().to_string();
+    let pg = [
+        ("PGHOST", env.path().to_str().unwrap()),
+        ("PGPORT", port.as_str()),
+        ("PGUSER", "postgres"),
+    ];
+    let receiver = start_receiver(&env, &wv, &primary, &[]);
+    let backup = base_backup(&env, &primary);
+    drop(receiver);
+    for point in [
+        "receive-fragment-stored",
+        "receive-segment-stored",
+        "receive-slot-advanced",
+    ] {
+        let mut envs = pg.to_vec();
+        envs.push(("WALVAULT_FAILPOINTS", point));
+        let mut running = wv.spawn(&["wal-receive", "--create-slot"], &envs);
+        running.wait_for_stderr("streaming from", PAUSE);
+        primary.psql("INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, 5000) g");
+        primary.switch_wal();
+        running.wait_for_stderr(&format!("failpoint {point} reached"), PAUSE);
+        running.kill();
+        verify_passes(&wv, &format!("wal-receive killed at {point}"));
+    }
+    let _receiver = start_receiver(&env, &wv, &primary, &[]);
+    primary.psql("INSERT INTO t (v) VALUES ('end')");
+    let expected = primary.dumpall();
+    wait_durable(&primary, &primary.psql("SELECT pg_current_wal_lsn()"));
+    verify_passes(&wv, "the wal-receive kills");
+    let restored = recover(
+        &env,
+        &env.walvault(repo.config_path()),
+        &backup,
+        primary.install(),
+    );
+    assert_eq!(
+        restored.psql("SELECT v FROM t ORDER BY id DESC LIMIT 1"),
+        "end"
+    );
+    let got = restored.dumpall();
+    let first_difference = expected.lines().zip(got.lines()).find(|(a, b)| a != b);
+    assert!(
+        got == expected,
+        "the recovered cluster differs from the primary: {first_difference:?}"
+    );
 }

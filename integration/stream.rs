@@ -43,7 +43,7 @@ repo_kind_tests!(
 );
 
 /// A primary that a receiver can stream from: 1 MiB segments, a little WAL kept.
-fn primary_config(name: &str) -> ClusterConfig {
+pub(crate) fn primary_config(name: &str) -> ClusterConfig {
     ClusterConfig::new(name)
         .wal_segsize_mb(SEGSIZE_MB)
         .set("wal_level", "replica")
@@ -52,14 +52,14 @@ fn primary_config(name: &str) -> ClusterConfig {
 }
 
 /// walvault with the test repository plus a spool directory, as wal-receive needs.
-fn receiver_walvault(env: &TestEnv, repo: &crate::harness::Repo) -> Walvault {
+pub(crate) fn receiver_walvault(env: &TestEnv, repo: &crate::harness::Repo) -> Walvault {
     let spool = env.mkdir("spool");
     let config = repo.config().set("spool_dir", &toml_str(path_str(&spool)));
     env.walvault(&env.write_config("receive.toml", &config))
 }
 
 /// Starts `wal-receive` against `cluster` (over its Unix socket) and waits until it streams.
-fn start_receiver(
+pub(crate) fn start_receiver(
     env: &TestEnv,
     walvault: &Walvault,
     cluster: &Cluster,
@@ -130,7 +130,7 @@ fn durable_reached(cluster: &Cluster, lsn: &str) -> bool {
     )) == "t"
 }
 
-fn wait_durable(cluster: &Cluster, lsn: &str) {
+pub(crate) fn wait_durable(cluster: &Cluster, lsn: &str) {
     wait_until(
         &format!("the receiver to report {lsn} durable"),
         Duration::from_secs(120),
@@ -139,7 +139,7 @@ fn wait_durable(cluster: &Cluster, lsn: &str) {
 }
 
 /// A base backup without WAL: recovery must get every segment from the repository.
-fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
+pub(crate) fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
     let dir = env.path().join("backup");
     cluster.pg_basebackup(&dir, &["-X", "none"]);
     dir
@@ -147,7 +147,12 @@ fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
 
 /// Restores `backup` with `walvault wal-fetch` as restore_command and no target, and waits for
 /// the end of recovery.
-fn recover(env: &TestEnv, fetch: &Walvault, backup: &Path, install: &PgInstall) -> Cluster {
+pub(crate) fn recover(
+    env: &TestEnv,
+    fetch: &Walvault,
+    backup: &Path,
+    install: &PgInstall,
+) -> Cluster {
     let mut restored = env.cluster_from_copy(
         ClusterConfig::new("restored")
             .install(install.clone())

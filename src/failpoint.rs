@@ -136,8 +136,8 @@ fn enabled(name: &str) -> bool {
 mod tests {
     use super::FAILPOINTS;
 
-    /// Every name used in the source is in the table, and every table entry is used once: the
-    /// crash tests iterate over the table, so a point missing from it would go untested.
+    /// Every name used in the source is in the table, and every table entry is used: the crash
+    /// tests iterate over the table, so a point missing from it would go untested.
     #[test]
     fn the_table_lists_every_failpoint_used() {
         let mut used = Vec::new();
@@ -159,6 +159,7 @@ mod tests {
             }
         }
         used.sort();
+        used.dedup();
         let mut listed: Vec<String> = FAILPOINTS.iter().map(|(n, _)| n.to_string()).collect();
         listed.sort();
         assert_eq!(used, listed);

@@ -424,6 +424,7 @@ impl Ladder {
         if job.whole && self.store_segment(name, &job.path).await? {
             self.metrics.segment_stored(began.elapsed());
             tracing::info!("{name}: stored (streamed)");
+            crate::failpoint::pause_if_enabled("receive-segment-stored").await;
             self.update(name, |s| {
                 s.stored = Some(s.received);
                 s.stored_whole = true;
