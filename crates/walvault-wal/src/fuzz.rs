@@ -67,7 +67,7 @@ proptest! {
             damaged_text("0000000200000001000000A2.00000028.backup"),
             damaged_text("0000000200000001000000A2.partial"),
             damaged_text("00000003.history"),
-            "[0-9A-Fa-f.a-z]{0,48}",
+            "[0-9A-Fa-f./a-z]{0,48}",
         ]
     ) {
         if let Ok(parsed) = name.parse::<WalFileName>() {
