@@ -58,3 +58,20 @@ proptest! {
     }
 
 }
+
+/// A forged identity object that declares (and holds, compressed) 64 MiB is refused from its
+/// header: reading it holds no more than one decoder, not the 64 MiB.
+#[test]
+fn a_forged_identity_object_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let repo = rt.block_on(super::local_for_tests(dir.path()));
+    let forged = encode_all(Compression::Lz4, &vec![b' '; 64 << 20]);
+    std::fs::write(dir.path().join("repository"), forged).unwrap();
+    let (loaded, peak) = peak_during(|| rt.block_on(super::identity::load(&repo)));
+    assert!(loaded.is_err(), "a 64 MiB identity was accepted");
+    assert!(
+        peak <= DECODER_BOUND,
+        "reading the identity held {peak} bytes"
+    );
+}
