@@ -29,9 +29,6 @@ const PAUSE: Duration = Duration::from_secs(90);
 
 /// Failpoints the main test does not pause at, and what covers them instead.
 const ELSEWHERE: &[(&str, &str)] = &[
-    // Its stderr is closed, so no test sees it pause: killed at random under load instead.
-    ("pusher-claim-taken", "random kills of wal-push-ahead"),
-    ("pusher-marker-written", "random kills of wal-push-ahead"),
     (
         "receive-fragment-stored",
         "wal_receive_killed_at_every_failpoint",
@@ -192,13 +189,44 @@ fn kills_at_every_failpoint_and_at_random_under_load(kind: RepoKind) {
         covered.insert(point);
     }
 
+    // The detached pusher, started by PostgreSQL's own archive_command for the backlog held
+    // back above; it inherits the failpoint. Its stderr is closed, so a pause is seen from
+    // outside: a claim file held open, or its first marker written.
+    let config = repo.config_path().to_str().unwrap().to_owned();
+    let pushed_dir = src.datadir().join("walvault_spool/pushed");
+    for point in ["pusher-claim-taken", "pusher-marker-written"] {
+        for _ in 0..3 {
+            src.psql("INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, 2000) g");
+            src.switch_wal();
+        }
+        set_archive_command(
+            &src,
+            &format!("WALVAULT_FAILPOINTS={point} {}", wv.archive_command()),
+        );
+        wait_until(&format!("the pusher to pause at {point}"), PAUSE, || {
+            let pushers = pids_with(&["wal-push-ahead", &config]);
+            let paused = match point {
+                "pusher-claim-taken" => pushers.iter().any(|p| holds_open(*p, ".claim")),
+                _ => marker_written(&pushed_dir),
+            };
+            !pushers.is_empty() && paused
+        });
+        set_archive_command(&src, "false");
+        // Calls still running may start another pusher: kill until none is left.
+        wait_until("every pusher killed", PAUSE, || {
+            for pid in pids_with(&["wal-push-ahead", &config]) {
+                kills += usize::from(sigkill(pid));
+            }
+            pids_with(&["wal-push", &config]).is_empty()
+                && pids_with(&["wal-push-ahead", &config]).is_empty()
+        });
+        verify_passes(&wv, &format!("the pusher killed at {point}"));
+        covered.insert(point);
+    }
+
     // Archiving on: PostgreSQL archives what was held back (the pushed segments are found
     // identical), then backups are killed at each step.
-    src.psql(&format!(
-        "ALTER SYSTEM SET archive_command = '{}'",
-        wv.archive_command()
-    ));
-    src.psql("SELECT pg_reload_conf()");
+    set_archive_command(&src, &wv.archive_command());
     let last = src.switch_wal();
     src.wait_for_archived(&last, Duration::from_secs(120));
     for point in [
@@ -440,6 +468,36 @@ fn kills_at_every_failpoint_and_at_random_under_load(kind: RepoKind) {
         "failpoints no test kills at: {missing:?}"
     );
     eprintln!("crash figures ({kind:?}): kills {kills}, acknowledged segments lost 0, corrupt objects accepted 0");
+}
+
+/// `ALTER SYSTEM SET archive_command`, then a reload.
+fn set_archive_command(cluster: &Cluster, command: &str) {
+    cluster.psql(&format!(
+        "ALTER SYSTEM SET archive_command = '{}'",
+        command.replace('\'', "''")
+    ));
+    cluster.psql("SELECT pg_reload_conf()");
+}
+
+/// Whether process `pid` has a file open whose path ends with `suffix`.
+fn holds_open(pid: i32, suffix: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| target.to_string_lossy().ends_with(suffix))
+}
+
+/// Whether the pusher recorded a marker (a file named by a segment) in `dir`.
+fn marker_written(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit())
+        })
+    })
 }
 
 /// The content of the archived WAL file `name`, through a plain wal-fetch.
