@@ -331,7 +331,7 @@ fn kills_at_every_failpoint_and_at_random_under_load(kind: RepoKind) {
         covered.insert(point);
     }
     // The prefetcher pauses after its first spooled segment; it is killed there (found by its
-    // command line, which names this test's spool), and later fetches still serve whole files.
+    // command line, which names this test's config file), and later fetches still serve whole files.
     let first = src.switch_wal();
     src.psql("INSERT INTO t (v) VALUES ('x')");
     let second = src.switch_wal();
@@ -389,7 +389,6 @@ fn kills_at_every_failpoint_and_at_random_under_load(kind: RepoKind) {
     src.pgbench(&["-i", "-s", "2", "-q"]);
     let load = std::thread::scope(|scope| {
         let bench = scope.spawn(|| src.pgbench(&["-c", "2", "-T", "20", "-n"]));
-        let config = repo.config_path().to_str().unwrap().to_owned();
         let mut random_kills = 0;
         let started = Instant::now();
         while !bench.is_finished() {
