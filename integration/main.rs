@@ -9,6 +9,7 @@ mod backup;
 mod matrix;
 mod ops;
 mod debian;
+mod crash;
 
 mod pg_conn;
 

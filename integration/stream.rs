@@ -139,7 +139,7 @@ pub(crate) fn wait_durable(cluster: &Cluster, lsn: &str) {
 }
 
 /// A base backup without WAL: recovery must get every segment from the repository.
-fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
+pub(crate) fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
     let dir = env.path().join("backup");
     cluster.pg_basebackup(&dir, &["-X", "none"]);
     dir
@@ -147,7 +147,12 @@ fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
 
 /// Restores `backup` with `walvault wal-fetch` as restore_command and no target, and waits for
 /// the end of recovery.
-fn recover(env: &TestEnv, fetch: &Walvault, backup: &Path, install: &PgInstall) -> Cluster {
+pub(crate) fn recover(
+    env: &TestEnv,
+    fetch: &Walvault,
+    backup: &Path,
+    install: &PgInstall,
+) -> Cluster {
     let mut restored = env.cluster_from_copy(
         ClusterConfig::new("restored")
             .install(install.clone())

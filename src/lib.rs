@@ -9,6 +9,8 @@ pub mod cli;
 pub mod cmd;
 pub(crate) mod config;
 pub(crate) mod failpoint;
+#[cfg(test)]
+mod fuzz;
 pub mod logging;
 pub(crate) mod ops;
 pub(crate) mod pg;

@@ -271,6 +271,11 @@ impl Cluster {
         );
     }
 
+    /// `pg_ctl start -w`, for a data directory PostgreSQL may refuse: the outcome, not a panic.
+    pub fn try_start(&mut self) -> RunOutput {
+        self.pg_ctl(&["-l", path_str(&self.log), "-w", "-t", "60", "start"])
+    }
+
     /// Clean shutdown (fast mode).
     pub fn stop(&mut self) {
         let out = self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "stop"]);
@@ -356,6 +361,23 @@ impl Cluster {
         let out = run_bounded(&mut cmd, TOOL_TIMEOUT);
         assert!(out.status.success(), "pgbench failed:\n{out}");
         out.stdout
+    }
+
+    /// `pg_dumpall` of every database, without the lines that differ between two dumps of the
+    /// same data (`\\restrict`/`\\unrestrict` keys, `--` comments) and sequence positions
+    /// (WAL-logged up to 32 values ahead, so a recovered cluster's may be further on): for
+    /// comparing a restore.
+    pub fn dumpall(&self) -> String {
+        let mut cmd = self.client("pg_dumpall");
+        cmd.args(["-U", "postgres"]);
+        let out = run_bounded(&mut cmd, TOOL_TIMEOUT);
+        assert!(out.status.success(), "pg_dumpall failed:\n{out}");
+        out.stdout
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .filter(|l| !l.starts_with("--") && !l.starts_with("SELECT pg_catalog.setval("))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// `pg_basebackup -D dest --checkpoint=fast --no-sync <args>` (plain format).

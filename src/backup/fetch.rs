@@ -107,7 +107,9 @@ pub(crate) async fn fetch(
         .await?;
     }
     bar.finish_and_clear();
+    crate::failpoint::pause_if_enabled("backup-fetch-files-written").await;
     finish(&layout, final_manifest, opts.concurrency).await?;
+    crate::failpoint::pause_if_enabled("backup-fetch-pg-control-written").await;
     Ok(Fetched {
         name,
         chain: chain.iter().map(|m| m.summary.name.clone()).collect(),
@@ -641,6 +643,7 @@ async fn finish(
     while let Some(joined) = tasks.join_next().await {
         joined??;
     }
+    crate::failpoint::pause_if_enabled("backup-fetch-files-fsynced").await;
     let layout = Arc::clone(layout);
     let label = manifest.backup_label.clone();
     let map = manifest.tablespace_map.clone();

@@ -406,7 +406,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn with_two_pieces() -> Manifest {
+    pub(crate) fn with_two_pieces() -> Manifest {
         let mut m = sample("base_x", "2026-01-01T00:00:00Z");
         let piece = |at, file_offset| Piece {
             pack: PackId(0),

@@ -164,6 +164,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         session.stop(true).await?
     };
     tracing::info!("backup {} stopped at {}", started.name, stop.lsn);
+    crate::failpoint::pause_if_enabled("backup-push-stopped").await;
     let mut manifest = manifest(
         &shared,
         done,
@@ -175,6 +176,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     );
     manifest.external_config = external.entries;
     store_manifest(&repo, &manifest).await?;
+    crate::failpoint::pause_if_enabled("backup-push-manifest-written").await;
     Ok(Pushed {
         files: manifest.files.len(),
         summary: manifest.summary,
@@ -252,6 +254,7 @@ async fn start(session: &BackupSession, opts: &PushOptions) -> Result<Started, B
         .start(&format!("walvault {time}"), opts.fast_checkpoint)
         .await?;
     let name = BackupName::new(&compact_time(&time), timeline, lsn);
+    crate::failpoint::pause_if_enabled("backup-push-started").await;
     tracing::info!("backup {name} started at {lsn} on timeline {timeline}");
     Ok(Started {
         name,
@@ -699,6 +702,7 @@ async fn store_pack(shared: &Shared, mut pack: PackBuf) -> Result<PackBuf, Backu
         .stored
         .fetch_add(stored.stored_len, Ordering::Relaxed);
     tracing::debug!("stored {key} ({} bytes)", stored.stored_len);
+    crate::failpoint::pause_if_enabled("backup-push-pack-stored").await;
     Ok(pack)
 }
 

@@ -94,7 +94,9 @@ pub(super) async fn recover(
     .await
     .with_context(|| format!("restoring {} into {}", plan.backup.name, dir.display()))?;
     backup::report_fetched(&fetched, &dir, fetch_started);
+    crate::failpoint::pause_if_enabled("recover-restored").await;
     recovery.write(&dir)?;
+    crate::failpoint::pause_if_enabled("recover-settings-written").await;
     println!(
         "restored {} into {}; recovery.signal and postgresql.auto.conf are in place",
         plan.backup.name,

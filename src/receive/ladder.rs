@@ -424,6 +424,7 @@ impl Ladder {
         if job.whole && self.store_segment(name, &job.path).await? {
             self.metrics.segment_stored(began.elapsed());
             tracing::info!("{name}: stored (streamed)");
+            crate::failpoint::pause_if_enabled("receive-segment-stored").await;
             self.update(name, |s| {
                 s.stored = Some(s.received);
                 s.stored_whole = true;
@@ -454,6 +455,7 @@ impl Ladder {
             }
         }
         self.metrics.fragment_stored(began.elapsed());
+        crate::failpoint::pause_if_enabled("receive-fragment-stored").await;
         tracing::debug!("stored {key} ({} bytes)", to - from);
         self.update(name, |s| s.stored = Some(to));
         Ok(())
@@ -564,6 +566,7 @@ impl Ladder {
             if self.store_segment(name, &path).await? {
                 self.metrics.segment_stored(began.elapsed());
                 tracing::info!("{name}: stored (streamed)");
+                crate::failpoint::pause_if_enabled("receive-segment-stored").await;
                 self.remove_fragments(name).await?;
             }
         }

@@ -555,6 +555,7 @@ impl Receiver {
                 if flush != reported {
                     tracing::debug!("reported flush {flush}");
                     reported = flush;
+                    crate::failpoint::pause_if_enabled("receive-slot-advanced").await;
                 }
                 self.metrics.flushed(flush);
                 last_status = tokio::time::Instant::now();

@@ -87,9 +87,15 @@ pub(crate) fn check(
     })
 }
 
+/// Largest identity object read: walvault writes about 100 bytes of JSON, and the object's
+/// header is repository content, so it must not size an allocation.
+const MAX_IDENTITY_BYTES: u64 = 64 * 1024;
+
 /// The recorded identity, if any.
 pub(crate) async fn load(repo: &Repository) -> Result<Option<Identity>, IdentityError> {
-    let Some(bytes) = repo.get_bytes(&layout::identity()).await? else {
+    let key = layout::identity();
+    let rule = crate::repo::LengthRule::AtMost(MAX_IDENTITY_BYTES);
+    let Some(bytes) = repo.get_bytes_checked(&key, rule).await? else {
         return Ok(None);
     };
     serde_json::from_slice(&bytes)

@@ -8,6 +8,8 @@
 //! afterwards. Used by every command; the store and the codec are private to it.
 
 mod codec;
+#[cfg(test)]
+mod codec_fuzz;
 pub(crate) mod identity;
 pub(crate) mod layout;
 pub(crate) mod packs;
@@ -384,6 +386,7 @@ impl Repository {
                     .map_err(RepoError::file("write", &temp))?;
             }
             out.flush().await.map_err(RepoError::file("write", &temp))?;
+            crate::failpoint::pause_if_enabled("restored-temp-written").await;
             // The decoder returned None only after checking the content checksum.
             Ok(decoder.checksum().unwrap_or(Checksum(0)))
         }

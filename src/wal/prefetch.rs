@@ -224,7 +224,7 @@ fn spool_name(seg: &SegmentName, crc: Checksum, boot: Option<&str>) -> String {
 
 /// What a file in the prefetch directory is.
 #[derive(Debug, PartialEq, Eq)]
-enum SpoolEntry<'a> {
+pub(crate) enum SpoolEntry<'a> {
     /// A spooled segment, named by [`spool_name`].
     Ready {
         seg: SegmentName,
@@ -238,7 +238,7 @@ enum SpoolEntry<'a> {
 
 impl<'a> SpoolEntry<'a> {
     /// `None` for anything else (the lock).
-    fn parse(name: &'a str) -> Option<SpoolEntry<'a>> {
+    pub(crate) fn parse(name: &'a str) -> Option<SpoolEntry<'a>> {
         if let Some(temp) = name.strip_prefix('.') {
             let (seg, _) = temp.split_once('.')?;
             return seg.parse().ok().map(SpoolEntry::InFlight);
@@ -348,7 +348,10 @@ pub(crate) async fn prefetch(
             break;
         };
         match joined {
-            Ok(Ok(Some(_))) => stored += 1,
+            Ok(Ok(Some(_))) => {
+                stored += 1;
+                crate::failpoint::pause_if_enabled("prefetch-spool-written").await;
+            }
             Ok(Ok(None)) => end = true,
             Ok(Err(e)) => {
                 // wal-fetch will fetch (and retry) it itself when recovery asks.

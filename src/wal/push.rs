@@ -101,6 +101,7 @@ impl Archiver {
             return Ok((name, pushed));
         }
         let claim = markers.claim(&name).await;
+        crate::failpoint::pause_if_enabled("wal-push-claim-taken").await;
         // The pusher may have been storing this file while we waited for the claim.
         if let Some(pushed) = markers.take_if_matches(&name, path).await {
             return Ok((name, pushed));

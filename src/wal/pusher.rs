@@ -77,6 +77,7 @@ impl Archiver {
         let Ok(Some(_claim)) = spool::try_lock(&markers.claim_path(name)) else {
             return false;
         };
+        crate::failpoint::pause_if_enabled("pusher-claim-taken").await;
         if markers.exists(name).await || !is_ready(path).await {
             return false;
         }
@@ -88,6 +89,7 @@ impl Archiver {
                 // Only a file unchanged while it was read may be vouched for later.
                 if FileStamp::of(path).await.is_ok_and(|after| after == before) {
                     markers.record(name, &before).await;
+                    crate::failpoint::pause_if_enabled("pusher-marker-written").await;
                 }
                 tracing::debug!("pushed ahead {name}");
                 true

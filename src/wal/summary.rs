@@ -183,6 +183,7 @@ pub(crate) async fn store_segment(
             },
         )
         .await?;
+    crate::failpoint::pause_if_enabled("wal-stored").await;
     // A store that had to start over fed some blocks twice: no summary rather than a wrong one.
     if let WalStored::Created(stored) = stored {
         let summary = summariser.finish().filter(|_| fed == stored.content_len);
@@ -193,6 +194,7 @@ pub(crate) async fn store_segment(
                     "could not store the summary of {name} (recovery planning will know less): {e}"
                 );
             }
+            crate::failpoint::pause_if_enabled("summary-written").await;
         }
         super::newest::advance(repo, name, summary.as_ref()).await;
     }

@@ -12,6 +12,10 @@
 #![warn(missing_docs)]
 
 pub mod error;
+#[cfg(test)]
+mod fuzz;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod history;
 pub mod lsn;
 pub mod name;

@@ -758,26 +758,26 @@ impl Cursor<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::page::{
         SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER,
     };
 
     const BLCKSZ: usize = 8192;
-    const SEG: usize = 1024 * 1024;
-    const START: u64 = 0x300_0000;
+    pub(crate) const SEG: usize = 1024 * 1024;
+    pub(crate) const START: u64 = 0x300_0000;
 
     /// Lays records out in a segment the way `XLogInsert` does: MAXALIGNed
     /// starts, page headers in between, contrecord flags and lengths.
-    struct SegWriter {
-        buf: Vec<u8>,
+    pub(crate) struct SegWriter {
+        pub(crate) buf: Vec<u8>,
         at: usize,
         prev: u64,
     }
 
     impl SegWriter {
-        fn new(first_rem_len: u32) -> SegWriter {
+        pub(crate) fn new(first_rem_len: u32) -> SegWriter {
             let mut w = SegWriter {
                 buf: vec![0; SEG],
                 at: 0,
@@ -828,7 +828,7 @@ mod tests {
 
         /// Appends a record: block headers, the main data header, block
         /// data, main data, in the order `XLogRecordAssemble` emits them.
-        fn record(
+        pub(crate) fn record(
             &mut self,
             rmid: u8,
             info: u8,
@@ -863,7 +863,7 @@ mod tests {
         }
     }
 
-    fn commit(time: i64) -> Vec<u8> {
+    pub(crate) fn commit(time: i64) -> Vec<u8> {
         let mut main = time.to_le_bytes().to_vec();
         main.extend_from_slice(&[0; 4]);
         main
@@ -872,7 +872,7 @@ mod tests {
     /// A block reference with data, a full-page image with a hole, and a
     /// relation locator, followed by its data: exercises every length the
     /// decoder adds up.
-    fn block_with_image(data_len: u16, image_len: u16) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn block_with_image(data_len: u16, image_len: u16) -> (Vec<u8>, Vec<u8>) {
         let mut b = vec![0u8, 0x20 | BKPBLOCK_HAS_IMAGE];
         b.extend_from_slice(&data_len.to_le_bytes());
         b.extend_from_slice(&image_len.to_le_bytes());

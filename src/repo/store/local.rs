@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime};
 use tokio::fs::{self, File};
 use tokio::io::AsyncWriteExt;
 
+#[cfg(test)]
+use super::powerloss::{record, Op};
 use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
 
 pub(crate) struct LocalStore {
@@ -125,6 +127,8 @@ impl LocalStore {
         let path = self.path(key);
         match fs::remove_file(&path).await {
             Ok(()) => {
+                #[cfg(test)]
+                record(Op::Unlink(path.clone()));
                 let dir = parent(&path);
                 // A directory whose last object went (a streamed segment's fragments) goes too,
                 // so deletions do not leave a trail of empty directories; a non-empty one stays.
@@ -133,6 +137,8 @@ impl LocalStore {
                 if dir != self.root {
                     let _ = fs::remove_file(dir.join(SWEEP_MARK)).await;
                     if fs::remove_dir(dir).await.is_ok() {
+                        #[cfg(test)]
+                        record(Op::Rmdir(dir.to_path_buf()));
                         return sync_dir(parent(dir)).await;
                     }
                 }
@@ -181,6 +187,8 @@ impl LocalWriter {
             other => other,
         }
         .map_err(io_err("create", &temp))?;
+        #[cfg(test)]
+        record(Op::Create(temp.clone()));
         Ok((temp, file))
     }
 
@@ -193,10 +201,13 @@ impl LocalWriter {
 
     pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         let temp = self.take_temp().await?;
-        let (_, file) = self.temp.insert(temp);
+        let (_temp, file) = self.temp.insert(temp);
         file.write_all(chunk)
             .await
-            .map_err(io_err("write", &self.target))
+            .map_err(io_err("write", &self.target))?;
+        #[cfg(test)]
+        record(Op::Write(_temp.clone(), chunk.len() as u64));
+        Ok(())
     }
 
     pub(crate) async fn commit(mut self, mode: PutMode) -> Result<Committed, StoreError> {
@@ -205,13 +216,21 @@ impl LocalWriter {
         let durable = mode != PutMode::OverwriteDerived;
         let result = async {
             file.flush().await.map_err(io_err("write", &temp))?;
+            crate::failpoint::pause_if_enabled("local-temp-written").await;
             if durable {
                 file.sync_all().await.map_err(io_err("fsync", &temp))?;
+                #[cfg(test)]
+                record(Op::FsyncFile(temp.clone()));
+                crate::failpoint::pause_if_enabled("local-temp-fsynced").await;
             }
             drop(file);
             let outcome = match mode {
                 PutMode::IfAbsent => match fs::hard_link(&temp, &self.target).await {
-                    Ok(()) => Committed::Created,
+                    Ok(()) => {
+                        #[cfg(test)]
+                        record(Op::Link(temp.clone(), self.target.clone()));
+                        Committed::Created
+                    }
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => Committed::AlreadyExists,
                     Err(e) => return Err(io_err("link", &self.target)(e)),
                 },
@@ -219,16 +238,22 @@ impl LocalWriter {
                     fs::rename(&temp, &self.target)
                         .await
                         .map_err(io_err("rename", &self.target))?;
+                    #[cfg(test)]
+                    record(Op::Rename(temp.clone(), self.target.clone()));
                     Committed::Created
                 }
             };
+            crate::failpoint::pause_if_enabled("local-linked").await;
             if outcome == Committed::Created && durable {
                 sync_dir(parent(&self.target)).await?;
+                crate::failpoint::pause_if_enabled("local-dir-fsynced").await;
             }
             Ok(outcome)
         }
         .await;
         let _ = std::fs::remove_file(&temp);
+        #[cfg(test)]
+        record(Op::Unlink(temp.clone()));
         if result.is_ok() {
             sweep_if_due(parent(&self.target)).await;
         }
@@ -315,7 +340,11 @@ async fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
     }
     Box::pin(create_dirs(root, parent(dir))).await?;
     match fs::create_dir(dir).await {
-        Ok(()) => sync_dir(parent(dir)).await,
+        Ok(()) => {
+            #[cfg(test)]
+            record(Op::Mkdir(dir.to_path_buf()));
+            sync_dir(parent(dir)).await
+        }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(io_err("mkdir", dir)(e)),
     }
@@ -323,7 +352,10 @@ async fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
 
 async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     let d = File::open(dir).await.map_err(io_err("open", dir))?;
-    d.sync_all().await.map_err(io_err("fsync", dir))
+    d.sync_all().await.map_err(io_err("fsync", dir))?;
+    #[cfg(test)]
+    record(Op::FsyncDir(dir.to_path_buf()));
+    Ok(())
 }
 
 #[cfg(test)]

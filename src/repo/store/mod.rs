@@ -10,6 +10,8 @@
 //! Used by [`crate::repo`], which adds the object codec on top.
 
 mod local;
+#[cfg(test)]
+mod powerloss;
 mod s3;
 
 use std::pin::Pin;
@@ -161,10 +163,12 @@ impl ObjectWriter {
     pub(crate) async fn commit(self, mode: PutMode) -> Result<Committed, StoreError> {
         crate::failpoint::pause_if_enabled("store-before-commit").await;
         tracing::debug!(key = %self.key, ?mode, "committing object");
-        match self.inner {
+        let committed = match self.inner {
             WriterInner::Local(w) => w.commit(mode).await,
             WriterInner::S3(w) => w.commit(mode).await,
-        }
+        };
+        crate::failpoint::pause_if_enabled("store-committed").await;
+        committed
     }
 }
 
