@@ -6,10 +6,10 @@ mod harness;
 
 mod backup;
 
+mod crash;
+mod debian;
 mod matrix;
 mod ops;
-mod debian;
-mod crash;
 
 mod pg_conn;
 

@@ -15,7 +15,12 @@ use std::time::SystemTime;
 use crate::backup::manifest::{BackupKind, BackupName, Manifest, Summary};
 use crate::backup::BackupError;
 use crate::repo::layout::{Listing, ObjectKey};
-use crate::repo::{RepoError, Repository};
+use crate::repo::{LengthRule, RepoError, Repository};
+
+/// The largest manifest read. Manifests are read whole, at roughly 200 bytes per file piece, so
+/// this admits clusters of about a million files while a forged object declaring more is
+/// refused before a byte of it is held.
+const MANIFEST_RULE: LengthRule = LengthRule::AtMost(256 << 20);
 
 /// The complete backups, oldest first. A manifest that cannot be read is reported (a warning
 /// naming its object) and skipped, so one damaged backup does not hide the others.
@@ -36,10 +41,10 @@ pub(crate) async fn scan(repo: &Repository) -> Result<(Vec<Summary>, Vec<String>
         let Some(ObjectKey::Manifest(name)) = ObjectKey::parse(&object.key) else {
             continue;
         };
-        let bytes = match repo.get_bytes(&object.key).await {
+        let bytes = match repo.get_bytes_checked(&object.key, MANIFEST_RULE).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => continue, // deleted while listing
-            Err(RepoError::Codec(e)) => {
+            Err(e @ (RepoError::Codec(_) | RepoError::Length { .. })) => {
                 unreadable.push(e.to_string());
                 continue;
             }
@@ -77,7 +82,7 @@ pub(crate) async fn manifest(
 ) -> Result<Manifest, BackupError> {
     let key = name.manifest_key();
     let bytes = repo
-        .get_bytes(&key)
+        .get_bytes_checked(&key, MANIFEST_RULE)
         .await?
         .ok_or_else(|| BackupError::NotFound(name.to_string()))?;
     let manifest = Manifest::from_json(&key, &bytes)?;

@@ -16,7 +16,7 @@ use walvault_wal::{
 use crate::backup::manifest::{BackupName, Summary};
 use crate::backup::BackupError;
 use crate::repo::layout::{self, Listing, ObjectKey};
-use crate::repo::{RepoError, Repository};
+use crate::repo::{LengthRule, RepoError, Repository};
 use crate::time::UnixMicros;
 use crate::wal::summary::{self, SegmentSummary};
 
@@ -257,7 +257,9 @@ async fn target_history(
         });
     }
     let key = layout::wal(&WalFileName::History(tli));
-    let Some(bytes) = repo.get_bytes(&key).await? else {
+    // Repository content: a forged object declaring gigabytes is refused before it is read.
+    let rule = LengthRule::AtMost(crate::wal::history::MAX_LEN);
+    let Some(bytes) = repo.get_bytes_checked(&key, rule).await? else {
         if archive.segments.keys().any(|s| s.tli == tli) {
             // A timeline without a history file has no ancestors (initdb's timeline, or a
             // cluster whose history was never archived): follow it alone.
@@ -426,5 +428,39 @@ mod tests {
         );
         let text = window(0x3000200).to_string();
         assert!(text.contains("the last archived transaction end"), "{text}");
+    }
+
+    /// A history file is read whole: a forged one declaring (and holding, compressed) 2 MiB is
+    /// refused from its header, and never held.
+    #[test]
+    fn a_forged_history_file_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = crate::fuzz::runtime();
+        let repo = rt.block_on(crate::repo::local_for_tests(dir.path()));
+        let key = layout::wal(&WalFileName::History(TimelineId(2)));
+        let forged = vec![b'\n'; 2 << 20];
+        rt.block_on(repo.put_bytes(&key, &forged, crate::repo::PutMode::IfAbsent))
+            .unwrap();
+        let archive = Archive {
+            segments: BTreeMap::new(),
+            histories: BTreeSet::from([TimelineId(2)]),
+            seg_size: WalSegmentSize::new(16 << 20).unwrap(),
+        };
+        let newest = crate::backup::manifest::tests::sample(
+            "base_20261130T080000Z_00000001_0000000003000028",
+            "2026-11-30T08:00:00Z",
+        )
+        .summary;
+        let (history, peak) = crate::fuzz::peak_during(|| {
+            rt.block_on(target_history(
+                &repo,
+                &archive,
+                TimelineChoice::Latest,
+                &newest,
+            ))
+        });
+        let e = history.unwrap_err().to_string();
+        assert!(e.contains(&key), "{e}");
+        assert!(peak < 1 << 20, "reading the history file held {peak} bytes");
     }
 }

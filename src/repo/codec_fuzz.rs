@@ -30,6 +30,37 @@ fn forged(mut bytes: Vec<u8>, reseal: bool) -> Vec<u8> {
 /// [`MAX_BLOCK`] after `Vec` growth, whatever the object says; plus small change.
 const DECODER_BOUND: usize = 4 * MAX_BLOCK + 64 * 1024;
 
+/// A manifest is read whole: a forged one declaring more than the bound (and holding it,
+/// compressed) is refused from its header by both readers, the catalog scan reporting it as
+/// unreadable, and never held.
+#[test]
+fn a_forged_manifest_is_refused_before_it_is_read() {
+    use crate::backup::catalog;
+    use crate::repo::layout::BackupName;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let repo = rt.block_on(super::local_for_tests(dir.path()));
+    let name = BackupName::parse("base_20261130T080000Z_00000001_0000000003000028").unwrap();
+    let path = dir.path().join(name.manifest_key());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, encode_all(Compression::Lz4, &vec![b' '; 257 << 20])).unwrap();
+    let (manifest, peak) = peak_during(|| rt.block_on(catalog::manifest(&repo, &name)));
+    let e = manifest.unwrap_err().to_string();
+    assert!(e.contains("declares"), "{e}");
+    assert!(
+        peak <= DECODER_BOUND,
+        "reading the manifest held {peak} bytes"
+    );
+    let (scan, peak) = peak_during(|| rt.block_on(catalog::scan(&repo)));
+    let (found, unreadable) = scan.unwrap();
+    assert!(found.is_empty());
+    assert!(
+        unreadable.iter().any(|u| u.contains(&name.manifest_key())),
+        "{unreadable:?}"
+    );
+    assert!(peak <= DECODER_BOUND, "the catalog scan held {peak} bytes");
+}
+
 proptest! {
     #![proptest_config(config(256))]
 
