@@ -282,7 +282,7 @@ impl Repository {
             writer.write(out.into()).await?;
         }
         let mut trailer = Vec::with_capacity(8);
-        encoder
+        let checksum = encoder
             .finish(&mut trailer)
             .map_err(|_| RepoError::FileChanged {
                 path: path.to_path_buf(),
@@ -293,7 +293,7 @@ impl Repository {
         writer.write(trailer.into()).await?;
         let committed = writer.commit(mode).await?;
         Ok(Stored {
-            committed,
+            committed: self.settle(key, committed, len, checksum).await?,
             content_len: len,
             stored_len,
         })
@@ -310,11 +310,41 @@ impl Repository {
         let encoded = codec::encode_all(self.compression, content);
         let stored_len = encoded.len() as u64;
         writer.write(encoded.into()).await?;
+        let committed = writer.commit(mode).await?;
+        let len = content.len() as u64;
         Ok(Stored {
-            committed: writer.commit(mode).await?,
-            content_len: content.len() as u64,
+            committed: self.settle(key, committed, len, Checksum::of(content)).await?,
+            content_len: len,
             stored_len,
         })
+    }
+
+    /// Makes a no-overwrite write idempotent: when the key was taken, the stored object is read
+    /// back, and if it holds exactly the content being written (same length and content
+    /// checksum) the write counts as [`Committed::Created`]. That is the case of a retried PUT
+    /// whose first attempt reached the store but lost its answer, and of a writer re-run after a
+    /// crash. An object that differs, or that cannot be decoded, stays
+    /// [`Committed::AlreadyExists`] for the caller to judge; only store errors are errors.
+    async fn settle(
+        &self,
+        key: &str,
+        committed: Committed,
+        content_len: u64,
+        checksum: Checksum,
+    ) -> Result<Committed, RepoError> {
+        if committed != Committed::AlreadyExists {
+            return Ok(committed);
+        }
+        match self.verify(key).await {
+            Ok(Some(found)) if found == (content_len, checksum) => {
+                tracing::info!("{key} already holds exactly this content (a retried write)");
+                Ok(Committed::Created)
+            }
+            Ok(_) | Err(RepoError::Codec(CodecError::Corrupt { .. })) => {
+                Ok(Committed::AlreadyExists)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A small object's verified content, or `None` when absent.
