@@ -13,7 +13,11 @@ use crate::harness::{
 };
 
 /// The libpq environment that reaches `cluster` through its socket in the test dir.
-fn pg_env<'a>(env: &'a TestEnv, cluster: &'a Cluster, port: &'a str) -> Vec<(&'a str, &'a str)> {
+pub(crate) fn pg_env<'a>(
+    env: &'a TestEnv,
+    cluster: &'a Cluster,
+    port: &'a str,
+) -> Vec<(&'a str, &'a str)> {
     vec![
         ("PGHOST", env.path().to_str().unwrap()),
         ("PGPORT", port),
@@ -55,7 +59,7 @@ fn backup_list(wv: &Walvault) -> Vec<Listed> {
 }
 
 /// md5 of every user table's rows, by table name.
-fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
+pub(crate) fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
     let tables = cluster.psql(
         "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname = 'public' ORDER BY 1",

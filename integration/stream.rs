@@ -30,6 +30,7 @@ fn rpo_bound(kind: RepoKind) -> Duration {
     match kind {
         RepoKind::Local => FLUSH_INTERVAL + MARGIN,
         RepoKind::S3 => FLUSH_INTERVAL + MARGIN + S3_EXTRA_MARGIN,
+        RepoKind::Garage => FLUSH_INTERVAL + MARGIN,
     }
 }
 const APP: &str = "walvault";
@@ -43,7 +44,7 @@ repo_kind_tests!(
 );
 
 /// A primary that a receiver can stream from: 1 MiB segments, a little WAL kept.
-fn primary_config(name: &str) -> ClusterConfig {
+pub(crate) fn primary_config(name: &str) -> ClusterConfig {
     ClusterConfig::new(name)
         .wal_segsize_mb(SEGSIZE_MB)
         .set("wal_level", "replica")
@@ -52,7 +53,7 @@ fn primary_config(name: &str) -> ClusterConfig {
 }
 
 /// walvault with the test repository plus a spool directory, as wal-receive needs.
-fn receiver_walvault(env: &TestEnv, repo: &crate::harness::Repo) -> Walvault {
+pub(crate) fn receiver_walvault(env: &TestEnv, repo: &crate::harness::Repo) -> Walvault {
     let spool = env.mkdir("spool");
     let config = repo.config().set("spool_dir", &toml_str(path_str(&spool)));
     env.walvault(&env.write_config("receive.toml", &config))
@@ -100,7 +101,7 @@ fn client(cluster: &Cluster, program: &str) -> Command {
 /// pgbench in the background for `seconds` at `tps` transactions a second: a steady load that
 /// the debug build keeps up with on 2 shared cores, about 2 MB of WAL a second at 300 (its
 /// failure when the server dies is expected).
-fn background_pgbench(cluster: &Cluster, seconds: u32, tps: u32) -> Child {
+pub(crate) fn background_pgbench(cluster: &Cluster, seconds: u32, tps: u32) -> Child {
     client(cluster, "pgbench")
         .args(["-n", "-c", "2", "-j", "2"])
         .args([
@@ -116,7 +117,7 @@ fn background_pgbench(cluster: &Cluster, seconds: u32, tps: u32) -> Child {
         .expect("start pgbench")
 }
 
-fn wait_child(child: &mut Child, timeout: Duration) {
+pub(crate) fn wait_child(child: &mut Child, timeout: Duration) {
     wait_until("a background client to finish", timeout, || {
         matches!(child.try_wait(), Ok(Some(_)))
     });
@@ -130,7 +131,7 @@ fn durable_reached(cluster: &Cluster, lsn: &str) -> bool {
     )) == "t"
 }
 
-fn wait_durable(cluster: &Cluster, lsn: &str) {
+pub(crate) fn wait_durable(cluster: &Cluster, lsn: &str) {
     wait_until(
         &format!("the receiver to report {lsn} durable"),
         Duration::from_secs(120),
@@ -139,7 +140,7 @@ fn wait_durable(cluster: &Cluster, lsn: &str) {
 }
 
 /// A base backup without WAL: recovery must get every segment from the repository.
-fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
+pub(crate) fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
     let dir = env.path().join("backup");
     cluster.pg_basebackup(&dir, &["-X", "none"]);
     dir
@@ -147,7 +148,12 @@ fn base_backup(env: &TestEnv, cluster: &Cluster) -> PathBuf {
 
 /// Restores `backup` with `walvault wal-fetch` as restore_command and no target, and waits for
 /// the end of recovery.
-fn recover(env: &TestEnv, fetch: &Walvault, backup: &Path, install: &PgInstall) -> Cluster {
+pub(crate) fn recover(
+    env: &TestEnv,
+    fetch: &Walvault,
+    backup: &Path,
+    install: &PgInstall,
+) -> Cluster {
     let mut restored = env.cluster_from_copy(
         ClusterConfig::new("restored")
             .install(install.clone())
@@ -446,7 +452,7 @@ fn crash_asynchronous_loss_is_bounded(kind: RepoKind) {
 }
 
 /// Every segment between the first and the last stored one is there (timeline 1).
-fn assert_no_gap(repo: &crate::harness::Repo) {
+pub(crate) fn assert_no_gap(repo: &crate::harness::Repo) {
     let segments: Vec<u64> = repo
         .wal_files()
         .iter()
@@ -464,7 +470,7 @@ fn assert_no_gap(repo: &crate::harness::Repo) {
 }
 
 /// Digest of a table's rows, in order.
-fn digest(cluster: &Cluster, table: &str, order: &str) -> String {
+pub(crate) fn digest(cluster: &Cluster, table: &str, order: &str) -> String {
     cluster.psql(&format!(
         "SELECT count(*) || ' ' || coalesce(md5(string_agg(t::text, ',' ORDER BY {order})), '-') \
          FROM {table} t"

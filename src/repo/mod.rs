@@ -313,7 +313,9 @@ impl Repository {
         let committed = writer.commit(mode).await?;
         let len = content.len() as u64;
         Ok(Stored {
-            committed: self.settle(key, committed, len, Checksum::of(content)).await?,
+            committed: self
+                .settle(key, committed, len, Checksum::of(content))
+                .await?,
             content_len: len,
             stored_len,
         })

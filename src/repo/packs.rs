@@ -350,7 +350,10 @@ mod retried_writes {
         assert_eq!(differs.await.unwrap().committed, Committed::AlreadyExists);
         // Something that is not an object at all is not "identical" either.
         std::fs::write(dir.path().join("junk"), b"not an object").unwrap();
-        let junk = repo.put_bytes("junk", b"x", PutMode::IfAbsent).await.unwrap();
+        let junk = repo
+            .put_bytes("junk", b"x", PutMode::IfAbsent)
+            .await
+            .unwrap();
         assert_eq!(junk.committed, Committed::AlreadyExists);
     }
 }

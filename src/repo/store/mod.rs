@@ -10,6 +10,7 @@
 //! Used by [`crate::repo`], which adds the object codec on top.
 
 mod local;
+mod resume;
 mod s3;
 
 use std::pin::Pin;

@@ -2,8 +2,8 @@
 //!
 //! Every request is bounded: each attempt by `s3.timeout`, the whole call by the attempts times
 //! that, with the SDK's standard retry (exponential backoff with jitter) for throttling, 5xx and
-//! connection failures. Reads of a response body are bounded per read, so a stalled download
-//! fails instead of hanging. Uploads buffer at most one part (`s3.part_size`): a smaller object
+//! connection failures. Reads of a response body are bounded per read, and a stalled or broken
+//! download asks again for the rest ([`super::resume`]) within the same attempts. Uploads buffer at most one part (`s3.part_size`): a smaller object
 //! is one `PutObject`, a larger one a multipart upload that becomes visible only when completed,
 //! and is aborted if the writer fails or is dropped uncommitted. `IfAbsent` sends
 //! `If-None-Match: *`. Over https the CA certificates come from one bundle file read once per
@@ -26,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::resume::{ResumingBody, Source};
 use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
 use crate::config::S3Settings;
 
@@ -35,6 +36,7 @@ pub(crate) struct S3Store {
     /// Empty, or ending in `/`.
     prefix: String,
     read_timeout: Duration,
+    max_attempts: u32,
     part_size: usize,
 }
 
@@ -114,6 +116,7 @@ impl S3Store {
                 format!("{prefix}/")
             },
             read_timeout: s.timeout,
+            max_attempts: s.max_attempts,
             part_size: s.part_size,
         }
     }
@@ -144,9 +147,17 @@ impl S3Store {
             .await;
         match result {
             Ok(out) => {
-                let mut reader = tokio_io_timeout::TimeoutReader::new(out.body.into_async_read());
-                reader.set_timeout(Some(self.read_timeout));
-                Ok(Some(Box::pin(reader)))
+                let source = Source {
+                    client: self.client.clone(),
+                    bucket: self.bucket.clone(),
+                    full_key: self.full_key(key),
+                    etag: out.e_tag().map(str::to_owned),
+                    length: out.content_length().and_then(|n| u64::try_from(n).ok()),
+                    read_timeout: self.read_timeout,
+                    max_attempts: self.max_attempts,
+                };
+                let body = Box::pin(out.body.into_async_read());
+                Ok(Some(Box::pin(ResumingBody::new(source, body))))
             }
             // Only the explicit NoSuchKey code means "absent": a bare 404 may come from a wrong
             // endpoint or a missing bucket, and must not look like the end of the archive.
