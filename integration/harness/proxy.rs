@@ -27,7 +27,8 @@ pub enum Fault {
     Stall,
     /// Takes the request and never answers, until the client gives up or the stall time ends.
     BlackHole,
-    /// Forwards the answer in small pieces with pauses (slow, but within any sane timeout).
+    /// Forwards the first [`SLOW_STRETCH`] bytes of the answer in small pieces with pauses (slow,
+    /// but within any sane timeout).
     SlowBody,
 }
 
@@ -202,6 +203,12 @@ fn draw(shared: &Shared) -> Option<(Fault, usize, Duration)> {
         return None;
     }
     let fault = schedule.faults[pick as usize % schedule.faults.len()];
+    // A request is short (a PUT body aside): cut it off early, or the fault may never strike.
+    let offset = if fault == Fault::PartialWrite {
+        offset % 512
+    } else {
+        offset
+    };
     Some((fault, offset, schedule.stall))
 }
 
@@ -271,6 +278,10 @@ fn serve(shared: &Arc<Shared>, client: TcpStream) {
     let _ = up.join();
 }
 
+/// How much of a connection's answer a slow-body fault slows down (to about 500 kB/s), so a
+/// long-lived stream falls behind for a while rather than for ever.
+const SLOW_STRETCH: usize = 256 * 1024;
+
 /// Copies `from` to `to`, applying `plan` when its offset is reached; ends both sockets when
 /// either side ends.
 fn pump(shared: &Shared, from: TcpStream, to: TcpStream, plan: Option<(Fault, usize, Duration)>) {
@@ -285,16 +296,19 @@ fn pump(shared: &Shared, from: TcpStream, to: TcpStream, plan: Option<(Fault, us
         let mut chunk = &buf[..n];
         if let Some((fault, offset, stall)) = plan {
             if fault == Fault::SlowBody {
-                for piece in chunk.chunks(512) {
-                    thread::sleep(Duration::from_millis(3));
+                if sent == 0 {
+                    fired(shared, fault);
+                }
+                for piece in chunk.chunks(1024) {
+                    thread::sleep(Duration::from_millis(2));
                     if (&to).write_all(piece).is_err() {
                         break;
                     }
                 }
-                if sent == 0 {
-                    fired(shared, fault);
-                }
                 sent += n;
+                if sent >= SLOW_STRETCH {
+                    plan = None;
+                }
                 continue;
             }
             if sent + n > offset {
