@@ -195,6 +195,7 @@ fn draw(shared: &Shared) -> Option<(Fault, usize, Duration)> {
     let roll = next(state) % 1000;
     let pick = next(state);
     let offset = next(state) as usize % schedule.max_offset.max(1);
+    let early = next(state) % 2 == 0;
     if n < schedule.spare_first
         || roll >= schedule.per_mille
         || schedule.faults.is_empty()
@@ -203,8 +204,10 @@ fn draw(shared: &Shared) -> Option<(Fault, usize, Duration)> {
         return None;
     }
     let fault = schedule.faults[pick as usize % schedule.faults.len()];
-    // A request is short (a PUT body aside): cut it off early, or the fault may never strike.
-    let offset = if fault == Fault::PartialWrite {
+    // Requests and most answers are short (PUT bodies and GET answers aside): cut a request
+    // off early, and strike half the answers within their first bytes, or many faults would
+    // never strike at all.
+    let offset = if fault == Fault::PartialWrite || early {
         offset % 512
     } else {
         offset
