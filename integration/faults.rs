@@ -324,12 +324,12 @@ fn wal_receive_through_faults() {
         Schedule {
             seed: 0x5eed_0004,
             // One long-lived connection at a time: each meets a fault somewhere in its first
-            // MiB of stream (or at once).
+            // 512 KiB of stream (or at once).
             per_mille: 1000,
             // Every stream fault, resets and stalls mid-stream twice as often.
             faults: [STREAM_FAULTS, &[Fault::Reset, Fault::Stall]].concat(),
-            max_offset: 1 << 20,
-            stall: Duration::from_secs(20),
+            max_offset: 512 << 10,
+            stall: Duration::from_secs(8),
             spare_first: 0,
         },
     );
