@@ -14,21 +14,30 @@ use super::s3::{spawn_tied, S3Server, REGION};
 
 /// The process-wide one-node Garage, started on first use; a failure to start is remembered.
 pub fn server() -> &'static S3Server {
-    static SERVER: OnceLock<Result<S3Server, String>> = OnceLock::new();
-    SERVER
+    static SERVER: OnceLock<Result<(S3Server, Child), String>> = OnceLock::new();
+    let (server, _cleanup) = SERVER
         .get_or_init(|| {
             let dir = tempfile::Builder::new()
                 .prefix("walvault-garage-")
                 .tempdir_in("/tmp")
                 .map_err(|e| format!("garage dir: {e}"))?;
-            // Lives as long as the process: the server's files are under it.
+            // Lives as long as the process (the server's files are under it); a shell tied to
+            // the process removes it then.
             let dir = dir.keep();
+            let cleanup = Command::new("sh")
+                .arg("-c")
+                .arg(r#"cat >/dev/null; sleep 2; rm -rf "$0""#)
+                .arg(&dir)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("start the cleanup of {}: {e}", dir.display()))?;
             let mut cluster = GarageCluster::start(&dir, 1)?;
             let node = cluster.nodes.remove(0);
-            Ok(cluster.s3(node))
+            Ok((cluster.s3(node), cleanup))
         })
         .as_ref()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    server
 }
 
 pub fn program() -> Result<PathBuf, String> {

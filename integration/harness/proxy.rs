@@ -195,7 +195,7 @@ fn draw(shared: &Shared) -> Option<(Fault, usize, Duration)> {
     let roll = next(state) % 1000;
     let pick = next(state);
     let offset = next(state) as usize % schedule.max_offset.max(1);
-    let early = next(state) % 2 == 0;
+    let early = next(state).is_multiple_of(2);
     if n < schedule.spare_first
         || roll >= schedule.per_mille
         || schedule.faults.is_empty()
