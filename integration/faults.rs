@@ -604,3 +604,40 @@ fn garage_node_loss_while_archiving() {
     );
     assert_eq!(table_md5s(&restored), expected, "recovered data differs");
 }
+
+/// wal-receive's spool on a full tmpfs: it says which spool file could not be written, the slot
+/// promises nothing it has not stored, and once space returns it catches up without a gap.
+#[test]
+fn disk_full_on_the_receive_spool() {
+    let env = TestEnv::new("faults-spoolfull");
+    let repo = env.repo(RepoKind::Local);
+    let spool = env.mkdir("small-spool");
+    let full = Tmpfs::mount(&spool, 768);
+    let config = repo
+        .config()
+        .set("spool_dir", &toml_str(path_str(full.path())));
+    let walvault = env.walvault(&env.write_config("receive.toml", &config));
+    let primary = env.cluster(primary_config("primary"));
+    let port = primary.port().to_string();
+    let mut receiver = walvault.spawn(
+        &["wal-receive", "--create-slot"],
+        &[
+            ("PGHOST", "127.0.0.1"),
+            ("PGPORT", &port),
+            ("PGUSER", "postgres"),
+        ],
+    );
+    receiver.wait_for_stderr("streaming from", Duration::from_secs(60));
+    primary.psql("CREATE TABLE r AS SELECT md5(g::text) AS v FROM generate_series(1, 30000) g");
+    primary.switch_wal();
+    receiver.wait_for_stderr("No space left on device", Duration::from_secs(60));
+    slot_not_ahead(&primary, &repo);
+    full.resize(64 * 1024);
+    primary.psql("CREATE TABLE marker AS SELECT 'space is back' AS note");
+    let end = primary.psql("SELECT pg_current_wal_lsn()");
+    wait_durable(&primary, &end);
+    slot_not_ahead(&primary, &repo);
+    assert_no_gap(&repo);
+    walvault.run(&["verify"]).assert_success();
+    drop(receiver);
+}
