@@ -37,7 +37,7 @@ impl Repository {
         content: PackContent,
     ) -> Result<(PackContent, PackStored), RepoError> {
         let compression = self.compression;
-        let content_len = content.bytes.len();
+        let content_len = content.bytes.len() as u64;
         let (content, encoded) = tokio::task::spawn_blocking(move || {
             let mut content = content;
             let crc = std::mem::replace(&mut content.crc, Hasher::new());
@@ -59,10 +59,10 @@ impl Repository {
             source: e,
         })?;
         let stored_len = encoded.len() as u64;
-        let content_len = content_len as u64;
         let mut writer = self.store.writer(key)?;
         writer.write(encoded.into()).await?;
         let committed = writer.commit(PutMode::IfAbsent).await?;
+        // A retried PUT may meet the object its first attempt stored.
         let committed = self.settle(key, committed, content_len, checksum).await?;
         Ok((
             content,

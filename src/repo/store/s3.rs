@@ -3,7 +3,8 @@
 //! Every request is bounded: each attempt by `s3.timeout`, the whole call by the attempts times
 //! that, with the SDK's standard retry (exponential backoff with jitter) for throttling, 5xx and
 //! connection failures. Reads of a response body are bounded per read, and a stalled or broken
-//! download asks again for the rest ([`super::resume`]) within the same attempts. Uploads buffer at most one part (`s3.part_size`): a smaller object
+//! download asks again for the rest ([`super::resume`]) within the same attempts. Uploads
+//! buffer at most one part (`s3.part_size`): a smaller object
 //! is one `PutObject`, a larger one a multipart upload that becomes visible only when completed,
 //! and is aborted if the writer fails or is dropped uncommitted. `IfAbsent` sends
 //! `If-None-Match: *`. Over https the CA certificates come from one bundle file read once per
