@@ -219,5 +219,11 @@ impl GarageCluster {
             drop(shell.stdin.take());
             let _ = shell.wait();
         }
+        let addr = format!("127.0.0.1:{}", self.nodes[i].s3_port);
+        super::wait_until(
+            &format!("garage node {i} to stop"),
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(&addr).is_err(),
+        );
     }
 }
