@@ -20,7 +20,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::{Bytes, BytesMut};
@@ -272,11 +272,15 @@ impl S3Writer {
 
     async fn upload_part(&mut self, body: Bytes) -> Result<(), StoreError> {
         if self.upload.is_none() {
+            // The parts carry CRC32 checksums (the SDK adds them), which CompleteMultipartUpload
+            // repeats: a server such as Garage accepts them there only when the upload declared
+            // the algorithm up front.
             let created = self
                 .client
                 .create_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&self.full_key)
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
                 .send()
                 .await
                 .map_err(|e| self.error("CreateMultipartUpload", &e))?;
