@@ -13,7 +13,11 @@ use crate::harness::{
 };
 
 /// The libpq environment that reaches `cluster` through its socket in the test dir.
-fn pg_env<'a>(env: &'a TestEnv, cluster: &'a Cluster, port: &'a str) -> Vec<(&'a str, &'a str)> {
+pub(crate) fn pg_env<'a>(
+    env: &'a TestEnv,
+    cluster: &'a Cluster,
+    port: &'a str,
+) -> Vec<(&'a str, &'a str)> {
     vec![
         ("PGHOST", env.path().to_str().unwrap()),
         ("PGPORT", port),

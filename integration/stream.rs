@@ -30,6 +30,7 @@ fn rpo_bound(kind: RepoKind) -> Duration {
     match kind {
         RepoKind::Local => FLUSH_INTERVAL + MARGIN,
         RepoKind::S3 => FLUSH_INTERVAL + MARGIN + S3_EXTRA_MARGIN,
+        RepoKind::Garage => FLUSH_INTERVAL + MARGIN,
     }
 }
 const APP: &str = "walvault";
@@ -451,7 +452,7 @@ fn crash_asynchronous_loss_is_bounded(kind: RepoKind) {
 }
 
 /// Every segment between the first and the last stored one is there (timeline 1).
-fn assert_no_gap(repo: &crate::harness::Repo) {
+pub(crate) fn assert_no_gap(repo: &crate::harness::Repo) {
     let segments: Vec<u64> = repo
         .wal_files()
         .iter()
@@ -469,7 +470,7 @@ fn assert_no_gap(repo: &crate::harness::Repo) {
 }
 
 /// Digest of a table's rows, in order.
-fn digest(cluster: &Cluster, table: &str, order: &str) -> String {
+pub(crate) fn digest(cluster: &Cluster, table: &str, order: &str) -> String {
     cluster.psql(&format!(
         "SELECT count(*) || ' ' || coalesce(md5(string_agg(t::text, ',' ORDER BY {order})), '-') \
          FROM {table} t"

@@ -245,7 +245,8 @@ impl Walvault {
         format!("{} wal-fetch %f %p", self.shell_prefix())
     }
 
-    fn shell_prefix(&self) -> String {
+    /// `<binary> --config <file>`, for shell commands.
+    pub fn shell_prefix(&self) -> String {
         let bin = path_str(&self.bin);
         let config = path_str(&self.config);
         assert!(

@@ -10,9 +10,12 @@
 #![allow(dead_code)]
 
 pub mod cmd;
+pub mod garage;
 pub mod pg;
+pub mod proxy;
 pub mod repo;
 pub mod s3;
+pub mod tmpfs;
 
 mod selftest;
 
@@ -35,7 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Writes one `#[test]` per repository kind for each named fn taking a [`RepoKind`]:
-/// `repo_kind_tests!(foo)` gives the tests `foo::local` and `foo::s3`.
+/// `repo_kind_tests!(foo)` gives the tests `foo::local`, `foo::s3` (moto) and `foo::garage`.
 macro_rules! repo_kind_tests {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -47,10 +50,31 @@ macro_rules! repo_kind_tests {
             fn s3() {
                 super::$name($crate::harness::RepoKind::S3)
             }
+            #[test]
+            fn garage() {
+                super::$name($crate::harness::RepoKind::Garage)
+            }
         }
     )*};
 }
 pub(crate) use repo_kind_tests;
+
+/// Like [`repo_kind_tests`], for scenarios about S3 only: `foo::s3` (moto) and `foo::garage`.
+macro_rules! s3_kind_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn s3() {
+                super::$name($crate::harness::RepoKind::S3)
+            }
+            #[test]
+            fn garage() {
+                super::$name($crate::harness::RepoKind::Garage)
+            }
+        }
+    )*};
+}
+pub(crate) use s3_kind_tests;
 
 /// The user that runs PostgreSQL and walvault: `postgres` when the tests run as root, else the
 /// current user (`None`).

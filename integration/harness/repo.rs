@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RepoKind {
     Local,
+    /// The moto S3 server.
     S3,
+    /// A one-node Garage store ([`super::garage`]).
+    Garage,
 }
 
 /// A walvault config file's content. Values are TOML literals: use [`toml_str`] for strings.
@@ -50,6 +53,14 @@ impl ConfigFile {
             .set_s3("secret_access_key", &toml_str(s3::SECRET_KEY))
     }
 
+    /// A config for an S3 repository at `url` on `server`, with its keys.
+    pub fn s3_on(url: &str, server: &s3::S3Server) -> ConfigFile {
+        let (id, secret) = server.keys();
+        ConfigFile::s3(url, server.endpoint())
+            .set_s3("access_key_id", &toml_str(id))
+            .set_s3("secret_access_key", &toml_str(secret))
+    }
+
     /// Sets a top-level key (replacing it).
     pub fn set(mut self, key: &str, toml_value: &str) -> Self {
         set_key(&mut self.top, key, toml_value);
@@ -78,7 +89,11 @@ impl ConfigFile {
 
 enum Location {
     Local(PathBuf),
-    S3 { bucket: String, prefix: String },
+    S3 {
+        server: &'static s3::S3Server,
+        bucket: String,
+        prefix: String,
+    },
 }
 
 /// A fresh, empty repository of one test, with its config file.
@@ -98,13 +113,21 @@ impl Repo {
                 let url = format!("file://{}", dir.display());
                 (url.clone(), Location::Local(dir), ConfigFile::new(&url))
             }
-            RepoKind::S3 => {
-                let server = s3::server();
+            RepoKind::S3 | RepoKind::Garage => {
+                let server = match kind {
+                    RepoKind::Garage => super::garage::server(),
+                    _ => s3::server(),
+                };
                 let bucket = server.new_bucket();
                 let prefix = "cluster-a".to_string();
                 let url = format!("s3://{bucket}/{prefix}");
-                let config = ConfigFile::s3(&url, server.endpoint());
-                (url, Location::S3 { bucket, prefix }, config)
+                let config = ConfigFile::s3_on(&url, server);
+                let location = Location::S3 {
+                    server,
+                    bucket,
+                    prefix,
+                };
+                (url, location, config)
             }
         };
         let config_path = env.write_config("walvault.toml", &config);
@@ -123,6 +146,14 @@ impl Repo {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The S3 endpoint (`http://host:port`) of an S3 repository.
+    pub fn s3_endpoint(&self) -> Option<&str> {
+        match &self.location {
+            Location::S3 { server, .. } => Some(server.endpoint()),
+            Location::Local(_) => None,
+        }
     }
 
     /// The config file pointing at this repository.
@@ -145,7 +176,11 @@ impl Repo {
                 keys.sort();
                 keys
             }
-            Location::S3 { bucket, prefix } => s3::server()
+            Location::S3 {
+                server,
+                bucket,
+                prefix,
+            } => server
                 .list(bucket, &format!("{prefix}/"))
                 .into_iter()
                 .map(|k| k[prefix.len() + 1..].to_string())
@@ -174,7 +209,11 @@ impl Repo {
             Location::Local(dir) => {
                 fs::read(dir.join(key)).unwrap_or_else(|e| panic!("read {key} in repository: {e}"))
             }
-            Location::S3 { bucket, prefix } => s3::server().get(bucket, &format!("{prefix}/{key}")),
+            Location::S3 {
+                server,
+                bucket,
+                prefix,
+            } => server.get(bucket, &format!("{prefix}/{key}")),
         }
     }
 
@@ -183,9 +222,11 @@ impl Repo {
         match &self.location {
             Location::Local(dir) => fs::write(dir.join(key), data)
                 .unwrap_or_else(|e| panic!("write {key} in repository: {e}")),
-            Location::S3 { bucket, prefix } => {
-                s3::server().put(bucket, &format!("{prefix}/{key}"), data)
-            }
+            Location::S3 {
+                server,
+                bucket,
+                prefix,
+            } => server.put(bucket, &format!("{prefix}/{key}"), data),
         }
     }
 
@@ -204,9 +245,11 @@ impl Repo {
         match &self.location {
             Location::Local(dir) => fs::remove_file(dir.join(key))
                 .unwrap_or_else(|e| panic!("delete {key} in repository: {e}")),
-            Location::S3 { bucket, prefix } => {
-                s3::server().delete(bucket, &format!("{prefix}/{key}"))
-            }
+            Location::S3 {
+                server,
+                bucket,
+                prefix,
+            } => server.delete(bucket, &format!("{prefix}/{key}")),
         }
     }
 

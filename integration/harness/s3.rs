@@ -1,5 +1,6 @@
 //! The S3 server of the test process: one moto server on a free port, started by the first test
-//! that needs it, with a client to look into buckets behind walvault's back.
+//! that needs it, with a client to look into buckets behind walvault's back. Garage
+//! ([`super::garage`]) is served through the same type.
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation};
 use aws_sdk_s3::Client;
@@ -18,9 +19,11 @@ pub const REGION: &str = "us-east-1";
 
 pub struct S3Server {
     endpoint: String,
-    /// The wrapper shell around moto; it kills moto when our end of its stdin closes, that is
-    /// when the test process exits.
-    _process: Child,
+    access_key: String,
+    secret_key: String,
+    /// The wrapper shell around the server; it kills the server when our end of its stdin
+    /// closes, that is when the test process exits (see [`spawn_tied`]).
+    _process: Option<Child>,
     runtime: Runtime,
     client: Client,
 }
@@ -55,16 +58,16 @@ impl S3Server {
     fn start() -> Result<S3Server, String> {
         let program = moto_program()?;
         let port = super::free_port();
-        let process = Command::new("sh")
-            .arg("-c")
-            .arg(r#""$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 & moto=$!; cat >/dev/null; kill $moto"#)
-            .arg(&program)
-            .arg(port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", program.display()))?;
+        let process = spawn_tied(
+            &program,
+            &[
+                "-H".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ],
+            None,
+        )?;
         let addr = format!("127.0.0.1:{port}");
         let timeout = Duration::from_secs(60);
         if !super::poll_until(timeout, || TcpStream::connect(&addr).is_ok()) {
@@ -73,13 +76,28 @@ impl S3Server {
                 program.display()
             ));
         }
-        let endpoint = format!("http://{addr}");
+        Ok(S3Server::new(
+            format!("http://{addr}"),
+            Some(process),
+            ACCESS_KEY,
+            SECRET_KEY,
+        ))
+    }
+
+    /// A server already listening at `endpoint`, reached with these keys; `process` (if the
+    /// server is this client's alone) ends with it.
+    pub(crate) fn new(
+        endpoint: String,
+        process: Option<Child>,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Self {
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .endpoint_url(&endpoint)
             .region(Region::new(REGION))
             .credentials_provider(Credentials::new(
-                ACCESS_KEY, SECRET_KEY, None, None, "tests",
+                access_key, secret_key, None, None, "tests",
             ))
             .force_path_style(true)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
@@ -89,12 +107,19 @@ impl S3Server {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        Ok(S3Server {
+        S3Server {
             endpoint,
+            access_key: access_key.to_string(),
+            secret_key: secret_key.to_string(),
             _process: process,
             runtime,
             client: Client::from_conf(config),
-        })
+        }
+    }
+
+    /// The access key id and secret walvault uses with this server.
+    pub fn keys(&self) -> (&str, &str) {
+        (&self.access_key, &self.secret_key)
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -179,4 +204,25 @@ impl S3Server {
             .block_on(self.client.delete_object().bucket(bucket).key(key).send())
             .unwrap_or_else(|e| panic!("delete s3://{bucket}/{key}: {e:?}"));
     }
+}
+
+/// Starts `program args...` under a shell that kills it when its stdin closes, that is when the
+/// test process exits however it ends; its output goes to `log` (or nowhere).
+pub(crate) fn spawn_tied(
+    program: &std::path::Path,
+    args: &[String],
+    log: Option<&std::path::Path>,
+) -> Result<Child, String> {
+    let log = log.map_or("/dev/null".into(), |p| p.display().to_string());
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"log=$1; shift; "$0" "$@" >"$log" 2>&1 & server=$!; cat >/dev/null; kill $server"#)
+        .arg(program)
+        .arg(log)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", program.display()))
 }

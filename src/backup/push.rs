@@ -691,7 +691,8 @@ async fn store_pack(shared: &Shared, mut pack: PackBuf) -> Result<PackBuf, Backu
     let (content, stored) = shared.repo.put_pack(&key, content).await?;
     pack.content = content.bytes;
     // Names carry the start LSN, which every pg_backup_start moves on, so a pack of the same
-    // name can only come from a concurrent push that shared our checkpoint: never replace it.
+    // name with other content can only come from a concurrent push that shared our checkpoint:
+    // never replace it. (One with exactly this content, a retried PUT's own, counts as stored.)
     if stored.committed == Committed::AlreadyExists {
         return Err(BackupError::invalid(
             format!("backup {}", shared.name),

@@ -221,12 +221,21 @@ impl Repository {
                 }
             }
             let comparison = match content {
-                WalContent::File(path) => self.compare_with_file(&key, path).await?,
-                WalContent::Bytes(bytes) => self.get_bytes(&key).await?.map(|stored| Comparison {
-                    identical: stored == bytes,
-                    stored: Checksum::of(&stored),
-                    local: Checksum::of(bytes),
+                WalContent::File(path) => self.compare_with_file(&key, path).await,
+                WalContent::Bytes(bytes) => self.get_bytes(&key).await.map(|stored| {
+                    stored.map(|stored| Comparison {
+                        identical: stored == bytes,
+                        stored: Checksum::of(&stored),
+                        local: Checksum::of(bytes),
+                    })
                 }),
+            };
+            let comparison = match comparison {
+                Err(RepoError::Codec(CodecError::Corrupt { problem, .. })) => {
+                    self.replace_damaged(&key, &problem).await?;
+                    continue;
+                }
+                other => other?,
             };
             match comparison {
                 Some(cmp) if cmp.identical => return Ok(WalStored::Identical),
@@ -243,6 +252,22 @@ impl Repository {
             }
         }
         Err(RepoError::Vanishing(key))
+    }
+
+    /// Removes a damaged WAL object (one that does not decode: an upload cut short that a
+    /// server kept anyway, a torn copy) so that the content PostgreSQL still holds can be
+    /// stored in its place: left there, it would fail every archive_command call for ever and
+    /// hold no WAL anyone could restore. It is read a second time first, so a read that broke
+    /// on the way is not mistaken for damage.
+    async fn replace_damaged(&self, key: &str, problem: &str) -> Result<(), RepoError> {
+        match self.verify(key).await {
+            Err(RepoError::Codec(CodecError::Corrupt { .. })) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        tracing::warn!("{key} is damaged ({problem}); replacing it with the content being stored");
+        self.store.delete(key).await?;
+        Ok(())
     }
 
     /// Stores the content of the file at `path` under `key`, handing each block of content to
@@ -284,7 +309,7 @@ impl Repository {
             writer.write(out.into()).await?;
         }
         let mut trailer = Vec::with_capacity(8);
-        encoder
+        let checksum = encoder
             .finish(&mut trailer)
             .map_err(|_| RepoError::FileChanged {
                 path: path.to_path_buf(),
@@ -295,7 +320,7 @@ impl Repository {
         writer.write(trailer.into()).await?;
         let committed = writer.commit(mode).await?;
         Ok(Stored {
-            committed,
+            committed: self.settle(key, committed, len, checksum).await?,
             content_len: len,
             stored_len,
         })
@@ -312,11 +337,43 @@ impl Repository {
         let encoded = codec::encode_all(self.compression, content);
         let stored_len = encoded.len() as u64;
         writer.write(encoded.into()).await?;
+        let committed = writer.commit(mode).await?;
+        let len = content.len() as u64;
         Ok(Stored {
-            committed: writer.commit(mode).await?,
-            content_len: content.len() as u64,
+            committed: self
+                .settle(key, committed, len, Checksum::of(content))
+                .await?,
+            content_len: len,
             stored_len,
         })
+    }
+
+    /// Makes a no-overwrite write idempotent: when the key was taken, the stored object is read
+    /// back, and if it holds exactly the content being written (same length and content
+    /// checksum) the write counts as [`Committed::Created`]. That is the case of a retried PUT
+    /// whose first attempt reached the store but lost its answer, and of a writer re-run after a
+    /// crash. An object that differs, or that cannot be decoded, stays
+    /// [`Committed::AlreadyExists`] for the caller to judge; only store errors are errors.
+    async fn settle(
+        &self,
+        key: &str,
+        committed: Committed,
+        content_len: u64,
+        checksum: Checksum,
+    ) -> Result<Committed, RepoError> {
+        if committed != Committed::AlreadyExists {
+            return Ok(committed);
+        }
+        match self.verify(key).await {
+            Ok(Some(found)) if found == (content_len, checksum) => {
+                tracing::info!("{key} already holds exactly this content (a retried write)");
+                Ok(Committed::Created)
+            }
+            Ok(_) | Err(RepoError::Codec(CodecError::Corrupt { .. })) => {
+                Ok(Committed::AlreadyExists)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A small object's verified content, or `None` when absent.
@@ -617,4 +674,36 @@ pub(crate) async fn local_for_tests(dir: &Path) -> Repository {
     })
     .unwrap();
     Repository::open(&settings).await.unwrap()
+}
+
+#[cfg(test)]
+mod damaged_wal {
+    use super::*;
+
+    /// A WAL object that does not decode (an upload cut short that the server kept) is replaced
+    /// by the content being archived instead of failing every later archive_command call;
+    /// a whole object with other content is still a conflict.
+    #[tokio::test]
+    async fn a_damaged_wal_object_is_replaced_not_a_dead_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = local_for_tests(dir.path()).await;
+        let name: WalFileName = "000000010000000000000001".parse().unwrap();
+        let key = layout::wal(&name);
+        std::fs::create_dir_all(dir.path().join("wal")).unwrap();
+        std::fs::write(dir.path().join(&key), b"WVLT\x01").unwrap();
+        let stored = repo
+            .store_wal(&name, WalContent::Bytes(b"segment"), |_| {})
+            .await
+            .unwrap();
+        assert!(matches!(stored, WalStored::Created(_)), "{stored:?}");
+        assert_eq!(repo.get_bytes(&key).await.unwrap().unwrap(), b"segment");
+
+        let other = repo
+            .store_wal(&name, WalContent::Bytes(b"another"), |_| {})
+            .await;
+        assert!(
+            matches!(other, Err(RepoError::Conflict { .. })),
+            "{other:?}"
+        );
+    }
 }

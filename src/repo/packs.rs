@@ -37,6 +37,7 @@ impl Repository {
         content: PackContent,
     ) -> Result<(PackContent, PackStored), RepoError> {
         let compression = self.compression;
+        let content_len = content.bytes.len() as u64;
         let (content, encoded) = tokio::task::spawn_blocking(move || {
             let mut content = content;
             let crc = std::mem::replace(&mut content.crc, Hasher::new());
@@ -47,13 +48,13 @@ impl Repository {
                 encoder.block(block, &mut out);
             }
             // The encoder was told the length of exactly these bytes, so it cannot mismatch.
-            let finished = encoder.finish(&mut out).map(|_| out);
+            let finished = encoder.finish(&mut out).map(|checksum| (out, checksum));
             content.bytes.clear();
             (content, finished)
         })
         .await
         .map_err(|e| RepoError::Task(e.to_string()))?;
-        let encoded = encoded.map_err(|e| RepoError::Encode {
+        let (encoded, checksum) = encoded.map_err(|e| RepoError::Encode {
             key: key.to_owned(),
             source: e,
         })?;
@@ -61,6 +62,8 @@ impl Repository {
         let mut writer = self.store.writer(key)?;
         writer.write(encoded.into()).await?;
         let committed = writer.commit(PutMode::IfAbsent).await?;
+        // A retried PUT may meet the object its first attempt stored.
+        let committed = self.settle(key, committed, content_len, checksum).await?;
         Ok((
             content,
             PackStored {
@@ -307,5 +310,50 @@ mod tests {
             assert!(repo.open_pack("p", wanted).await.is_err());
         }
         assert!(repo.open_pack("absent", vec![]).await.unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod retried_writes {
+    use super::*;
+    use crate::repo::local_for_tests as repo;
+
+    fn pack(bytes: &[u8]) -> PackContent {
+        let mut crc = Hasher::new();
+        crc.update(bytes);
+        PackContent {
+            bytes: bytes.to_vec(),
+            crc,
+        }
+    }
+
+    /// A no-overwrite write that meets its own content (a retried PUT whose first attempt was
+    /// stored but whose answer was lost) succeeds; one that meets other content does not.
+    #[tokio::test]
+    async fn a_write_that_meets_its_own_object_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path()).await;
+        let first = repo.put_pack("packs/1", pack(b"pieces")).await.unwrap().1;
+        assert_eq!(first.committed, Committed::Created);
+        let again = repo.put_pack("packs/1", pack(b"pieces")).await.unwrap().1;
+        assert_eq!(again.committed, Committed::Created);
+        let other = repo.put_pack("packs/1", pack(b"others")).await.unwrap().1;
+        assert_eq!(other.committed, Committed::AlreadyExists);
+
+        for content in [&b"manifest"[..], b""] {
+            let key = format!("m{}", content.len());
+            let put = || repo.put_bytes(&key, content, PutMode::IfAbsent);
+            assert_eq!(put().await.unwrap().committed, Committed::Created);
+            assert_eq!(put().await.unwrap().committed, Committed::Created);
+        }
+        let differs = repo.put_bytes("m8", b"manifesT", PutMode::IfAbsent);
+        assert_eq!(differs.await.unwrap().committed, Committed::AlreadyExists);
+        // Something that is not an object at all is not "identical" either.
+        std::fs::write(dir.path().join("junk"), b"not an object").unwrap();
+        let junk = repo
+            .put_bytes("junk", b"x", PutMode::IfAbsent)
+            .await
+            .unwrap();
+        assert_eq!(junk.committed, Committed::AlreadyExists);
     }
 }

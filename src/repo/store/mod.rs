@@ -12,6 +12,7 @@
 mod local;
 #[cfg(test)]
 mod powerloss;
+mod resume;
 mod s3;
 
 use std::pin::Pin;

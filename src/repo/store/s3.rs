@@ -2,8 +2,9 @@
 //!
 //! Every request is bounded: each attempt by `s3.timeout`, the whole call by the attempts times
 //! that, with the SDK's standard retry (exponential backoff with jitter) for throttling, 5xx and
-//! connection failures. Reads of a response body are bounded per read, so a stalled download
-//! fails instead of hanging. Uploads buffer at most one part (`s3.part_size`): a smaller object
+//! connection failures. Reads of a response body are bounded per read, and a stalled or broken
+//! download asks again for the rest ([`super::resume`]) within the same attempts. Uploads
+//! buffer at most one part (`s3.part_size`): a smaller object
 //! is one `PutObject`, a larger one a multipart upload that becomes visible only when completed,
 //! and is aborted if the writer fails or is dropped uncommitted. `IfAbsent` sends
 //! `If-None-Match: *`. Over https the CA certificates come from one bundle file read once per
@@ -19,13 +20,14 @@ use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::{Bytes, BytesMut};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::resume::{ResumingBody, Source};
 use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
 use crate::config::S3Settings;
 
@@ -35,6 +37,7 @@ pub(crate) struct S3Store {
     /// Empty, or ending in `/`.
     prefix: String,
     read_timeout: Duration,
+    max_attempts: u32,
     part_size: usize,
 }
 
@@ -114,6 +117,7 @@ impl S3Store {
                 format!("{prefix}/")
             },
             read_timeout: s.timeout,
+            max_attempts: s.max_attempts,
             part_size: s.part_size,
         }
     }
@@ -144,9 +148,17 @@ impl S3Store {
             .await;
         match result {
             Ok(out) => {
-                let mut reader = tokio_io_timeout::TimeoutReader::new(out.body.into_async_read());
-                reader.set_timeout(Some(self.read_timeout));
-                Ok(Some(Box::pin(reader)))
+                let source = Source {
+                    client: self.client.clone(),
+                    bucket: self.bucket.clone(),
+                    full_key: self.full_key(key),
+                    etag: out.e_tag().map(str::to_owned),
+                    length: out.content_length().and_then(|n| u64::try_from(n).ok()),
+                    read_timeout: self.read_timeout,
+                    max_attempts: self.max_attempts,
+                };
+                let body = Box::pin(out.body.into_async_read());
+                Ok(Some(Box::pin(ResumingBody::new(source, body))))
             }
             // Only the explicit NoSuchKey code means "absent": a bare 404 may come from a wrong
             // endpoint or a missing bucket, and must not look like the end of the archive.
@@ -260,11 +272,15 @@ impl S3Writer {
 
     async fn upload_part(&mut self, body: Bytes) -> Result<(), StoreError> {
         if self.upload.is_none() {
+            // The parts carry CRC32 checksums (the SDK adds them), which CompleteMultipartUpload
+            // repeats: a server such as Garage accepts them there only when the upload declared
+            // the algorithm up front.
             let created = self
                 .client
                 .create_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&self.full_key)
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
                 .send()
                 .await
                 .map_err(|e| self.error("CreateMultipartUpload", &e))?;
