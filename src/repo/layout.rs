@@ -22,6 +22,10 @@ const STREAM: &str = "stream/";
 const BACKUPS: &str = "backups/";
 const MANIFEST: &str = "manifest";
 const PACKS: &str = "packs/";
+/// A backup's pin: `backups/<name>/keep`, present while retention must keep the backup.
+const PIN: &str = "keep";
+/// The lock that makes `delete` runs take turns.
+const RETENTION_LOCK: &str = "locks/retention";
 
 /// A prefix to list: the kinds of object that are listed by group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +40,8 @@ pub(crate) enum Listing<'a> {
     FragmentsOf(&'a SegmentName),
     /// Every object of every backup.
     Backups,
+    /// Every segment summary.
+    Summaries,
 }
 
 impl Listing<'_> {
@@ -47,6 +53,7 @@ impl Listing<'_> {
             Listing::Fragments => STREAM.to_owned(),
             Listing::FragmentsOf(seg) => format!("{STREAM}{seg}/"),
             Listing::Backups => BACKUPS.to_owned(),
+            Listing::Summaries => SUMMARY.to_owned(),
         }
     }
 }
@@ -65,6 +72,10 @@ pub(crate) enum ObjectKey {
     },
     Manifest(BackupName),
     Pack(BackupName, PackId),
+    /// The backup is pinned: retention keeps it (and its chain) whatever the policy.
+    Pin(BackupName),
+    /// Held by the `delete` that is running (retention).
+    RetentionLock,
 }
 
 impl ObjectKey {
@@ -79,6 +90,8 @@ impl ObjectKey {
             }
             ObjectKey::Manifest(name) => format!("{BACKUPS}{name}/{MANIFEST}"),
             ObjectKey::Pack(name, id) => format!("{BACKUPS}{name}/{PACKS}{:06}", id.0),
+            ObjectKey::Pin(name) => format!("{BACKUPS}{name}/{PIN}"),
+            ObjectKey::RetentionLock => RETENTION_LOCK.to_owned(),
         }
     }
 
@@ -86,6 +99,9 @@ impl ObjectKey {
     pub(crate) fn parse(key: &str) -> Option<ObjectKey> {
         if key == IDENTITY {
             return Some(ObjectKey::Identity);
+        }
+        if key == RETENTION_LOCK {
+            return Some(ObjectKey::RetentionLock);
         }
         if let Some(name) = key.strip_prefix(WAL) {
             return name.parse().ok().map(ObjectKey::Wal);
@@ -113,6 +129,9 @@ impl ObjectKey {
         let name = BackupName::parse(name).ok()?;
         if what == MANIFEST {
             return Some(ObjectKey::Manifest(name));
+        }
+        if what == PIN {
+            return Some(ObjectKey::Pin(name));
         }
         let id = what.strip_prefix(PACKS)?;
         if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -206,6 +225,10 @@ impl BackupName {
     pub(crate) fn pack_key(&self, pack: PackId) -> String {
         ObjectKey::Pack(self.clone(), pack).key()
     }
+
+    pub(crate) fn pin_key(&self) -> String {
+        ObjectKey::Pin(self.clone()).key()
+    }
 }
 
 impl TryFrom<String> for BackupName {
@@ -252,6 +275,8 @@ mod tests {
                 end: 0x3F10,
             },
             ObjectKey::Manifest(backup.clone()),
+            ObjectKey::Pin(backup.clone()),
+            ObjectKey::RetentionLock,
             ObjectKey::Pack(backup, PackId(7)),
         ];
         for key in keys {
@@ -337,6 +362,8 @@ mod tests {
                 end: 1,
             },
             ObjectKey::Manifest(name.clone()),
+            ObjectKey::Pin(name.clone()),
+            ObjectKey::RetentionLock,
             ObjectKey::Pack(name, PackId(0)),
         ] {
             assert!(
