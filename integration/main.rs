@@ -10,6 +10,8 @@ mod pg_conn;
 
 mod recover;
 
+mod retention;
+
 mod store;
 
 mod stream;

@@ -3,7 +3,8 @@
 //!
 //! Understands the catalog's backups, the archived WAL segments and timeline history files, which
 //! timeline owns each segment along a history, and reads segment summaries ahead concurrently.
-//! Used by backup-list (the window it prints) and the recovery planner (the walk it checks).
+//! Used by backup-list (the window it prints), the recovery planner (the walk it checks) and
+//! retention (the window before and after, and its proof).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -125,9 +126,7 @@ impl Recoverable {
         let history = target_history(repo, &archive, timeline, newest).await?;
         let newest_segment = archive.newest_on(&history);
         let window = Window {
-            oldest_backup_end: backups
-                .iter()
-                .find(|b| usable_on(b, &history))
+            oldest_backup_end: first_backup(&backups, &archive, &history, newest_segment)
                 .map(|b| (b.name.clone(), b.stop_time.clone(), b.stop_lsn)),
             last_xact_end: last_xact_end(repo, &archive, &history, newest_segment).await,
             newest_segment,
@@ -154,6 +153,34 @@ impl Recoverable {
             history: &self.history,
         }
     }
+}
+
+/// The backup the window starts at: the oldest usable one from whose start every segment to the
+/// newest is archived along the history (retention may keep older backups restorable only to
+/// their own end), else the oldest usable one.
+fn first_backup<'a>(
+    backups: &'a [Summary],
+    archive: &Archive,
+    history: &TimelineHistory,
+    newest: Option<SegmentName>,
+) -> Option<&'a Summary> {
+    let mut usable = backups.iter().filter(|b| usable_on(b, history));
+    let Some(newest) = newest.and_then(|s| archive.segno(&s)) else {
+        return usable.next();
+    };
+    let archived = |no: u64| {
+        archive
+            .name_on(history, SegmentNo(no))
+            .is_some_and(|n| archive.segments.contains_key(&n))
+    };
+    let mut from = newest.0;
+    while from > 0 && archived(from - 1) {
+        from -= 1;
+    }
+    let oldest = usable.clone().next();
+    usable
+        .find(|b| b.start_lsn.segment_number(archive.seg_size).0 >= from)
+        .or(oldest)
 }
 
 fn usable_on(backup: &Summary, history: &TimelineHistory) -> bool {

@@ -295,7 +295,11 @@ pub(crate) async fn plan(
         oldest_backup_end: backups
             .iter()
             .zip(&verdicts.kept_by)
-            .find(|(b, rules)| !rules.is_empty() && recoverable.usable(b))
+            .find(|(b, rules)| {
+                !rules.is_empty()
+                    && recoverable.usable(b)
+                    && segments_of(b, seg_size).0 >= keep.from
+            })
             .map(|(b, _)| (b.name.clone(), b.stop_time.clone(), b.stop_lsn)),
         ..window_before.clone()
     };
