@@ -26,13 +26,14 @@ from https import HttpsSection
 from pitr import PitrSection
 from report import Report
 from restore import RestoreSection
+from retention import RetentionSection
 from rss import RssSection
 from setup import Setup, on_signal, stop_all
 from spool import SpoolSection
 
 
 class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, RssSection, HttpsSection,
-            SpoolSection):
+            SpoolSection, RetentionSection):
     """One run: Setup's directories, clusters and segments, one bench_<section>() per section."""
 
     # ---------------------------------------------------------------- report

@@ -197,6 +197,16 @@ fn delete_keeps_what_recovery_needs(kind: RepoKind) {
     let done = json(&wv, &["delete", "--retain-full", "1", "--json"]);
     assert_eq!(done["deleted"]["backups"], 1, "{done}");
     wv.run(&["verify"]).assert_success();
+
+    // With a policy configured, backup-push applies it after the backup and logs one line.
+    let mut envs = backup_env(&env, &fork);
+    envs.push(("WALVAULT_RETENTION_FULL", "1".to_owned()));
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = wv.run_with_env(&["backup-push", "--full"], &envs);
+    out.assert_success();
+    out.assert_stderr_contains("retention (full = 1): deleted 2 backups");
+    assert_eq!(listed(&wv).len(), 1);
+    wv.run(&["verify"]).assert_success();
 }
 
 /// A delete killed (SIGKILL) at each of its failpoints leaves a repository that verifies, and the
@@ -209,6 +219,8 @@ fn delete_killed_at_each_step_completes_when_run_again(kind: RepoKind) {
         archive_everything(&source);
         push(&env, &wv, &source, &["--full"]);
     }
+    // Stop times are whole seconds: the planner trusts only targets a second past one.
+    std::thread::sleep(Duration::from_millis(1100));
     insert(&source, 1, 2);
     let last = last_commit_time(&source, "");
     let rows = ids(&source, "");
@@ -226,6 +238,13 @@ fn delete_killed_at_each_step_completes_when_run_again(kind: RepoKind) {
             &format!("failpoint {point} reached"),
             Duration::from_secs(120),
         );
+        // A second delete while the first runs refuses, naming the holder.
+        let out = wv.run(&["delete", "--retain-full", keep]);
+        out.assert_failure();
+        out.assert_stderr_contains(&format!(
+            "another delete holds the repository's retention lock (held by process {}",
+            running.pid()
+        ));
         running.kill();
         wv.run(&["verify"]).assert_success();
         let out = wv.run_with_env(

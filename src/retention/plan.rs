@@ -552,3 +552,107 @@ async fn doomed_wal(
         .collect();
     Ok((doomed, wal_kept, garbage))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::manifest::tests::sample;
+    use crate::repo::PutMode;
+
+    const SEG: u64 = 16 << 20;
+
+    /// A full backup taken at segment `segno` of timeline 1 and ended in it.
+    async fn backup(repo: &Repository, name: &str, segno: u64, stop: &str) {
+        let mut m = sample(name, stop);
+        m.summary.start_lsn = walvault_wal::Lsn(segno * SEG + 0x28);
+        m.summary.stop_lsn = walvault_wal::Lsn(segno * SEG + 0x1000);
+        let json = m.to_json().unwrap();
+        repo.put_bytes(&m.summary.name.manifest_key(), &json, PutMode::IfAbsent)
+            .await
+            .unwrap();
+    }
+
+    async fn segments(repo: &Repository, range: std::ops::RangeInclusive<u64>) {
+        for no in range {
+            let seg = SegmentName::new(
+                TimelineId(1),
+                SegmentNo(no),
+                WalSegmentSize::new(SEG).unwrap(),
+            )
+            .unwrap();
+            repo.put_bytes(&crate::repo::layout::segment(&seg), b"", PutMode::IfAbsent)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn full(n: u32) -> Policy {
+        Policy {
+            full: Some(n),
+            ..Default::default()
+        }
+    }
+
+    async fn refusal(repo: &Arc<Repository>, policy: &Policy) -> String {
+        match plan(repo, policy, UnixMicros::now(), DEFAULT_GRACE).await {
+            Ok(p) => panic!("planned instead of refusing:\n{p}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Old WAL goes oldest first and a kept backup's own WAL stays; a gap in what must be kept,
+    /// an unreadable manifest, or a policy keeping nothing is refused.
+    #[tokio::test]
+    async fn plans_are_proven_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Arc::new(crate::repo::local_for_tests(dir.path()).await);
+        backup(&repo, "base_a", 2, "2026-11-01T00:00:00Z").await;
+        backup(&repo, "base_b", 5, "2026-11-02T00:00:00Z").await;
+        backup(&repo, "base_c", 8, "2026-11-03T00:00:00Z").await;
+        segments(&repo, 1..=10).await;
+        let planned = plan(&repo, &full(1), UnixMicros::now(), DEFAULT_GRACE)
+            .await
+            .unwrap();
+        let doomed: Vec<String> = planned.doomed_wal.iter().map(|d| d.key.key()).collect();
+        let expected: Vec<String> = (1..=7)
+            .map(|n| format!("wal/0000000100000000000000{n:02X}"))
+            .collect();
+        assert_eq!(doomed, expected);
+        assert_eq!(planned.doomed_backups.len(), 2);
+        assert_eq!(planned.doomed_backups[0].name.as_str(), "base_b");
+
+        // With b pinned, its segment stays and so does it.
+        crate::retention::pins::mark(&repo, &BackupName::parse("base_b").unwrap(), true)
+            .await
+            .unwrap();
+        let planned = plan(&repo, &full(1), UnixMicros::now(), DEFAULT_GRACE)
+            .await
+            .unwrap();
+        assert!(!planned
+            .doomed_wal
+            .iter()
+            .any(|d| d.key.key().ends_with("05")));
+        assert_eq!(planned.doomed_backups.len(), 1);
+
+        // A gap after the newest full backup's start.
+        std::fs::remove_file(dir.path().join("wal/000000010000000000000009")).unwrap();
+        let err = refusal(&repo, &full(1)).await;
+        assert!(err.contains("000000010000000000000009 is missing"), "{err}");
+        segments(&repo, 9..=9).await;
+
+        crate::retention::pins::mark(&repo, &BackupName::parse("base_b").unwrap(), false)
+            .await
+            .unwrap();
+        let none = Policy {
+            daily: Some(0),
+            ..Default::default()
+        };
+        assert!(refusal(&repo, &none).await.contains("keeps no backup"));
+
+        repo.put_bytes("backups/base_d/manifest", b"{", PutMode::IfAbsent)
+            .await
+            .unwrap();
+        let err = refusal(&repo, &full(1)).await;
+        assert!(err.contains("base_d/manifest"), "{err}");
+    }
+}
