@@ -202,9 +202,10 @@ impl Archive {
             histories: BTreeSet::new(),
             seg_size,
         };
-        for object in repo.list(Listing::Wal).await? {
+        // Streamed: only the parsed names are kept, not a key string per archived file.
+        repo.list_each(Listing::Wal, &mut |object| {
             let Some(ObjectKey::Wal(name)) = ObjectKey::parse(&object.key) else {
-                continue;
+                return;
             };
             match name {
                 WalFileName::Segment(seg) => {
@@ -215,7 +216,8 @@ impl Archive {
                 }
                 _ => {}
             }
-        }
+        })
+        .await?;
         Ok(archive)
     }
 

@@ -130,15 +130,19 @@ impl LocalStore {
                 Err(e) => return Err(io_err("list", &dir)(e)),
             };
             while let Some(entry) = entries.next_entry().await.map_err(io_err("list", &dir))? {
-                let Ok(meta) = entry.metadata().await else {
+                // The directory entry's type and name first: a stat only for temp files.
+                let Ok(kind) = entry.file_type().await else {
                     continue;
                 };
-                if meta.is_dir() {
+                if kind.is_dir() {
                     pending.push(entry.path());
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let Some(pid) = temp_file_pid(&name) else {
+                    continue;
+                };
+                let Ok(meta) = entry.metadata().await else {
                     continue;
                 };
                 let old = meta.modified().is_ok_and(|m| m < before);
