@@ -712,6 +712,31 @@ mod tests {
         assert_eq!(s.s3.timeout, Duration::from_secs(7));
     }
 
+    /// `[retention]` from the file, `WALVAULT_RETENTION_*` over it, `delete`'s flags over both;
+    /// errors name the flag.
+    #[test]
+    fn retention_rules_layer_like_every_setting() {
+        let (_d, path) = config_file(
+            "repo = \"file:///r\"\n[retention]\nfull = 2\nwindow = \"14d\"\nauto = false\n",
+        );
+        let mut flags = FlagValues {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        flags.retention[0] = Some("1".into());
+        let s = load(flags.clone(), &[("WALVAULT_RETENTION_DAILY", "7")]).unwrap();
+        assert_eq!(s.retention.full, Some(1));
+        assert_eq!(s.retention.window, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!(s.retention.daily, Some(7));
+        assert!(!s.retention_auto);
+        assert_eq!(s.retention_grace, Duration::from_secs(86_400));
+        flags.retention[0] = Some("0".into());
+        let err = load(flags, &[]).unwrap_err().to_string();
+        assert!(err.contains("flag --retain-full"), "{err}");
+        let (_d, path) = config_file("repo = \"file:///r\"\n");
+        assert!(load_file(path, &[]).unwrap().retention.is_empty());
+    }
+
     #[test]
     fn config_file_comes_from_the_environment_too() {
         let (_d, path) = config_file("repo = \"file:///r\"\n");
