@@ -16,7 +16,7 @@ use serde::Serialize;
 use walvault_wal::{SegmentName, SegmentNo, TimelineId, WalFileName, WalSegmentSize};
 
 use super::policy::{self, Policy, Verdicts};
-use super::{pins, RetentionError};
+use super::RetentionError;
 use crate::backup::manifest::{BackupName, PackId, Summary};
 use crate::backup::window::{Missing, Recoverable, TimelineChoice, Window, WindowError};
 use crate::repo::layout::{Listing, ObjectKey};
@@ -235,13 +235,17 @@ pub(crate) async fn plan(
         Err(e) => return Err(e.into()),
     };
     let seg_size = recoverable.archive.seg_size();
-    let pins = pins::pinned(repo).await?;
+    let stored = stored_backups(repo).await?;
+    let pins: BTreeSet<BackupName> = stored
+        .iter()
+        .filter(|(_, o)| o.pinned)
+        .map(|(name, _)| name.clone())
+        .collect();
     let verdicts = policy::verdicts(policy, &backups, &pins, |b| recoverable.usable(b), now);
     prove_chains(&backups, &verdicts)?;
     let keep = keep_wal(&backups, &verdicts, seg_size)?;
     prove_wal(repo, &recoverable, &backups, &verdicts, &keep)?;
 
-    let stored = stored_backups(repo).await?;
     let mut doomed_backups = Vec::new();
     let mut garbage = Vec::new();
     let cutoff = snapshot
