@@ -68,6 +68,8 @@ class Report:
             L += self.https(s["https"])
         if "spool" in s:
             L += self.spool(s["spool"])
+        if "status" in s:
+            L += self.status(s["status"])
         if "retention" in s:
             L += retention.report(s["retention"])
         if self.targets:
@@ -278,6 +280,16 @@ class Report:
                  "Commands: " + "; ".join(f"{n}: `{x['command']}` with `WALVAULT_S3_ENDPOINT={x['endpoint']}`"
                                           + (f", `SSL_CERT_FILE={x['ssl_cert_file']}`" if x["ssl_cert_file"] else "")
                                           for n, x in v.items()) + ".\n")
+        return L
+
+    def status(self, a):
+        L = [f"## status and metrics on a repository of {a['objects']} WAL objects\n",
+             "| command | wall s: median (min–max) | CPU s median | peak RSS MiB median |", "|---|---|---|---|"]
+        for name, x in a["commands"].items():
+            L.append(f"| `walvault {name}` | {x['wall_median']:.2f} ({min(x['wall_s']):.2f}–{max(x['wall_s']):.2f}) "
+                     f"| {med(x['cpu_s']):.2f} | {x['maxrss_median_mib']:.0f} |")
+        L.append("\nLocal repository; the WAL objects are hard links of one stored segment (listing only: neither "
+                 "command reads a WAL object).\n")
         return L
 
     def spool(self, a):

@@ -23,7 +23,12 @@ fn pg_env<'a>(env: &'a TestEnv, cluster: &'a Cluster, port: &'a str) -> Vec<(&'a
     ]
 }
 
-fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster, args: &[&str]) -> String {
+pub(crate) fn backup_push(
+    env: &TestEnv,
+    wv: &Walvault,
+    cluster: &Cluster,
+    args: &[&str],
+) -> String {
     let port = cluster.port().to_string();
     let mut all = vec!["backup-push"];
     all.extend_from_slice(args);
@@ -33,13 +38,13 @@ fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster, args: &[&str]) -
 }
 
 #[derive(Debug, serde::Deserialize)]
-struct Listed {
-    name: String,
+pub(crate) struct Listed {
+    pub(crate) name: String,
     #[serde(rename = "type")]
-    kind: String,
-    parent: Option<String>,
+    pub(crate) kind: String,
+    pub(crate) parent: Option<String>,
     start_time: String,
-    stop_time: String,
+    pub(crate) stop_time: String,
     start_lsn: String,
     stop_lsn: String,
     timeline: u32,
@@ -48,14 +53,14 @@ struct Listed {
     page_checksum_failures: u64,
 }
 
-fn backup_list(wv: &Walvault) -> Vec<Listed> {
+pub(crate) fn backup_list(wv: &Walvault) -> Vec<Listed> {
     let out = wv.run(&["backup-list", "--json"]);
     out.assert_success();
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("backup-list --json: {e}\n{out}"))
 }
 
 /// md5 of every user table's rows, by table name.
-fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
+pub(crate) fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
     let tables = cluster.psql(
         "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname = 'public' ORDER BY 1",
@@ -365,13 +370,13 @@ fn backup_failures(kind: RepoKind) {
     assert_eq!(fine.psql("SELECT count(*) FROM t"), "100000");
 }
 
-/// PostgreSQL 13 and 14 use the older backup functions; each major available gets a full and a
-/// delta backup restored and compared.
+/// PostgreSQL 13 and 14 use the older backup functions; each of them available gets a full and a
+/// delta backup restored and compared (newer majors get theirs in the version matrix).
 #[test]
 fn older_majors_back_up_and_restore() {
     let installs: Vec<PgInstall> = PgInstall::all()
         .into_iter()
-        .filter(|i| i.major() != 15)
+        .filter(|i| i.major() < 15)
         .collect();
     if installs.is_empty() {
         eprintln!("no other PostgreSQL major available (integration/run.sh installs one)");

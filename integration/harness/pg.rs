@@ -67,6 +67,30 @@ impl PgInstall {
         PgInstall::all().into_iter().find(|i| i.major == major)
     }
 
+    /// The install of `major` for a test that needs that major: `None` when it is not installed
+    /// (the test then skips, saying so), but a failure when `$WALVAULT_TEST_REQUIRE_PG` (set by
+    /// integration/run.sh to the majors it installed, as in CI) lists it, so a missing major can
+    /// never pass as a skipped one there.
+    pub fn required_or_skip(major: u32) -> Option<PgInstall> {
+        let found = PgInstall::get(major);
+        let listed = env::var("WALVAULT_TEST_REQUIRE_PG").unwrap_or_default();
+        let required = listed
+            .split([' ', ','])
+            .any(|m| m.trim() == major.to_string());
+        assert!(
+            found.is_some() || !required,
+            "PostgreSQL {major} is required (WALVAULT_TEST_REQUIRE_PG={listed:?}) but not in \
+             WALVAULT_TEST_PG_BINS: run integration/run.sh"
+        );
+        if found.is_none() {
+            println!(
+                "skipped: PostgreSQL {major} not installed (integration/run.sh fetches it; \
+                 WALVAULT_TEST_EXTRA_PG)"
+            );
+        }
+        found
+    }
+
     pub fn major(&self) -> u32 {
         self.major
     }

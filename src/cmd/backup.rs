@@ -12,6 +12,7 @@ use crate::backup::push::{self, Mode, PushOptions};
 use crate::backup::window::{Recoverable, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
+use crate::ops::hooks::Status as HookStatus;
 use crate::pg::Timeouts;
 use crate::repo::Repository;
 use crate::time::UnixMicros;
@@ -56,9 +57,17 @@ pub(super) async fn push(
     let keep = args.keep;
     let opts = &push_options(settings, quiet, args);
     let url = repo.url().to_owned();
-    let pushed = push::push(Arc::clone(&repo), opts)
+    let pushed = match push::push(Arc::clone(&repo), opts)
         .await
-        .with_context(|| format!("backup-push to {url}"))?;
+        .with_context(|| format!("backup-push to {url}"))
+    {
+        Ok(pushed) => pushed,
+        Err(e) => {
+            let report = serde_json::json!({ "repository": url, "error": super::one_line(&e) });
+            super::ops::hook(settings, "backup-push", HookStatus::Failure, &report).await;
+            return Err(e);
+        }
+    };
     let s = &pushed.summary;
     tracing::info!(
         "backup {} ({}{}) complete: {} files, {} read, {} stored, {} to {}, in {:.1} s",
@@ -88,6 +97,13 @@ pub(super) async fn push(
         tracing::info!("backup {} pinned: retention keeps it and its chain", s.name);
     }
     super::retention::after_backup(settings, &repo).await;
+    let report = serde_json::json!({
+        "repository": url,
+        "backup": Listed::from(s),
+        "files": pushed.files,
+        "duration_seconds": started.elapsed().as_secs_f64(),
+    });
+    super::ops::hook(settings, "backup-push", HookStatus::Success, &report).await;
     Ok(ExitCode::SUCCESS)
 }
 

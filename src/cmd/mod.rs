@@ -8,6 +8,7 @@
 //! also above 125.
 
 mod backup;
+mod ops;
 mod receive;
 mod recover;
 mod retention;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::cli::{Cli, Command, RecoverArgs};
+use crate::cli::{Cli, Command, DrillArgs, RecoverArgs};
 use crate::config::{FlagValues, Settings};
 use crate::repo::Repository;
 
@@ -171,6 +172,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { concurrency } => verify::verify(repo, concurrency).await,
         Command::Delete(args) => retention::delete(&settings, quiet, repo, args).await,
         Command::BackupMark { name, keep, .. } => retention::mark(&repo, &name, keep).await,
+        Command::Status { json } => ops::status(&repo, json).await,
+        Command::Check(args) => ops::check(&settings, repo, args).await,
+        Command::Metrics { listen } => ops::metrics(repo, listen).await,
+        Command::Drill(args) => ops::drill(&settings, &flags, quiet, repo, args).await,
     }
 }
 
@@ -201,7 +206,8 @@ fn flag_values(cli: &Cli) -> FlagValues {
             ]
         }
         Command::BackupFetch { concurrency, .. }
-        | Command::Recover(RecoverArgs { concurrency, .. }) => {
+        | Command::Recover(RecoverArgs { concurrency, .. })
+        | Command::Drill(DrillArgs { concurrency, .. }) => {
             flags.backup_concurrency = concurrency.clone()
         }
         _ => {}

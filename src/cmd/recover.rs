@@ -146,7 +146,7 @@ pub(super) async fn recover(
 /// This walvault binary with the configuration this call used, carried in the data directory
 /// `dir` (secrets aside), so the restored cluster fetches WAL from the same repository however
 /// walvault was configured here (flags, environment or a config file).
-fn fetch_command(settings: &Settings, dir: &Path) -> anyhow::Result<Vec<String>> {
+pub(super) fn fetch_command(settings: &Settings, dir: &Path) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("locating the walvault binary")?;
     let mut command = vec![exe.display().to_string()];
     let config = dir.join(CARRIED_CONFIG_FILE);

@@ -1,4 +1,4 @@
-//! The CLI edge of retention: `delete` (plan, print, delete under the lock), `backup-mark`, and
+//! The CLI edge of retention: `delete` (plan, print, delete under the lock, then the hook), `backup-mark`, and
 //! the policy run after a successful `backup-push`, which logs one line and never fails the
 //! backup.
 
@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::backup::progress::count_bar;
 use crate::cli::DeleteArgs;
 use crate::config::Settings;
+use crate::ops::hooks::Status as HookStatus;
 use crate::repo::Repository;
 use crate::retention::execute::{self, Deleted};
 use crate::retention::{lock, pins, plan, Plan, RetentionError};
@@ -36,12 +37,39 @@ pub(super) async fn delete(
         print_plan(&plan, None, args.json, true)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let held = lock::acquire(&repo).await.with_context(context)?;
-    let result = plan_and_delete(&repo, settings, !quiet && !args.json).await;
-    held.release(&repo).await;
-    let (plan, deleted) = result.with_context(context)?;
+    let result = async {
+        let held = lock::acquire(&repo).await?;
+        let result = plan_and_delete(&repo, settings, !quiet && !args.json).await;
+        held.release(&repo).await;
+        result
+    }
+    .await
+    .with_context(context);
+    let (plan, deleted) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            let report =
+                serde_json::json!({ "repository": repo.url(), "error": super::one_line(&e) });
+            super::ops::hook(settings, "delete", HookStatus::Failure, &report).await;
+            return Err(e);
+        }
+    };
+    let mut report = report_of(&plan, deleted, false);
+    report["repository"] = repo.url().into();
+    super::ops::hook(settings, "delete", HookStatus::Success, &report).await;
     print_plan(&plan, Some(deleted), args.json, false)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The plan as JSON, with what was deleted when something was.
+fn report_of(plan: &Plan, deleted: Deleted, dry_run: bool) -> serde_json::Value {
+    let mut value = plan.to_json(dry_run);
+    value["deleted"] = serde_json::json!({
+        "backups": deleted.backups,
+        "objects": deleted.objects,
+        "bytes": deleted.bytes,
+    });
+    value
 }
 
 async fn plan_and_delete(
@@ -72,14 +100,10 @@ fn print_plan(
     dry_run: bool,
 ) -> anyhow::Result<()> {
     if json {
-        let mut value = plan.to_json(dry_run);
-        if let Some(d) = deleted {
-            value["deleted"] = serde_json::json!({
-                "backups": d.backups,
-                "objects": d.objects,
-                "bytes": d.bytes,
-            });
-        }
+        let value = match deleted {
+            Some(d) => report_of(plan, d, dry_run),
+            None => plan.to_json(dry_run),
+        };
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }

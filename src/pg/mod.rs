@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
-use walvault_wal::Lsn;
+use walvault_wal::{Lsn, PgMajor, WalError};
 
 use conninfo::{ConnInfo, ConnInfoError, Failed, Host, HostSpec};
 use tls::{Encryption, MakeRustls, TlsError};
@@ -234,6 +234,12 @@ impl ServerInfo {
     pub(crate) fn major(&self) -> u32 {
         self.version_num / 10_000
     }
+
+    /// The major, if walvault supports it: the backup calls below differ by major, and one it
+    /// does not know is refused rather than treated as the newest it knows.
+    pub(crate) fn supported_major(&self) -> Result<PgMajor, WalError> {
+        PgMajor::supported(self.major())
+    }
 }
 
 /// An open session, able to run one non-exclusive backup.
@@ -308,12 +314,10 @@ impl BackupSession {
             in_recovery: row.get(6),
             archive_mode: row.get(7),
         };
-        if info.major() < 13 {
-            return Err(PgError::Unsupported {
-                target: shown,
-                problem: format!("server version {} is older than 13", info.version_num),
-            });
-        }
+        info.supported_major().map_err(|e| PgError::Unsupported {
+            target: shown.clone(),
+            problem: format!("{e} (server_version_num {})", info.version_num),
+        })?;
         Ok(BackupSession {
             client,
             conn: target.clone(),
@@ -324,6 +328,11 @@ impl BackupSession {
                 checkpoint_secs.clamp(0, 86_400).unsigned_abs(),
             ),
         })
+    }
+
+    /// The session, for callers that only read (check).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     pub(crate) fn info(&self) -> &ServerInfo {
@@ -426,7 +435,7 @@ impl BackupSession {
 }
 
 /// One SQL call, bounded.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     target: &str,
     what: &'static str,
     after: Duration,
@@ -452,6 +461,18 @@ struct ArchiverWatch<'a> {
     conn: &'a ConnTarget,
     reply: Duration,
     client: Option<Client>,
+}
+
+/// What archiving is doing according to `pg_stat_archiver`, in words naming the segments (the
+/// last failure, if it is more recent than the last success); never fails.
+pub(crate) async fn describe_archiver(conn: &ConnTarget, reply: Duration) -> String {
+    ArchiverWatch {
+        conn,
+        reply,
+        client: None,
+    }
+    .describe()
+    .await
 }
 
 impl ArchiverWatch<'_> {
@@ -499,5 +520,40 @@ impl ArchiverWatch<'_> {
             ),
             _ => format!("no archiving failure since the last success; last archived: {archived}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(version_num: u32) -> ServerInfo {
+        ServerInfo {
+            version_num,
+            system_identifier: 1,
+            data_directory: None,
+            data_checksums: false,
+            block_size: 8192,
+            wal_segment_size: 16 << 20,
+            in_recovery: false,
+            archive_mode: "on".into(),
+        }
+    }
+
+    /// A future major (19) is refused, naming it and the supported range, instead of getting
+    /// the newest backup calls walvault knows; so is one older than 13.
+    #[test]
+    fn an_unknown_major_is_refused_naming_the_supported_range() {
+        for (version_num, major) in [(130023, PgMajor::V13), (180004, PgMajor::V18)] {
+            assert_eq!(server(version_num).supported_major(), Ok(major));
+        }
+        let future = server(190000).supported_major().unwrap_err().to_string();
+        assert!(
+            future.contains("PostgreSQL 19 is not supported"),
+            "{future}"
+        );
+        assert!(future.contains("13 to 18"), "{future}");
+        let old = server(120017).supported_major().unwrap_err().to_string();
+        assert!(old.contains("PostgreSQL 12 is not supported"), "{old}");
     }
 }

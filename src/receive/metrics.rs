@@ -1,19 +1,16 @@
 //! wal-receive's metrics, and the HTTP endpoint that serves them in Prometheus text format
 //! (`--metrics-addr`): positions received, reported and stored, the lag in bytes and seconds, the
 //! last store latency, reconnects and errors. Lock-free counters, written by the stream and
-//! upload tasks; the endpoint answers every request with the whole page.
+//! upload tasks; the page and the endpoint are `crate::prometheus`'s.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use walvault_wal::Lsn;
 
-/// Bound on serving one scrape, so a stuck client cannot hold a task forever.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::prometheus::{Kind, Page};
 
 #[derive(Default)]
 pub(crate) struct Metrics {
@@ -167,45 +164,25 @@ impl Metrics {
                 get(&self.errors).to_string(),
             ),
         ];
-        let mut page = String::new();
+        let mut page = Page::default();
         for (name, kind, help, value) in rows {
-            let _ = write!(
-                page,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            );
+            let kind = if kind == "counter" {
+                Kind::Counter
+            } else {
+                Kind::Gauge
+            };
+            page.one(name, kind, help, value);
         }
-        page
+        page.finish()
     }
 }
 
 /// Serves `metrics` on `addr` until the process ends.
 pub(crate) async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
-                let answer = async {
-                    // The request itself does not matter: every path gets the page.
-                    let mut request = [0u8; 4096];
-                    let _ = socket.read(&mut request).await?;
-                    let body = metrics.render();
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    socket.write_all(head.as_bytes()).await?;
-                    socket.write_all(body.as_bytes()).await?;
-                    socket.shutdown().await
-                };
-                let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer).await;
-            });
-        }
-    });
-    Ok(())
+    crate::prometheus::serve(addr, move || {
+        let metrics = Arc::clone(&metrics);
+        async move { metrics.render() }
+    })
+    .await
+    .map(|_| ())
 }

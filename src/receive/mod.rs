@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use walvault_wal::{
-    ClusterWal, Lsn, PgMajor, SegmentName, StreamedPages, TimelineId, WalFileName, WalSegmentSize,
+    ClusterWal, Lsn, PgMajor, SegmentName, StreamedPages, TimelineId, WalError, WalFileName,
+    WalSegmentSize,
 };
 
 use crate::pg::conninfo::ConnInfo;
@@ -78,8 +79,10 @@ pub(crate) enum ReceiveError {
     Identity(#[from] IdentityError),
     #[error("replication slot {slot} does not exist on the server; create it with --create-slot (or SELECT pg_create_physical_replication_slot('{slot}', true))")]
     NoSlot { slot: SlotName },
-    #[error("wal-receive needs PostgreSQL 13 or later; the server is {0}")]
-    ServerTooOld(String),
+    #[error(
+        "wal-receive cannot tell the server's PostgreSQL version (no server_version parameter)"
+    )]
+    UnknownVersion,
     #[error("local spool {path}: {source}")]
     Spool {
         path: PathBuf,
@@ -100,8 +103,8 @@ pub(crate) enum ReceiveError {
     Stream(String),
     #[error("the server sent WAL it cannot have written: {0}")]
     InvalidWal(String),
-    #[error("wal-receive checks WAL of PostgreSQL 13 to 18; the server is PostgreSQL {0}")]
-    UnsupportedServer(u32),
+    #[error("wal-receive: {0}")]
+    UnsupportedServer(WalError),
     #[error("cannot handle SIGTERM and SIGINT: {0}")]
     Signal(#[source] std::io::Error),
     #[error("stopped at {durable}, but the WAL received up to {received} could not be stored within {within:?}; the slot keeps it on the server")]
@@ -131,7 +134,7 @@ impl ReceiveError {
             },
             ReceiveError::Identity(IdentityError::Mismatch { .. })
             | ReceiveError::NoSlot { .. }
-            | ReceiveError::ServerTooOld(_)
+            | ReceiveError::UnknownVersion
             | ReceiveError::UnsupportedServer(_)
             | ReceiveError::InvalidWal(_)
             | ReceiveError::HistoryConflict { .. }
@@ -277,17 +280,10 @@ impl Receiver {
             wal_segment_size: seg_size.bytes(),
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        let number = match major {
-            Some(m) if m >= 13 => m,
-            _ => {
-                return Err(ReceiveError::ServerTooOld(
-                    major.map_or("of unknown version".into(), |m| format!("PostgreSQL {m}")),
-                ))
-            }
-        };
+        let number = major.ok_or(ReceiveError::UnknownVersion)?;
         let block_size = conn.show("wal_block_size").await?;
         let cluster = ClusterWal {
-            major: PgMajor::from_number(number).ok_or(ReceiveError::UnsupportedServer(number))?,
+            major: PgMajor::supported(number).map_err(ReceiveError::UnsupportedServer)?,
             system_identifier: system.system_identifier,
             seg_size,
             block_size: block_size.parse().map_err(|_| {

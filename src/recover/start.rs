@@ -57,6 +57,40 @@ pub(crate) async fn start(
     follow(pgdata, opts, &log, action, started).await
 }
 
+/// Stops the server on `pgdata` if it runs (`pg_ctl stop -m fast`, then `immediate` if that
+/// does not end it within a minute); a drill's scratch cluster is thrown away after it.
+pub(crate) async fn stop(pgdata: &Path, opts: &StartOptions) -> Result<(), RecoverError> {
+    if !pgdata.join("postmaster.pid").exists() {
+        return Ok(());
+    }
+    let pg_ctl = find_pg_ctl(opts)?;
+    let mut last = String::new();
+    for mode in ["fast", "immediate"] {
+        let mut command = std::process::Command::new(&pg_ctl);
+        command
+            .args(["stop", "-m", mode, "-w", "-t", "60", "-D"])
+            .arg(pgdata)
+            .stdin(Stdio::null());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .map_err(|e| RecoverError::Start(format!("pg_ctl task failed: {e}")))?
+            .map_err(|source| RecoverError::Io {
+                what: "run",
+                path: pg_ctl.clone(),
+                source,
+            })?;
+        if output.status.success() || !pgdata.join("postmaster.pid").exists() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    }
+    Err(RecoverError::Start(format!(
+        "{} stop -D {} failed: {last}",
+        pg_ctl.display(),
+        pgdata.display()
+    )))
+}
+
 /// The port a recovered server starts on when none was given: the restored configuration's
 /// (PostgreSQL's default 5432 when it names none) if no server uses it, on 127.0.0.1 or as a
 /// socket in `socket_dir`; else one the kernel says is free. A recovery often runs beside the

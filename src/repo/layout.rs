@@ -26,6 +26,10 @@ const PACKS: &str = "packs/";
 const PIN: &str = "keep";
 /// The lock that makes `delete` runs take turns.
 const RETENTION_LOCK: &str = "locks/retention";
+/// The derived status object: the newest archived segment and its last transaction end.
+const STATUS_WAL: &str = "status/wal";
+/// Restore drill reports: `drills/<time>`.
+const DRILLS: &str = "drills/";
 
 /// A prefix to list: the kinds of object that are listed by group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +80,10 @@ pub(crate) enum ObjectKey {
     Pin(BackupName),
     /// Held by the `delete` that is running (retention).
     RetentionLock,
+    /// The derived status object (`status/wal`).
+    StatusWal,
+    /// A restore drill's report.
+    Drill(DrillTime),
 }
 
 impl ObjectKey {
@@ -92,6 +100,8 @@ impl ObjectKey {
             ObjectKey::Pack(name, id) => format!("{BACKUPS}{name}/{PACKS}{:06}", id.0),
             ObjectKey::Pin(name) => format!("{BACKUPS}{name}/{PIN}"),
             ObjectKey::RetentionLock => RETENTION_LOCK.to_owned(),
+            ObjectKey::StatusWal => STATUS_WAL.to_owned(),
+            ObjectKey::Drill(time) => format!("{DRILLS}{}", time.0),
         }
     }
 
@@ -102,6 +112,12 @@ impl ObjectKey {
         }
         if key == RETENTION_LOCK {
             return Some(ObjectKey::RetentionLock);
+        }
+        if key == STATUS_WAL {
+            return Some(ObjectKey::StatusWal);
+        }
+        if let Some(time) = key.strip_prefix(DRILLS) {
+            return DrillTime::parse(time).map(ObjectKey::Drill);
         }
         if let Some(name) = key.strip_prefix(WAL) {
             return name.parse().ok().map(ObjectKey::Wal);
@@ -251,6 +267,41 @@ impl fmt::Display for BackupName {
     }
 }
 
+/// Where the derived status object is stored.
+pub(crate) fn status_wal() -> String {
+    ObjectKey::StatusWal.key()
+}
+
+/// When a drill started, as its key names it: `YYYYMMDDTHHMMSSZ` (UTC), so keys sort by time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct DrillTime(String);
+
+impl DrillTime {
+    pub(crate) fn new(time: crate::time::UnixMicros) -> DrillTime {
+        DrillTime(time.compact())
+    }
+
+    /// Accepts only the form [`DrillTime::new`] writes.
+    pub(crate) fn parse(text: &str) -> Option<DrillTime> {
+        let b = text.as_bytes();
+        let ok = b.len() == 16
+            && b[8] == b'T'
+            && b[15] == b'Z'
+            && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+        ok.then(|| DrillTime(text.to_owned()))
+    }
+
+    pub(crate) fn key(&self) -> String {
+        ObjectKey::Drill(self.clone()).key()
+    }
+}
+
+impl fmt::Display for DrillTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The number of a pack object inside one backup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -278,6 +329,8 @@ mod tests {
             ObjectKey::Pin(backup.clone()),
             ObjectKey::RetentionLock,
             ObjectKey::Pack(backup, PackId(7)),
+            ObjectKey::StatusWal,
+            ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
         ];
         for key in keys {
             assert_eq!(ObjectKey::parse(&key.key()), Some(key.clone()), "{key}");
@@ -305,6 +358,9 @@ mod tests {
             "backups/base_a/other",
             "repository2",
             "drills/x",
+            "drills/20261130T091500",
+            "drills/2026113aT091500Z",
+            "status/wal2",
         ] {
             assert_eq!(ObjectKey::parse(key), None, "{key}");
         }
@@ -365,6 +421,8 @@ mod tests {
             ObjectKey::Pin(name.clone()),
             ObjectKey::RetentionLock,
             ObjectKey::Pack(name, PackId(0)),
+            ObjectKey::StatusWal,
+            ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
         ] {
             assert!(
                 shown.contains(&std::mem::discriminant(&kind)),

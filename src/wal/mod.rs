@@ -7,6 +7,7 @@
 pub(crate) mod fetch;
 pub(crate) mod fragments;
 pub(crate) mod history;
+pub(crate) mod newest;
 pub(crate) mod prefetch;
 pub(crate) mod push;
 pub(crate) mod pusher;

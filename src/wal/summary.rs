@@ -5,8 +5,9 @@
 //! A recovery target time is only reached at a transaction end, and a target name only at its
 //! restore point, so these summaries let the recovery planner check a target against the archive
 //! without downloading WAL. wal-push and wal-receive write one after each segment they store,
-//! from the bytes they were streaming anyway ([`store_segment`]). Summaries are advisory: writing one
-//! never fails a push, and readers treat a missing or unreadable summary as "unknown".
+//! from the bytes they were streaming anyway ([`store_segment`]), then advance `status/wal`.
+//! Summaries are advisory: writing one never fails a push, and readers treat a missing or
+//! unreadable summary as "unknown".
 
 use std::path::Path;
 
@@ -184,14 +185,16 @@ pub(crate) async fn store_segment(
         .await?;
     // A store that had to start over fed some blocks twice: no summary rather than a wrong one.
     if let WalStored::Created(stored) = stored {
-        if let Some(summary) = summariser.finish().filter(|_| fed == stored.content_len) {
+        let summary = summariser.finish().filter(|_| fed == stored.content_len);
+        if let Some(summary) = &summary {
             // The segment itself is archived, and the planner copes with a missing summary.
-            if let Err(e) = put(repo, name, &summary).await {
+            if let Err(e) = put(repo, name, summary).await {
                 tracing::warn!(
                     "could not store the summary of {name} (recovery planning will know less): {e}"
                 );
             }
         }
+        super::newest::advance(repo, name, summary.as_ref()).await;
     }
     Ok(stored)
 }

@@ -6,6 +6,7 @@
 
 use crate::lsn::Lsn;
 use crate::name::{SegmentName, SegmentNo, WalSegmentSize};
+use crate::page::PgMajor;
 use crate::timeline::TimelineId;
 
 /// Everything that can be wrong with a WAL value, name or file header.
@@ -65,11 +66,22 @@ pub enum WalError {
     },
 
     /// A page whose magic is not that of a supported PostgreSQL major.
-    #[error(
-        "unknown WAL page magic 0x{0:04X}: not PostgreSQL 13 to 18 WAL from a little-endian server \
-         (or not WAL at all)"
-    )]
+    #[error("unknown WAL page magic 0x{0:04X}: {why}", why = unknown_magic(*.0))]
     UnknownMagic(u16),
+
+    /// A PostgreSQL major walvault does not support (older than 13, or newer than it knows).
+    #[error(
+        "PostgreSQL {0} is not supported: walvault supports PostgreSQL {oldest} to {newest}{why}",
+        oldest = PgMajor::oldest(),
+        newest = PgMajor::newest(),
+        why = if *.0 > PgMajor::newest().number() {
+            "; a newer major may change WAL, pg_control or the backup functions, so walvault \
+             refuses it rather than guess (a walvault release that knows it is needed)"
+        } else {
+            ""
+        }
+    )]
+    UnsupportedMajor(u32),
 
     /// `xlp_info` with bits PostgreSQL never sets (`XLP_ALL_FLAGS` is 0x000F).
     #[error("invalid WAL page info bits 0x{0:04X}: only 0x000F may be set")]
@@ -202,4 +214,21 @@ pub enum WalError {
     /// A backup history file without its one mandatory line.
     #[error("backup history file has no START WAL LOCATION line")]
     BackupHistoryNoStart,
+}
+
+/// Why a page magic is unknown. PostgreSQL raises `XLOG_PAGE_MAGIC` (0xD1xx) with each WAL format
+/// change, so a larger one of that form is WAL of a major newer than walvault knows.
+fn unknown_magic(magic: u16) -> String {
+    let (oldest, newest) = (PgMajor::oldest(), PgMajor::newest());
+    if magic >> 8 == 0xD1 && magic > newest.magic() {
+        format!(
+            "newer than PostgreSQL {newest}'s (0x{:04X}): WAL of a PostgreSQL major walvault does \
+             not support (it supports {oldest} to {newest})",
+            newest.magic()
+        )
+    } else {
+        format!(
+            "not PostgreSQL {oldest} to {newest} WAL from a little-endian server (or not WAL at all)"
+        )
+    }
 }

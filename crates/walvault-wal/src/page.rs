@@ -100,6 +100,23 @@ impl PgMajor {
     pub fn from_number(number: u32) -> Option<PgMajor> {
         PgMajor::ALL.into_iter().find(|m| m.number() == number)
     }
+
+    /// The major with this version number, or an error naming it and the supported range: a
+    /// major walvault does not know (a future one) is refused rather than handled as the
+    /// nearest one, since its WAL, control file and backup functions may differ.
+    pub fn supported(number: u32) -> Result<PgMajor, WalError> {
+        PgMajor::from_number(number).ok_or(WalError::UnsupportedMajor(number))
+    }
+
+    /// The oldest supported major.
+    pub fn oldest() -> PgMajor {
+        PgMajor::ALL[0]
+    }
+
+    /// The newest supported major.
+    pub fn newest() -> PgMajor {
+        PgMajor::ALL[PgMajor::ALL.len() - 1]
+    }
 }
 
 impl fmt::Display for PgMajor {
@@ -579,6 +596,11 @@ mod tests {
         assert_eq!(PgMajor::from_magic(0), None);
         assert_eq!(PgMajor::from_number(12), None);
         assert_eq!(PgMajor::from_number(19), None);
+        assert_eq!(PgMajor::supported(16), Ok(PgMajor::V16));
+        assert_eq!(
+            (PgMajor::oldest(), PgMajor::newest()),
+            (PgMajor::V13, PgMajor::V18)
+        );
         assert!(PgMajor::V13 < PgMajor::V18);
     }
 
@@ -662,6 +684,34 @@ mod tests {
             LongPageHeader::parse(&[0; 40]),
             Err(WalError::UnknownMagic(0))
         );
+    }
+
+    /// WAL of a major newer than walvault knows (a future PostgreSQL 19 raises the magic again)
+    /// is refused, and the message says that it is newer and which majors are supported.
+    #[test]
+    fn refuses_wal_of_a_newer_major_naming_the_supported_range() {
+        let mut h = Hdr::new(PgMajor::V18);
+        h.magic = PgMajor::V18.magic() + 2;
+        let err = LongPageHeader::parse(&h.bytes()).unwrap_err();
+        assert_eq!(err, WalError::UnknownMagic(0xD11A));
+        let text = err.to_string();
+        assert!(text.contains("newer than PostgreSQL 18"), "{text}");
+        assert!(text.contains("13 to 18"), "{text}");
+        let old = WalError::UnknownMagic(0xD101).to_string();
+        assert!(!old.contains("newer"), "{old}");
+    }
+
+    #[test]
+    fn refuses_an_unknown_major_number_naming_the_supported_range() {
+        let future = PgMajor::supported(19).unwrap_err();
+        assert_eq!(future, WalError::UnsupportedMajor(19));
+        let text = future.to_string();
+        assert!(text.starts_with("PostgreSQL 19 is not supported"), "{text}");
+        assert!(text.contains("13 to 18"), "{text}");
+        assert!(text.contains("rather than guess"), "{text}");
+        let old = PgMajor::supported(12).unwrap_err().to_string();
+        assert!(old.contains("PostgreSQL 12 is not supported"), "{old}");
+        assert!(!old.contains("guess"), "{old}");
     }
 
     #[test]
