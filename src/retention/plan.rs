@@ -447,19 +447,18 @@ fn prove_wal(
 async fn stored_backups(repo: &Repository) -> Result<BTreeMap<BackupName, Stored>, RetentionError> {
     let mut stored: BTreeMap<BackupName, Stored> = BTreeMap::new();
     repo.list_each(Listing::Backups, &mut |o| {
-        let (name, what) = match ObjectKey::parse(&o.key) {
-            Some(ObjectKey::Manifest(n)) => (n, 0),
-            Some(ObjectKey::Pin(n)) => (n, 1),
-            Some(ObjectKey::Pack(n, _)) => (n.clone(), 2),
+        let (name, pack) = match ObjectKey::parse(&o.key) {
+            Some(ObjectKey::Manifest(name) | ObjectKey::Pin(name)) => (name, None),
+            Some(ObjectKey::Pack(name, id)) => (name, Some(id)),
             _ => return,
         };
+        let is_pin = o.key == name.pin_key();
         let entry = stored.entry(name).or_default();
         entry.newest = entry.newest.max(o.modified);
-        match (what, ObjectKey::parse(&o.key)) {
-            (0, _) => entry.manifest = true,
-            (1, _) => entry.pinned = true,
-            (_, Some(ObjectKey::Pack(_, id))) => entry.packs.push((id, o.size)),
-            _ => {}
+        match pack {
+            Some(id) => entry.packs.push((id, o.size)),
+            None if is_pin => entry.pinned = true,
+            None => entry.manifest = true,
         }
     })
     .await?;
