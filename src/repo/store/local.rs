@@ -176,25 +176,39 @@ impl LocalStore {
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let path = self.path(key);
-        match fs::remove_file(&path).await {
-            Ok(()) => {
-                let dir = parent(&path);
-                // A directory whose last object went (a streamed segment's fragments) goes too,
-                // so deletions do not leave a trail of empty directories; a non-empty one stays.
-                // Its sweep mark would keep it, so the mark goes first (in a directory that
-                // stays, that only brings the next sweep forward).
-                if dir != self.root {
-                    let _ = fs::remove_file(dir.join(SWEEP_MARK)).await;
-                    if fs::remove_dir(dir).await.is_ok() {
-                        return sync_dir(parent(dir)).await;
-                    }
+        self.delete_batch(std::slice::from_ref(&key.to_owned()))
+            .await
+    }
+
+    /// Removes every key, then makes the removals durable once per directory (not once per
+    /// file: a retention run deletes many thousands of WAL files from one directory).
+    pub(crate) async fn delete_batch(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            let path = self.path(key);
+            match fs::remove_file(&path).await {
+                Ok(()) => {
+                    dirs.insert(parent(&path).to_path_buf());
                 }
-                sync_dir(dir).await
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("delete", &path)(e)),
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("delete", &path)(e)),
         }
+        for dir in &dirs {
+            // A directory whose last object went (a streamed segment's fragments, an expired
+            // backup's packs) goes too, so deletions do not leave a trail of empty directories;
+            // a non-empty one stays. Its sweep mark would keep it, so the mark goes first (in a
+            // directory that stays, that only brings the next sweep forward).
+            if *dir != self.root {
+                let _ = fs::remove_file(dir.join(SWEEP_MARK)).await;
+                if fs::remove_dir(dir).await.is_ok() {
+                    sync_dir(parent(dir)).await?;
+                    continue;
+                }
+            }
+            sync_dir(dir).await?;
+        }
+        Ok(())
     }
 }
 

@@ -194,8 +194,8 @@ impl Store {
         }
         match self {
             Store::Local(s) => {
-                for key in keys {
-                    s.delete(key).await?;
+                for chunk in keys.chunks(DELETE_BATCH) {
+                    s.delete_batch(chunk).await?;
                 }
                 Ok(())
             }
