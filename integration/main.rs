@@ -6,6 +6,7 @@ mod harness;
 
 mod backup;
 
+mod debian;
 mod matrix;
 mod ops;
 
@@ -14,6 +15,7 @@ mod pg_conn;
 mod recover;
 
 mod retention;
+mod standby;
 
 mod store;
 

@@ -96,6 +96,10 @@ pub enum Command {
         /// below, and write nothing
         #[arg(long)]
         dry_run: bool,
+        /// Where configuration the source kept outside its data directory (Debian's
+        /// /etc/postgresql/...) goes (default: DIR/walvault_external_config)
+        #[arg(long, value_name = "DIR")]
+        config_dir: Option<PathBuf>,
     },
     /// Point-in-time recovery: restore the right backup into DIR and configure recovery
     ///
@@ -275,6 +279,10 @@ pub struct RecoverArgs {
     /// Restore tablespace OID into DIR instead of its recorded location (repeatable)
     #[arg(long = "tablespace", value_name = "OID=DIR")]
     pub(crate) tablespaces: Vec<String>,
+    /// Where configuration the source kept outside its data directory (Debian's
+    /// /etc/postgresql/...) goes (default: <pgdata>/walvault_external_config)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) config_dir: Option<PathBuf>,
     /// Packs read and written in parallel (default 4); also WALVAULT_BACKUP_CONCURRENCY
     #[arg(long, value_name = "N")]
     pub(crate) concurrency: Option<String>,
@@ -339,6 +347,15 @@ pub struct BackupPushArgs {
     /// Let the backup's checkpoint spread its writes instead of running at full speed
     #[arg(long)]
     pub(crate) spread_checkpoint: bool,
+    /// On a standby: how long to wait after the stop for the primary's archiving to bring the
+    /// backup's last WAL segment into the repository; also WALVAULT_WAL_WAIT_TIMEOUT
+    #[arg(long, value_name = "DURATION", env = "WALVAULT_WAL_WAIT_TIMEOUT",
+          default_value = "5m", value_parser = parse_duration)]
+    pub(crate) wal_wait_timeout: std::time::Duration,
+    /// On a standby: connection to the primary (key=value or URI), to run pg_switch_wal() there
+    /// so the backup's last WAL segment is archived at once
+    #[arg(long, value_name = "CONNINFO")]
+    pub(crate) primary_conninfo: Option<String>,
     /// Pin the new backup: retention keeps it until `backup-mark NAME --release`
     #[arg(long)]
     pub(crate) keep: bool,

@@ -240,6 +240,11 @@ impl TestEnv {
         path
     }
 
+    /// A command run as the PostgreSQL user with a neutral environment ([`TempRoot::command`]).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.root.command(program)
+    }
+
     /// Writes a walvault config file named `name` in the test dir.
     pub fn write_config(&self, name: &str, config: &ConfigFile) -> PathBuf {
         self.write_file(name, config.render())

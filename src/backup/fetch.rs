@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use indicatif::ProgressBar;
 
+use super::external_config;
 use super::manifest::{BackupName, FileEntry, Manifest, PackId, Piece, Storage};
 use super::tree::{self, Found, Parent, Root, DIR_MODE_MAX};
 use super::{progress, BackupError};
@@ -31,6 +32,9 @@ pub(crate) struct FetchOptions {
     pub(crate) progress: bool,
     /// Tablespaces restored somewhere else than recorded: OID → directory.
     pub(crate) relocate: Vec<(u32, PathBuf)>,
+    /// Where configuration the source kept outside its data directory goes, instead of
+    /// [`external_config::DIR`] inside the target (`--config-dir`).
+    pub(crate) config_dir: Option<PathBuf>,
 }
 
 /// What a fetch restored.
@@ -50,6 +54,8 @@ pub(crate) struct Location {
     pub(crate) what: String,
     /// Whether it exists (empty) already; otherwise the restore creates it.
     pub(crate) exists: bool,
+    /// A file written below one of the directories (a copy of external configuration).
+    pub(crate) file: bool,
 }
 
 const CONTROL: &str = "global/pg_control";
@@ -67,7 +73,8 @@ pub(crate) async fn fetch(
     let chain = crate::backup::catalog::chain(&repo, &name).await?;
     let last = chain.len() - 1;
     let final_manifest = &chain[last];
-    let planned = Planned::new(target, final_manifest, &opts.relocate)?;
+    let mut planned = Planned::new(target, final_manifest, &opts.relocate)?;
+    planned.add_config_dir(opts.config_dir.as_deref(), final_manifest)?;
     let bases = base_layers(&chain)?;
     if !final_manifest.files.iter().any(|f| f.path == CONTROL) {
         return Err(BackupError::invalid(
@@ -119,7 +126,15 @@ pub(crate) async fn locations(
 ) -> Result<Vec<Location>, BackupError> {
     let name = crate::backup::catalog::resolve_name(repo, wanted).await?;
     let chain = crate::backup::catalog::chain(repo, &name).await?;
-    let planned = Planned::new(target, &chain[chain.len() - 1], &opts.relocate)?;
+    let last = &chain[chain.len() - 1];
+    let mut planned = Planned::new(target, last, &opts.relocate)?;
+    planned.add_config_dir(opts.config_dir.as_deref(), last)?;
+    let copies = match planned.config {
+        Some(root) => planned.roots[root].path.clone(),
+        None => planned.roots[0].path.join(external_config::DIR),
+    };
+    let config =
+        external_config::destinations(&copies, &planned.roots[0].path, &last.external_config);
     Ok(planned
         .roots
         .iter()
@@ -127,7 +142,14 @@ pub(crate) async fn locations(
             path: r.path.clone(),
             what: r.what.clone(),
             exists: r.found == Found::Empty,
+            file: false,
         })
+        .chain(config.into_iter().map(|(path, what)| Location {
+            path,
+            what,
+            exists: false,
+            file: true,
+        }))
         .collect())
 }
 
@@ -147,9 +169,56 @@ struct Planned {
     /// Tablespace OID → index in `roots`.
     tablespaces: BTreeMap<u32, usize>,
     relocated: bool,
+    /// The root of `--config-dir`, when external configuration goes there.
+    config: Option<usize>,
 }
 
 impl Planned {
+    /// With `--config-dir` and a backup holding external configuration: one more root, absent
+    /// or empty, overlapping no other.
+    fn add_config_dir(
+        &mut self,
+        dir: Option<&Path>,
+        manifest: &Manifest,
+    ) -> Result<(), BackupError> {
+        let Some(dir) = dir else {
+            return Ok(());
+        };
+        if !external_config::outside(&manifest.external_config) {
+            tracing::info!(
+                "backup {} holds no configuration from outside its data directory: --config-dir {} is not used",
+                manifest.summary.name,
+                dir.display()
+            );
+            return Ok(());
+        }
+        let dir = std::path::absolute(dir).map_err(BackupError::io("resolve", dir))?;
+        if let Some(other) = self
+            .roots
+            .iter()
+            .find(|r| dir.starts_with(&r.path) || r.path.starts_with(&dir))
+        {
+            return Err(BackupError::invalid(
+                format!("--config-dir {}", dir.display()),
+                format!(
+                    "overlaps the {} at {}: each must be a directory of its own",
+                    other.what,
+                    other.path.display()
+                ),
+            ));
+        }
+        let what = "configuration directory".to_owned();
+        let found = tree::inspect(&dir, &what, Parent::Create)?;
+        self.config = Some(self.roots.len());
+        self.roots.push(PlannedRoot {
+            path: dir,
+            what,
+            found,
+            parent: Parent::Create,
+        });
+        Ok(())
+    }
+
     fn new(
         target: &Path,
         manifest: &Manifest,
@@ -214,6 +283,7 @@ impl Planned {
             roots,
             tablespaces,
             relocated: !relocate.is_empty(),
+            config: None,
         })
     }
 }
@@ -251,11 +321,21 @@ struct Layout {
     roots: Vec<Root>,
     tablespaces: BTreeMap<u32, usize>,
     relocated: bool,
+    config: Option<usize>,
 }
 
 impl Layout {
-    /// The local place of backup path `path`; `None` for a tablespace link itself.
+    /// The local place of backup path `path`; `None` for a tablespace link itself and for the
+    /// directory of external configuration when `--config-dir` replaces it.
     fn dest(&self, path: &str) -> Option<Dest> {
+        if let Some(root) = self.config {
+            if let Some(rel) = external_config::below_dir(path) {
+                return rel.map(|rel| Dest {
+                    root,
+                    rel: rel.to_owned(),
+                });
+            }
+        }
         dest(&self.tablespaces, path)
     }
 
@@ -280,6 +360,7 @@ impl Layout {
             roots,
             tablespaces: planned.tablespaces,
             relocated: planned.relocated,
+            config: planned.config,
         };
         let data = &layout.roots[0];
         data.make_dir("pg_tblspc", DIR_MODE_MAX)?;
@@ -563,6 +644,9 @@ async fn finish(
     let layout = Arc::clone(layout);
     let label = manifest.backup_label.clone();
     let map = manifest.tablespace_map.clone();
+    let external = manifest.external_config.clone();
+    let has_conf = manifest.files.iter().any(|f| f.path == "postgresql.conf");
+    let version = manifest.summary.pg_version_num;
     let dirs: Vec<Dest> = manifest
         .dirs
         .iter()
@@ -576,6 +660,8 @@ async fn finish(
         if let (Some(map), false) = (map, layout.relocated) {
             data.write_new("tablespace_map", map.as_bytes())?;
         }
+        let copies = layout.config.map(|root| &layout.roots[root]);
+        external_config::point_restored(data, copies, &external, has_conf, version)?;
         for dir in &dirs {
             layout.root(dir).sync(&dir.rel)?;
         }

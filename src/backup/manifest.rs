@@ -14,6 +14,7 @@ use std::path::{Component, Path};
 use serde::{Deserialize, Serialize};
 use walvault_wal::Lsn;
 
+use super::external_config::{self, ExternalConfig};
 use super::{BackupError, CHUNK, PACK_TARGET};
 
 pub(crate) const FORMAT: u32 = 1;
@@ -120,6 +121,9 @@ pub(crate) struct Manifest {
     pub(crate) tablespaces: Vec<Tablespace>,
     pub(crate) dirs: Vec<DirEntry>,
     pub(crate) files: Vec<FileEntry>,
+    /// Configuration the source kept outside its data directory (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) external_config: Vec<ExternalConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,7 +296,7 @@ impl Manifest {
             }
             last = Some((pack, at + len, path));
         }
-        Ok(())
+        external_config::validate(&self.external_config, &self.files).map_err(refuse)
     }
 }
 
@@ -378,6 +382,7 @@ pub(crate) mod tests {
                 mode: 0o700,
             }],
             files: vec![],
+            external_config: vec![],
         }
     }
 

@@ -8,11 +8,13 @@
 
 pub(crate) mod catalog;
 pub(crate) mod consistency;
+pub(crate) mod external_config;
 pub(crate) mod fetch;
 pub(crate) mod manifest;
 pub(crate) mod page;
 pub(crate) mod progress;
 pub(crate) mod push;
+pub(crate) mod standby;
 mod tree;
 pub(crate) mod walk;
 pub(crate) mod window;

@@ -35,3 +35,18 @@ pub(crate) fn count_bar(total: u64, wanted: bool, prefix: &str) -> ProgressBar {
     bar.set_prefix(prefix.to_owned());
     bar
 }
+
+/// A spinner with a message for a wait of unknown length, drawn only when `wanted` and stderr
+/// is a terminal.
+pub(crate) fn spinner(wanted: bool, message: String) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg}") {
+        bar.set_style(style);
+    }
+    bar.set_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}

@@ -29,11 +29,13 @@ use indicatif::ProgressBar;
 use tokio::sync::{mpsc, Mutex};
 use walvault_wal::Lsn;
 
+use super::external_config;
 use super::manifest::{
     BackupKind, BackupName, DirEntry, FileEntry, Manifest, PackId, PageFailures, Piece, Storage,
     Summary, Tablespace, FORMAT,
 };
 use super::page::{self, BlockNo, BLCKSZ};
+use super::standby::{self, StandbyOptions, StopWal};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
 use crate::pg::{BackupSession, BackupStop, ConnTarget, ServerInfo, Timeouts};
@@ -65,6 +67,8 @@ pub(crate) struct PushOptions {
     pub(crate) spool_dir: Option<PathBuf>,
     /// Bounds on the SQL session's calls.
     pub(crate) pg_timeouts: Timeouts,
+    /// How a backup from a standby waits for its WAL.
+    pub(crate) standby: StandbyOptions,
 }
 
 /// What a push stored.
@@ -127,6 +131,8 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     let started = start(&session, opts).await?;
     let parent = choose_parent_manifest(&repo, &catalog, opts, &started).await?;
     let mut planned = plan_files(&pgdata, opts, parent.as_ref(), &info).await?;
+    let external = external_config(&session, &pgdata).await?;
+    add_external(&mut planned, &external)?;
     let shared = Arc::new(Shared {
         repo: Arc::clone(&repo),
         name: started.name.clone(),
@@ -139,10 +145,26 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     });
     let done = copy_files(&shared, opts.concurrency).await?;
 
-    tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
-    let stop = session.stop().await?;
+    let stop = if info.in_recovery {
+        tracing::info!("all files read; stopping the backup on the standby");
+        let stop = session.stop(false).await?;
+        let wal = StopWal {
+            repo: &repo,
+            system_identifier: info.system_identifier,
+            timeline: started.timeline,
+            stop_lsn: stop.lsn,
+            segment_size: info.wal_segment_size,
+            reply: opts.pg_timeouts.reply,
+            progress: opts.progress,
+        };
+        standby::wait_for_stop_wal(&wal, &opts.standby).await?;
+        stop
+    } else {
+        tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
+        session.stop(true).await?
+    };
     tracing::info!("backup {} stopped at {}", started.name, stop.lsn);
-    let manifest = manifest(
+    let mut manifest = manifest(
         &shared,
         done,
         &info,
@@ -151,6 +173,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         stop,
         planned,
     );
+    manifest.external_config = external.entries;
     store_manifest(&repo, &manifest).await?;
     Ok(Pushed {
         files: manifest.files.len(),
@@ -168,10 +191,10 @@ async fn preflight(
     let session = BackupSession::connect(&target, opts.pg_timeouts).await?;
     let info = session.info();
     if info.in_recovery {
-        return Err(BackupError::invalid(
-            format!("PostgreSQL at {}", session.target()),
-            "the server is in recovery; backups from a standby are not supported yet",
-        ));
+        tracing::info!(
+            "PostgreSQL at {} is a standby: files are read from it, WAL comes from the primary's archiving",
+            session.target()
+        );
     }
     if info.block_size as usize != BLCKSZ {
         return Err(BackupError::invalid(
@@ -193,7 +216,7 @@ async fn preflight(
             )
         })?;
     check_pgdata(&pgdata, info, session.target())?;
-    if info.archive_mode == "off" {
+    if info.archive_mode == "off" && !info.in_recovery {
         // wal-receive may be streaming instead; without either, the backup cannot be restored.
         tracing::warn!(
             "archive_mode is off: restoring this backup needs the WAL from its start to its stop \
@@ -341,6 +364,56 @@ async fn plan_files(
     })
 }
 
+/// The configuration files the server reads from outside `pgdata` (Debian's /etc/postgresql).
+async fn external_config(
+    session: &BackupSession,
+    pgdata: &Path,
+) -> Result<external_config::Discovered, BackupError> {
+    let settings = session.config_files().await?;
+    let pgdata = pgdata.to_path_buf();
+    let found = tokio::task::spawn_blocking(move || external_config::discover(&pgdata, &settings))
+        .await??;
+    for f in &found.files {
+        tracing::info!(
+            "configuration outside the data directory: {} (stored as {})",
+            f.source.display(),
+            f.path
+        );
+    }
+    Ok(found)
+}
+
+/// Adds the external configuration files to the plan, before `global/pg_control` (last).
+fn add_external(
+    planned: &mut Planned,
+    external: &external_config::Discovered,
+) -> Result<(), BackupError> {
+    if let Some(clash) = external.dirs.iter().find(|d| {
+        planned.dirs.iter().any(|p| &p.path == *d) || planned.files.iter().any(|f| &f.path == *d)
+    }) {
+        return Err(BackupError::invalid(
+            format!("data directory entry {clash}"),
+            "the data directory already holds walvault's directory for external configuration",
+        ));
+    }
+    planned.dirs.extend(external.dirs.iter().map(|d| DirEntry {
+        path: d.clone(),
+        mode: 0o700,
+    }));
+    let control = planned.files.len().saturating_sub(1);
+    let files = external.files.iter().map(|f| FileCtx {
+        path: f.path.clone(),
+        source: f.source.clone(),
+        mode: f.mode,
+        size: f.size,
+        parent_size: None,
+        check_pages: false,
+        segno: 0,
+    });
+    planned.files.splice(control..control, files);
+    Ok(())
+}
+
 /// Reads, packs and stores every file: all but the last (`global/pg_control`) by `concurrency`
 /// workers, then that one alone.
 async fn copy_files(
@@ -404,6 +477,7 @@ fn manifest(
         tablespaces: planned.tablespaces,
         dirs: planned.dirs,
         files: file_entries,
+        external_config: Vec::new(),
     }
 }
 

@@ -217,6 +217,23 @@ impl Root {
         Ok(File::from(fd))
     }
 
+    /// Reads file `rel`, written by this restore, refusing one of more than `max` bytes.
+    pub(crate) fn read_small(&self, rel: &str, max: u64) -> Result<Vec<u8>, BackupError> {
+        use std::io::Read;
+        let file = self.open_file_with(rel, OFlags::RDONLY | OFlags::NOFOLLOW, 0)?;
+        let mut content = Vec::new();
+        file.take(max + 1)
+            .read_to_end(&mut content)
+            .map_err(BackupError::io("read", &self.display(rel)))?;
+        if content.len() as u64 > max {
+            return Err(BackupError::invalid(
+                self.display(rel).display().to_string(),
+                format!("larger than {max} bytes"),
+            ));
+        }
+        Ok(content)
+    }
+
     /// Writes a whole new file `rel` (mode at most 0600) and makes it durable.
     pub(crate) fn write_new(&self, rel: &str, content: &[u8]) -> Result<(), BackupError> {
         use std::io::Write;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::backup::fetch::{self, FetchOptions};
 use crate::backup::manifest::Summary;
 use crate::backup::push::{self, Mode, PushOptions};
+use crate::backup::standby::StandbyOptions;
 use crate::backup::window::{Recoverable, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
@@ -42,6 +43,10 @@ fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushO
         pg_timeouts: Timeouts {
             reply: settings.pg_timeout,
             backup_stop: settings.backup_stop_timeout,
+        },
+        standby: StandbyOptions {
+            wal_wait: args.wal_wait_timeout,
+            primary_conninfo: args.primary_conninfo,
         },
     }
 }
@@ -113,6 +118,7 @@ pub(super) struct FetchArgs<'a> {
     pub(crate) dir: &'a Path,
     pub(crate) tablespaces: &'a [String],
     pub(crate) dry_run: bool,
+    pub(crate) config_dir: Option<PathBuf>,
 }
 
 pub(super) async fn fetch(
@@ -126,9 +132,11 @@ pub(super) async fn fetch(
         dir,
         tablespaces,
         dry_run,
+        config_dir,
     } = args;
     let started = Instant::now();
-    let opts = fetch_options(settings, quiet, tablespaces)?;
+    let mut opts = fetch_options(settings, quiet, tablespaces)?;
+    opts.config_dir = config_dir;
     if dry_run {
         let locations = fetch::locations(&repo, name, dir, &opts)
             .await
@@ -165,12 +173,17 @@ pub(super) fn fetch_options(
         concurrency: settings.backup_concurrency,
         progress: !quiet,
         relocate,
+        config_dir: None,
     })
 }
 
 /// What `--dry-run` says about where a restore writes: nowhere else than these directories.
 pub(super) fn print_locations(locations: &[fetch::Location]) {
     for l in locations {
+        if l.file {
+            println!("writes {} ({})", l.path.display(), l.what);
+            continue;
+        }
         println!(
             "writes below {} ({}, {})",
             l.path.display(),

@@ -157,6 +157,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             tablespaces,
             dry_run,
+            config_dir,
             ..
         } => {
             let fetch = backup::FetchArgs {
@@ -164,6 +165,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir: &dir,
                 tablespaces: &tablespaces,
                 dry_run,
+                config_dir,
             };
             backup::fetch(&settings, quiet, repo, fetch).await
         }

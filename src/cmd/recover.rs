@@ -56,7 +56,8 @@ pub(super) async fn recover(
     };
     let dir = std::path::absolute(&args.pgdata).unwrap_or_else(|_| args.pgdata.clone());
     check_target_dir(&dir)?;
-    let fetch_opts = backup::fetch_options(settings, quiet, &args.tablespaces)?;
+    let mut fetch_opts = backup::fetch_options(settings, quiet, &args.tablespaces)?;
+    fetch_opts.config_dir = args.config_dir.clone();
     let plan = plan::plan(&repo, &request).await?;
     println!("{plan}");
     let recovery = RecoverySettings {

@@ -373,12 +373,14 @@ impl BackupSession {
     }
 
     /// Stops the backup, waiting until its last WAL segment is archived, for at most
-    /// `backup_stop` and logging what archiving does meanwhile.
-    pub(crate) async fn stop(&self) -> Result<BackupStop, PgError> {
+    /// `backup_stop` and logging what archiving does meanwhile. With `wait_for_archive` false
+    /// (a standby, whose own archiver does not ship the primary's WAL) it returns at once and
+    /// the caller waits for the WAL itself.
+    pub(crate) async fn stop(&self, wait_for_archive: bool) -> Result<BackupStop, PgError> {
         let sql = if self.info.major() >= 15 {
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop($1)"
         } else {
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, $1)"
         };
         let bound = self.timeouts.backup_stop;
         let every = (bound / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
@@ -390,7 +392,8 @@ impl BackupSession {
             reply: self.timeouts.reply,
             client: None,
         };
-        let stop = self.client.query_one(sql, &[]);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&wait_for_archive];
+        let stop = self.client.query_one(sql, &params);
         tokio::pin!(stop);
         let row = loop {
             tokio::select! {
@@ -426,12 +429,53 @@ impl BackupSession {
         })
     }
 
+    /// The server's `config_file`, `hba_file` and `ident_file` (names and values), those this
+    /// user may see.
+    pub(crate) async fn config_files(&self) -> Result<Vec<(String, String)>, PgError> {
+        let rows = bounded(
+            &self.target,
+            "reading the configuration file locations",
+            self.timeouts.reply,
+            self.client.query(
+                "SELECT name, setting FROM pg_settings \
+                 WHERE name IN ('config_file', 'hba_file', 'ident_file') \
+                 ORDER BY name <> 'config_file', name",
+                &[],
+            ),
+        )
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     fn lsn(&self, text: String) -> Result<Lsn, PgError> {
         text.parse().map_err(|_| PgError::Unsupported {
             target: self.target.clone(),
             problem: format!("{text:?} is not an LSN"),
         })
     }
+}
+
+/// Forces a WAL switch on the server at `target` (a standby's primary), so that the segment a
+/// standby backup stopped in is completed and archived soon; returns the server's system
+/// identifier, for the caller to check it is the standby's cluster.
+pub(crate) async fn switch_wal(target: &ConnTarget, reply: Duration) -> Result<u64, PgError> {
+    let client = target.connect().await?;
+    let row = bounded(
+        &target.shown,
+        "switching WAL (pg_switch_wal)",
+        reply,
+        client.query_one(
+            "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
+             pg_switch_wal()::text",
+            &[],
+        ),
+    )
+    .await?;
+    let sysid: String = row.get(0);
+    sysid.parse().map_err(|_| PgError::Unsupported {
+        target: target.shown.clone(),
+        problem: format!("system identifier {sysid:?} is not a number"),
+    })
 }
 
 /// One SQL call, bounded.

@@ -1,0 +1,187 @@
+//! Backups from a streaming standby: what differs from a backup of the primary.
+//!
+//! A standby's `pg_backup_stop` does not wait for archiving (its archiver does not ship the
+//! primary's WAL unless `archive_mode = always`), so after the stop the backup waits, bounded,
+//! until the repository holds the WAL up to the stop LSN: the whole stop segment (from the
+//! primary's `archive_command`) or `wal-receive` fragments reaching the stop LSN. With a
+//! primary connection it forces a WAL switch there so the stop segment is completed soon.
+//! Used by backup/push.
+
+use std::time::Duration;
+
+use walvault_wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+
+use super::{progress, BackupError};
+use crate::pg::{self, ConnTarget};
+use crate::repo::layout;
+use crate::repo::Repository;
+use crate::wal::fragments;
+
+/// How a standby backup gets its WAL.
+#[derive(Clone, Debug)]
+pub(crate) struct StandbyOptions {
+    /// The longest to wait after the stop for the stop segment to reach the repository.
+    pub(crate) wal_wait: Duration,
+    /// A connection to the primary for `pg_switch_wal()`, if given.
+    pub(crate) primary_conninfo: Option<String>,
+}
+
+/// What the wait is for: the WAL of one backup up to its stop LSN.
+pub(crate) struct StopWal<'a> {
+    pub(crate) repo: &'a Repository,
+    pub(crate) system_identifier: u64,
+    pub(crate) timeline: u32,
+    pub(crate) stop_lsn: Lsn,
+    pub(crate) segment_size: u32,
+    /// Bound on each call to the primary.
+    pub(crate) reply: Duration,
+    pub(crate) progress: bool,
+}
+
+/// The segment holding the last byte of WAL a backup that stopped at `stop` needs, and how far
+/// into it the WAL must reach.
+fn stop_segment(
+    timeline: u32,
+    stop: Lsn,
+    segment_size: u32,
+) -> Result<(SegmentName, u64), BackupError> {
+    let bad = |e: walvault_wal::WalError| {
+        BackupError::invalid(format!("the backup's stop LSN {stop}"), e.to_string())
+    };
+    let size = WalSegmentSize::new(u64::from(segment_size)).map_err(bad)?;
+    let segno = stop.end_segment_number(size);
+    let name = SegmentName::new(TimelineId(timeline), segno, size).map_err(bad)?;
+    // A stop on a segment boundary needs the whole previous segment.
+    let needed = match stop.segment_offset(size) {
+        0 => u64::from(segment_size),
+        offset => offset,
+    };
+    Ok((name, needed))
+}
+
+/// Waits, within `opts.wal_wait`, until the repository holds the backup's WAL up to its stop
+/// LSN; fails naming the segment and the LSN when it does not arrive.
+pub(crate) async fn wait_for_stop_wal(
+    wal: &StopWal<'_>,
+    opts: &StandbyOptions,
+) -> Result<(), BackupError> {
+    let (segment, needed) = stop_segment(wal.timeline, wal.stop_lsn, wal.segment_size)?;
+    let primary = opts
+        .primary_conninfo
+        .as_deref()
+        .map(|c| ConnTarget::resolve(Some(c)))
+        .transpose()?;
+    let spinner = progress::spinner(wal.progress, format!("waiting for WAL segment {segment}"));
+    let started = tokio::time::Instant::now();
+    let deadline = started + opts.wal_wait;
+    // Switching again later helps when the first switch came before the primary had written
+    // past the stop LSN; a switch with nothing new written is a no-op on the primary.
+    let switch_every = Duration::from_secs(15);
+    let mut next_switch = started;
+    let mut pause = Duration::from_millis(100);
+    let mut last_problem = None;
+    loop {
+        if arrived(wal.repo, &segment, needed).await? {
+            spinner.finish_and_clear();
+            tracing::info!(
+                "WAL segment {segment} (the backup's stop at {}) is in the repository",
+                wal.stop_lsn
+            );
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            spinner.finish_and_clear();
+            return Err(not_arrived(wal, opts, &segment, last_problem));
+        }
+        if let Some(primary) = primary.as_ref().filter(|_| now >= next_switch) {
+            next_switch = now + switch_every;
+            last_problem = switch(primary, wal).await.err();
+        }
+        spinner.set_message(format!(
+            "waiting for WAL segment {segment} (stop {}) to reach the repository: {} s",
+            wal.stop_lsn,
+            started.elapsed().as_secs()
+        ));
+        let wake = (now + pause).min(deadline);
+        tokio::time::sleep_until(wake).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Whether the repository holds `segment` whole, or streamed fragments of it from its start
+/// up to `needed` bytes.
+async fn arrived(
+    repo: &Repository,
+    segment: &SegmentName,
+    needed: u64,
+) -> Result<bool, BackupError> {
+    if repo.head(&layout::segment(segment)).await?.is_some() {
+        return Ok(true);
+    }
+    let streamed = fragments::list(repo, segment).await?;
+    Ok(fragments::covered(&streamed) >= needed)
+}
+
+/// One WAL switch on the primary, which must be the standby's cluster.
+async fn switch(primary: &ConnTarget, wal: &StopWal<'_>) -> Result<(), String> {
+    match pg::switch_wal(primary, wal.reply).await {
+        Ok(sysid) if sysid == wal.system_identifier => {
+            tracing::info!("forced a WAL switch on the primary");
+            Ok(())
+        }
+        Ok(sysid) => {
+            let problem = format!(
+                "--primary-conninfo reaches cluster {sysid}, not this standby's {}",
+                wal.system_identifier
+            );
+            tracing::warn!("{problem}");
+            Err(problem)
+        }
+        Err(e) => {
+            tracing::warn!("cannot force a WAL switch on the primary: {e}");
+            Err(e.to_string())
+        }
+    }
+}
+
+fn not_arrived(
+    wal: &StopWal<'_>,
+    opts: &StandbyOptions,
+    segment: &SegmentName,
+    primary_problem: Option<String>,
+) -> BackupError {
+    let hint = match (&opts.primary_conninfo, primary_problem) {
+        (None, _) => "; pass --primary-conninfo so walvault forces a WAL switch on the primary",
+        (Some(_), Some(_)) => "; the WAL switch on the primary failed (see above)",
+        (Some(_), None) => "",
+    };
+    BackupError::invalid(
+        format!("backup from a standby stopped at {}", wal.stop_lsn),
+        format!(
+            "the repository did not receive WAL segment {segment}, which holds the backup's \
+             stop LSN {}, within {} (--wal-wait-timeout): a standby does not archive the \
+             primary's WAL, so the primary must (archive_command = 'walvault wal-push %p', or \
+             wal-receive); check pg_stat_archiver on the primary{hint}; this backup is abandoned",
+            wal.stop_lsn,
+            humantime::format_duration(opts.wal_wait)
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stop_segment_is_the_one_holding_the_last_byte() {
+        let seg = 16 << 20;
+        let (name, needed) = stop_segment(1, "0/3000028".parse().unwrap(), seg).unwrap();
+        assert_eq!(name.to_string(), "000000010000000000000003");
+        assert_eq!(needed, 0x28);
+        // A stop exactly on a boundary needs all of the segment before it.
+        let (name, needed) = stop_segment(2, "1/4000000".parse().unwrap(), seg).unwrap();
+        assert_eq!(name.to_string(), "000000020000000100000003");
+        assert_eq!(needed, u64::from(seg));
+    }
+}
