@@ -3,6 +3,7 @@ walvault/peer ratios), issue 6's targets marked PASS or MISS, the run's notes an
 facts. run.py writes what `Report(bench).render()` returns to stdout and `--out`.
 """
 
+import retention
 import sys
 
 from common import MiB, med, p95
@@ -69,6 +70,8 @@ class Report:
             L += self.spool(s["spool"])
         if "status" in s:
             L += self.status(s["status"])
+        if "retention" in s:
+            L += retention.report(s["retention"])
         if self.targets:
             L.append("## Targets (issue 6)\n")
             L.append("| target | measured | result |")

@@ -8,7 +8,8 @@ One command (as root, on a Debian 12 host with PostgreSQL 15):
 See bench/README.md for what is measured and how. Python 3 standard library only. This file
 parses the options and runs the sections; the rest lives beside it: common.py (processes,
 measurement, stats), setup.py (packages, clusters, caches, segments, S3 server), one module per
-section (archive.py, restore.py, backup.py, pitr.py, rss.py, https.py, spool.py, status.py) and report.py
+section (archive.py, restore.py, backup.py, pitr.py, rss.py, https.py, spool.py, status.py,
+retention.py) and report.py
 (tables, ratios, targets).
 """
 
@@ -26,6 +27,7 @@ from https import HttpsSection
 from pitr import PitrSection
 from report import Report
 from restore import RestoreSection
+from retention import RetentionSection
 from rss import RssSection
 from setup import Setup, on_signal, stop_all
 from spool import SpoolSection
@@ -33,7 +35,7 @@ from status import StatusSection
 
 
 class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, RssSection, HttpsSection,
-            SpoolSection, StatusSection):
+            SpoolSection, StatusSection, RetentionSection):
     """One run: Setup's directories, clusters and segments, one bench_<section>() per section."""
 
     # ---------------------------------------------------------------- report

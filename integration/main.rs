@@ -8,14 +8,15 @@ mod backup;
 
 mod crash;
 mod debian;
+mod faults;
 mod matrix;
 mod ops;
-mod faults;
 
 mod pg_conn;
 
 mod recover;
 
+mod retention;
 mod standby;
 
 mod store;

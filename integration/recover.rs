@@ -313,7 +313,7 @@ fn source_config(wv: &Walvault) -> ClusterConfig {
 }
 
 /// A source cluster archiving into `kind` with commit timestamps on, and its walvault.
-fn archiving_source(env: &TestEnv, kind: RepoKind) -> (Repo, Walvault, Cluster) {
+pub(crate) fn archiving_source(env: &TestEnv, kind: RepoKind) -> (Repo, Walvault, Cluster) {
     let repo = env.repo(kind);
     let wv = env.walvault(repo.config_path());
     let cluster = env.cluster(source_config(&wv));
@@ -325,23 +325,41 @@ fn archiving_source(env: &TestEnv, kind: RepoKind) -> (Repo, Walvault, Cluster) 
 }
 
 fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster) {
-    let port = cluster.port().to_string();
+    backup_push_with(env, wv, cluster, &[]).assert_success();
+}
+
+/// `backup-push` with more arguments, connected to `cluster`.
+pub(crate) fn backup_push_with(
+    env: &TestEnv,
+    wv: &Walvault,
+    cluster: &Cluster,
+    args: &[&str],
+) -> RunOutput {
+    let mut all = vec!["backup-push"];
+    all.extend_from_slice(args);
     wv.run_with_env(
-        &["backup-push"],
-        &[
-            ("PGHOST", env.path().to_str().unwrap()),
-            ("PGPORT", &port),
-            ("PGUSER", "postgres"),
-            ("PGDATABASE", "postgres"),
-            ("PGDATA", cluster.datadir().to_str().unwrap()),
-        ],
+        &all,
+        &backup_env(env, cluster)
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
     )
-    .assert_success();
+}
+
+/// The environment `backup-push` connects to `cluster` with.
+pub(crate) fn backup_env(env: &TestEnv, cluster: &Cluster) -> Vec<(&'static str, String)> {
+    vec![
+        ("PGHOST", env.path().to_str().unwrap().to_owned()),
+        ("PGPORT", cluster.port().to_string()),
+        ("PGUSER", "postgres".to_owned()),
+        ("PGDATABASE", "postgres".to_owned()),
+        ("PGDATA", cluster.datadir().to_str().unwrap().to_owned()),
+    ]
 }
 
 /// Ends the current segment (after one more commit) and waits until it is archived, so the WAL
 /// after the workload is in the repository; returns the segment's name.
-fn archive_everything(cluster: &Cluster) -> String {
+pub(crate) fn archive_everything(cluster: &Cluster) -> String {
     let segment = cluster.switch_wal();
     cluster.wait_for_archived(&segment, Duration::from_secs(60));
     segment
@@ -349,7 +367,7 @@ fn archive_everything(cluster: &Cluster) -> String {
 
 /// `recover --start` into a fresh directory; returns the recovered cluster (promoted, running on
 /// a port of its own) and the command's stdout.
-fn recover_and_start(
+pub(crate) fn recover_and_start(
     env: &TestEnv,
     wv: &Walvault,
     name: &str,
@@ -387,7 +405,7 @@ pub(crate) fn recover_start(
 }
 
 /// The commit time of the newest row of `t` (`filter` chooses rows), UTC with a `Z`.
-fn last_commit_time(cluster: &Cluster, filter: &str) -> String {
+pub(crate) fn last_commit_time(cluster: &Cluster, filter: &str) -> String {
     cluster.psql(&format!(
         "SELECT to_char(max(pg_xact_commit_timestamp(xmin)) AT TIME ZONE 'UTC', \
          'YYYY-MM-DD HH24:MI:SS.US') || 'Z' FROM t {filter}"
@@ -404,7 +422,7 @@ fn wait_for_pause(cluster: &Cluster) {
     );
 }
 
-fn ids(cluster: &Cluster, filter: &str) -> String {
+pub(crate) fn ids(cluster: &Cluster, filter: &str) -> String {
     cluster.psql(&format!(
         "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM t {filter}"
     ))

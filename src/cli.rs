@@ -114,6 +114,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Retention: delete the backups and WAL the policy no longer keeps
+    ///
+    /// Applies [retention] from the configuration (these flags override its rules), keeping
+    /// pinned backups, whole chains and the WAL every kept backup and the window need. Plans
+    /// first and proves the result recoverable; refuses (exit 1, nothing deleted) when no backup
+    /// would remain or the plan cannot be proven. One delete at a time per repository.
+    Delete(DeleteArgs),
+    /// Pin a backup (and its chain) so retention never deletes it, or release the pin
+    BackupMark {
+        /// Backup name, or LATEST
+        name: String,
+        /// Pin the backup
+        #[arg(long, conflicts_with = "release", required_unless_present = "release")]
+        keep: bool,
+        /// Remove the pin
+        #[arg(long)]
+        release: bool,
+    },
     /// Re-read every object and check its checksum; check every backup against its packs and WAL
     Verify {
         /// Objects read in parallel
@@ -175,6 +193,8 @@ impl Command {
             Command::BackupList { .. } => "backup-list",
             Command::Recover(_) => "recover",
             Command::Verify { .. } => "verify",
+            Command::Delete(_) => "delete",
+            Command::BackupMark { .. } => "backup-mark",
             Command::Status { .. } => "status",
             Command::Check(_) => "check",
             Command::Metrics { .. } => "metrics",
@@ -336,6 +356,40 @@ pub struct BackupPushArgs {
     /// so the backup's last WAL segment is archived at once
     #[arg(long, value_name = "CONNINFO")]
     pub(crate) primary_conninfo: Option<String>,
+    /// Pin the new backup: retention keeps it until `backup-mark NAME --release`
+    #[arg(long)]
+    pub(crate) keep: bool,
+}
+
+/// The `delete` flags (see `walvault delete --help`).
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    /// Keep the newest N full backups, their deltas and all WAL from the oldest on; also
+    /// retention.full
+    #[arg(long, value_name = "N")]
+    pub(crate) retain_full: Option<String>,
+    /// Keep what recovery to any instant of the last DURATION needs (e.g. 14d); also
+    /// retention.window
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) retain_window: Option<String>,
+    /// Keep the newest backup of each of the last N days (UTC) that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_daily: Option<String>,
+    /// Keep the newest backup of each of the last N ISO weeks that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_weekly: Option<String>,
+    /// Keep the newest backup of each of the last N months that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_monthly: Option<String>,
+    /// Keep the newest backup of each of the last N years that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_yearly: Option<String>,
+    /// Print the plan and delete nothing
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Print the plan (and what was deleted) as one JSON object
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// The `check` flags.

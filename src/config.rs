@@ -34,6 +34,14 @@ const KEYS: &[(&str, &str)] = &[
     ("s3.timeout", "WALVAULT_S3_TIMEOUT"),
     ("s3.max_attempts", "WALVAULT_S3_MAX_ATTEMPTS"),
     ("s3.part_size", "WALVAULT_S3_PART_SIZE"),
+    ("retention.full", "WALVAULT_RETENTION_FULL"),
+    ("retention.window", "WALVAULT_RETENTION_WINDOW"),
+    ("retention.daily", "WALVAULT_RETENTION_DAILY"),
+    ("retention.weekly", "WALVAULT_RETENTION_WEEKLY"),
+    ("retention.monthly", "WALVAULT_RETENTION_MONTHLY"),
+    ("retention.yearly", "WALVAULT_RETENTION_YEARLY"),
+    ("retention.auto", "WALVAULT_RETENTION_AUTO"),
+    ("retention.grace", "WALVAULT_RETENTION_GRACE"),
     ("hooks.on_success", "WALVAULT_HOOKS_ON_SUCCESS"),
     ("hooks.on_failure", "WALVAULT_HOOKS_ON_FAILURE"),
     ("hooks.timeout", "WALVAULT_HOOKS_TIMEOUT"),
@@ -197,6 +205,13 @@ pub(crate) struct Settings {
     pub(crate) pg_timeout: Duration,
     /// Bound on `pg_backup_stop`, which waits until WAL archiving caught up.
     pub(crate) backup_stop_timeout: Duration,
+    /// `[retention]`: the policy `delete` applies (its flags layered over it).
+    pub(crate) retention: crate::retention::Policy,
+    /// Whether backup-push applies the policy after a successful backup (default: when one is
+    /// configured).
+    pub(crate) retention_auto: bool,
+    /// How old leftovers of interrupted writes must be before retention removes them.
+    pub(crate) retention_grace: Duration,
     pub(crate) hooks: HookSettings,
 }
 
@@ -218,6 +233,8 @@ pub(crate) struct FlagValues {
     pub(crate) prefetch: Option<String>,
     pub(crate) backup_concurrency: Option<String>,
     pub(crate) delta_max_steps: Option<String>,
+    /// `delete --retain-full`, `--retain-window`, `--keep-daily` ... `--keep-yearly`.
+    pub(crate) retention: [Option<String>; 6],
 }
 
 struct Value {
@@ -388,7 +405,19 @@ impl Layers {
                 &flags.delta_max_steps,
             ),
         ];
-        for (key, flag, value) in flag_values {
+        let retention_flags = [
+            ("retention.full", "--retain-full"),
+            ("retention.window", "--retain-window"),
+            ("retention.daily", "--keep-daily"),
+            ("retention.weekly", "--keep-weekly"),
+            ("retention.monthly", "--keep-monthly"),
+            ("retention.yearly", "--keep-yearly"),
+        ];
+        let retention_values = retention_flags
+            .iter()
+            .zip(&flags.retention)
+            .map(|((key, flag), value)| (*key, *flag, value));
+        for (key, flag, value) in flag_values.into_iter().chain(retention_values) {
             if let Some(text) = value {
                 layers.set(key, text.clone(), Source::Flag(flag));
             }
@@ -448,6 +477,10 @@ impl Layers {
                     if prefix.is_empty() && ["s3", "hooks"].contains(&name.as_str()) =>
                 {
                     self.read_table(inner, &format!("{name}."), path)?;
+                    continue;
+                }
+                toml::Value::Table(inner) if prefix.is_empty() && name == "retention" => {
+                    self.read_table(inner, "retention.", path)?;
                     continue;
                 }
                 toml::Value::String(s) => s.clone(),
@@ -556,6 +589,31 @@ impl Layers {
                     })?
                     .unwrap_or(Duration::from_secs(30)),
             },
+            retention: self.retention()?,
+            retention_auto: self.get("retention.auto", parse_bool)?.unwrap_or(true),
+            retention_grace: self
+                .get("retention.grace", |s| {
+                    parse_duration_in(s, Duration::ZERO, Duration::from_secs(365 * 86_400))
+                })?
+                .unwrap_or(crate::retention::plan::DEFAULT_GRACE),
+        })
+    }
+
+    fn retention(&self) -> Result<crate::retention::Policy, ConfigError> {
+        let count = |s: &str| parse_in_range(s, 0u32, 100_000);
+        Ok(crate::retention::Policy {
+            full: self.get("retention.full", |s| parse_in_range(s, 1u32, 100_000))?,
+            window: self.get("retention.window", |s| {
+                parse_duration_in(
+                    s,
+                    Duration::from_secs(1),
+                    Duration::from_secs(100 * 365 * 86_400),
+                )
+            })?,
+            daily: self.get("retention.daily", count)?,
+            weekly: self.get("retention.weekly", count)?,
+            monthly: self.get("retention.monthly", count)?,
+            yearly: self.get("retention.yearly", count)?,
         })
     }
 }
@@ -684,6 +742,31 @@ mod tests {
         assert_eq!(s.prefetch, 5);
         assert_eq!(s.push_concurrency, 2);
         assert_eq!(s.s3.timeout, Duration::from_secs(7));
+    }
+
+    /// `[retention]` from the file, `WALVAULT_RETENTION_*` over it, `delete`'s flags over both;
+    /// errors name the flag.
+    #[test]
+    fn retention_rules_layer_like_every_setting() {
+        let (_d, path) = config_file(
+            "repo = \"file:///r\"\n[retention]\nfull = 2\nwindow = \"14d\"\nauto = false\n",
+        );
+        let mut flags = FlagValues {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        flags.retention[0] = Some("1".into());
+        let s = load(flags.clone(), &[("WALVAULT_RETENTION_DAILY", "7")]).unwrap();
+        assert_eq!(s.retention.full, Some(1));
+        assert_eq!(s.retention.window, Some(Duration::from_secs(14 * 86_400)));
+        assert_eq!(s.retention.daily, Some(7));
+        assert!(!s.retention_auto);
+        assert_eq!(s.retention_grace, Duration::from_secs(86_400));
+        flags.retention[0] = Some("0".into());
+        let err = load(flags, &[]).unwrap_err().to_string();
+        assert!(err.contains("flag --retain-full"), "{err}");
+        let (_d, path) = config_file("repo = \"file:///r\"\n");
+        assert!(load_file(path, &[]).unwrap().retention.is_empty());
     }
 
     /// `[hooks]` reads from the file and the environment; hook command lines (which may hold a

@@ -100,6 +100,27 @@ pub(crate) const FAILPOINTS: &[(&str, &str)] = &[
         "receive-slot-advanced",
         "a standby status update reporting a new flush position is sent",
     ),
+    // delete (retention).
+    (
+        "delete-before-backups",
+        "the plan is proven and the lock held, nothing deleted",
+    ),
+    (
+        "delete-after-manifest",
+        "an expired backup's manifest is deleted, its packs not yet",
+    ),
+    (
+        "delete-before-wal",
+        "expired backups are deleted, WAL not yet",
+    ),
+    (
+        "delete-wal-batch",
+        "a batch of expired WAL (or garbage) is deleted",
+    ),
+    (
+        "delete-before-garbage",
+        "expired WAL is deleted, garbage not yet collected",
+    ),
 ];
 
 /// Acts on the failpoint `name` if it is enabled: blocks forever, or panics.

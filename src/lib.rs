@@ -19,6 +19,7 @@ pub(crate) mod receive;
 pub(crate) mod recover;
 pub(crate) mod replication;
 pub(crate) mod repo;
+pub(crate) mod retention;
 pub(crate) mod time;
 pub(crate) mod verify;
 pub(crate) mod wal;

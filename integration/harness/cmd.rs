@@ -271,6 +271,31 @@ pub struct Running {
 }
 
 impl Running {
+    /// The process id, to signal it (SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit by itself within `timeout`; returns its status and every
+    /// stderr line.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "`{}` still running after {timeout:?}; stderr:\n{}",
+                    self.command,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        let status = self.child.wait().expect("wait for the process");
+        (status, std::mem::take(&mut self.seen))
+    }
+
     /// Waits until a stderr line contains `needle`.
     pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -3,7 +3,8 @@
 //!
 //! Understands the catalog's backups, the archived WAL segments and timeline history files, which
 //! timeline owns each segment along a history, and reads segment summaries ahead concurrently.
-//! Used by backup-list (the window it prints) and the recovery planner (the walk it checks).
+//! Used by backup-list (the window it prints), the recovery planner (the walk it checks) and
+//! retention (the window before and after, and its proof).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -97,7 +98,7 @@ impl fmt::Display for Window {
     }
 }
 
-/// What can be recovered along `timeline`: the window backup-list prints.
+/// What can be recovered along `timeline`: the window status prints.
 pub(crate) async fn window(
     repo: &Repository,
     timeline: TimelineChoice,
@@ -133,9 +134,7 @@ impl Recoverable {
         let history = target_history(repo, &archive, timeline, newest).await?;
         let newest_segment = archive.newest_on(&history);
         let window = Window {
-            oldest_backup_end: backups
-                .iter()
-                .find(|b| usable_on(b, &history))
+            oldest_backup_end: first_backup(&backups, &archive, &history, newest_segment)
                 .map(|b| (b.name.clone(), b.stop_time.clone(), b.stop_lsn)),
             last_xact_end: last_xact_end(repo, &archive, &history, newest_segment).await,
             newest_segment,
@@ -164,6 +163,34 @@ impl Recoverable {
     }
 }
 
+/// The backup the window starts at: the oldest usable one from whose start every segment to the
+/// newest is archived along the history (retention may keep older backups restorable only to
+/// their own end), else the oldest usable one.
+fn first_backup<'a>(
+    backups: &'a [Summary],
+    archive: &Archive,
+    history: &TimelineHistory,
+    newest: Option<SegmentName>,
+) -> Option<&'a Summary> {
+    let mut usable = backups.iter().filter(|b| usable_on(b, history));
+    let Some(newest) = newest.and_then(|s| archive.segno(&s)) else {
+        return usable.next();
+    };
+    let archived = |no: u64| {
+        archive
+            .name_on(history, SegmentNo(no))
+            .is_some_and(|n| archive.segments.contains_key(&n))
+    };
+    let mut from = newest.0;
+    while from > 0 && archived(from - 1) {
+        from -= 1;
+    }
+    let oldest = usable.clone().next();
+    usable
+        .find(|b| b.start_lsn.segment_number(archive.seg_size).0 >= from)
+        .or(oldest)
+}
+
 fn usable_on(backup: &Summary, history: &TimelineHistory) -> bool {
     history.timeline_at(backup.start_lsn) == TimelineId(backup.timeline)
 }
@@ -183,9 +210,10 @@ impl Archive {
             histories: BTreeSet::new(),
             seg_size,
         };
-        for object in repo.list(Listing::Wal).await? {
+        // Streamed: only the parsed names are kept, not a key string per archived file.
+        repo.list_each(Listing::Wal, &mut |object| {
             let Some(ObjectKey::Wal(name)) = ObjectKey::parse(&object.key) else {
-                continue;
+                return;
             };
             match name {
                 WalFileName::Segment(seg) => {
@@ -196,7 +224,8 @@ impl Archive {
                 }
                 _ => {}
             }
-        }
+        })
+        .await?;
         Ok(archive)
     }
 

@@ -10,13 +10,15 @@ use crate::backup::fetch::{self, FetchOptions};
 use crate::backup::manifest::Summary;
 use crate::backup::push::{self, Mode, PushOptions};
 use crate::backup::standby::StandbyOptions;
-use crate::backup::window::{self, TimelineChoice, WindowError};
+use crate::backup::window::{Recoverable, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;
 use crate::ops::hooks::Status as HookStatus;
 use crate::pg::Timeouts;
 use crate::repo::Repository;
+use crate::time::UnixMicros;
 use anyhow::Context;
+use std::collections::BTreeMap;
 
 use super::human_bytes;
 
@@ -57,9 +59,10 @@ pub(super) async fn push(
     args: BackupPushArgs,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let keep = args.keep;
     let opts = &push_options(settings, quiet, args);
     let url = repo.url().to_owned();
-    let pushed = match push::push(repo, opts)
+    let pushed = match push::push(Arc::clone(&repo), opts)
         .await
         .with_context(|| format!("backup-push to {url}"))
     {
@@ -92,6 +95,13 @@ pub(super) async fn push(
             s.page_checksum_failures.len()
         );
     }
+    if keep {
+        crate::retention::pins::mark(&repo, &s.name, true)
+            .await
+            .with_context(|| format!("pinning backup {} (the backup is complete)", s.name))?;
+        tracing::info!("backup {} pinned: retention keeps it and its chain", s.name);
+    }
+    super::retention::after_backup(settings, &repo).await;
     let report = serde_json::json!({
         "repository": url,
         "backup": Listed::from(s),
@@ -217,6 +227,12 @@ struct Listed<'a> {
     page_checksum_failures: usize,
     pg_version_num: u32,
     system_identifier: String,
+    /// Pinned (`backup-mark --keep`).
+    keep: bool,
+    /// The rules of the configured retention policy that keep it (`null` without a policy).
+    kept_by: Option<Vec<&'static str>>,
+    /// Whether the next `delete` under the configured policy removes it.
+    expires: bool,
 }
 
 impl<'a> From<&'a Summary> for Listed<'a> {
@@ -239,15 +255,54 @@ impl<'a> From<&'a Summary> for Listed<'a> {
                 .sum(),
             pg_version_num: s.pg_version_num,
             system_identifier: s.system_identifier.to_string(),
+            keep: false,
+            kept_by: None,
+            expires: false,
         }
     }
 }
 
-pub(super) async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn list(
+    settings: &Settings,
+    repo: &Repository,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let backups = crate::backup::catalog::list(repo)
         .await
         .with_context(|| format!("listing backups in {}", repo.url()))?;
-    let listed: Vec<Listed> = backups.iter().map(Listed::from).collect();
+    let pins = crate::retention::pins::pinned(repo)
+        .await
+        .with_context(|| format!("listing pinned backups in {}", repo.url()))?;
+    let recoverable = Recoverable::load(repo, TimelineChoice::Latest).await;
+    let verdicts = match &recoverable {
+        Ok(r) if !settings.retention.is_empty() => {
+            let v = crate::retention::policy::verdicts(
+                &settings.retention,
+                &r.backups,
+                &pins,
+                |b| r.usable(b),
+                UnixMicros::now(),
+            );
+            r.backups
+                .iter()
+                .map(|b| b.name.clone())
+                .zip(v.kept_by)
+                .collect()
+        }
+        _ => BTreeMap::new(),
+    };
+    let listed: Vec<Listed> = backups
+        .iter()
+        .map(|b| {
+            let mut listed = Listed::from(b);
+            listed.keep = pins.contains(&b.name);
+            if let Some(rules) = verdicts.get(&b.name) {
+                listed.kept_by = Some(rules.iter().map(|r| r.as_str()).collect());
+                listed.expires = rules.is_empty();
+            }
+            listed
+        })
+        .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&listed)?);
         return Ok(ExitCode::SUCCESS);
@@ -273,9 +328,15 @@ pub(super) async fn list(repo: &Repository, json: bool) -> anyhow::Result<ExitCo
         if let Some(parent) = b.parent {
             println!("    delta of {parent}");
         }
+        match (&b.kept_by, b.keep) {
+            (Some(rules), _) if !rules.is_empty() => println!("    kept by {}", rules.join(", ")),
+            (Some(_), _) => println!("    expires: the next delete removes it"),
+            (None, true) => println!("    pinned"),
+            (None, false) => {}
+        }
     }
-    match window::window(repo, TimelineChoice::Latest).await {
-        Ok(window) => println!("recoverable window (latest timeline): {window}"),
+    match recoverable {
+        Ok(r) => println!("recoverable window (latest timeline): {}", r.window),
         Err(WindowError::NoBackups) => {
             println!("no backups: nothing is recoverable yet")
         }

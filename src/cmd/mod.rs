@@ -11,6 +11,7 @@ mod backup;
 mod ops;
 mod receive;
 mod recover;
+mod retention;
 mod verify;
 mod wal;
 
@@ -168,9 +169,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             backup::fetch(&settings, quiet, repo, fetch).await
         }
-        Command::BackupList { json } => backup::list(&repo, json).await,
+        Command::BackupList { json } => backup::list(&settings, &repo, json).await,
         Command::Recover(args) => recover::recover(&settings, &flags, quiet, repo, args).await,
         Command::Verify { concurrency } => verify::verify(repo, concurrency).await,
+        Command::Delete(args) => retention::delete(&settings, quiet, repo, args).await,
+        Command::BackupMark { name, keep, .. } => retention::mark(&repo, &name, keep).await,
         Command::Status { json } => ops::status(&repo, json).await,
         Command::Check(args) => ops::check(&settings, repo, args).await,
         Command::Metrics { listen } => ops::metrics(repo, listen).await,
@@ -193,6 +196,16 @@ fn flag_values(cli: &Cli) -> FlagValues {
         Command::BackupPush(args) => {
             flags.backup_concurrency = args.concurrency.clone();
             flags.delta_max_steps = args.delta_max_steps.clone();
+        }
+        Command::Delete(args) => {
+            flags.retention = [
+                args.retain_full.clone(),
+                args.retain_window.clone(),
+                args.keep_daily.clone(),
+                args.keep_weekly.clone(),
+                args.keep_monthly.clone(),
+                args.keep_yearly.clone(),
+            ]
         }
         Command::BackupFetch { concurrency, .. }
         | Command::Recover(RecoverArgs { concurrency, .. })

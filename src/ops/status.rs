@@ -150,6 +150,8 @@ fn kind_of(key: Option<&ObjectKey>) -> &'static str {
         Some(ObjectKey::Pack(..)) => "pack",
         Some(ObjectKey::StatusWal) => "status",
         Some(ObjectKey::Drill(_)) => "drill",
+        Some(ObjectKey::Pin(_)) => "pin",
+        Some(ObjectKey::RetentionLock) => "lock",
         None => "other",
     }
 }

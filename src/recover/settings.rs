@@ -120,17 +120,27 @@ impl RecoverySettings {
         text
     }
 
-    /// Writes `recovery.signal` and appends the settings to `postgresql.auto.conf` in `pgdata`.
+    /// Writes `recovery.signal` and appends the settings to `postgresql.auto.conf` in `pgdata`,
+    /// after dropping the recovery targets an earlier recover left there (a backup of a cluster
+    /// that was itself recovered carries them, and two kinds of target make PostgreSQL refuse to
+    /// start).
     pub(crate) fn write(&self, pgdata: &Path) -> Result<(), RecoverError> {
         let settings = self.render()?;
         self.write_carried(pgdata)?;
         let auto_conf = pgdata.join("postgresql.auto.conf");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&auto_conf)
-            .map_err(io("open", &auto_conf))?;
-        file.write_all(settings.as_bytes())
+        let earlier = match std::fs::read_to_string(&auto_conf) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io("read", &auto_conf)(e)),
+        };
+        let kept: String = earlier
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("recovery_target"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let mut file = std::fs::File::create(&auto_conf).map_err(io("open", &auto_conf))?;
+        file.write_all(kept.as_bytes())
+            .and_then(|()| file.write_all(settings.as_bytes()))
             .and_then(|()| file.sync_all())
             .map_err(io("write", &auto_conf))?;
         let signal = pgdata.join("recovery.signal");

@@ -22,6 +22,10 @@ const STREAM: &str = "stream/";
 const BACKUPS: &str = "backups/";
 const MANIFEST: &str = "manifest";
 const PACKS: &str = "packs/";
+/// A backup's pin: `backups/<name>/keep`, present while retention must keep the backup.
+const PIN: &str = "keep";
+/// The lock that makes `delete` runs take turns.
+const RETENTION_LOCK: &str = "locks/retention";
 /// The derived status object: the newest archived segment and its last transaction end.
 const STATUS_WAL: &str = "status/wal";
 /// Restore drill reports: `drills/<time>`.
@@ -40,6 +44,8 @@ pub(crate) enum Listing<'a> {
     FragmentsOf(&'a SegmentName),
     /// Every object of every backup.
     Backups,
+    /// Every segment summary.
+    Summaries,
 }
 
 impl Listing<'_> {
@@ -51,6 +57,7 @@ impl Listing<'_> {
             Listing::Fragments => STREAM.to_owned(),
             Listing::FragmentsOf(seg) => format!("{STREAM}{seg}/"),
             Listing::Backups => BACKUPS.to_owned(),
+            Listing::Summaries => SUMMARY.to_owned(),
         }
     }
 }
@@ -69,6 +76,10 @@ pub(crate) enum ObjectKey {
     },
     Manifest(BackupName),
     Pack(BackupName, PackId),
+    /// The backup is pinned: retention keeps it (and its chain) whatever the policy.
+    Pin(BackupName),
+    /// Held by the `delete` that is running (retention).
+    RetentionLock,
     /// The derived status object (`status/wal`).
     StatusWal,
     /// A restore drill's report.
@@ -87,6 +98,8 @@ impl ObjectKey {
             }
             ObjectKey::Manifest(name) => format!("{BACKUPS}{name}/{MANIFEST}"),
             ObjectKey::Pack(name, id) => format!("{BACKUPS}{name}/{PACKS}{:06}", id.0),
+            ObjectKey::Pin(name) => format!("{BACKUPS}{name}/{PIN}"),
+            ObjectKey::RetentionLock => RETENTION_LOCK.to_owned(),
             ObjectKey::StatusWal => STATUS_WAL.to_owned(),
             ObjectKey::Drill(time) => format!("{DRILLS}{}", time.0),
         }
@@ -96,6 +109,9 @@ impl ObjectKey {
     pub(crate) fn parse(key: &str) -> Option<ObjectKey> {
         if key == IDENTITY {
             return Some(ObjectKey::Identity);
+        }
+        if key == RETENTION_LOCK {
+            return Some(ObjectKey::RetentionLock);
         }
         if key == STATUS_WAL {
             return Some(ObjectKey::StatusWal);
@@ -129,6 +145,9 @@ impl ObjectKey {
         let name = BackupName::parse(name).ok()?;
         if what == MANIFEST {
             return Some(ObjectKey::Manifest(name));
+        }
+        if what == PIN {
+            return Some(ObjectKey::Pin(name));
         }
         let id = what.strip_prefix(PACKS)?;
         if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -222,6 +241,10 @@ impl BackupName {
     pub(crate) fn pack_key(&self, pack: PackId) -> String {
         ObjectKey::Pack(self.clone(), pack).key()
     }
+
+    pub(crate) fn pin_key(&self) -> String {
+        ObjectKey::Pin(self.clone()).key()
+    }
 }
 
 impl TryFrom<String> for BackupName {
@@ -303,6 +326,8 @@ mod tests {
                 end: 0x3F10,
             },
             ObjectKey::Manifest(backup.clone()),
+            ObjectKey::Pin(backup.clone()),
+            ObjectKey::RetentionLock,
             ObjectKey::Pack(backup, PackId(7)),
             ObjectKey::StatusWal,
             ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
@@ -393,6 +418,8 @@ mod tests {
                 end: 1,
             },
             ObjectKey::Manifest(name.clone()),
+            ObjectKey::Pin(name.clone()),
+            ObjectKey::RetentionLock,
             ObjectKey::Pack(name, PackId(0)),
             ObjectKey::StatusWal,
             ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),

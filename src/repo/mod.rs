@@ -16,7 +16,7 @@ pub(crate) mod packs;
 mod store;
 
 pub(crate) use codec::{Checksum, Compression};
-pub(crate) use store::{Committed, PutMode};
+pub(crate) use store::{Committed, Leftover, Listed, PutMode, DELETE_BATCH};
 
 use std::path::{Path, PathBuf};
 
@@ -189,6 +189,33 @@ impl Repository {
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), RepoError> {
         Ok(self.store.delete(key).await?)
+    }
+
+    /// The objects of one group handed to `each` as they are listed, unsorted, with their times:
+    /// for listings too large to hold (retention over a million WAL objects).
+    pub(crate) async fn list_each(
+        &self,
+        what: Listing<'_>,
+        each: &mut (dyn FnMut(Listed) + Send),
+    ) -> Result<(), RepoError> {
+        Ok(self.store.list_each(&what.prefix(), each).await?)
+    }
+
+    /// Deletes many objects, [`DELETE_BATCH`] per request where the store has batches.
+    pub(crate) async fn delete_batch(&self, keys: &[String]) -> Result<(), RepoError> {
+        Ok(self.store.delete_batch(keys).await?)
+    }
+
+    /// What interrupted writers left behind before `before` (temp files, multipart uploads).
+    pub(crate) async fn leftovers(
+        &self,
+        before: std::time::SystemTime,
+    ) -> Result<Vec<Leftover>, RepoError> {
+        Ok(self.store.leftovers(before).await?)
+    }
+
+    pub(crate) async fn remove_leftover(&self, leftover: &Leftover) -> Result<(), RepoError> {
+        Ok(self.store.remove_leftover(leftover).await?)
     }
 
     /// Stores a WAL file under the rule every writer of WAL follows (wal-push, the pusher,

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 #[cfg(test)]
 use super::powerloss::{record, Op};
-use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
+use super::{Committed, Leftover, Listed, ObjectReader, PutMode, StoreError};
 
 pub(crate) struct LocalStore {
     root: PathBuf,
@@ -68,11 +68,14 @@ impl LocalStore {
         }
     }
 
-    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    pub(crate) async fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Listed) + Send),
+    ) -> Result<(), StoreError> {
         self.absent().await?;
         // Walk only the directory the prefix names, not the whole repository.
         let (dir, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
-        let mut out = Vec::new();
         let mut pending = vec![dir.to_owned()];
         while let Some(rel) = pending.pop() {
             let path = self.root.join(&rel);
@@ -105,14 +108,65 @@ impl LocalStore {
                         pending.push(key);
                     }
                 } else if key.starts_with(prefix) {
-                    out.push(ObjectInfo {
+                    each(Listed {
                         key,
                         size: meta.len(),
+                        modified: meta.modified().ok(),
                     });
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Temp files of writers that are gone (no such process here) and were last written before
+    /// `before`, anywhere below the root.
+    pub(crate) async fn leftovers(&self, before: SystemTime) -> Result<Vec<Leftover>, StoreError> {
+        self.absent().await?;
+        let mut out = Vec::new();
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            let mut entries = match fs::read_dir(&dir).await {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("list", &dir)(e)),
+            };
+            while let Some(entry) = entries.next_entry().await.map_err(io_err("list", &dir))? {
+                // The directory entry's type and name first: a stat only for temp files.
+                let Ok(kind) = entry.file_type().await else {
+                    continue;
+                };
+                if kind.is_dir() {
+                    pending.push(entry.path());
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(pid) = temp_file_pid(&name) else {
+                    continue;
+                };
+                let Ok(meta) = entry.metadata().await else {
+                    continue;
+                };
+                let old = meta.modified().is_ok_and(|m| m < before);
+                if old && !Path::new(&format!("/proc/{pid}")).exists() {
+                    out.push(Leftover::TempFile(entry.path()));
+                }
+            }
+        }
         Ok(out)
+    }
+
+    pub(crate) async fn remove_temp(&self, path: &Path) -> Result<(), StoreError> {
+        // Only a temp file below this root, as `leftovers` found it.
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if !path.starts_with(&self.root) || name.as_deref().and_then(temp_file_pid).is_none() {
+            return Err(StoreError::BadKey(path.display().to_string()));
+        }
+        match fs::remove_file(path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("delete", path)(e)),
+        }
     }
 
     pub(crate) fn writer(&self, key: &str) -> LocalWriter {
@@ -124,29 +178,43 @@ impl LocalStore {
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let path = self.path(key);
-        match fs::remove_file(&path).await {
-            Ok(()) => {
-                #[cfg(test)]
-                record(Op::Unlink(path.clone()));
-                let dir = parent(&path);
-                // A directory whose last object went (a streamed segment's fragments) goes too,
-                // so deletions do not leave a trail of empty directories; a non-empty one stays.
-                // Its sweep mark would keep it, so the mark goes first (in a directory that
-                // stays, that only brings the next sweep forward).
-                if dir != self.root {
-                    let _ = fs::remove_file(dir.join(SWEEP_MARK)).await;
-                    if fs::remove_dir(dir).await.is_ok() {
-                        #[cfg(test)]
-                        record(Op::Rmdir(dir.to_path_buf()));
-                        return sync_dir(parent(dir)).await;
-                    }
+        self.delete_batch(std::slice::from_ref(&key.to_owned()))
+            .await
+    }
+
+    /// Removes every key, then makes the removals durable once per directory (not once per
+    /// file: a retention run deletes many thousands of WAL files from one directory).
+    pub(crate) async fn delete_batch(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            let path = self.path(key);
+            match fs::remove_file(&path).await {
+                Ok(()) => {
+                    #[cfg(test)]
+                    record(Op::Unlink(path.clone()));
+                    dirs.insert(parent(&path).to_path_buf());
                 }
-                sync_dir(dir).await
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("delete", &path)(e)),
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("delete", &path)(e)),
         }
+        for dir in &dirs {
+            // A directory whose last object went (a streamed segment's fragments, an expired
+            // backup's packs) goes too, so deletions do not leave a trail of empty directories;
+            // a non-empty one stays. Its sweep mark would keep it, so the mark goes first (in a
+            // directory that stays, that only brings the next sweep forward).
+            if *dir != self.root {
+                let _ = fs::remove_file(dir.join(SWEEP_MARK)).await;
+                if fs::remove_dir(dir).await.is_ok() {
+                    #[cfg(test)]
+                    record(Op::Rmdir(dir.clone()));
+                    sync_dir(parent(dir)).await?;
+                    continue;
+                }
+            }
+            sync_dir(dir).await?;
+        }
+        Ok(())
     }
 }
 
@@ -361,6 +429,16 @@ async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn keys(store: &LocalStore, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        store
+            .list_each(prefix, &mut |o| keys.push(o.key))
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
     use tokio::io::AsyncReadExt;
 
     async fn read(store: &LocalStore, key: &str) -> Option<Vec<u8>> {
@@ -408,11 +486,7 @@ mod tests {
         let mut w = store.writer("dir/b");
         w.write(b"partial").await.unwrap();
         drop(w);
-        let listed = store.list("dir/").await.unwrap();
-        assert_eq!(
-            listed.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
-            ["dir/a"]
-        );
+        assert_eq!(keys(&store, "dir/").await, ["dir/a"]);
         assert_eq!(store.head("dir/a").await.unwrap(), Some(8));
         let left: Vec<_> = std::fs::read_dir(dir.path().join("dir"))
             .unwrap()
@@ -493,7 +567,7 @@ mod tests {
         w.commit(PutMode::IfAbsent).await.unwrap();
         assert!(dead.exists(), "swept at most once per grace period");
         assert_eq!(
-            store.list("dir/").await.unwrap().len(),
+            keys(&store, "dir/").await.len(),
             2,
             "the mark is not listed"
         );

@@ -15,7 +15,10 @@ mod powerloss;
 mod resume;
 mod s3;
 
+use std::fmt;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
@@ -33,6 +36,35 @@ pub(crate) struct ObjectInfo {
     /// Stored size in bytes.
     pub(crate) size: u64,
 }
+
+/// One object met by a streamed listing ([`Store::list_each`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Listed {
+    pub(crate) key: String,
+    pub(crate) size: u64,
+    /// When it was stored (local: modification time; S3: `LastModified`), if known.
+    pub(crate) modified: Option<SystemTime>,
+}
+
+/// What an interrupted writer left behind that no listing shows: a local temp file or an S3
+/// multipart upload never completed.
+#[derive(Clone, Debug)]
+pub(crate) enum Leftover {
+    TempFile(PathBuf),
+    Upload { key: String, id: String },
+}
+
+impl fmt::Display for Leftover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Leftover::TempFile(path) => write!(f, "temp file {}", path.display()),
+            Leftover::Upload { key, id } => write!(f, "multipart upload {id} of {key}"),
+        }
+    }
+}
+
+/// The most keys one batch delete sends (S3's `DeleteObjects` limit).
+pub(crate) const DELETE_BATCH: usize = 1000;
 
 /// What a commit may do when the key already exists, and how durable it must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,10 +144,14 @@ impl Store {
     /// Every object whose key starts with `prefix`, sorted by key. Temporary files of
     /// unfinished local uploads are never listed.
     pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let mut objects = match self {
-            Store::Local(s) => s.list(prefix).await?,
-            Store::S3(s) => s.list(prefix).await?,
-        };
+        let mut objects = Vec::new();
+        self.list_each(prefix, &mut |o| {
+            objects.push(ObjectInfo {
+                key: o.key,
+                size: o.size,
+            })
+        })
+        .await?;
         objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(objects)
     }
@@ -137,6 +173,58 @@ impl Store {
         match self {
             Store::Local(s) => s.delete(key).await,
             Store::S3(s) => s.delete(key).await,
+        }
+    }
+
+    /// Hands every object whose key starts with `prefix` to `each` as the listing goes (one
+    /// page at a time on S3), in no particular order, so a caller holds only what it keeps.
+    pub(crate) async fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Listed) + Send),
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Local(s) => s.list_each(prefix, each).await,
+            Store::S3(s) => s.list_each(prefix, each).await,
+        }
+    }
+
+    /// Deletes up to [`DELETE_BATCH`] keys at a time (one `DeleteObjects` request each on S3);
+    /// absent keys are not an error, and any key the store refused fails the call, naming it.
+    pub(crate) async fn delete_batch(&self, keys: &[String]) -> Result<(), StoreError> {
+        for key in keys {
+            check_key(key)?;
+        }
+        match self {
+            Store::Local(s) => {
+                for chunk in keys.chunks(DELETE_BATCH) {
+                    s.delete_batch(chunk).await?;
+                }
+                Ok(())
+            }
+            Store::S3(s) => {
+                for chunk in keys.chunks(DELETE_BATCH) {
+                    s.delete_batch(chunk).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// What interrupted writers left that is older than `before`: local temp files of writers no
+    /// longer running, S3 multipart uploads started before it.
+    pub(crate) async fn leftovers(&self, before: SystemTime) -> Result<Vec<Leftover>, StoreError> {
+        match self {
+            Store::Local(s) => s.leftovers(before).await,
+            Store::S3(s) => s.leftovers(before).await,
+        }
+    }
+
+    pub(crate) async fn remove_leftover(&self, leftover: &Leftover) -> Result<(), StoreError> {
+        match (self, leftover) {
+            (Store::Local(s), Leftover::TempFile(path)) => s.remove_temp(path).await,
+            (Store::S3(s), Leftover::Upload { key, id }) => s.abort_upload(key, id).await,
+            _ => Ok(()),
         }
     }
 }

@@ -20,7 +20,9 @@ use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+};
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::{Bytes, BytesMut};
@@ -28,7 +30,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use super::resume::{ResumingBody, Source};
-use super::{Committed, ObjectInfo, ObjectReader, PutMode, StoreError};
+use super::{Committed, Leftover, Listed, ObjectReader, PutMode, StoreError};
 use crate::config::S3Settings;
 
 pub(crate) struct S3Store {
@@ -182,8 +184,11 @@ impl S3Store {
         }
     }
 
-    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let mut out = Vec::new();
+    pub(crate) async fn list_each(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Listed) + Send),
+    ) -> Result<(), StoreError> {
         let mut pages = self
             .client
             .list_objects_v2()
@@ -197,13 +202,16 @@ impl S3Store {
                 let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;
                 };
-                out.push(ObjectInfo {
+                each(Listed {
                     key: key.to_owned(),
                     size: object.size().unwrap_or(0).max(0) as u64,
+                    modified: object
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 });
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -215,6 +223,128 @@ impl S3Store {
             .await
             .map_err(|e| self.error("DeleteObject", key, &e))?;
         Ok(())
+    }
+
+    /// One `DeleteObjects` request (at most 1000 keys); every per-key error fails the call.
+    pub(crate) async fn delete_batch(&self, keys: &[String]) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
+            return Ok(());
+        };
+        let what = format!("{first} .. {last} ({} keys)", keys.len());
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.build_error("DeleteObjects", &what, e))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| self.build_error("DeleteObjects", &what, e))?;
+        let out = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| self.error("DeleteObjects", &what, &e))?;
+        // A key that was already gone is success; anything else S3 reports per key is not.
+        let refused: Vec<String> = out
+            .errors()
+            .iter()
+            .filter(|e| e.code() != Some("NoSuchKey"))
+            .map(|e| {
+                format!(
+                    "{}: {} {}",
+                    e.key().unwrap_or("?"),
+                    e.code().unwrap_or("?"),
+                    e.message().unwrap_or("")
+                )
+            })
+            .collect();
+        if let Some(one) = refused.first() {
+            return Err(StoreError::S3 {
+                op: "DeleteObjects",
+                bucket: self.bucket.clone(),
+                key: what,
+                message: format!("{} keys not deleted, e.g. {one}", refused.len()),
+            });
+        }
+        Ok(())
+    }
+
+    fn build_error(&self, op: &'static str, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::S3 {
+            op,
+            bucket: self.bucket.clone(),
+            key: what.to_owned(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Multipart uploads under the prefix started before `before`, a page at a time.
+    pub(crate) async fn leftovers(
+        &self,
+        before: std::time::SystemTime,
+    ) -> Result<Vec<Leftover>, StoreError> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.error("ListMultipartUploads", "", &e))?;
+            for upload in page.uploads() {
+                let started = upload
+                    .initiated()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                let (Some(key), Some(id)) = (
+                    upload.key().and_then(|k| k.strip_prefix(&self.prefix)),
+                    upload.upload_id(),
+                ) else {
+                    continue;
+                };
+                if started.is_some_and(|t| t < before) {
+                    out.push(Leftover::Upload {
+                        key: key.to_owned(),
+                        id: id.to_owned(),
+                    });
+                }
+            }
+            let next = (
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            );
+            // A server that says "truncated" without a new marker would loop forever.
+            if page.is_truncated() != Some(true) || next == (key_marker.clone(), id_marker.clone())
+            {
+                return Ok(out);
+            }
+            (key_marker, id_marker) = next;
+        }
+    }
+
+    pub(crate) async fn abort_upload(&self, key: &str, id: &str) -> Result<(), StoreError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .upload_id(id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e)) if e.err().code() == Some("NoSuchUpload") => Ok(()),
+            Err(e) => Err(self.error("AbortMultipartUpload", key, &e)),
+        }
     }
 
     pub(crate) fn writer(&self, key: &str) -> S3Writer {
