@@ -145,6 +145,25 @@ fn delete_keeps_what_recovery_needs(kind: RepoKind) {
         "{plan}"
     );
     assert_eq!(repo.keys(), keys_before, "a dry run deleted something");
+    // status shows the configured policy's verdict: the backups that delete would expire.
+    let status = wv.run_with_env(&["status", "--json"], &[("WALVAULT_RETENTION_FULL", "1")]);
+    status.assert_success();
+    let status: Value = serde_json::from_str(&status.stdout).unwrap();
+    let names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap_or_else(|| panic!("an array: {v}"))
+            .iter()
+            .map(|b| b.as_str().or(b["name"].as_str()).unwrap().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(&status["retention"]["expires"]),
+        names(&plan["delete"]["backups"]),
+        "{status}"
+    );
 
     // Without a policy, delete refuses.
     let out = wv.run(&["delete"]);

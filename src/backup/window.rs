@@ -98,14 +98,6 @@ impl fmt::Display for Window {
     }
 }
 
-/// What can be recovered along `timeline`: the window status prints.
-pub(crate) async fn window(
-    repo: &Repository,
-    timeline: TimelineChoice,
-) -> Result<Window, WindowError> {
-    Ok(Recoverable::load(repo, timeline).await?.window)
-}
-
 /// What the repository holds along one timeline's history.
 pub(crate) struct Recoverable {
     /// The catalog, oldest first.

@@ -276,18 +276,7 @@ pub(super) async fn list(
     let recoverable = Recoverable::load(repo, TimelineChoice::Latest).await;
     let verdicts = match &recoverable {
         Ok(r) if !settings.retention.is_empty() => {
-            let v = crate::retention::policy::verdicts(
-                &settings.retention,
-                &r.backups,
-                &pins,
-                |b| r.usable(b),
-                UnixMicros::now(),
-            );
-            r.backups
-                .iter()
-                .map(|b| b.name.clone())
-                .zip(v.kept_by)
-                .collect()
+            crate::retention::verdicts_by_name(&settings.retention, r, &pins, UnixMicros::now())
         }
         _ => BTreeMap::new(),
     };

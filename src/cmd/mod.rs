@@ -174,7 +174,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { concurrency } => verify::verify(repo, concurrency).await,
         Command::Delete(args) => retention::delete(&settings, quiet, repo, args).await,
         Command::BackupMark { name, keep, .. } => retention::mark(&repo, &name, keep).await,
-        Command::Status { json } => ops::status(&repo, json).await,
+        Command::Status { json } => ops::status(&settings, &repo, json).await,
         Command::Check(args) => ops::check(&settings, repo, args).await,
         Command::Metrics { listen } => ops::metrics(repo, listen).await,
         Command::Drill(args) => ops::drill(&settings, &flags, quiet, repo, args).await,

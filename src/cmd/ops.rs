@@ -2,6 +2,7 @@
 //! failed, 3 warnings only), `metrics` (printed once or served with `--listen`) and `drill`
 //! (scratch directory, recovery settings and options from flags); the hooks each runs after it.
 
+use crate::retention::Policy;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -42,8 +43,12 @@ pub(super) async fn hook(
     hooks::run(&settings.hooks, event, status, report).await;
 }
 
-pub(super) async fn status(repo: &Repository, json: bool) -> anyhow::Result<ExitCode> {
-    let status = Status::gather(repo)
+pub(super) async fn status(
+    settings: &Settings,
+    repo: &Repository,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let status = Status::gather(repo, &settings.retention)
         .await
         .with_context(|| format!("reading the status of {}", repo.url()))?;
     if json {
@@ -100,7 +105,8 @@ pub(super) async fn metrics(
     listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
     let Some(addr) = listen else {
-        let status = Status::gather(&repo)
+        // The metrics carry no retention series, so no verdict is computed.
+        let status = Status::gather(&repo, &Policy::default())
             .await
             .with_context(|| format!("reading the status of {}", repo.url()))?;
         print!("{}", metrics::render(&status));
@@ -117,7 +123,7 @@ pub(super) async fn metrics(
                     return page.clone();
                 }
             }
-            match Status::gather(&repo).await {
+            match Status::gather(&repo, &Policy::default()).await {
                 Ok(status) => {
                     let page = metrics::render(&status);
                     *cached = Some((Instant::now(), page.clone()));

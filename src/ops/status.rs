@@ -12,11 +12,12 @@ use serde::{Deserialize, Serialize};
 use walvault_wal::{SegmentName, WalFileName};
 
 use crate::backup::manifest::{BackupKind, Summary};
-use crate::backup::window::{self, TimelineChoice, WindowError};
+use crate::backup::window::{self, Recoverable, TimelineChoice, WindowError};
 use crate::backup::BackupError;
 use crate::repo::identity;
 use crate::repo::layout::{DrillTime, Listing, ObjectKey};
 use crate::repo::{LengthRule, RepoError, Repository};
+use crate::retention::Policy;
 use crate::time::UnixMicros;
 use crate::wal::newest::{self, position};
 
@@ -42,13 +43,38 @@ pub(crate) struct Status {
     /// Along the latest timeline; `None` without backups.
     pub(crate) window: Option<RecoveryWindow>,
     pub(crate) wal: Wal,
-    /// The retention policy's verdict; filled in where a policy module exists, else omitted.
+    /// The configured retention policy's verdict; omitted without a policy.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) retention: Option<serde_json::Value>,
+    pub(crate) retention: Option<RetentionVerdict>,
     pub(crate) last_drill: Option<LastDrill>,
     pub(crate) objects: Objects,
     #[serde(skip)]
     now: UnixMicros,
+}
+
+/// What `delete` would do now under the configured policy (the backups it keeps and those it
+/// would expire); `delete --dry-run` gives the whole plan, WAL included.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct RetentionVerdict {
+    pub(crate) policy: String,
+    pub(crate) kept: usize,
+    pub(crate) pinned: usize,
+    pub(crate) expires: Vec<String>,
+}
+
+impl std::fmt::Display for RetentionVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: keeps {} backups ({} pinned), ",
+            self.policy, self.kept, self.pinned
+        )?;
+        if self.expires.is_empty() {
+            f.write_str("nothing expires")
+        } else {
+            write!(f, "delete would expire {}", self.expires.join(", "))
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -157,21 +183,28 @@ fn kind_of(key: Option<&ObjectKey>) -> &'static str {
 }
 
 impl Status {
-    pub(crate) async fn gather(repo: &Repository) -> Result<Status, StatusError> {
+    /// Gathers the status; `policy` (the configured retention, possibly empty) gives the
+    /// retention verdict.
+    pub(crate) async fn gather(repo: &Repository, policy: &Policy) -> Result<Status, StatusError> {
         let now = UnixMicros::now();
         let identity = identity::load(repo)
             .await
             .map_err(|e| StatusError::Identity(e.to_string()))?;
         let (objects, newest_segment, streamed, drill_key) = scan(repo).await?;
         let backups = crate::backup::catalog::list(repo).await?;
-        let window = match window::window(repo, TimelineChoice::Latest).await {
-            Ok(w) => Some(w),
+        let recoverable = match Recoverable::load(repo, TimelineChoice::Latest).await {
+            Ok(r) => Some(r),
             Err(WindowError::NoBackups) => None,
             Err(e) => {
                 tracing::warn!("recoverable window unknown: {e}");
                 None
             }
         };
+        let retention = match &recoverable {
+            Some(r) if !policy.is_empty() => retention_verdict(repo, policy, r, now).await,
+            _ => None,
+        };
+        let window = recoverable.map(|r| r.window);
         let hint = newest::load(repo).await;
         let hint_seg = hint.as_ref().and_then(|h| h.segment_name());
         let stale = match (&newest_segment, &hint_seg) {
@@ -205,7 +238,7 @@ impl Status {
             backups: summarise_backups(&backups, now),
             window: window.map(|w| recovery_window(&w)),
             wal,
-            retention: None,
+            retention,
             last_drill,
             objects,
             now,
@@ -216,6 +249,29 @@ impl Status {
     pub(crate) fn now(&self) -> UnixMicros {
         self.now
     }
+}
+
+async fn retention_verdict(
+    repo: &Repository,
+    policy: &Policy,
+    recoverable: &Recoverable,
+    now: UnixMicros,
+) -> Option<RetentionVerdict> {
+    let pins = crate::retention::pins::pinned(repo)
+        .await
+        .inspect_err(|e| tracing::warn!("retention verdict unknown: {e}"))
+        .ok()?;
+    let verdicts = crate::retention::verdicts_by_name(policy, recoverable, &pins, now);
+    Some(RetentionVerdict {
+        policy: policy.to_string(),
+        kept: verdicts.values().filter(|rules| !rules.is_empty()).count(),
+        pinned: pins.len(),
+        expires: verdicts
+            .iter()
+            .filter(|(_, rules)| rules.is_empty())
+            .map(|(name, _)| name.to_string())
+            .collect(),
+    })
 }
 
 pub(crate) fn age(now: UnixMicros, then: UnixMicros) -> f64 {

@@ -12,12 +12,39 @@ pub(crate) mod pins;
 pub(crate) mod plan;
 pub(crate) mod policy;
 
-use crate::backup::window::WindowError;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::backup::manifest::BackupName;
+use crate::backup::window::{Recoverable, WindowError};
 use crate::backup::BackupError;
 use crate::repo::RepoError;
+use crate::time::UnixMicros;
 
 pub(crate) use plan::{plan, Plan};
 pub(crate) use policy::Policy;
+
+/// Each backup's verdict under `policy`, by name, as the listings show it (`backup-list`,
+/// `status`): the rules that keep it, empty when `delete` would expire it.
+pub(crate) fn verdicts_by_name(
+    policy: &Policy,
+    recoverable: &Recoverable,
+    pins: &BTreeSet<BackupName>,
+    now: UnixMicros,
+) -> BTreeMap<BackupName, BTreeSet<policy::Rule>> {
+    let verdicts = policy::verdicts(
+        policy,
+        &recoverable.backups,
+        pins,
+        |b| recoverable.usable(b),
+        now,
+    );
+    recoverable
+        .backups
+        .iter()
+        .map(|b| b.name.clone())
+        .zip(verdicts.kept_by)
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RetentionError {
