@@ -71,14 +71,7 @@ pub(crate) async fn stop(pgdata: &Path, opts: &StartOptions) -> Result<(), Recov
             .args(["stop", "-m", mode, "-w", "-t", "60", "-D"])
             .arg(pgdata)
             .stdin(Stdio::null());
-        let output = tokio::task::spawn_blocking(move || command.output())
-            .await
-            .map_err(|e| RecoverError::Start(format!("pg_ctl task failed: {e}")))?
-            .map_err(|source| RecoverError::Io {
-                what: "run",
-                path: pg_ctl.clone(),
-                source,
-            })?;
+        let output = run_pg_ctl(&pg_ctl, command).await?;
         if output.status.success() || !pgdata.join("postmaster.pid").exists() {
             return Ok(());
         }
@@ -172,14 +165,7 @@ async fn pg_ctl_start(pgdata: &Path, opts: &StartOptions, log: &Path) -> Result<
         .arg("-W")
         .stdin(Stdio::null());
     // pg_ctl's output goes to the log file.
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .map_err(|e| RecoverError::Start(format!("pg_ctl task failed: {e}")))?
-        .map_err(|source| RecoverError::Io {
-            what: "run",
-            path: pg_ctl.clone(),
-            source,
-        })?;
+    let output = run_pg_ctl(&pg_ctl, command).await?;
     if !output.status.success() {
         return Err(RecoverError::Start(format!(
             "{} start failed ({}): {}; server log {}:\n{}",
@@ -363,6 +349,21 @@ fn sh_word(word: &str) -> String {
     } else {
         word.to_string()
     }
+}
+
+/// Runs a `pg_ctl` command line (waiting for it off the runtime's threads).
+async fn run_pg_ctl(
+    pg_ctl: &std::path::Path,
+    mut command: std::process::Command,
+) -> Result<std::process::Output, RecoverError> {
+    tokio::task::spawn_blocking(move || command.output())
+        .await
+        .map_err(|e| RecoverError::Start(format!("pg_ctl task failed: {e}")))?
+        .map_err(|source| RecoverError::Io {
+            what: "run",
+            path: pg_ctl.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
