@@ -13,7 +13,11 @@ use crate::harness::{
 };
 
 /// The libpq environment that reaches `cluster` through its socket in the test dir.
-fn pg_env<'a>(env: &'a TestEnv, cluster: &'a Cluster, port: &'a str) -> Vec<(&'a str, &'a str)> {
+pub(crate) fn pg_env<'a>(
+    env: &'a TestEnv,
+    cluster: &'a Cluster,
+    port: &'a str,
+) -> Vec<(&'a str, &'a str)> {
     vec![
         ("PGHOST", env.path().to_str().unwrap()),
         ("PGPORT", port),
@@ -23,7 +27,12 @@ fn pg_env<'a>(env: &'a TestEnv, cluster: &'a Cluster, port: &'a str) -> Vec<(&'a
     ]
 }
 
-fn backup_push(env: &TestEnv, wv: &Walvault, cluster: &Cluster, args: &[&str]) -> String {
+pub(crate) fn backup_push(
+    env: &TestEnv,
+    wv: &Walvault,
+    cluster: &Cluster,
+    args: &[&str],
+) -> String {
     let port = cluster.port().to_string();
     let mut all = vec!["backup-push"];
     all.extend_from_slice(args);
@@ -72,7 +81,7 @@ fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
 }
 
 /// Checks every B-tree index (with heapallindexed) and returns how many were checked.
-fn amcheck(cluster: &Cluster) -> u64 {
+pub(crate) fn amcheck(cluster: &Cluster) -> u64 {
     cluster
         .psql(
             "SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_class c \
@@ -84,7 +93,7 @@ fn amcheck(cluster: &Cluster) -> u64 {
 }
 
 /// Turns data checksums on in a stopped cluster (pg_checksums), so backups verify pages.
-fn enable_checksums(cluster: &mut Cluster) {
+pub(crate) fn enable_checksums(cluster: &mut Cluster) {
     cluster.stop();
     let tool = cluster.install().program("pg_checksums");
     let mut cmd = if is_root() {
@@ -118,7 +127,7 @@ fn is_root() -> bool {
 
 /// Restores `name` into a new directory, recovers it to the backup's end with WAL from the
 /// archive, and returns the running cluster.
-fn restore(
+pub(crate) fn restore(
     env: &TestEnv,
     wv: &Walvault,
     name: &str,

@@ -6,6 +6,8 @@ mod harness;
 
 mod backup;
 
+mod blockmap;
+
 mod pg_conn;
 
 mod recover;

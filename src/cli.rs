@@ -290,4 +290,8 @@ pub struct BackupPushArgs {
     /// Let the backup's checkpoint spread its writes instead of running at full speed
     #[arg(long)]
     pub(crate) spread_checkpoint: bool,
+    /// For a delta read from the WAL's block maps, also read every page and fail if the map
+    /// missed one the page scan would store (a self-check); also WALVAULT_VERIFY_MAP=1
+    #[arg(long)]
+    pub(crate) verify_map: bool,
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backup::fetch::{self, FetchOptions};
-use crate::backup::manifest::Summary;
+use crate::backup::manifest::{DeltaSource, Summary};
 use crate::backup::push::{self, Mode, PushOptions};
 use crate::backup::window::{self, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
@@ -40,6 +40,8 @@ fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushO
             reply: settings.pg_timeout,
             backup_stop: settings.backup_stop_timeout,
         },
+        verify_map: args.verify_map
+            || std::env::var("WALVAULT_VERIFY_MAP").is_ok_and(|v| v == "1" || v == "true"),
     }
 }
 
@@ -186,6 +188,8 @@ struct Listed<'a> {
     original_size: u64,
     stored_size: u64,
     page_checksum_failures: usize,
+    /// `"wal"` or `"scan"` for a delta (how it found what changed), null otherwise.
+    delta_source: Option<DeltaSource>,
     pg_version_num: u32,
     system_identifier: String,
 }
@@ -208,6 +212,7 @@ impl<'a> From<&'a Summary> for Listed<'a> {
                 .iter()
                 .map(|f| f.blocks.len())
                 .sum(),
+            delta_source: s.delta_source,
             pg_version_num: s.pg_version_num,
             system_identifier: s.system_identifier.to_string(),
         }
