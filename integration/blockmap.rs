@@ -6,10 +6,14 @@
 //! `WALVAULT_VERIFY_MAP`) restore to exactly what the source held; a lost summary makes the
 //! next delta fall back to the scan, still correct.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::backup::{amcheck, backup_push, enable_checksums, restore};
-use crate::harness::{repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, TestEnv, Walvault};
+use crate::harness::{
+    cmd::path_str, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, TestEnv, Walvault,
+};
 
 /// (name, delta_source, start_lsn) of every backup, oldest first.
 fn listed(wv: &Walvault) -> Vec<(String, Option<String>, String)> {
@@ -174,6 +178,71 @@ fn delta_from_block_maps(kind: RepoKind) {
     let named: Vec<(String, String)> = list.iter().map(|b| b.0.clone()).zip(backups).collect();
     check_restores(&env, &wv, &src, &named, &ts_oid);
     wv.run(&["verify"]).assert_success();
+    restore_delta_over_a_stale_copy(&env, &wv, &named[1].0, &ts_oid);
+}
+
+/// Every file below `dir` (links by target, not followed) with its content.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                out.insert(rel, b"link".to_vec());
+            } else if meta.is_dir() {
+                out.insert(rel, b"dir".to_vec());
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `backup-fetch --delta` over an older restore that was then damaged and littered equals a
+/// fresh restore, byte for byte; a running server's directory is refused.
+fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts_oid: &str) {
+    let fetch = |name: &str, dir: &Path, ts: &Path, delta: bool| {
+        let ts_arg = format!("{ts_oid}={}", ts.display());
+        let mut args = vec!["backup-fetch", name, path_str(dir), "--tablespace", &ts_arg];
+        if delta {
+            args.push("--delta");
+        }
+        wv.run(&args)
+    };
+    let (stale, stale_ts) = (env.unique_dir("stale"), env.path().join("stale-ts"));
+    fetch(older, &stale, &stale_ts, false).assert_success();
+    // Litter and damage: files and directories the backup lacks, a truncated and a changed file.
+    std::fs::write(stale.join("base/1/999999"), b"junk").unwrap();
+    std::fs::create_dir_all(stale.join("base/777777/x")).unwrap();
+    std::fs::write(stale.join("base/777777/x/1"), b"junk").unwrap();
+    std::fs::write(stale.join("pg_wal/000000010000000000000001"), b"old wal").unwrap();
+    let (fresh, fresh_ts) = (env.unique_dir("fresh"), env.path().join("fresh-ts"));
+    fetch("LATEST", &fresh, &fresh_ts, false).assert_success();
+    let victim = tree(&fresh)
+        .into_iter()
+        .find(|(p, c)| p.starts_with("base/") && c.len() > 16384 && stale.join(p).exists())
+        .map(|(p, _)| p)
+        .unwrap();
+    let mut changed = std::fs::read(stale.join(&victim)).unwrap();
+    changed[9000] ^= 0xFF;
+    changed.truncate(changed.len() - 8192);
+    std::fs::write(stale.join(&victim), changed).unwrap();
+
+    std::fs::write(stale.join("postmaster.pid"), b"4242").unwrap();
+    fetch("LATEST", &stale, &stale_ts, true)
+        .assert_failure()
+        .assert_stderr_contains("postmaster.pid");
+    std::fs::remove_file(stale.join("postmaster.pid")).unwrap();
+    let out = fetch("LATEST", &stale, &stale_ts, true);
+    out.assert_success();
+    assert!(out.stderr.contains("entries removed"), "{out}");
+    assert_eq!(tree(&stale), tree(&fresh), "data directory after --delta");
+    assert_eq!(tree(&stale_ts), tree(&fresh_ts), "tablespace after --delta");
 }
 
 repo_kind_tests!(delta_from_block_maps);

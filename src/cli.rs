@@ -96,6 +96,10 @@ pub enum Command {
         /// below, and write nothing
         #[arg(long)]
         dry_run: bool,
+        /// Restore over an existing, stopped data directory of the same cluster: write only
+        /// what differs from the backup, remove what it does not have
+        #[arg(long, conflicts_with = "dry_run")]
+        delta: bool,
     },
     /// Point-in-time recovery: restore the right backup into DIR and configure recovery
     ///
@@ -204,6 +208,10 @@ pub struct RecoverArgs {
     /// Print the plan and stop
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// Restore over the existing, stopped data directory of the same cluster, writing only
+    /// what differs from the backup (see backup-fetch --delta)
+    #[arg(long)]
+    pub(crate) delta: bool,
     /// Start PostgreSQL on DIR and follow recovery to its end
     #[arg(long)]
     pub(crate) start: bool,

@@ -31,6 +31,8 @@ pub(crate) struct FetchOptions {
     pub(crate) progress: bool,
     /// Tablespaces restored somewhere else than recorded: OID → directory.
     pub(crate) relocate: Vec<(u32, PathBuf)>,
+    /// Restore over an existing stopped copy of the cluster, writing only what differs.
+    pub(crate) delta: bool,
 }
 
 /// What a fetch restored.
@@ -52,9 +54,9 @@ pub(crate) struct Location {
     pub(crate) exists: bool,
 }
 
-const CONTROL: &str = "global/pg_control";
+pub(super) const CONTROL: &str = "global/pg_control";
 /// Where pg_control is written until everything else is durable (renamed in `finish`).
-const CONTROL_TEMP: &str = "global/pg_control.walvault-restore";
+pub(super) const CONTROL_TEMP: &str = "global/pg_control.walvault-restore";
 
 /// Restores backup `wanted` (`LATEST` or a name) into `target`.
 pub(crate) async fn fetch(
@@ -63,6 +65,9 @@ pub(crate) async fn fetch(
     target: &Path,
     opts: &FetchOptions,
 ) -> Result<Fetched, BackupError> {
+    if opts.delta {
+        return super::delta_fetch::fetch(repo, wanted, target, opts).await;
+    }
     let name = crate::backup::catalog::resolve_name(&repo, wanted).await?;
     let chain = crate::backup::catalog::chain(&repo, &name).await?;
     let last = chain.len() - 1;
@@ -241,9 +246,9 @@ fn check_data_dir_mode(dir: &Path) -> Result<(), BackupError> {
 
 /// Where a backup path goes: a path below one of the layout's roots.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Dest {
-    root: usize,
-    rel: String,
+pub(super) struct Dest {
+    pub(super) root: usize,
+    pub(super) rel: String,
 }
 
 /// The open roots of a restore.
@@ -297,7 +302,7 @@ impl Layout {
     }
 }
 
-fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
+pub(super) fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
     if path == CONTROL {
         return Some(Dest {
             root: 0,
@@ -320,7 +325,7 @@ fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
 
 /// For each file of the last backup, the index of the newest backup of the chain that stored it
 /// whole (where its reconstruction starts).
-fn base_layers(chain: &[Manifest]) -> Result<HashMap<String, usize>, BackupError> {
+pub(super) fn base_layers(chain: &[Manifest]) -> Result<HashMap<String, usize>, BackupError> {
     let by_path: Vec<HashMap<&str, &FileEntry>> = chain
         .iter()
         .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())

@@ -10,6 +10,7 @@
 mod blockmap;
 pub(crate) mod catalog;
 pub(crate) mod consistency;
+mod delta_fetch;
 pub(crate) mod fetch;
 pub(crate) mod manifest;
 pub(crate) mod page;

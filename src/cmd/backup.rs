@@ -89,6 +89,7 @@ pub(super) struct FetchArgs<'a> {
     pub(crate) dir: &'a Path,
     pub(crate) tablespaces: &'a [String],
     pub(crate) dry_run: bool,
+    pub(crate) delta: bool,
 }
 
 pub(super) async fn fetch(
@@ -102,9 +103,13 @@ pub(super) async fn fetch(
         dir,
         tablespaces,
         dry_run,
+        delta,
     } = args;
     let started = Instant::now();
-    let opts = fetch_options(settings, quiet, tablespaces)?;
+    let opts = FetchOptions {
+        delta,
+        ..fetch_options(settings, quiet, tablespaces)?
+    };
     if dry_run {
         let locations = fetch::locations(&repo, name, dir, &opts)
             .await
@@ -141,6 +146,7 @@ pub(super) fn fetch_options(
         concurrency: settings.backup_concurrency,
         progress: !quiet,
         relocate,
+        delta: false,
     })
 }
 

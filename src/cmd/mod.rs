@@ -155,6 +155,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             tablespaces,
             dry_run,
+            delta,
             ..
         } => {
             let fetch = backup::FetchArgs {
@@ -162,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir: &dir,
                 tablespaces: &tablespaces,
                 dry_run,
+                delta,
             };
             backup::fetch(&settings, quiet, repo, fetch).await
         }

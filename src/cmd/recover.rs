@@ -55,8 +55,13 @@ pub(super) async fn recover(
         backup: args.backup.clone(),
     };
     let dir = std::path::absolute(&args.pgdata).unwrap_or_else(|_| args.pgdata.clone());
-    check_target_dir(&dir)?;
-    let fetch_opts = backup::fetch_options(settings, quiet, &args.tablespaces)?;
+    if !args.delta {
+        check_target_dir(&dir)?;
+    }
+    let fetch_opts = crate::backup::fetch::FetchOptions {
+        delta: args.delta,
+        ..backup::fetch_options(settings, quiet, &args.tablespaces)?
+    };
     let plan = plan::plan(&repo, &request).await?;
     println!("{plan}");
     let recovery = RecoverySettings {
