@@ -23,6 +23,8 @@ use crate::wal::summary::{self, Summariser};
 
 /// `GLOBALTABLESPACE_OID` and `DEFAULTTABLESPACE_OID`.
 const GLOBAL_SPC: u32 = 1664;
+/// `VISIBILITYMAP_FORKNUM`.
+const VM_FORK: u8 = 2;
 const DEFAULT_SPC: u32 = 1663;
 /// Summaries read at once.
 const READ_AHEAD: usize = 16;
@@ -268,7 +270,11 @@ impl BlockMap {
         let nblocks = u32::try_from(size.div_ceil(BLCKSZ as u64)).ok()?;
         let base = segno.checked_mul(RELSEG_BLOCKS)?;
         let mut wanted: Vec<(u32, u32)> = Vec::new();
-        if self.databases.contains(&(key.rel.spc, key.rel.db)) {
+        // Visibility map bits are cleared (by heap updates, deletes, inserts) without a block
+        // reference or a new page LSN: replay redoes it only from the backup's own start, so the
+        // map, one page per 32768 heap pages, is read whole.
+        let vm = key.fork == VM_FORK;
+        if vm || self.databases.contains(&(key.rel.spc, key.rel.db)) {
             wanted.push((0, nblocks));
         } else {
             if let Some(fork) = self.forks.get(&key) {
@@ -414,7 +420,10 @@ mod tests {
             map.reads("base/5/100.1", 5 * p, 5 * p),
             Some(vec![(2 * p, p)])
         );
-        assert_eq!(map.reads("base/5/100_vm", p, p), Some(vec![]));
+        assert_eq!(
+            map.reads("base/5/100_vm", 2 * p, 2 * p),
+            Some(vec![(0, 2 * p)])
+        );
         assert_eq!(
             map.reads("base/5/200", 8 * p, 20 * p),
             Some(vec![(6 * p, 2 * p)])
