@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use crate::backup::{amcheck, backup_push, enable_checksums, restore};
 use crate::harness::{
-    cmd::path_str, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind, TestEnv, Walvault,
+    cmd::path_str, give_to_postgres, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind,
+    TestEnv, Walvault,
 };
 
 /// (name, delta_source, start_lsn) of every backup, oldest first.
@@ -220,6 +221,9 @@ fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts
     std::fs::write(stale.join("base/1/999999"), b"junk").unwrap();
     std::fs::create_dir_all(stale.join("base/777777/x")).unwrap();
     std::fs::write(stale.join("base/777777/x/1"), b"junk").unwrap();
+    for junk in ["base/777777", "base/777777/x", "base/777777/x/1"] {
+        give_to_postgres(&stale.join(junk));
+    }
     std::fs::write(stale.join("pg_wal/000000010000000000000001"), b"old wal").unwrap();
     let (fresh, fresh_ts) = (env.unique_dir("fresh"), env.path().join("fresh-ts"));
     fetch("LATEST", &fresh, &fresh_ts, false).assert_success();

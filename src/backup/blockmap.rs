@@ -43,6 +43,17 @@ struct ForkMap {
     limit: Option<u32>,
     /// Block ranges (start, end exclusive), sorted and merged once composed.
     ranges: Vec<(u32, u32)>,
+    /// Length of `ranges` after the last merge: merging as they grow keeps a long range of
+    /// segments from holding every segment's list at once.
+    merged: usize,
+}
+
+impl ForkMap {
+    fn tidy(&mut self) {
+        self.ranges.sort_unstable();
+        self.ranges = merge(std::mem::take(&mut self.ranges));
+        self.merged = self.ranges.len();
+    }
 }
 
 /// Where the changes are to be read from.
@@ -140,10 +151,7 @@ pub(crate) async fn compose(req: &MapRequest<'_>) -> Result<BlockMap, String> {
             }
         }
     }
-    for fork in map.forks.values_mut() {
-        fork.ranges.sort_unstable();
-        fork.ranges = merge(std::mem::take(&mut fork.ranges));
-    }
+    map.forks.values_mut().for_each(ForkMap::tidy);
     Ok(map)
 }
 
@@ -232,6 +240,9 @@ impl BlockMap {
             };
             let entry = self.forks.entry(key).or_default();
             entry.ranges.extend(ranges);
+            if entry.ranges.len() > 2 * entry.merged + 4096 {
+                entry.tidy();
+            }
             if let Some(limit) = f.limit {
                 entry.limit = Some(entry.limit.map_or(limit, |l| l.min(limit)));
             }
@@ -405,10 +416,7 @@ mod tests {
         .unwrap();
         map.change(RelChange::Database { spc: 1700, db: 6 })
             .unwrap();
-        for f in map.forks.values_mut() {
-            f.ranges.sort_unstable();
-            f.ranges = merge(std::mem::take(&mut f.ranges));
-        }
+        map.forks.values_mut().for_each(ForkMap::tidy);
         let p = BLCKSZ as u64;
         // Changed blocks, plus the two pages past the parent's 10.
         assert_eq!(

@@ -418,6 +418,39 @@ mod tests {
         );
     }
 
+    /// `--delta` removes what the backup lacks: a link is removed as itself (what it points to
+    /// survives) or kept unentered, unlisted directories go whole, listed ones are entered.
+    #[test]
+    fn removing_unlisted_entries_never_follows_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).unwrap();
+        std::fs::write(outside.join("sub/precious"), "x").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("base/1")).unwrap();
+        std::fs::create_dir_all(data.join("junk/deep")).unwrap();
+        std::fs::write(data.join("junk/deep/f"), "x").unwrap();
+        std::fs::write(data.join("base/1/keep"), "x").unwrap();
+        std::fs::write(data.join("base/1/stale"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("base/1/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("kept_link")).unwrap();
+        let root = Root::open_existing(&data, "data directory").unwrap();
+        let keep = |rel: &str, is_dir: bool| match rel {
+            "base" | "base/1" => is_dir,
+            "base/1/keep" | "kept_link" => !is_dir,
+            _ => false,
+        };
+        assert_eq!(root.remove_unlisted(&keep).unwrap(), 5);
+        assert!(data.join("base/1/keep").exists() && !data.join("base/1/stale").exists());
+        assert!(!data.join("junk").exists() && !data.join("base/1/link").exists());
+        assert_eq!(root.read_link("kept_link"), Some(outside.clone()));
+        assert!(outside.join("sub/precious").exists());
+        // A root that is a link is refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        assert!(Root::open_existing(&link, "data directory").is_err());
+    }
+
     #[test]
     fn roots_must_be_absent_or_empty_and_keep_their_mode() {
         let dir = tempfile::tempdir().unwrap();
