@@ -416,17 +416,25 @@ async fn write(
         }
     }
     for ((layer, pack), parts) in by_pack {
-        let pieces: Vec<Piece> = parts
-            .iter()
-            .filter_map(|p| match p.source {
-                Source::Piece { piece, .. } => Some(piece),
-                Source::Zeros => None,
-            })
-            .collect();
+        // A piece cut by a newer layer lands in several parts: each is fetched once.
+        let mut by_piece: BTreeMap<u64, (Piece, Vec<Part>)> = BTreeMap::new();
+        for p in parts {
+            if let Source::Piece { piece, .. } = p.source {
+                by_piece.entry(piece.at).or_insert((piece, Vec::new())).1.push(p);
+            }
+        }
+        let by_piece: Vec<(Piece, Vec<Part>)> = by_piece.into_values().collect();
+        let Some(first_file) = by_piece.first().map(|(_, parts)| parts[0].file) else {
+            continue;
+        };
+        let restore_error = |source| BackupError::Restore {
+            file: targets[first_file].path.clone(),
+            source,
+        };
         let key = chain[layer].summary.name.pack_key(pack);
-        let wanted = pieces
+        let wanted = by_piece
             .iter()
-            .map(|p| WantedPiece {
+            .map(|(p, _)| WantedPiece {
                 at: p.at,
                 len: p.len,
                 crc32: p.crc32,
@@ -435,32 +443,32 @@ async fn write(
         let mut reader = repo
             .open_pack(&key, wanted)
             .await
-            .map_err(|source| BackupError::Restore {
-                file: targets[parts[0].file].path.clone(),
-                source,
-            })?
+            .map_err(restore_error)?
             .ok_or_else(|| BackupError::Corrupt {
                 object: key.clone(),
                 problem: "missing".into(),
             })?;
-        while let Some((i, data)) = reader.next().await.map_err(|source| BackupError::Restore {
-            file: targets[parts[0].file].path.clone(),
-            source,
-        })? {
-            let Source::Piece { skip, .. } = parts[i].source else {
+        while let Some((i, data)) = reader.next().await.map_err(restore_error)? {
+            let Some((_, parts)) = by_piece.get(i) else {
                 continue;
             };
-            let p = parts[i].clone();
-            let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+            let (roots, targets, parts) = (Arc::clone(roots), Arc::clone(targets), parts.clone());
             tokio::task::spawn_blocking(move || {
-                let from = usize::try_from(skip).unwrap_or(usize::MAX);
-                let bytes = data
-                    .get(from..from.saturating_add(p.len as usize))
-                    .ok_or_else(|| BackupError::Corrupt {
-                        object: targets[p.file].path.clone(),
-                        problem: "a piece shorter than its place".into(),
-                    })?;
-                write_at(&roots, &targets[p.file], p.offset, bytes)
+                for p in parts {
+                    let Source::Piece { skip, .. } = p.source else {
+                        continue;
+                    };
+                    let from = usize::try_from(skip).unwrap_or(usize::MAX);
+                    let bytes = usize::try_from(p.len)
+                        .ok()
+                        .and_then(|len| data.get(from..from.checked_add(len)?))
+                        .ok_or_else(|| BackupError::Corrupt {
+                            object: targets[p.file].path.clone(),
+                            problem: "a piece shorter than its place".into(),
+                        })?;
+                    write_at(&roots, &targets[p.file], p.offset, bytes)?;
+                }
+                Ok::<_, BackupError>(())
             })
             .await??;
         }
