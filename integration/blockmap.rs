@@ -224,6 +224,10 @@ fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts
     for junk in ["base/777777", "base/777777/x", "base/777777/x/1"] {
         give_to_postgres(&stale.join(junk));
     }
+    // Another cluster's version directory in the same tablespace directory is not ours.
+    let foreign = stale_ts.join("PG_99_202601011/5");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("16384"), b"someone else's").unwrap();
     std::fs::write(stale.join("pg_wal/000000010000000000000001"), b"old wal").unwrap();
     let (fresh, fresh_ts) = (env.unique_dir("fresh"), env.path().join("fresh-ts"));
     fetch("LATEST", &fresh, &fresh_ts, false).assert_success();
@@ -246,6 +250,11 @@ fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts
     out.assert_success();
     assert!(out.stderr.contains("entries removed"), "{out}");
     assert_eq!(tree(&stale), tree(&fresh), "data directory after --delta");
+    assert_eq!(
+        std::fs::read(foreign.join("16384")).unwrap(),
+        b"someone else's"
+    );
+    std::fs::remove_dir_all(stale_ts.join("PG_99_202601011")).unwrap();
     assert_eq!(tree(&stale_ts), tree(&fresh_ts), "tablespace after --delta");
 }
 

@@ -4,8 +4,9 @@
 //! restore builds it (newest layer wins, each layer's size clips older pieces); a piece that
 //! survives whole is compared with the local bytes by crc32 and skipped when equal, everything
 //! else is written. Files and directories the backup does not have are removed, walking by
-//! descriptor without following links, only below the data directory and the manifest's
-//! tablespace directories; `global/pg_control` is written last, as in a plain restore.
+//! descriptor without following links, only below the data directory and the backup's version
+//! directory in each of its tablespaces; `global/pg_control` is written last, as in a plain
+//! restore.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
@@ -210,8 +211,14 @@ async fn remove_unlisted(
     let roots = Arc::clone(roots);
     tokio::task::spawn_blocking(move || {
         let mut removed = 0;
-        for (root, (files, dirs)) in roots.iter().zip(&keep) {
+        for (i, (root, (files, dirs))) in roots.iter().zip(&keep).enumerate() {
             removed += root.remove_unlisted(&|rel, is_dir| {
+                // A tablespace directory may hold other clusters' version directories: only
+                // the backup's own (`PG_<major>_<catalog>`) is made to match.
+                let top = rel.split('/').next().unwrap_or(rel);
+                if i > 0 && !dirs.contains(top) {
+                    return true;
+                }
                 if is_dir {
                     dirs.contains(rel)
                 } else {
@@ -420,7 +427,11 @@ async fn write(
         let mut by_piece: BTreeMap<u64, (Piece, Vec<Part>)> = BTreeMap::new();
         for p in parts {
             if let Source::Piece { piece, .. } = p.source {
-                by_piece.entry(piece.at).or_insert((piece, Vec::new())).1.push(p);
+                by_piece
+                    .entry(piece.at)
+                    .or_insert((piece, Vec::new()))
+                    .1
+                    .push(p);
             }
         }
         let by_piece: Vec<(Piece, Vec<Part>)> = by_piece.into_values().collect();
