@@ -55,6 +55,9 @@ struct Listed {
     original_size: u64,
     stored_size: u64,
     page_checksum_failures: u64,
+    /// "wal" or "scan" for a delta.
+    #[serde(default)]
+    delta_source: Option<String>,
 }
 
 fn backup_list(wv: &Walvault) -> Vec<Listed> {
@@ -397,10 +400,23 @@ fn older_majors_back_up_and_restore() {
         src.psql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
         backup_push(&env, &wv, &src, &[]);
         src.psql("UPDATE t SET v = 'changed' WHERE id % 50 = 0; CREATE TABLE t2 AS SELECT 1 AS x");
+        // Database and storage records differ between majors: a database created and dropped,
+        // a relation truncated.
+        src.psql("CREATE DATABASE d2");
+        src.psql("DROP DATABASE d2");
+        src.psql("TRUNCATE t2");
         backup_push(&env, &wv, &src, &[]);
         let expected = table_md5s(&src);
         let listed = backup_list(&wv);
         assert_eq!(listed[1].kind, "delta");
+        // Read from the WAL's block maps, and checked against the page scan (the harness sets
+        // WALVAULT_VERIFY_MAP).
+        assert_eq!(
+            listed[1].delta_source.as_deref(),
+            Some("wal"),
+            "PostgreSQL {}",
+            install.major()
+        );
         let restored = restore(&env, &wv, &listed[1].name, &install, None);
         assert_eq!(
             table_md5s(&restored),
