@@ -166,15 +166,11 @@ def wal_push(c, a):
     """The same archived segments pushed again into fresh repositories by each build."""
     src = os.path.join(c.work, "segments")
     mkdir_pg(src)
-    c.psql("SELECT pg_switch_wal()")
-    time.sleep(2)
-    last = c.psql("SELECT last_archived_wal FROM pg_stat_archiver")
-    # Archived segments still in pg_wal (recycled files ahead of the insert point hold stale WAL).
-    segs = sorted(s for s in os.listdir(os.path.join(c.data, "pg_wal")) if len(s) == 24 and s <= last)
-    segs = segs[-a.segments:]
+    # The archived segments (pg_wal recycles them), fetched back from the repository.
+    segs = sorted(s for s in os.listdir(os.path.join(c.repo, "wal")) if len(s) == 24)[-a.segments:]
     for s in segs:
-        shutil.copy(os.path.join(c.data, "pg_wal", s), os.path.join(src, s))
-        os.chown(os.path.join(src, s), *pg_ids())
+        must(timed([c.wv, "-q", "--repo", f"file://{c.repo}", "wal-fetch", s, os.path.join(src, s)],
+                   env=c.env(), cwd=c.work), "wal-fetch")
     builds = {"with block maps": c.wv}
     if a.without:
         old = os.path.join(c.work, "walvault-without")

@@ -123,8 +123,15 @@ pub(super) async fn fetch(
         "--delta: {removed} entries removed; {} parts ({written} bytes) differ and are written",
         needed.len()
     );
-    write(&repo, &roots, &targets, &chain, needed).await?;
-    finish(&roots, &targets, last, !opts.relocate.is_empty()).await?;
+    write(&repo, &roots, &targets, &chain, needed, opts.concurrency).await?;
+    finish(
+        &roots,
+        &targets,
+        last,
+        !opts.relocate.is_empty(),
+        opts.concurrency,
+    )
+    .await?;
     Ok(Fetched {
         name,
         chain: chain.iter().map(|m| m.summary.name.clone()).collect(),
@@ -398,6 +405,7 @@ async fn write(
     targets: &Arc<Vec<Target>>,
     chain: &Arc<Vec<Manifest>>,
     needed: Vec<Part>,
+    concurrency: usize,
 ) -> Result<(), BackupError> {
     {
         let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
@@ -422,67 +430,27 @@ async fn write(
             Source::Zeros => zeros.push(p),
         }
     }
-    for ((layer, pack), parts) in by_pack {
-        // A piece cut by a newer layer lands in several parts: each is fetched once.
-        let mut by_piece: BTreeMap<u64, (Piece, Vec<Part>)> = BTreeMap::new();
-        for p in parts {
-            if let Source::Piece { piece, .. } = p.source {
-                by_piece
-                    .entry(piece.at)
-                    .or_insert((piece, Vec::new()))
-                    .1
-                    .push(p);
-            }
-        }
-        let by_piece: Vec<(Piece, Vec<Part>)> = by_piece.into_values().collect();
-        let Some(first_file) = by_piece.first().map(|(_, parts)| parts[0].file) else {
-            continue;
-        };
-        let restore_error = |source| BackupError::Restore {
-            file: targets[first_file].path.clone(),
-            source,
-        };
-        let key = chain[layer].summary.name.pack_key(pack);
-        let wanted = by_piece
-            .iter()
-            .map(|(p, _)| WantedPiece {
-                at: p.at,
-                len: p.len,
-                crc32: p.crc32,
-            })
-            .collect();
-        let mut reader = repo
-            .open_pack(&key, wanted)
-            .await
-            .map_err(restore_error)?
-            .ok_or_else(|| BackupError::Corrupt {
-                object: key.clone(),
-                problem: "missing".into(),
-            })?;
-        while let Some((i, data)) = reader.next().await.map_err(restore_error)? {
-            let Some((_, parts)) = by_piece.get(i) else {
-                continue;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut packs = by_pack.into_iter();
+    let mut first_error = None;
+    loop {
+        while tasks.len() < concurrency.max(1) && first_error.is_none() {
+            let Some(((layer, pack), parts)) = packs.next() else {
+                break;
             };
-            let (roots, targets, parts) = (Arc::clone(roots), Arc::clone(targets), parts.clone());
-            tokio::task::spawn_blocking(move || {
-                for p in parts {
-                    let Source::Piece { skip, .. } = p.source else {
-                        continue;
-                    };
-                    let from = usize::try_from(skip).unwrap_or(usize::MAX);
-                    let bytes = usize::try_from(p.len)
-                        .ok()
-                        .and_then(|len| data.get(from..from.checked_add(len)?))
-                        .ok_or_else(|| BackupError::Corrupt {
-                            object: targets[p.file].path.clone(),
-                            problem: "a piece shorter than its place".into(),
-                        })?;
-                    write_at(&roots, &targets[p.file], p.offset, bytes)?;
-                }
-                Ok::<_, BackupError>(())
-            })
-            .await??;
+            let key = chain[layer].summary.name.pack_key(pack);
+            let (repo, roots, targets) = (Arc::clone(repo), Arc::clone(roots), Arc::clone(targets));
+            tasks.spawn(async move { write_pack(&repo, &roots, &targets, key, parts).await });
         }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        if let Err(e) = joined.map_err(BackupError::from).and_then(|r| r) {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
     tokio::task::spawn_blocking(move || {
@@ -493,6 +461,76 @@ async fn write(
         Ok::<_, BackupError>(())
     })
     .await?
+}
+
+/// Streams the pieces `parts` need from pack `key` and writes each where it survives.
+async fn write_pack(
+    repo: &Repository,
+    roots: &Arc<Vec<Root>>,
+    targets: &Arc<Vec<Target>>,
+    key: String,
+    parts: Vec<Part>,
+) -> Result<(), BackupError> {
+    // A piece cut by a newer layer lands in several parts: each is fetched once.
+    let mut by_piece: BTreeMap<u64, (Piece, Vec<Part>)> = BTreeMap::new();
+    for p in parts {
+        if let Source::Piece { piece, .. } = p.source {
+            by_piece
+                .entry(piece.at)
+                .or_insert((piece, Vec::new()))
+                .1
+                .push(p);
+        }
+    }
+    let by_piece: Vec<(Piece, Vec<Part>)> = by_piece.into_values().collect();
+    let Some(first_file) = by_piece.first().map(|(_, parts)| parts[0].file) else {
+        return Ok(());
+    };
+    let restore_error = |source| BackupError::Restore {
+        file: targets[first_file].path.clone(),
+        source,
+    };
+    let wanted = by_piece
+        .iter()
+        .map(|(p, _)| WantedPiece {
+            at: p.at,
+            len: p.len,
+            crc32: p.crc32,
+        })
+        .collect();
+    let mut reader = repo
+        .open_pack(&key, wanted)
+        .await
+        .map_err(restore_error)?
+        .ok_or_else(|| BackupError::Corrupt {
+            object: key.clone(),
+            problem: "missing".into(),
+        })?;
+    while let Some((i, data)) = reader.next().await.map_err(restore_error)? {
+        let Some((_, parts)) = by_piece.get(i) else {
+            continue;
+        };
+        let (roots, targets, parts) = (Arc::clone(roots), Arc::clone(targets), parts.clone());
+        tokio::task::spawn_blocking(move || {
+            for p in parts {
+                let Source::Piece { skip, .. } = p.source else {
+                    continue;
+                };
+                let from = usize::try_from(skip).unwrap_or(usize::MAX);
+                let bytes = usize::try_from(p.len)
+                    .ok()
+                    .and_then(|len| data.get(from..from.checked_add(len)?))
+                    .ok_or_else(|| BackupError::Corrupt {
+                        object: targets[p.file].path.clone(),
+                        problem: "a piece shorter than its place".into(),
+                    })?;
+                write_at(&roots, &targets[p.file], p.offset, bytes)?;
+            }
+            Ok::<_, BackupError>(())
+        })
+        .await??;
+    }
+    Ok(())
 }
 
 fn write_at(roots: &[Root], t: &Target, offset: u64, data: &[u8]) -> Result<(), BackupError> {
@@ -508,15 +546,27 @@ async fn finish(
     targets: &Arc<Vec<Target>>,
     manifest: &Manifest,
     relocated: bool,
+    concurrency: usize,
 ) -> Result<(), BackupError> {
-    let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+    // Each file durable first, a few at a time.
+    let per_task = targets.len().div_ceil(concurrency.max(1)).max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for start in (0..targets.len()).step_by(per_task) {
+        let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+        tasks.spawn_blocking(move || {
+            targets[start..(start + per_task).min(targets.len())]
+                .iter()
+                .try_for_each(|t| roots[t.dest.root].sync(&t.dest.rel))
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    let roots = Arc::clone(roots);
     let label = manifest.backup_label.clone();
     let map = manifest.tablespace_map.clone();
     let dirs: Vec<String> = sorted_dirs(manifest).into_iter().map(|d| d.0).collect();
     tokio::task::spawn_blocking(move || {
-        for t in targets.iter() {
-            roots[t.dest.root].sync(&t.dest.rel)?;
-        }
         let data = &roots[0];
         data.write_new("backup_label", label.as_bytes())?;
         // With relocated tablespaces the links already point to the new places.
