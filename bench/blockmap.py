@@ -170,7 +170,7 @@ def wal_push(c, a):
     segs = sorted(s for s in os.listdir(os.path.join(c.repo, "wal")) if len(s) == 24)[-a.segments:]
     for s in segs:
         must(timed([c.wv, "-q", "--repo", f"file://{c.repo}", "wal-fetch", s, os.path.join(src, s)],
-                   env=c.env(), cwd=c.work), "wal-fetch")
+                   env=dict(c.env(), WALVAULT_PREFETCH="0"), cwd=c.work), "wal-fetch")
     builds = {"with block maps": c.wv}
     if a.without:
         old = os.path.join(c.work, "walvault-without")
