@@ -55,6 +55,9 @@ pub(crate) struct Listed {
     original_size: u64,
     stored_size: u64,
     page_checksum_failures: u64,
+    /// "wal" or "scan" for a delta.
+    #[serde(default)]
+    delta_source: Option<String>,
 }
 
 pub(crate) fn backup_list(wv: &Walvault) -> Vec<Listed> {
@@ -81,7 +84,7 @@ pub(crate) fn table_md5s(cluster: &Cluster) -> BTreeMap<String, String> {
 }
 
 /// Checks every B-tree index (with heapallindexed) and returns how many were checked.
-fn amcheck(cluster: &Cluster) -> u64 {
+pub(crate) fn amcheck(cluster: &Cluster) -> u64 {
     cluster
         .psql(
             "SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_class c \
@@ -93,7 +96,7 @@ fn amcheck(cluster: &Cluster) -> u64 {
 }
 
 /// Turns data checksums on in a stopped cluster (pg_checksums), so backups verify pages.
-fn enable_checksums(cluster: &mut Cluster) {
+pub(crate) fn enable_checksums(cluster: &mut Cluster) {
     cluster.stop();
     let tool = cluster.install().program("pg_checksums");
     let mut cmd = if is_root() {
@@ -127,7 +130,7 @@ fn is_root() -> bool {
 
 /// Restores `name` into a new directory, recovers it to the backup's end with WAL from the
 /// archive, and returns the running cluster.
-fn restore(
+pub(crate) fn restore(
     env: &TestEnv,
     wv: &Walvault,
     name: &str,
@@ -397,10 +400,23 @@ fn older_majors_back_up_and_restore() {
         src.psql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
         backup_push(&env, &wv, &src, &[]);
         src.psql("UPDATE t SET v = 'changed' WHERE id % 50 = 0; CREATE TABLE t2 AS SELECT 1 AS x");
+        // Database and storage records differ between majors: a database created and dropped,
+        // a relation truncated.
+        src.psql("CREATE DATABASE d2");
+        src.psql("DROP DATABASE d2");
+        src.psql("TRUNCATE t2");
         backup_push(&env, &wv, &src, &[]);
         let expected = table_md5s(&src);
         let listed = backup_list(&wv);
         assert_eq!(listed[1].kind, "delta");
+        // Read from the WAL's block maps, and checked against the page scan (the harness sets
+        // WALVAULT_VERIFY_MAP).
+        assert_eq!(
+            listed[1].delta_source.as_deref(),
+            Some("wal"),
+            "PostgreSQL {}",
+            install.major()
+        );
         let restored = restore(&env, &wv, &listed[1].name, &install, None);
         assert_eq!(
             table_md5s(&restored),

@@ -6,6 +6,7 @@ mod harness;
 
 mod backup;
 
+mod blockmap;
 mod crash;
 mod debian;
 mod faults;

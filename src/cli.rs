@@ -100,6 +100,10 @@ pub enum Command {
         /// /etc/postgresql/...) goes (default: DIR/walvault_external_config)
         #[arg(long, value_name = "DIR")]
         config_dir: Option<PathBuf>,
+        /// Restore over an existing, stopped data directory of the same cluster: write only
+        /// what differs from the backup, remove what it does not have
+        #[arg(long, conflicts_with = "dry_run")]
+        delta: bool,
     },
     /// Point-in-time recovery: restore the right backup into DIR and configure recovery
     ///
@@ -257,6 +261,10 @@ pub struct RecoverArgs {
     /// Print the plan and stop
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// Restore over the existing, stopped data directory of the same cluster, writing only
+    /// what differs from the backup (see backup-fetch --delta)
+    #[arg(long)]
+    pub(crate) delta: bool,
     /// Start PostgreSQL on DIR and follow recovery to its end
     #[arg(long)]
     pub(crate) start: bool,
@@ -359,6 +367,10 @@ pub struct BackupPushArgs {
     /// Pin the new backup: retention keeps it until `backup-mark NAME --release`
     #[arg(long)]
     pub(crate) keep: bool,
+    /// For a delta read from the WAL's block maps, also read every page and fail if the map
+    /// missed one the page scan would store (a self-check); also WALVAULT_VERIFY_MAP=1
+    #[arg(long)]
+    pub(crate) verify_map: bool,
 }
 
 /// The `delete` flags (see `walvault delete --help`).

@@ -185,6 +185,8 @@ impl Walvault {
     pub fn command(&self, args: &[&str], envs: &[(&str, &str)]) -> Command {
         let mut cmd = self.root.command(&self.bin);
         cmd.arg("--config").arg(&self.config).args(args);
+        // Every delta the suite takes from block maps checks them against the page scan.
+        cmd.env("WALVAULT_VERIFY_MAP", "1");
         cmd.envs(envs.iter().copied());
         cmd
     }

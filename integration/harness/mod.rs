@@ -25,7 +25,7 @@ pub use cmd::{RunOutput, Walvault};
 #[allow(unused_imports)]
 pub use pg::{Cluster, ClusterConfig, PgInstall};
 #[allow(unused_imports)]
-pub use repo::{ConfigFile, Repo, RepoKind, Snapshot};
+pub use repo::{object_content, ConfigFile, Repo, RepoKind, Snapshot};
 
 use std::fs;
 use std::net::TcpListener;

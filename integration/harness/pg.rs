@@ -354,6 +354,45 @@ impl Cluster {
         })
     }
 
+    /// Runs SQL in database `db` (outside a transaction block, one statement), panicking on error.
+    pub fn psql_in(&self, db: &str, sql: &str) -> String {
+        let mut cmd = self.client("psql");
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]);
+        let out = run_bounded(&mut cmd, TOOL_TIMEOUT);
+        assert!(out.status.success(), "psql in {db} failed:\n{out}");
+        out.stdout.trim().to_string()
+    }
+
+    /// `pg_dumpall` without its per-run `\restrict` keys, comments and tablespace locations
+    /// (a restore may put tablespaces elsewhere), for comparing two clusters' content.
+    pub fn pg_dumpall(&self) -> String {
+        let mut cmd = self.client("pg_dumpall");
+        cmd.args(["-U", "postgres"]);
+        let out = run_bounded(&mut cmd, TOOL_TIMEOUT);
+        assert!(out.status.success(), "pg_dumpall failed:\n{out}");
+        out.stdout
+            .lines()
+            .filter(|l| {
+                !(l.starts_with("\\restrict")
+                    || l.starts_with("\\unrestrict")
+                    || l.starts_with("--")
+                    || l.starts_with("CREATE TABLESPACE"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// `pgbench <args> postgres`, panicking on failure; returns stdout.
     pub fn pgbench(&self, args: &[&str]) -> String {
         let mut cmd = self.client("pgbench");

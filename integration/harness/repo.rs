@@ -296,6 +296,30 @@ fn frame_object(content: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The content of an object in walvault's format (unencrypted; blocks stored plain or lz4),
+/// the reverse of [`frame_object`], for tests that inspect what walvault stored.
+pub fn object_content(framed: &[u8]) -> Vec<u8> {
+    assert_eq!(&framed[..4], b"WVLT", "not a walvault object");
+    assert_eq!(framed[6], 0, "encrypted object");
+    let mut at = 20;
+    let mut content = Vec::new();
+    loop {
+        let raw = u32::from_le_bytes(framed[at..at + 4].try_into().unwrap()) as usize;
+        if raw == 0 {
+            return content;
+        }
+        let stored = u32::from_le_bytes(framed[at + 4..at + 8].try_into().unwrap());
+        let len = (stored & !(1 << 31)) as usize;
+        let bytes = &framed[at + 8..at + 8 + len];
+        if stored & 1 << 31 != 0 {
+            content.extend_from_slice(bytes);
+        } else {
+            content.extend(lz4_flex::block::decompress(bytes, raw).expect("lz4 block"));
+        }
+        at += 8 + len;
+    }
+}
+
 fn walk(root: &Path, dir: &Path, keys: &mut Vec<String>) {
     for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("list {}: {e}", dir.display())) {
         let path = entry.unwrap().path();

@@ -35,6 +35,8 @@ pub(crate) struct FetchOptions {
     /// Where configuration the source kept outside its data directory goes, instead of
     /// [`external_config::DIR`] inside the target (`--config-dir`).
     pub(crate) config_dir: Option<PathBuf>,
+    /// Restore over an existing stopped copy of the cluster, writing only what differs.
+    pub(crate) delta: bool,
 }
 
 /// What a fetch restored.
@@ -58,9 +60,9 @@ pub(crate) struct Location {
     pub(crate) file: bool,
 }
 
-const CONTROL: &str = "global/pg_control";
+pub(super) const CONTROL: &str = "global/pg_control";
 /// Where pg_control is written until everything else is durable (renamed in `finish`).
-const CONTROL_TEMP: &str = "global/pg_control.walvault-restore";
+pub(super) const CONTROL_TEMP: &str = "global/pg_control.walvault-restore";
 
 /// Restores backup `wanted` (`LATEST` or a name) into `target`.
 pub(crate) async fn fetch(
@@ -69,6 +71,9 @@ pub(crate) async fn fetch(
     target: &Path,
     opts: &FetchOptions,
 ) -> Result<Fetched, BackupError> {
+    if opts.delta {
+        return super::delta_fetch::fetch(repo, wanted, target, opts).await;
+    }
     let name = crate::backup::catalog::resolve_name(&repo, wanted).await?;
     let chain = crate::backup::catalog::chain(&repo, &name).await?;
     let last = chain.len() - 1;
@@ -313,9 +318,9 @@ fn check_data_dir_mode(dir: &Path) -> Result<(), BackupError> {
 
 /// Where a backup path goes: a path below one of the layout's roots.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Dest {
-    root: usize,
-    rel: String,
+pub(super) struct Dest {
+    pub(super) root: usize,
+    pub(super) rel: String,
 }
 
 /// The open roots of a restore.
@@ -380,7 +385,7 @@ impl Layout {
     }
 }
 
-fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
+pub(super) fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
     if path == CONTROL {
         return Some(Dest {
             root: 0,
@@ -403,7 +408,7 @@ fn dest(tablespaces: &BTreeMap<u32, usize>, path: &str) -> Option<Dest> {
 
 /// For each file of the last backup, the index of the newest backup of the chain that stored it
 /// whole (where its reconstruction starts).
-fn base_layers(chain: &[Manifest]) -> Result<HashMap<String, usize>, BackupError> {
+pub(super) fn base_layers(chain: &[Manifest]) -> Result<HashMap<String, usize>, BackupError> {
     let by_path: Vec<HashMap<&str, &FileEntry>> = chain
         .iter()
         .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())

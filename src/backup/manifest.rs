@@ -82,6 +82,19 @@ pub(crate) struct Summary {
     pub(crate) stored_size: u64,
     pub(crate) packs: u32,
     pub(crate) page_checksum_failures: Vec<PageFailures>,
+    /// How a delta learned what changed; absent for full backups and older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) delta_source: Option<DeltaSource>,
+}
+
+/// How a delta backup found the pages to store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DeltaSource {
+    /// From the block maps in the WAL's segment summaries: only changed blocks were read.
+    Wal,
+    /// By reading every page and comparing its LSN with the parent's start.
+    Scan,
 }
 
 mod lsn_text_opt {
@@ -373,6 +386,7 @@ pub(crate) mod tests {
                 stored_size: 0,
                 packs: 1,
                 page_checksum_failures: vec![],
+                delta_source: None,
             },
             backup_label: String::new(),
             tablespace_map: None,

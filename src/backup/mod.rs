@@ -2,12 +2,15 @@
 //! recoverable window.
 //!
 //! A backup is a set of pack objects plus the manifest, written last (`manifest.rs`). `walk.rs`
-//! decides what is copied, `page.rs` which pages a delta keeps, `push.rs` reads and stores,
+//! decides what is copied, `page.rs` which pages a delta keeps (or `blockmap.rs`, from the WAL,
+//! which blocks it reads), `push.rs` reads and stores,
 //! `fetch.rs` restores a chain, `catalog.rs` lists backups and `window.rs` says what they and the
 //! archived WAL can recover to. Used by `cmd/`, recover and verify.
 
+mod blockmap;
 pub(crate) mod catalog;
 pub(crate) mod consistency;
+mod delta_fetch;
 pub(crate) mod external_config;
 pub(crate) mod fetch;
 pub(crate) mod manifest;

@@ -29,10 +29,11 @@ use indicatif::ProgressBar;
 use tokio::sync::{mpsc, Mutex};
 use walvault_wal::Lsn;
 
+use super::blockmap::{self, MapRequest};
 use super::external_config;
 use super::manifest::{
-    BackupKind, BackupName, DirEntry, FileEntry, Manifest, PackId, PageFailures, Piece, Storage,
-    Summary, Tablespace, FORMAT,
+    BackupKind, BackupName, DeltaSource, DirEntry, FileEntry, Manifest, PackId, PageFailures,
+    Piece, Storage, Summary, Tablespace, FORMAT,
 };
 use super::page::{self, BlockNo, BLCKSZ};
 use super::standby::{self, StandbyOptions, StopWal};
@@ -69,6 +70,8 @@ pub(crate) struct PushOptions {
     pub(crate) pg_timeouts: Timeouts,
     /// How a backup from a standby waits for its WAL.
     pub(crate) standby: StandbyOptions,
+    /// For a delta read from block maps, also run the page scan and fail if the map missed a page.
+    pub(crate) verify_map: bool,
 }
 
 /// What a push stored.
@@ -90,6 +93,8 @@ struct FileCtx {
     /// Whether to check data checksums of its pages.
     check_pages: bool,
     segno: u32,
+    /// For a delta from block maps: the byte ranges to read (offset, length), all kept.
+    reads: Option<Arc<[(u64, u64)]>>,
 }
 
 struct Job {
@@ -133,6 +138,12 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     let mut planned = plan_files(&pgdata, opts, parent.as_ref(), &info).await?;
     let external = external_config(&session, &pgdata).await?;
     add_external(&mut planned, &external)?;
+    let delta_source = match &parent {
+        Some(p) => {
+            Some(blockmap_reads(&repo, &pgdata, &info, p, &started, &mut planned.files).await)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         repo: Arc::clone(&repo),
         name: started.name.clone(),
@@ -144,6 +155,9 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         stored: AtomicU64::new(0),
     });
     let done = copy_files(&shared, opts.concurrency).await?;
+    if let (Some(DeltaSource::Wal), Some(p), true) = (delta_source, &parent, opts.verify_map) {
+        verify_map(&shared, p.summary.start_lsn, started.lsn).await?;
+    }
 
     let stop = if info.in_recovery {
         tracing::info!("all files read; stopping the backup on the standby");
@@ -175,6 +189,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         planned,
     );
     manifest.external_config = external.entries;
+    manifest.summary.delta_source = delta_source;
     store_manifest(&repo, &manifest).await?;
     crate::failpoint::pause_if_enabled("backup-push-manifest-written").await;
     Ok(Pushed {
@@ -336,6 +351,7 @@ async fn plan_files(
             },
             check_pages: paged && info.data_checksums,
             segno: walk::segment_number(&path),
+            reads: None,
             path,
             source,
             mode,
@@ -412,8 +428,80 @@ fn add_external(
         parent_size: None,
         check_pages: false,
         segno: 0,
+        reads: None,
     });
     planned.files.splice(control..control, files);
+    Ok(())
+}
+
+/// Decides how a delta learns what changed: from the block maps of the WAL since the parent's
+/// start (setting each relation file's reads), or, when they cannot tell, by the page scan.
+async fn blockmap_reads(
+    repo: &Arc<Repository>,
+    pgdata: &Path,
+    info: &ServerInfo,
+    parent: &Manifest,
+    started: &Started,
+    files: &mut [FileCtx],
+) -> DeltaSource {
+    let seg_size = walvault_wal::WalSegmentSize::new(u64::from(info.wal_segment_size));
+    let major = walvault_wal::PgMajor::from_number(info.major());
+    let (Ok(seg_size), Some(major)) = (seg_size, major) else {
+        tracing::info!("delta by page scan: the server's WAL is not one walvault maps");
+        return DeltaSource::Scan;
+    };
+    let request = MapRequest {
+        repo,
+        pgdata,
+        timeline: started.timeline,
+        seg_size,
+        major,
+        from: parent.summary.start_lsn,
+        to: started.lsn,
+    };
+    let map = match blockmap::compose(&request).await {
+        Ok(map) => map,
+        Err(why) => {
+            tracing::info!("delta by page scan (reads every page): {why}");
+            return DeltaSource::Scan;
+        }
+    };
+    let (mut mapped, mut bytes) = (0, 0);
+    for f in files.iter_mut() {
+        let Some(parent_size) = f.parent_size else {
+            continue;
+        };
+        if let Some(reads) = map.reads(&f.path, f.size, parent_size) {
+            mapped += 1;
+            bytes += reads.iter().map(|(_, len)| len).sum::<u64>();
+            f.reads = Some(reads.into());
+        }
+    }
+    tracing::info!(
+        "delta from the WAL's block maps since {}: {mapped} relation files, {bytes} bytes to read",
+        parent.summary.start_lsn
+    );
+    DeltaSource::Wal
+}
+
+/// `--verify-map`: the page scan over every file read from the map must find nothing it missed.
+async fn verify_map(shared: &Shared, from: Lsn, to: Lsn) -> Result<(), BackupError> {
+    let checked: Vec<blockmap::Checked> = shared
+        .files
+        .iter()
+        .filter_map(|f| {
+            Some(blockmap::Checked {
+                path: f.path.clone(),
+                source: f.source.clone(),
+                size: f.size,
+                reads: Arc::clone(f.reads.as_ref()?),
+            })
+        })
+        .collect();
+    let pages = tokio::task::spawn_blocking(move || blockmap::verify(&checked, from, to))
+        .await?
+        .map_err(|problem| BackupError::invalid("--verify-map", problem))?;
+    tracing::info!("--verify-map: the page scan of {pages} pages found nothing the map missed");
     Ok(())
 }
 
@@ -464,6 +552,7 @@ fn manifest(
         start_lsn: started.lsn,
         stop_lsn: stop.lsn,
         timeline: started.timeline,
+        delta_source: None,
         pg_version_num: info.version_num,
         system_identifier: info.system_identifier,
         wal_segment_size: info.wal_segment_size,
@@ -601,13 +690,29 @@ async fn run_workers(
             });
             continue;
         }
-        let mut offset = 0;
-        while offset < size {
-            let len = CHUNK.min(size - offset);
-            if tx.send(Job { file, offset, len }).await.is_err() {
-                break; // every worker stopped: their error is reported below
+        let whole = [(0, size)];
+        let reads = shared.files[file].reads.as_deref().unwrap_or(&whole);
+        if reads.is_empty() {
+            // Nothing changed: the file is recorded with its size, its pages from the parent.
+            done.push(ChunkDone {
+                file,
+                offset: 0,
+                read: 0,
+                crc: crc32fast::Hasher::new(),
+                pieces: Vec::new(),
+                failures: Vec::new(),
+                vanished: !shared.files[file].source.exists(),
+            });
+        }
+        for &(start, len) in reads {
+            let mut offset = start;
+            while offset < start + len {
+                let len = CHUNK.min(start + len - offset);
+                if tx.send(Job { file, offset, len }).await.is_err() {
+                    break; // every worker stopped: their error is reported below
+                }
+                offset += len;
             }
-            offset += len;
         }
     }
     drop(tx);
@@ -752,7 +857,10 @@ fn read_chunk(
         whole.into_iter().collect()
     } else {
         let select = PageSelect {
-            delta_base: shared.delta_base.filter(|_| ctx.parent_size.is_some()),
+            // Ranges a block map chose are kept whole; only a scan judges pages by their LSN.
+            delta_base: shared
+                .delta_base
+                .filter(|_| ctx.parent_size.is_some() && ctx.reads.is_none()),
             parent_size: ctx.parent_size.unwrap_or(0),
             verify_from: shared.verify_from.filter(|_| ctx.check_pages),
             segno: ctx.segno,
@@ -906,7 +1014,10 @@ fn assemble(shared: &Shared, mut done: Vec<ChunkDone>) -> (Vec<FileEntry>, Vec<P
             ));
         }
         if let Some((_, entry, crc)) = current.as_mut() {
-            if chunk.read > 0 {
+            if ctx.reads.is_some() {
+                // Read in places only: the size is the one the walk saw.
+                entry.size = ctx.size;
+            } else if chunk.read > 0 {
                 entry.size = entry.size.max(chunk.offset + chunk.read);
             }
             crc.combine(&chunk.crc);

@@ -77,6 +77,10 @@ pub(crate) fn inspect(path: &Path, what: &str, parent: Parent) -> Result<Found, 
     }
 }
 
+/// Whether an entry (relative path, is a directory) stays when a restore over an existing
+/// directory removes what the backup does not have.
+pub(crate) type Keep<'a> = dyn Fn(&str, bool) -> bool + 'a;
+
 /// A directory a restore writes below.
 pub(crate) struct Root {
     path: PathBuf,
@@ -124,6 +128,116 @@ impl Root {
             path: path.to_path_buf(),
             fd,
         })
+    }
+
+    /// Opens the existing directory at `path` (never through a symbolic link), or creates it
+    /// (mode 0700, its parent existing), for a restore over what is there (`--delta`).
+    pub(crate) fn open_existing(path: &Path, what: &str) -> Result<Root, BackupError> {
+        match rustix::fs::mkdir(path, Mode::from_raw_mode(DIR_MODE_MAX)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(BackupError::io("create directory", path)(e.into())),
+        }
+        let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty()).map_err(|e| {
+            BackupError::invalid(
+                format!("{what} {}", path.display()),
+                format!("cannot be opened as a directory without following a link: {e}"),
+            )
+        })?;
+        Ok(Root {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    /// Opens file `rel` for reading; `None` when it does not exist.
+    pub(crate) fn open_read(&self, rel: &str) -> Result<Option<File>, BackupError> {
+        let (dir, last) = match self.parent(rel, false) {
+            Ok(found) => found,
+            Err(BackupError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(
+            dir.as_ref().unwrap_or(&self.fd),
+            last.as_str(),
+            flags,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(self.io("open", rel)(e)),
+        }
+    }
+
+    /// Opens file `rel` for writing, creating it (at most mode 0600) when absent.
+    pub(crate) fn open_or_create(&self, rel: &str, mode: u32) -> Result<File, BackupError> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW;
+        self.open_file_with(rel, flags, mode & FILE_MODE_MAX)
+    }
+
+    /// Removes everything below the root that `keep(rel, is_dir)` rejects, walking by
+    /// descriptor and never following a link (a link is removed as itself, or kept and not
+    /// entered); returns how many entries it removed.
+    pub(crate) fn remove_unlisted(&self, keep: &Keep<'_>) -> Result<u64, BackupError> {
+        self.remove_in(&self.fd, "", Some(keep))
+    }
+
+    /// Removes the entries of directory `dir` (at `prefix`) that `keep` rejects, or all of them
+    /// when `keep` is `None`.
+    fn remove_in(
+        &self,
+        dir: &OwnedFd,
+        prefix: &str,
+        keep: Option<&Keep<'_>>,
+    ) -> Result<u64, BackupError> {
+        let mut names = Vec::new();
+        let entries = rustix::fs::Dir::read_from(dir).map_err(self.io("read directory", prefix))?;
+        for entry in entries {
+            let entry = entry.map_err(self.io("read directory", prefix))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        let mut removed = 0;
+        for name in names {
+            let rel = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let stat =
+                rustix::fs::statat(dir, name.as_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(self.io("stat", &rel))?;
+            let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                == rustix::fs::FileType::Directory;
+            let wanted = keep.is_some_and(|k| k(&rel, is_dir));
+            if is_dir {
+                let sub = rustix::fs::openat(dir, name.as_str(), DIR_FLAGS, Mode::empty())
+                    .map_err(self.io("open directory", &rel))?;
+                removed += self.remove_in(&sub, &rel, keep.filter(|_| wanted))?;
+                if !wanted {
+                    rustix::fs::unlinkat(dir, name.as_str(), rustix::fs::AtFlags::REMOVEDIR)
+                        .map_err(self.io("remove directory", &rel))?;
+                    removed += 1;
+                }
+            } else if !wanted {
+                rustix::fs::unlinkat(dir, name.as_str(), rustix::fs::AtFlags::empty())
+                    .map_err(self.io("remove", &rel))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The target of symbolic link `rel`, if it is one.
+    pub(crate) fn read_link(&self, rel: &str) -> Option<PathBuf> {
+        let (dir, last) = self.parent(rel, false).ok()?;
+        rustix::fs::readlinkat(dir.as_ref().unwrap_or(&self.fd), last.as_str(), Vec::new())
+            .ok()
+            .map(|t| PathBuf::from(t.to_string_lossy().into_owned()))
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -319,6 +433,39 @@ mod tests {
             root.create_file("base/2", 0o600).is_err(),
             "overwrote a file"
         );
+    }
+
+    /// `--delta` removes what the backup lacks: a link is removed as itself (what it points to
+    /// survives) or kept unentered, unlisted directories go whole, listed ones are entered.
+    #[test]
+    fn removing_unlisted_entries_never_follows_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).unwrap();
+        std::fs::write(outside.join("sub/precious"), "x").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("base/1")).unwrap();
+        std::fs::create_dir_all(data.join("junk/deep")).unwrap();
+        std::fs::write(data.join("junk/deep/f"), "x").unwrap();
+        std::fs::write(data.join("base/1/keep"), "x").unwrap();
+        std::fs::write(data.join("base/1/stale"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("base/1/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("kept_link")).unwrap();
+        let root = Root::open_existing(&data, "data directory").unwrap();
+        let keep = |rel: &str, is_dir: bool| match rel {
+            "base" | "base/1" => is_dir,
+            "base/1/keep" | "kept_link" => !is_dir,
+            _ => false,
+        };
+        assert_eq!(root.remove_unlisted(&keep).unwrap(), 5);
+        assert!(data.join("base/1/keep").exists() && !data.join("base/1/stale").exists());
+        assert!(!data.join("junk").exists() && !data.join("base/1/link").exists());
+        assert_eq!(root.read_link("kept_link"), Some(outside.clone()));
+        assert!(outside.join("sub/precious").exists());
+        // A root that is a link is refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        assert!(Root::open_existing(&link, "data directory").is_err());
     }
 
     #[test]

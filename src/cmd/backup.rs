@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backup::fetch::{self, FetchOptions};
-use crate::backup::manifest::Summary;
+use crate::backup::manifest::{DeltaSource, Summary};
 use crate::backup::push::{self, Mode, PushOptions};
 use crate::backup::standby::StandbyOptions;
 use crate::backup::window::{Recoverable, TimelineChoice, WindowError};
@@ -48,6 +48,8 @@ fn push_options(settings: &Settings, quiet: bool, args: BackupPushArgs) -> PushO
             wal_wait: args.wal_wait_timeout,
             primary_conninfo: args.primary_conninfo,
         },
+        verify_map: args.verify_map
+            || std::env::var("WALVAULT_VERIFY_MAP").is_ok_and(|v| v == "1" || v == "true"),
     }
 }
 
@@ -119,6 +121,7 @@ pub(super) struct FetchArgs<'a> {
     pub(crate) tablespaces: &'a [String],
     pub(crate) dry_run: bool,
     pub(crate) config_dir: Option<PathBuf>,
+    pub(crate) delta: bool,
 }
 
 pub(super) async fn fetch(
@@ -133,10 +136,12 @@ pub(super) async fn fetch(
         tablespaces,
         dry_run,
         config_dir,
+        delta,
     } = args;
     let started = Instant::now();
     let mut opts = fetch_options(settings, quiet, tablespaces)?;
     opts.config_dir = config_dir;
+    opts.delta = delta;
     if dry_run {
         let locations = fetch::locations(&repo, name, dir, &opts)
             .await
@@ -174,6 +179,7 @@ pub(super) fn fetch_options(
         progress: !quiet,
         relocate,
         config_dir: None,
+        delta: false,
     })
 }
 
@@ -225,6 +231,8 @@ struct Listed<'a> {
     original_size: u64,
     stored_size: u64,
     page_checksum_failures: usize,
+    /// `"wal"` or `"scan"` for a delta (how it found what changed), null otherwise.
+    delta_source: Option<DeltaSource>,
     pg_version_num: u32,
     system_identifier: String,
     /// Pinned (`backup-mark --keep`).
@@ -253,6 +261,7 @@ impl<'a> From<&'a Summary> for Listed<'a> {
                 .iter()
                 .map(|f| f.blocks.len())
                 .sum(),
+            delta_source: s.delta_source,
             pg_version_num: s.pg_version_num,
             system_identifier: s.system_identifier.to_string(),
             keep: false,

@@ -158,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tablespaces,
             dry_run,
             config_dir,
+            delta,
             ..
         } => {
             let fetch = backup::FetchArgs {
@@ -166,6 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tablespaces: &tablespaces,
                 dry_run,
                 config_dir,
+                delta,
             };
             backup::fetch(&settings, quiet, repo, fetch).await
         }

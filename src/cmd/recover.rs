@@ -55,9 +55,12 @@ pub(super) async fn recover(
         backup: args.backup.clone(),
     };
     let dir = std::path::absolute(&args.pgdata).unwrap_or_else(|_| args.pgdata.clone());
-    check_target_dir(&dir)?;
+    if !args.delta {
+        check_target_dir(&dir)?;
+    }
     let mut fetch_opts = backup::fetch_options(settings, quiet, &args.tablespaces)?;
     fetch_opts.config_dir = args.config_dir.clone();
+    fetch_opts.delta = args.delta;
     let plan = plan::plan(&repo, &request).await?;
     println!("{plan}");
     let recovery = RecoverySettings {

@@ -7,7 +7,9 @@
 //! without downloading WAL. wal-push and wal-receive write one after each segment they store,
 //! from the bytes they were streaming anyway ([`store_segment`]), then advance `status/wal`.
 //! Summaries are advisory: writing one never fails a push, and readers treat a missing or
-//! unreadable summary as "unknown".
+//! unreadable summary as "unknown". Each also carries the segment's block map
+//! ([`super::blockrefs`]), from which a delta backup learns what changed; summaries from before
+//! block maps have none, which a backup treats as unusable.
 
 use std::path::Path;
 
@@ -18,6 +20,7 @@ use walvault_wal::{
     WalRecord,
 };
 
+use super::blockrefs::{BlockSummary, Collector};
 use crate::repo::layout;
 use crate::repo::PutMode;
 use crate::repo::{LengthRule, RepoError, Repository, WalContent, WalStored};
@@ -53,6 +56,9 @@ pub(crate) struct SegmentSummary {
     #[serde(default)]
     pub(crate) latest_xact_end: Option<Mark>,
     pub(crate) restore_points: Vec<RestorePoint>,
+    /// The blocks the segment's records change. Absent from summaries of older walvault versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) blocks: Option<BlockSummary>,
 }
 
 impl SegmentSummary {
@@ -97,13 +103,16 @@ pub(crate) struct Summariser {
     name: SegmentName,
     state: SummariserState,
     summary: SegmentSummary,
+    blocks: Collector,
 }
 
 enum SummariserState {
     /// Nothing seen yet: the long page header comes first.
     Start,
-    Scanning(RecordScanner),
-    /// The scan is over (or never started); the summary is complete as it stands.
+    /// Scanning, or done (the scanner knows): kept to the end for the record split with the next
+    /// segment.
+    Scanning(Box<RecordScanner>),
+    /// The scan never started; the summary is complete as it stands, its block map unusable.
     Finished,
     /// The content does not begin with a long page header: there is nothing to summarise.
     NotWal,
@@ -115,6 +124,7 @@ impl Summariser {
             name,
             state: SummariserState::Start,
             summary: SegmentSummary::default(),
+            blocks: Collector::default(),
         }
     }
 
@@ -127,14 +137,17 @@ impl Summariser {
         let SummariserState::Scanning(scanner) = &mut self.state else {
             return;
         };
-        let (name, summary) = (&self.name, &mut self.summary);
+        let (name, summary, blocks) = (&self.name, &mut self.summary, &mut self.blocks);
         scanner.feed(piece, &mut |record| match record {
-            Ok(record) => summary.add(&record),
-            Err(e) => tracing::warn!("summary of {name} stops early: {e}"),
+            Ok(record) => {
+                summary.add(&record);
+                blocks.add(&record);
+            }
+            Err(e) => {
+                tracing::warn!("summary of {name} stops early: {e}");
+                blocks.give_up(format!("the scan of {name} stopped early: {e}"));
+            }
         });
-        if scanner.is_done() {
-            self.state = SummariserState::Finished;
-        }
     }
 
     fn start(&self, first: &[u8]) -> SummariserState {
@@ -145,7 +158,7 @@ impl Summariser {
             return SummariserState::NotWal;
         };
         match self.name.start_lsn(header.seg_size) {
-            Ok(start) => SummariserState::Scanning(RecordScanner::new(&header, start)),
+            Ok(start) => SummariserState::Scanning(Box::new(RecordScanner::new(&header, start))),
             Err(e) => {
                 tracing::debug!("not summarising {}: {e}", self.name);
                 SummariserState::Finished
@@ -155,10 +168,19 @@ impl Summariser {
 
     /// The summary, once the whole segment has been fed; `None` when it was not WAL.
     pub(crate) fn finish(self) -> Option<SegmentSummary> {
-        match self.state {
-            SummariserState::NotWal => None,
-            _ => Some(self.summary),
-        }
+        let mut summary = self.summary;
+        let mut blocks = self.blocks;
+        summary.blocks = Some(match &self.state {
+            SummariserState::NotWal => return None,
+            SummariserState::Scanning(scanner) => {
+                blocks.finish(scanner.pending(), scanner.continuation())
+            }
+            SummariserState::Start | SummariserState::Finished => {
+                blocks.give_up(format!("{} was not scanned", self.name));
+                blocks.finish(None, None)
+            }
+        });
+        Some(summary)
     }
 }
 

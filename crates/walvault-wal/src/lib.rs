@@ -2,7 +2,8 @@
 //!
 //! Understands LSNs, timeline IDs, WAL file names, XLOG page headers and
 //! timeline/backup history files as PostgreSQL 13 to 18 write them, and
-//! enough of WAL records to find commit times and restore points. The
+//! enough of WAL records to find commit times, restore points and the blocks
+//! records change. The
 //! walvault binary uses it to decide what an archived file is, whether its
 //! contents match its name, and which timeline owns which part of the WAL.
 //! Modelled on Neon's `postgres_ffi`, but without bindgen: every layout is
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod blockref;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
@@ -23,6 +25,7 @@ pub mod page;
 pub mod record;
 pub mod timeline;
 
+pub use blockref::{RelChange, RelFileLocator, SplitRecord};
 pub use error::WalError;
 pub use history::{BackupHistory, HistoryEntry, TimelineHistory, TimelineSpan};
 pub use lsn::Lsn;
@@ -31,5 +34,8 @@ pub use page::{
     short_page_header, validate_partial, validate_segment, ClusterWal, LongPageHeader, PgMajor,
     ShortPageHeader, StreamedPages,
 };
-pub use record::{PgTimestamp, RecordReader, RecordScanner, TargetEvent, WalRecord, XactEnd};
+pub use record::{
+    Continuation, Pending, PgTimestamp, RecordReader, RecordScanner, TargetEvent, WalRecord,
+    XactEnd,
+};
 pub use timeline::TimelineId;

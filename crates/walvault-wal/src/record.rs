@@ -23,6 +23,7 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
+use crate::blockref::{walk_block_headers, HEAD_KEPT, MAIN_NEEDED_MAX, RM_DBASE_ID, RM_SMGR_ID};
 use crate::error::WalError;
 use crate::lsn::Lsn;
 use crate::page::{short_page_header, LongPageHeader, PgMajor, SIZE_OF_XLOG_SHORT_PHD};
@@ -43,18 +44,6 @@ const XLR_INFO_MASK: u8 = 0x0F;
 /// `XLOG_XACT_OPMASK`: which transaction-manager operation a record is.
 const XLOG_XACT_OPMASK: u8 = 0x70;
 
-const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
-const XLR_BLOCK_ID_DATA_LONG: u8 = 254;
-const XLR_BLOCK_ID_ORIGIN: u8 = 253;
-const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
-const XLR_MAX_BLOCK_ID: u8 = 32;
-
-const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
-const BKPBLOCK_SAME_REL: u8 = 0x80;
-const BKPIMAGE_HAS_HOLE: u8 = 0x01;
-
-/// `sizeof(RelFileLocator)`: three OIDs.
-const SIZE_OF_REL_FILE_LOCATOR: usize = 12;
 /// `MAXFNAMELEN`: the fixed size of a restore point's name field.
 const RESTORE_POINT_NAME_LEN: usize = 64;
 
@@ -94,9 +83,17 @@ pub struct WalRecord<'a> {
     pub info: u8,
     /// `xl_xid`.
     pub xid: u32,
-    /// The start of the record's main data: at most [`MAIN_DATA_KEPT`]
-    /// bytes, all that [`WalRecord::target_event`] reads.
+    /// The start of the record's main data, kept only for the resource managers whose main
+    /// data [`WalRecord::target_event`] or [`WalRecord::relation_changes`] read (transactions,
+    /// XLOG, storage manager, databases), and then at most [`MAIN_NEEDED_MAX`] bytes.
     pub main_data: Cow<'a, [u8]>,
+    /// The record's first bytes, fixed header included: all of its block headers, up to
+    /// [`HEAD_KEPT`] bytes.
+    pub head: Cow<'a, [u8]>,
+    /// `xl_tot_len`.
+    pub tot_len: u64,
+    /// The server version that wrote it (block image flags differ).
+    pub major: PgMajor,
 }
 
 /// What a transaction-manager record ends.
@@ -176,6 +173,9 @@ impl WalRecord<'_> {
             info: self.info,
             xid: self.xid,
             main_data: Cow::Owned(self.main_data.into_owned()),
+            head: Cow::Owned(self.head.into_owned()),
+            tot_len: self.tot_len,
+            major: self.major,
         }
     }
 
@@ -184,13 +184,9 @@ impl WalRecord<'_> {
     }
 }
 
-/// The most of a record's start the scanner keeps: the fixed header and every block header a
-/// valid record can carry (33 block references of at most 27 bytes, plus the origin, top-level
-/// xid and main data headers: 928 bytes). The rest of a record only streams past.
-const HEAD_KEPT: u64 = 1024;
-/// The most of a record's main data the scanner keeps: a restore point's time and name, the
-/// longest prefix [`WalRecord::target_event`] reads (a transaction end needs its first 8 bytes).
-const MAIN_DATA_KEPT: u64 = 8 + RESTORE_POINT_NAME_LEN as u64;
+/// The most of a record's main data the scanner keeps (for the resource managers whose main
+/// data is read at all).
+const MAIN_DATA_KEPT: u64 = MAIN_NEEDED_MAX;
 
 /// Walks the records that start in one segment (or a `.partial` prefix of
 /// one) as the segment's bytes arrive, in pieces of any size, so that a
@@ -201,7 +197,9 @@ const MAIN_DATA_KEPT: u64 = 8 + RESTORE_POINT_NAME_LEN as u64;
 /// Records continued from the previous segment are skipped, and so is a
 /// last record that continues into the next: the summary loses at most one
 /// commit per segment boundary, which only makes the recorded window
-/// slightly more conservative.
+/// slightly more conservative. For the blocks such a record references, the
+/// scanner keeps what it saw of either part ([`RecordScanner::pending`],
+/// [`RecordScanner::continuation`]) so the two summaries can be joined.
 pub struct RecordScanner {
     start: Lsn,
     block_size: u64,
@@ -215,6 +213,62 @@ pub struct RecordScanner {
     head: Vec<u8>,
     /// The first bytes of the current record's main data, up to [`MAIN_DATA_KEPT`].
     main: Vec<u8>,
+    /// The record continued from the previous segment, as far as it was seen.
+    cont: Option<Continuation>,
+}
+
+/// The part of a record begun in the previous segment that lies in this one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Continuation {
+    /// `xlp_rem_len` of the segment's first page: the bytes of the record left.
+    pub rem_len: u64,
+    /// How many of them this segment held (page headers excluded).
+    pub seen: u64,
+    /// Their first bytes, up to [`CONT_FIRST_KEPT`].
+    pub first: Vec<u8>,
+    /// Their last bytes, up to [`CONT_LAST_KEPT`] (fewer once `seen` reaches `rem_len`:
+    /// the bytes in `first` are not repeated).
+    pub last: Vec<u8>,
+}
+
+/// The first bytes of a continuation kept: the rest of any record's block headers.
+pub const CONT_FIRST_KEPT: usize = HEAD_KEPT as usize;
+/// The last bytes of a continuation kept: the main data of a record that needs it.
+pub const CONT_LAST_KEPT: usize = 2048;
+
+impl Continuation {
+    fn take(&mut self, bytes: &[u8]) {
+        let n = clamp(self.rem_len - self.seen, bytes.len());
+        let bytes = &bytes[..n];
+        self.seen += n as u64;
+        let to_first = (CONT_FIRST_KEPT - self.first.len()).min(bytes.len());
+        self.first.extend_from_slice(&bytes[..to_first]);
+        self.last.extend_from_slice(&bytes[to_first..]);
+        if self.last.len() > 2 * CONT_LAST_KEPT {
+            self.last.drain(..self.last.len() - CONT_LAST_KEPT);
+        }
+    }
+
+    /// Whether the whole rest of the record was in this segment.
+    pub fn whole(&self) -> bool {
+        self.seen == self.rem_len
+    }
+
+    /// The kept last bytes, trimmed to [`CONT_LAST_KEPT`].
+    pub fn last(&self) -> &[u8] {
+        &self.last[self.last.len().saturating_sub(CONT_LAST_KEPT)..]
+    }
+}
+
+/// The start of a record that runs on into the next segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending<'a> {
+    /// Where it starts.
+    pub lsn: Lsn,
+    /// Its bytes in this segment (page headers excluded).
+    pub got: u64,
+    /// Its first bytes, up to [`CONT_FIRST_KEPT`] (all of `got` when fewer).
+    pub head: &'a [u8],
 }
 
 /// Where the scanner is in the header of the page it is in.
@@ -270,7 +324,25 @@ impl RecordScanner {
             prev: None,
             head: Vec::new(),
             main: Vec::new(),
+            cont: None,
         }
+    }
+
+    /// The record that was still going when the bytes fed so far ended.
+    pub fn pending(&self) -> Option<Pending<'_>> {
+        match &self.step {
+            Step::Record(r) => Some(Pending {
+                lsn: r.lsn,
+                got: r.got,
+                head: &self.head,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The part of a record from the previous segment that the bytes fed so far held.
+    pub fn continuation(&self) -> Option<&Continuation> {
+        self.cont.as_ref()
     }
 
     /// Whether the walk is over: more bytes would find no more records.
@@ -339,6 +411,14 @@ impl RecordScanner {
         };
         if let Step::Continuation = self.step {
             let rem = u64::from(header.rem_len);
+            if page == 0 && rem > 0 {
+                self.cont = Some(Continuation {
+                    rem_len: rem,
+                    seen: 0,
+                    first: Vec::new(),
+                    last: Vec::new(),
+                });
+            }
             if rem == 0 {
                 self.step = Step::SkipTo(page + size);
             } else if rem <= self.block_size - size {
@@ -350,6 +430,9 @@ impl RecordScanner {
 
     /// Takes page data starting at the current offset.
     fn data(&mut self, mut bytes: &[u8], found: &mut impl FnMut(Result<WalRecord<'_>, WalError>)) {
+        if let Some(cont) = self.cont.as_mut().filter(|c| !c.whole()) {
+            cont.take(bytes);
+        }
         let mut at = self.offset;
         while !bytes.is_empty() {
             let n = match &self.step {
@@ -391,7 +474,7 @@ impl RecordScanner {
     ) -> Option<usize> {
         let fixed = FixedHeader::parse(bytes.first_chunk()?);
         let tot_len = fixed.tot_len as usize;
-        if tot_len < SIZE_OF_XLOG_RECORD || tot_len > bytes.len() || carries_target(fixed.rmid) {
+        if tot_len < SIZE_OF_XLOG_RECORD || tot_len > bytes.len() || keeps_main(fixed.rmid) {
             return None;
         }
         let lsn = Lsn(self.start.0 + at);
@@ -400,7 +483,8 @@ impl RecordScanner {
             self.step = Step::Done;
             return Some(tot_len);
         }
-        found(Ok(fixed.record(lsn, &[])));
+        let head = &bytes[..tot_len.min(HEAD_KEPT as usize)];
+        found(Ok(fixed.record(lsn, head, &[], self.major)));
         self.step = Step::SkipTo(max_align(at + tot_len as u64));
         Some(tot_len)
     }
@@ -468,8 +552,8 @@ impl RecordScanner {
             return n;
         };
         if r.main_range.is_none() && r.got == head_len {
-            let range = if self.head_carries_target() {
-                main_data_len(&self.head, tot_len, self.major).map(|main_len| {
+            let range = if self.head_keeps_main() {
+                walk_block_headers(&self.head, tot_len, self.major, |_| {}).map(|main_len| {
                     let from = tot_len - main_len;
                     (from, from + main_len.min(MAIN_DATA_KEPT))
                 })
@@ -492,18 +576,15 @@ impl RecordScanner {
     }
 
     /// How much of the current record's start the scanner keeps: its length
-    /// first, then the fixed header, and then, for the resource managers whose
-    /// records can be recovery targets, every block header. Records of the
-    /// others (most of a segment: heap, btree, full-page images) only have to
-    /// be stepped over, so their block headers are not decoded.
+    /// first, then the fixed header, and then every block header (the blocks a
+    /// record references are part of a segment's summary).
     fn head_len(&self, r: &RecordProgress) -> u64 {
         const FIXED: u64 = SIZE_OF_XLOG_RECORD as u64;
         match r.tot_len {
             None => 4,
             // A valid xl_tot_len is at least the fixed header.
             Some(_) if r.got < FIXED => FIXED,
-            Some(tot_len) if self.head_carries_target() => tot_len.min(HEAD_KEPT),
-            Some(_) => FIXED,
+            Some(tot_len) => tot_len.min(HEAD_KEPT),
         }
     }
 
@@ -537,7 +618,7 @@ impl RecordScanner {
             Some(Err(problem)) => return found(Err(bad(r.lsn, problem))),
             None => return,
         }
-        let record = fixed.record(r.lsn, &self.main);
+        let record = fixed.record(r.lsn, &self.head, &self.main, self.major);
         let switch = record.is_switch();
         found(Ok(record));
         if !switch {
@@ -545,12 +626,12 @@ impl RecordScanner {
         }
     }
 
-    /// Whether the record whose fixed header is in the head could be a target.
-    fn head_carries_target(&self) -> bool {
+    /// Whether the main data of the record whose fixed header is in the head is kept.
+    fn head_keeps_main(&self) -> bool {
         self.head
             .first_chunk()
             .map(FixedHeader::parse)
-            .is_some_and(|fixed| carries_target(fixed.rmid))
+            .is_some_and(|fixed| keeps_main(fixed.rmid))
     }
 }
 
@@ -577,22 +658,32 @@ impl FixedHeader {
         }
     }
 
-    fn record<'a>(&self, lsn: Lsn, main_data: &'a [u8]) -> WalRecord<'a> {
+    fn record<'a>(
+        &self,
+        lsn: Lsn,
+        head: &'a [u8],
+        main_data: &'a [u8],
+        major: PgMajor,
+    ) -> WalRecord<'a> {
         WalRecord {
             lsn,
             rmid: self.rmid,
             info: self.info,
             xid: self.xid,
             main_data: Cow::Borrowed(main_data),
+            head: Cow::Borrowed(head),
+            tot_len: u64::from(self.tot_len),
+            major,
         }
     }
 }
 
-/// Whether records of resource manager `rmid` can be what
-/// [`WalRecord::target_event`] looks for: transaction ends, restore points
-/// and (to stop the walk) segment switches.
-fn carries_target(rmid: u8) -> bool {
-    rmid == RM_XACT_ID || rmid == RM_XLOG_ID
+/// Whether the main data of records of resource manager `rmid` is read:
+/// transaction ends and restore points (targets), segment switches (to stop
+/// the walk), and the records that change relations without block references
+/// ([`WalRecord::relation_changes`]).
+fn keeps_main(rmid: u8) -> bool {
+    matches!(rmid, RM_XACT_ID | RM_XLOG_ID | RM_SMGR_ID | RM_DBASE_ID)
 }
 
 /// `n` as a length within a buffer of `len` bytes.
@@ -645,126 +736,19 @@ impl Iterator for RecordReader<'_> {
     }
 }
 
-/// Walks the block headers after the fixed header (as `DecodeXLogRecord`
-/// does) to find the length of the main data, which is the record's tail.
-/// `head` is the start of a record of `tot_len` bytes, and holds all its
-/// block headers unless the record is invalid.
-fn main_data_len(head: &[u8], tot_len: u64, major: PgMajor) -> Result<u64, String> {
-    let mut cursor = Cursor {
-        bytes: head,
-        at: SIZE_OF_XLOG_RECORD,
-    };
-    let mut block_data = 0u64;
-    let mut main = 0u64;
-    while tot_len - cursor.at as u64 > block_data {
-        let block_id = cursor.u8()?;
-        match block_id {
-            XLR_BLOCK_ID_DATA_SHORT => {
-                main = u64::from(cursor.u8()?);
-                break;
-            }
-            XLR_BLOCK_ID_DATA_LONG => {
-                main = u64::from(cursor.u32()?);
-                break;
-            }
-            XLR_BLOCK_ID_ORIGIN => cursor.skip(2)?,
-            XLR_BLOCK_ID_TOPLEVEL_XID => cursor.skip(4)?,
-            id if id <= XLR_MAX_BLOCK_ID => {
-                let fork_flags = cursor.u8()?;
-                block_data += u64::from(cursor.u16()?);
-                if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
-                    let image_len = cursor.u16()?;
-                    let _hole_offset = cursor.u16()?;
-                    let image_info = cursor.u8()?;
-                    block_data += u64::from(image_len);
-                    if image_info & BKPIMAGE_HAS_HOLE != 0 && image_is_compressed(image_info, major)
-                    {
-                        let _hole_length = cursor.u16()?;
-                    }
-                }
-                if fork_flags & BKPBLOCK_SAME_REL == 0 {
-                    cursor.skip(SIZE_OF_REL_FILE_LOCATOR)?;
-                }
-                // BlockNumber.
-                cursor.skip(4)?;
-            }
-            other => return Err(format!("invalid block ID {other}")),
-        }
-    }
-    let headers_end = cursor.at as u64;
-    if headers_end + block_data + main != tot_len {
-        return Err(format!(
-            "block headers end at {headers_end}, block data is {block_data} bytes and main data \
-             {main} bytes, but the record is {tot_len} bytes"
-        ));
-    }
-    Ok(main)
-}
-
-/// `BKPIMAGE_IS_COMPRESSED`: one bit before PostgreSQL 15, one bit per
-/// algorithm (pglz, lz4, zstd) since.
-fn image_is_compressed(image_info: u8, major: PgMajor) -> bool {
-    if major.number() < 15 {
-        image_info & 0x02 != 0
-    } else {
-        image_info & (0x04 | 0x08 | 0x10) != 0
-    }
-}
-
-/// Reads block headers from the kept start of a record.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl Cursor<'_> {
-    fn overrun(&self) -> String {
-        format!(
-            "block headers run past the record's end or the {HEAD_KEPT} bytes they may take, at \
-             offset {}",
-            self.at
-        )
-    }
-
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let chunk = self
-            .bytes
-            .get(self.at..)
-            .and_then(|rest| rest.first_chunk::<N>())
-            .ok_or_else(|| self.overrun())?;
-        self.at += N;
-        Ok(*chunk)
-    }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        self.take::<1>().map(|[b]| b)
-    }
-
-    fn u16(&mut self) -> Result<u16, String> {
-        self.take::<2>().map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        self.take::<4>().map(u32::from_le_bytes)
-    }
-
-    fn skip(&mut self, n: usize) -> Result<(), String> {
-        if self.bytes.len() - self.at < n {
-            return Err(self.overrun());
-        }
-        self.at += n;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::blockref::{
+        BKPBLOCK_HAS_IMAGE, BKPBLOCK_SAME_REL, BKPIMAGE_HAS_HOLE, XLR_BLOCK_ID_DATA_LONG,
+        XLR_BLOCK_ID_DATA_SHORT, XLR_BLOCK_ID_ORIGIN, XLR_BLOCK_ID_TOPLEVEL_XID,
+    };
     use crate::page::{
         SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER,
     };
 
     const BLCKSZ: usize = 8192;
+    const SIZE_OF_REL_FILE_LOCATOR: usize = 12;
     pub(crate) const SEG: usize = 1024 * 1024;
     pub(crate) const START: u64 = 0x300_0000;
 

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Deltas from the WAL's block maps, side by side in one run on one pgbench cluster:
+
+- full backup vs a delta after ~3% of pgbench_accounts' pages changed, read from the block maps
+  (`delta_source` wal) and by the page scan (one summary removed from the range forces it), and a
+  delta with no change at all;
+- wal-push throughput of the same segments with block maps (this build) and without (an older
+  build given with --without, e.g. the main branch's release binary);
+- `backup-fetch --delta` over a restore that differs by ~3% vs a fresh `backup-fetch`.
+
+Standalone (standard library plus common.py); run as root:
+
+    bench/blockmap.py --walvault target/release/walvault --without /work/main/target/release/walvault \
+        --scale 100 --out /tmp/blockmap.md
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (PGBIN, drop_caches, log, med, mkdir_pg, must, run, timed)  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--walvault", required=True)
+    ap.add_argument("--without", help="a walvault build without block maps, for wal-push")
+    ap.add_argument("--scale", type=int, default=100)
+    ap.add_argument("--segments", type=int, default=40, help="segments pushed per wal-push run")
+    ap.add_argument("--work", default="/var/tmp/walvault-blockmap-bench")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    shutil.rmtree(a.work, ignore_errors=True)
+    work = mkdir_pg(a.work, 0o755)
+    wv = os.path.join(work, "walvault")
+    shutil.copy(a.walvault, wv)
+    os.chmod(wv, 0o755)
+    results = {"scale": a.scale}
+    c = Cluster(work, wv)
+    try:
+        c.start()
+        c.psql("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        log(f"pgbench -i -s {a.scale}")
+        must(timed([f"{PGBIN}/pgbench", "-i", "-q", "-s", str(a.scale), "postgres"], env=c.env()), "pgbench -i")
+        c.psql("VACUUM (FREEZE, ANALYZE)")
+        c.psql("CHECKPOINT")
+        results["db_bytes"] = int(c.psql("SELECT pg_database_size('postgres')"))
+        results["backups"] = backups(c)
+        results["restore"] = restore_delta(c)
+        results["wal_push"] = wal_push(c, a)
+    finally:
+        c.stop()
+    report = render(results)
+    print(report)
+    if a.out:
+        open(a.out, "w").write(report)
+    json.dump(results, open(os.path.join(work, "results.json"), "w"), indent=1)
+
+
+class Cluster:
+    def __init__(self, work, wv):
+        self.work, self.wv = work, wv
+        self.data = os.path.join(work, "data")
+        self.repo = mkdir_pg(os.path.join(work, "repo"))
+        self.port = 55000 + os.getpid() % 1000
+        self.sock = work
+
+    def env(self):
+        e = dict(os.environ, PGHOST=self.sock, PGPORT=str(self.port), PGUSER="postgres",
+                 PGDATABASE="postgres", PGDATA=self.data)
+        return e
+
+    def start(self):
+        run([f"{PGBIN}/initdb", "-D", self.data, "-k"], env=self.env())
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as f:
+            f.write(f"port = {self.port}\nunix_socket_directories = '{self.sock}'\nlisten_addresses = ''\n"
+                    f"archive_mode = on\narchive_command = '{self.wv} -q --repo file://{self.repo} wal-push %p'\n"
+                    "max_wal_size = 4GB\nshared_buffers = 256MB\n")
+        run([f"{PGBIN}/pg_ctl", "-D", self.data, "-l", os.path.join(self.work, "log"), "-w", "start"],
+            env=self.env())
+
+    def stop(self):
+        run([f"{PGBIN}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"], env=self.env(), check=False)
+
+    def psql(self, sql):
+        return run([f"{PGBIN}/psql", "-X", "-A", "-t", "-q", "-c", sql], env=self.env()).stdout.strip()
+
+    def walvault(self, *args, env=None):
+        return timed([self.wv, "-q", "--repo", f"file://{self.repo}", *args], env=env or self.env(),
+                     cwd=self.work)
+
+    def listed(self):
+        return json.loads(run([self.wv, "--repo", f"file://{self.repo}", "backup-list", "--json"],
+                              env=self.env()).stdout)
+
+
+def touch(c, pct=3.0):
+    """UPDATEs one row on about pct% of pgbench_accounts' heap pages."""
+    relpages = int(c.psql("SELECT pg_relation_size('pgbench_accounts') / 8192"))
+    per_page = int(c.psql("SELECT count(*) FROM pgbench_accounts")) / relpages
+    n = max(2, int(round(per_page / (pct / 100))))
+    k = int(time.time()) % n
+    c.psql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % {n} = {k}")
+    c.psql("CHECKPOINT")
+
+
+def push(c, kind, verify=False):
+    drop_caches()
+    args = ["backup-push", "--full" if kind == "full" else "--delta"]
+    env = dict(c.env(), WALVAULT_VERIFY_MAP="1") if verify else None
+    r = must(c.walvault(*args, env=env), f"backup-push {kind}")
+    b = c.listed()[-1]
+    return {"wall": r.wall, "cpu": r.cpu, "stored": b["stored_size"], "source": b.get("delta_source"),
+            "name": b["name"]}
+
+
+def backups(c):
+    out = {"full": [], "wal": [], "scan": [], "nochange": []}
+    for i in range(2):
+        log(f"full {i + 1}")
+        out["full"].append(push(c, "full"))
+        touch(c)
+        log("delta from block maps after 3%")
+        out["wal"].append(push(c, "delta"))
+        log("delta with no change")
+        c.psql("CHECKPOINT")
+        out["nochange"].append(push(c, "delta"))
+        touch(c)
+        # Losing one summary in the range makes the next delta scan every page.
+        start = c.listed()[-1]["start_lsn"]
+        hi, lo = start.split("/")
+        segno = ((int(hi, 16) << 32) | int(lo, 16)) >> 24
+        name = f"{1:08X}{segno >> 8:08X}{segno & 0xFF:08X}"
+        os.remove(os.path.join(c.repo, "walsummary", name))
+        log("delta by page scan after 3%")
+        out["scan"].append(push(c, "delta"))
+    return out
+
+
+def restore_delta(c):
+    """Fresh backup-fetch of the newest backup vs --delta over a restore of the one before it."""
+    names = [b["name"] for b in c.listed()]
+    base = os.path.join(c.work, "restore")
+    out = {"fresh": [], "delta": []}
+    for i in range(2):
+        for d in ("stale", "fresh"):
+            shutil.rmtree(os.path.join(base, d), ignore_errors=True)
+        mkdir_pg(base, 0o755)
+        must(c.walvault("backup-fetch", names[-3], os.path.join(base, "stale")), "fetch stale")
+        drop_caches()
+        r = must(c.walvault("backup-fetch", names[-1], os.path.join(base, "fresh")), "fetch fresh")
+        out["fresh"].append({"wall": r.wall, "cpu": r.cpu})
+        drop_caches()
+        r = must(c.walvault("backup-fetch", "--delta", names[-1], os.path.join(base, "stale")), "fetch --delta")
+        out["delta"].append({"wall": r.wall, "cpu": r.cpu})
+    shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def wal_push(c, a):
+    """The same archived segments pushed again into fresh repositories by each build."""
+    src = os.path.join(c.work, "segments")
+    mkdir_pg(src)
+    # The archived segments (pg_wal recycles them), fetched back from the repository.
+    segs = sorted(s for s in os.listdir(os.path.join(c.repo, "wal")) if len(s) == 24)[-a.segments:]
+    for s in segs:
+        must(timed([c.wv, "-q", "--repo", f"file://{c.repo}", "wal-fetch", s, os.path.join(src, s)],
+                   env=dict(c.env(), WALVAULT_PREFETCH="0"), cwd=c.work), "wal-fetch")
+    builds = {"with block maps": c.wv}
+    if a.without:
+        old = os.path.join(c.work, "walvault-without")
+        shutil.copy(a.without, old)
+        os.chmod(old, 0o755)
+        builds["without"] = old
+    out = {}
+    for label, binary in builds.items():
+        runs = []
+        for i in range(2):
+            repo = tempfile.mkdtemp(dir=c.work)
+            os.chown(repo, *pg_ids())
+            drop_caches()
+            t0 = time.monotonic()
+            cpu = 0.0
+            for s in segs:
+                r = must(timed([binary, "-q", "--repo", f"file://{repo}", "wal-push", os.path.join(src, s)],
+                               env=c.env(), cwd=c.work), "wal-push")
+                cpu += r.cpu
+            wall = time.monotonic() - t0
+            runs.append({"wall": wall, "cpu": cpu, "mib_s": len(segs) * 16 / wall})
+            shutil.rmtree(repo)
+        out[label] = runs
+    out["segments"] = len(segs)
+    return out
+
+
+def pg_ids():
+    import pwd
+    p = pwd.getpwnam("postgres")
+    return p.pw_uid, p.pw_gid
+
+
+def render(r):
+    b = r["backups"]
+    m = lambda xs, k: med([x[k] for x in xs])  # noqa: E731
+    full_wall, full_cpu = m(b["full"], "wall"), m(b["full"], "cpu")
+    lines = [
+        f"## Deltas from block maps: pgbench scale {r['scale']} ({r['db_bytes'] / 2**20:.0f} MiB), "
+        "2 runs each, page cache dropped before each",
+        "",
+        "| measurement | wall s | CPU s | stored MiB | wall / full | CPU / full | delta_source |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in [("full", "full"), ("wal", "delta after 3%, block maps"),
+                       ("scan", "delta after 3%, page scan (a summary removed)"),
+                       ("nochange", "delta with no change, block maps")]:
+        xs = b[key]
+        lines.append(f"| {label} | {m(xs, 'wall'):.2f} | {m(xs, 'cpu'):.2f} | {m(xs, 'stored') / 2**20:.1f} | "
+                     f"{m(xs, 'wall') / full_wall:.2f}× | {m(xs, 'cpu') / full_cpu:.2f}× | "
+                     f"{', '.join(sorted(set(str(x['source']) for x in xs)))} |")
+    rs = r["restore"]
+    lines += ["", "| restore | wall s | CPU s |", "|---|---|---|",
+              f"| backup-fetch (fresh) | {m(rs['fresh'], 'wall'):.2f} | {m(rs['fresh'], 'cpu'):.2f} |",
+              f"| backup-fetch --delta over a copy ~3% older | {m(rs['delta'], 'wall'):.2f} | "
+              f"{m(rs['delta'], 'cpu'):.2f} |",
+              f"| ratio | {m(rs['delta'], 'wall') / m(rs['fresh'], 'wall'):.2f}× | |"]
+    wp = r["wal_push"]
+    lines += ["", f"| wal-push, {wp['segments']} segments, serial | wall s | CPU s | MiB/s |", "|---|---|---|---|"]
+    for label, runs in wp.items():
+        if label == "segments":
+            continue
+        lines.append(f"| {label} | {m(runs, 'wall'):.2f} | {m(runs, 'cpu'):.2f} | {m(runs, 'mib_s'):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,598 @@
+//! `backup-fetch --delta`: restores a backup over an existing, stopped data directory of the same
+//! cluster, reading the local files and writing only what differs, as pgBackRest's
+//! `restore --delta` does. Each file's final content is worked out from the chain as the plain
+//! restore builds it (newest layer wins, each layer's size clips older pieces); a piece that
+//! survives whole is compared with the local bytes by crc32 and skipped when equal, everything
+//! else is written. Files and directories the backup does not have are removed, walking by
+//! descriptor without following links, only below the data directory and the backup's version
+//! directory in each of its tablespaces; `global/pg_control` is written last, as in a plain
+//! restore.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::fetch::{base_layers, dest, Dest, FetchOptions, Fetched, CONTROL};
+use super::manifest::{FileEntry, Manifest, PackId, Piece};
+use super::tree::{Root, DIR_MODE_MAX};
+use super::BackupError;
+use crate::repo::packs::WantedPiece;
+use crate::repo::Repository;
+
+/// One part of a file's final content: bytes `range` of `piece` of backup `layer`, or zeros.
+#[derive(Clone, Debug)]
+struct Part {
+    file: usize,
+    /// Where it goes in the file.
+    offset: u64,
+    len: u64,
+    source: Source,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// `piece` of backup `layer` from byte `skip` on; `whole` when all of it survives.
+    Piece {
+        layer: usize,
+        piece: Piece,
+        skip: u64,
+        whole: bool,
+    },
+    Zeros,
+}
+
+/// A file of the final backup and where it goes.
+struct Target {
+    path: String,
+    dest: Dest,
+    size: u64,
+    mode: u32,
+}
+
+pub(super) async fn fetch(
+    repo: Arc<Repository>,
+    wanted: &str,
+    target: &Path,
+    opts: &FetchOptions,
+) -> Result<Fetched, BackupError> {
+    let name = crate::backup::catalog::resolve_name(&repo, wanted).await?;
+    let chain = Arc::new(crate::backup::catalog::chain(&repo, &name).await?);
+    let last = &chain[chain.len() - 1];
+    let target = std::path::absolute(target).map_err(BackupError::io("resolve", target))?;
+    check_target(&target, last)?;
+    let bases = base_layers(&chain)?;
+
+    let mut roots = vec![Root::open_existing(&target, "data directory")?];
+    let mut tablespaces = BTreeMap::new();
+    for ts in &last.tablespaces {
+        let dir = opts
+            .relocate
+            .iter()
+            .find(|(oid, _)| *oid == ts.oid)
+            .map_or_else(|| PathBuf::from(&ts.location), |(_, d)| d.clone());
+        tablespaces.insert(ts.oid, roots.len());
+        roots.push(Root::open_existing(
+            &dir,
+            &format!("tablespace {}", ts.oid),
+        )?);
+    }
+    let targets: Vec<Target> = last
+        .files
+        .iter()
+        .filter_map(|f| {
+            dest(&tablespaces, &f.path).map(|dest| Target {
+                path: f.path.clone(),
+                dest,
+                size: f.size,
+                mode: f.mode,
+            })
+        })
+        .collect();
+    let roots = Arc::new(roots);
+
+    // What the backup does not have goes first (a stale backup_label, WAL, dropped relations).
+    let removed = remove_unlisted(&roots, last, &tablespaces, &targets).await?;
+    let data = &roots[0];
+    for dir in sorted_dirs(last) {
+        if let Some(d) = dest(&tablespaces, &dir.0) {
+            roots[d.root].make_dir(&d.rel, dir.1)?;
+        }
+    }
+    for (oid, root) in &tablespaces {
+        let link = format!("pg_tblspc/{oid}");
+        if data.read_link(&link).as_deref() != Some(roots[*root].path()) {
+            data.symlink(&link, roots[*root].path())?;
+        }
+    }
+
+    let by_path: Vec<HashMap<&str, &FileEntry>> = chain
+        .iter()
+        .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
+        .collect();
+    let parts: Vec<Part> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| parts_of(&by_path, &bases, i, &t.path))
+        .collect();
+    let targets = Arc::new(targets);
+    let needed = compare(&roots, &targets, parts, opts.concurrency).await?;
+    let written: u64 = needed.iter().map(|p| p.len).sum();
+    tracing::info!(
+        "--delta: {removed} entries removed; {} parts ({written} bytes) differ and are written",
+        needed.len()
+    );
+    write(&repo, &roots, &targets, &chain, needed, opts.concurrency).await?;
+    finish(
+        &roots,
+        &targets,
+        last,
+        !opts.relocate.is_empty(),
+        opts.concurrency,
+    )
+    .await?;
+    Ok(Fetched {
+        name,
+        chain: chain.iter().map(|m| m.summary.name.clone()).collect(),
+        files: last.files.len(),
+        bytes_written: written,
+    })
+}
+
+/// The target must be a stopped copy of the same cluster.
+fn check_target(target: &Path, manifest: &Manifest) -> Result<(), BackupError> {
+    let what = format!("data directory {}", target.display());
+    let meta = std::fs::symlink_metadata(target).map_err(BackupError::io("stat", target))?;
+    if !meta.is_dir() {
+        return Err(BackupError::invalid(
+            what,
+            "is not a directory (--delta restores over an existing data directory)",
+        ));
+    }
+    if target.join("postmaster.pid").exists() {
+        return Err(BackupError::invalid(
+            what,
+            "has a postmaster.pid: stop PostgreSQL first (or remove the file of a server that \
+             is surely gone)",
+        ));
+    }
+    let mut sysid = [0u8; 8];
+    std::fs::File::open(target.join(CONTROL))
+        .and_then(|mut f| f.read_exact(&mut sysid))
+        .map_err(|e| {
+            BackupError::invalid(
+                &what,
+                format!(
+                    "cannot read its global/pg_control ({e}): not a data directory to restore over"
+                ),
+            )
+        })?;
+    let found = u64::from_le_bytes(sysid);
+    if found != manifest.summary.system_identifier {
+        return Err(BackupError::invalid(
+            what,
+            format!(
+                "belongs to cluster {found}, but backup {} is of cluster {}: --delta restores \
+                 only over a copy of the same cluster",
+                manifest.summary.name, manifest.summary.system_identifier
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn sorted_dirs(manifest: &Manifest) -> Vec<(String, u32)> {
+    let mut dirs: Vec<(String, u32)> = manifest
+        .dirs
+        .iter()
+        .map(|d| (d.path.clone(), d.mode.min(DIR_MODE_MAX)))
+        .collect();
+    dirs.sort_by_key(|d| d.0.matches('/').count());
+    dirs
+}
+
+/// Removes below each root what the backup does not list.
+async fn remove_unlisted(
+    roots: &Arc<Vec<Root>>,
+    manifest: &Manifest,
+    tablespaces: &BTreeMap<u32, usize>,
+    targets: &[Target],
+) -> Result<u64, BackupError> {
+    let mut keep: Vec<(HashSet<String>, HashSet<String>)> = vec![Default::default(); roots.len()];
+    for t in targets {
+        keep[t.dest.root].0.insert(t.dest.rel.clone());
+    }
+    for dir in &manifest.dirs {
+        if let Some(d) = dest(tablespaces, &dir.path) {
+            keep[d.root].1.insert(d.rel);
+        }
+    }
+    // A tablespace link is kept only where it already points at its directory.
+    for (oid, root) in tablespaces {
+        let link = format!("pg_tblspc/{oid}");
+        if roots[0].read_link(&link).as_deref() == Some(roots[*root].path()) {
+            keep[0].0.insert(link);
+        }
+    }
+    let roots = Arc::clone(roots);
+    tokio::task::spawn_blocking(move || {
+        let mut removed = 0;
+        for (i, (root, (files, dirs))) in roots.iter().zip(&keep).enumerate() {
+            removed += root.remove_unlisted(&|rel, is_dir| {
+                // A tablespace directory may hold other clusters' version directories: only
+                // the backup's own (`PG_<major>_<catalog>`) is made to match.
+                let top = rel.split('/').next().unwrap_or(rel);
+                if i > 0 && !dirs.contains(top) {
+                    return true;
+                }
+                if is_dir {
+                    dirs.contains(rel)
+                } else {
+                    files.contains(rel)
+                }
+            })?;
+        }
+        Ok(removed)
+    })
+    .await?
+}
+
+/// The parts of file `file` (backup path `path`) in its final form: newest layer first, each
+/// piece less what newer layers cover or cut off, and zeros where nothing lands.
+fn parts_of(
+    chain: &[HashMap<&str, &FileEntry>],
+    bases: &HashMap<String, usize>,
+    file: usize,
+    path: &str,
+) -> Vec<Part> {
+    let Some(&base) = bases.get(path) else {
+        return Vec::new();
+    };
+    let last = chain.len() - 1;
+    let mut covered: Vec<(u64, u64)> = Vec::new();
+    let mut parts = Vec::new();
+    let mut clip = u64::MAX;
+    let mut final_size = 0;
+    for layer in (base..=last).rev() {
+        let Some(entry) = chain[layer].get(path) else {
+            continue;
+        };
+        clip = clip.min(entry.size);
+        if layer == last {
+            final_size = entry.size;
+        }
+        for piece in &entry.pieces {
+            let start = piece.file_offset;
+            let end = (start + piece.len).min(clip);
+            let free = uncovered(&covered, start, end);
+            let whole = free == [(start, start + piece.len)];
+            for (a, b) in free {
+                parts.push(Part {
+                    file,
+                    offset: a,
+                    len: b - a,
+                    source: Source::Piece {
+                        layer,
+                        piece: *piece,
+                        skip: a - start,
+                        whole,
+                    },
+                });
+            }
+            if start < end {
+                covered.push((start, end));
+            }
+        }
+        covered.sort_unstable();
+    }
+    for (a, b) in uncovered(&covered, 0, final_size) {
+        parts.push(Part {
+            file,
+            offset: a,
+            len: b - a,
+            source: Source::Zeros,
+        });
+    }
+    parts
+}
+
+/// The sub-ranges of `start..end` no range of `covered` (sorted by start) overlaps.
+fn uncovered(covered: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut free = Vec::new();
+    let mut at = start;
+    let mut sorted: Vec<&(u64, u64)> = covered.iter().collect();
+    sorted.sort_unstable();
+    for (a, b) in sorted {
+        if *b <= at || *a >= end {
+            continue;
+        }
+        if *a > at {
+            free.push((at, *a));
+        }
+        at = at.max(*b);
+    }
+    if at < end {
+        free.push((at, end));
+    }
+    free
+}
+
+/// The parts whose local bytes differ (or cannot be checked: a piece cut by a newer layer).
+async fn compare(
+    roots: &Arc<Vec<Root>>,
+    targets: &Arc<Vec<Target>>,
+    parts: Vec<Part>,
+    concurrency: usize,
+) -> Result<Vec<Part>, BackupError> {
+    let mut by_file: BTreeMap<usize, Vec<Part>> = BTreeMap::new();
+    for p in parts {
+        by_file.entry(p.file).or_default().push(p);
+    }
+    let groups: Vec<Vec<Part>> = by_file.into_values().collect();
+    let per_task = groups.len().div_ceil(concurrency.max(1)).max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut groups = groups.into_iter();
+    loop {
+        let batch: Vec<Vec<Part>> = groups.by_ref().take(per_task).collect();
+        if batch.is_empty() {
+            break;
+        }
+        let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+        tasks.spawn_blocking(move || {
+            let mut needed = Vec::new();
+            for file_parts in batch {
+                needed.extend(differing(&roots, &targets, file_parts)?);
+            }
+            Ok::<_, BackupError>(needed)
+        });
+    }
+    let mut needed = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        needed.extend(joined??);
+    }
+    Ok(needed)
+}
+
+fn differing(
+    roots: &[Root],
+    targets: &[Target],
+    parts: Vec<Part>,
+) -> Result<Vec<Part>, BackupError> {
+    let Some(first) = parts.first() else {
+        return Ok(parts);
+    };
+    let t = &targets[first.file];
+    let root = &roots[t.dest.root];
+    let Some(local) = root.open_read(&t.dest.rel)? else {
+        return Ok(parts);
+    };
+    let mut buf = Vec::new();
+    let mut needed = Vec::new();
+    for p in parts {
+        let same = match p.source {
+            Source::Piece {
+                piece, whole: true, ..
+            } => read_local(&local, p.offset, p.len, &mut buf)
+                .is_some_and(|bytes| crc32fast::hash(bytes) == piece.crc32),
+            Source::Piece { .. } => false,
+            Source::Zeros => read_local(&local, p.offset, p.len, &mut buf)
+                .is_some_and(|bytes| bytes.iter().all(|b| *b == 0)),
+        };
+        if !same {
+            needed.push(p);
+        }
+    }
+    Ok(needed)
+}
+
+/// The `len` bytes of `file` at `offset`, if it has them all.
+fn read_local<'a>(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    buf: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    buf.resize(usize::try_from(len).ok()?, 0);
+    file.read_exact_at(buf, offset).ok()?;
+    Some(buf)
+}
+
+/// Sets every file's size, then writes the parts that differ, pack by pack.
+async fn write(
+    repo: &Arc<Repository>,
+    roots: &Arc<Vec<Root>>,
+    targets: &Arc<Vec<Target>>,
+    chain: &Arc<Vec<Manifest>>,
+    needed: Vec<Part>,
+    concurrency: usize,
+) -> Result<(), BackupError> {
+    {
+        let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+        tokio::task::spawn_blocking(move || {
+            for t in targets.iter() {
+                let root = &roots[t.dest.root];
+                root.open_or_create(&t.dest.rel, t.mode)?
+                    .set_len(t.size)
+                    .map_err(BackupError::io("set length of", &root.display(&t.dest.rel)))?;
+            }
+            Ok::<_, BackupError>(())
+        })
+        .await??;
+    }
+    let mut by_pack: BTreeMap<(usize, PackId), Vec<Part>> = BTreeMap::new();
+    let mut zeros = Vec::new();
+    for p in needed {
+        match p.source {
+            Source::Piece { layer, piece, .. } => {
+                by_pack.entry((layer, piece.pack)).or_default().push(p)
+            }
+            Source::Zeros => zeros.push(p),
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut packs = by_pack.into_iter();
+    let mut first_error = None;
+    loop {
+        while tasks.len() < concurrency.max(1) && first_error.is_none() {
+            let Some(((layer, pack), parts)) = packs.next() else {
+                break;
+            };
+            let key = chain[layer].summary.name.pack_key(pack);
+            let (repo, roots, targets) = (Arc::clone(repo), Arc::clone(roots), Arc::clone(targets));
+            tasks.spawn(async move { write_pack(&repo, &roots, &targets, key, parts).await });
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        if let Err(e) = joined.map_err(BackupError::from).and_then(|r| r) {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+    tokio::task::spawn_blocking(move || {
+        for p in zeros {
+            let len = usize::try_from(p.len).unwrap_or(usize::MAX);
+            write_at(&roots, &targets[p.file], p.offset, &vec![0; len])?;
+        }
+        Ok::<_, BackupError>(())
+    })
+    .await?
+}
+
+/// Streams the pieces `parts` need from pack `key` and writes each where it survives.
+async fn write_pack(
+    repo: &Repository,
+    roots: &Arc<Vec<Root>>,
+    targets: &Arc<Vec<Target>>,
+    key: String,
+    parts: Vec<Part>,
+) -> Result<(), BackupError> {
+    // A piece cut by a newer layer lands in several parts: each is fetched once.
+    let mut by_piece: BTreeMap<u64, (Piece, Vec<Part>)> = BTreeMap::new();
+    for p in parts {
+        if let Source::Piece { piece, .. } = p.source {
+            by_piece
+                .entry(piece.at)
+                .or_insert((piece, Vec::new()))
+                .1
+                .push(p);
+        }
+    }
+    let by_piece: Vec<(Piece, Vec<Part>)> = by_piece.into_values().collect();
+    let Some(first_file) = by_piece.first().map(|(_, parts)| parts[0].file) else {
+        return Ok(());
+    };
+    let restore_error = |source| BackupError::Restore {
+        file: targets[first_file].path.clone(),
+        source,
+    };
+    let wanted = by_piece
+        .iter()
+        .map(|(p, _)| WantedPiece {
+            at: p.at,
+            len: p.len,
+            crc32: p.crc32,
+        })
+        .collect();
+    let mut reader = repo
+        .open_pack(&key, wanted)
+        .await
+        .map_err(restore_error)?
+        .ok_or_else(|| BackupError::Corrupt {
+            object: key.clone(),
+            problem: "missing".into(),
+        })?;
+    while let Some((i, data)) = reader.next().await.map_err(restore_error)? {
+        let Some((_, parts)) = by_piece.get(i) else {
+            continue;
+        };
+        let (roots, targets, parts) = (Arc::clone(roots), Arc::clone(targets), parts.clone());
+        tokio::task::spawn_blocking(move || {
+            for p in parts {
+                let Source::Piece { skip, .. } = p.source else {
+                    continue;
+                };
+                let from = usize::try_from(skip).unwrap_or(usize::MAX);
+                let bytes = usize::try_from(p.len)
+                    .ok()
+                    .and_then(|len| data.get(from..from.checked_add(len)?))
+                    .ok_or_else(|| BackupError::Corrupt {
+                        object: targets[p.file].path.clone(),
+                        problem: "a piece shorter than its place".into(),
+                    })?;
+                write_at(&roots, &targets[p.file], p.offset, bytes)?;
+            }
+            Ok::<_, BackupError>(())
+        })
+        .await??;
+    }
+    Ok(())
+}
+
+fn write_at(roots: &[Root], t: &Target, offset: u64, data: &[u8]) -> Result<(), BackupError> {
+    let root = &roots[t.dest.root];
+    root.open_file(&t.dest.rel)?
+        .write_all_at(data, offset)
+        .map_err(BackupError::io("write", &root.display(&t.dest.rel)))
+}
+
+/// fsyncs everything, writes backup_label and tablespace_map, then puts pg_control in place.
+async fn finish(
+    roots: &Arc<Vec<Root>>,
+    targets: &Arc<Vec<Target>>,
+    manifest: &Manifest,
+    relocated: bool,
+    concurrency: usize,
+) -> Result<(), BackupError> {
+    // Each file durable first, a few at a time.
+    let per_task = targets.len().div_ceil(concurrency.max(1)).max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for start in (0..targets.len()).step_by(per_task) {
+        let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+        tasks.spawn_blocking(move || {
+            targets[start..(start + per_task).min(targets.len())]
+                .iter()
+                .try_for_each(|t| roots[t.dest.root].sync(&t.dest.rel))
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    let roots = Arc::clone(roots);
+    let label = manifest.backup_label.clone();
+    let map = manifest.tablespace_map.clone();
+    let dirs: Vec<String> = sorted_dirs(manifest).into_iter().map(|d| d.0).collect();
+    tokio::task::spawn_blocking(move || {
+        let data = &roots[0];
+        data.write_new("backup_label", label.as_bytes())?;
+        // With relocated tablespaces the links already point to the new places.
+        if let (Some(map), false) = (map, relocated) {
+            data.write_new("tablespace_map", map.as_bytes())?;
+        }
+        for dir in dirs.iter().filter(|d| !d.starts_with("pg_tblspc/")) {
+            data.sync(dir)?;
+        }
+        for root in roots.iter() {
+            root.sync("")?;
+        }
+        data.rename_in("global", "pg_control.walvault-restore", "pg_control")?;
+        data.sync("global")
+    })
+    .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncovered_ranges() {
+        assert_eq!(uncovered(&[], 0, 10), vec![(0, 10)]);
+        assert_eq!(uncovered(&[(2, 4), (6, 20)], 0, 10), vec![(0, 2), (4, 6)]);
+        assert_eq!(uncovered(&[(0, 10)], 3, 5), vec![]);
+    }
+}
