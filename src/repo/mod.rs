@@ -8,12 +8,14 @@
 //! afterwards. Used by every command; the store and the codec are private to it.
 
 mod codec;
+mod crypt;
 pub(crate) mod identity;
 pub(crate) mod layout;
 pub(crate) mod packs;
 mod store;
 
 pub(crate) use codec::{Checksum, Compression};
+pub(crate) use crypt::{check_recipient, Fingerprint};
 pub(crate) use store::{Committed, PutMode};
 
 use std::path::{Path, PathBuf};
@@ -25,8 +27,9 @@ use walvault_wal::WalFileName;
 
 use crate::config::Settings;
 use codec::{CodecError, Decoder, Encoder, MAX_BLOCK};
+use crypt::{CryptError, Keys, SealedWriter};
 use layout::Listing;
-use store::{ObjectInfo, Store, StoreError};
+use store::{ObjectInfo, ObjectReader, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RepoError {
@@ -34,6 +37,10 @@ pub(crate) enum RepoError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    Crypt(#[from] CryptError),
+    #[error("{0}")]
+    Refused(String),
     #[error("{op} {path}: {source}")]
     File {
         op: &'static str,
@@ -83,6 +90,14 @@ pub(crate) enum RepoError {
 }
 
 impl RepoError {
+    /// The object is encrypted and no configured identity opens it.
+    pub(crate) fn is_missing_key(&self) -> bool {
+        matches!(
+            self,
+            RepoError::Crypt(CryptError::NoIdentity { .. } | CryptError::NoMatchingKey { .. })
+        )
+    }
+
     fn file<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
         move |source| RepoError::File {
             op,
@@ -155,19 +170,104 @@ pub(crate) struct Comparison {
     pub(crate) local: Checksum,
 }
 
+/// What reading an object to its end found.
+#[derive(Clone, Debug)]
+pub(crate) struct Verified {
+    pub(crate) content_len: u64,
+    /// The keys an encrypted object names; `None` for a plain object.
+    pub(crate) keys: Option<Vec<Fingerprint>>,
+}
+
 pub(crate) struct Repository {
     store: Store,
     url: String,
     compression: Compression,
+    keys: Keys,
+    /// What the identity object says about encryption, once read: every write is checked
+    /// against it (`crypt::admits`), so no command can store a plain object in an encrypted
+    /// repository or the other way round.
+    recorded: tokio::sync::OnceCell<crypt::RecordedEncryption>,
 }
 
 impl Repository {
     pub(crate) async fn open(settings: &Settings) -> Result<Repository, RepoError> {
         Ok(Repository {
+            keys: Keys::load(&settings.encryption)?,
             store: Store::open(settings).await?,
             url: settings.repo.to_string(),
             compression: settings.compression,
+            recorded: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// A writer for `key`, encrypting when the settings name recipients; refused before
+    /// anything is written when that disagrees with what the repository recorded.
+    async fn writer(&self, key: &str) -> Result<SealedWriter, RepoError> {
+        let recorded = match self.recorded.get() {
+            Some(r) => Some(r.clone()),
+            None => self.read_recorded().await?,
+        };
+        if let Some(recorded) = recorded {
+            // Checked for every object: a refusal must come before a byte is stored.
+            crypt::admits(&recorded, &self.keys, &self.url).map_err(RepoError::Refused)?;
+        }
+        SealedWriter::new(self.store.writer(key)?, key, &self.keys).await
+    }
+
+    /// Reads what the identity object records about encryption and remembers it; `None` while
+    /// the repository has no identity (its first writer records one).
+    async fn read_recorded(&self) -> Result<Option<crypt::RecordedEncryption>, RepoError> {
+        let key = layout::identity();
+        let Some(bytes) = self.get_bytes(&key).await? else {
+            return Ok(None);
+        };
+        let recorded = crypt::RecordedEncryption::parse(&bytes).map_err(|problem| {
+            RepoError::Codec(CodecError::Corrupt {
+                object: key,
+                problem,
+            })
+        })?;
+        Ok(Some(
+            self.recorded
+                .get_or_init(|| async { recorded })
+                .await
+                .clone(),
+        ))
+    }
+
+    /// Remembers what identity JSON just read or written records about encryption, sparing the
+    /// first write a read of its own. Unparseable JSON is left for that read to report.
+    pub(super) fn note_identity(&self, json: &[u8]) {
+        if let Ok(recorded) = crypt::RecordedEncryption::parse(json) {
+            let _ = self.recorded.set(recorded);
+        }
+    }
+
+    /// Whether the identity object marks the repository encrypted; `None` without an identity.
+    pub(crate) async fn is_encrypted(&self) -> Result<Option<bool>, RepoError> {
+        let recorded = match self.recorded.get() {
+            Some(r) => Some(r.clone()),
+            None => self.read_recorded().await?,
+        };
+        Ok(recorded.map(|r| r.encryption.is_some()))
+    }
+
+    /// What the identity object records about encryption for this repository's writers.
+    pub(crate) fn encryption_record(&self) -> Option<crypt::EncryptionRecord> {
+        crypt::EncryptionRecord::for_keys(&self.keys)
+    }
+
+    /// A stored object opened for reading (decrypted if it is encrypted), and the keys an
+    /// encrypted one names. `None` when absent.
+    async fn decoder(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Decoder<ObjectReader>, Option<Vec<Fingerprint>>)>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let (reader, keys) = crypt::open(reader, key, &self.keys).await?;
+        Ok(Some((Decoder::new(reader, key).await?, keys)))
     }
 
     /// The repository URL, for messages.
@@ -256,9 +356,8 @@ impl Repository {
             .await
             .map_err(RepoError::file("open", path))?;
         let mut encoder = Encoder::new(self.compression, len);
-        let mut writer = self.store.writer(key)?;
+        let mut writer = self.writer(key).await?;
         let header = Bytes::copy_from_slice(&encoder.header());
-        let mut stored_len = header.len() as u64;
         writer.write(header).await?;
         let mut raw = vec![0u8; MAX_BLOCK];
         let mut read = 0u64;
@@ -278,7 +377,6 @@ impl Repository {
             tap(&raw[..n]);
             let mut out = Vec::with_capacity(n / 2 + 16);
             encoder.block(&raw[..n], &mut out);
-            stored_len += out.len() as u64;
             writer.write(out.into()).await?;
         }
         let mut trailer = Vec::with_capacity(8);
@@ -289,9 +387,8 @@ impl Repository {
                 announced: len,
                 read,
             })?;
-        stored_len += trailer.len() as u64;
         writer.write(trailer.into()).await?;
-        let committed = writer.commit(mode).await?;
+        let (committed, stored_len) = writer.commit(mode).await?;
         Ok(Stored {
             committed,
             content_len: len,
@@ -306,23 +403,39 @@ impl Repository {
         content: &[u8],
         mode: PutMode,
     ) -> Result<Stored, RepoError> {
-        let mut writer = self.store.writer(key)?;
-        let encoded = codec::encode_all(self.compression, content);
-        let stored_len = encoded.len() as u64;
-        writer.write(encoded.into()).await?;
+        let mut writer = self.writer(key).await?;
+        writer
+            .write(codec::encode_all(self.compression, content).into())
+            .await?;
+        let (committed, stored_len) = writer.commit(mode).await?;
         Ok(Stored {
-            committed: writer.commit(mode).await?,
+            committed,
             content_len: content.len() as u64,
             stored_len,
         })
     }
 
+    /// Stores the identity object, which stays plain in an encrypted repository too: writers
+    /// that hold only recipients must read it (the cluster it holds, whether it is encrypted).
+    pub(super) async fn put_identity(&self, content: &[u8]) -> Result<Committed, RepoError> {
+        let key = layout::identity();
+        let mut writer = SealedWriter::plain(self.store.writer(&key)?, &key);
+        writer
+            .write(codec::encode_all(self.compression, content).into())
+            .await?;
+        Ok(writer.commit(PutMode::IfAbsent).await?.0)
+    }
+
     /// A small object's verified content, or `None` when absent.
     pub(crate) async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        Ok(Some(codec::decode_all(reader, key).await?))
+        let mut out = Vec::new();
+        while let Some(block) = decoder.next_block().await? {
+            out.extend_from_slice(block);
+        }
+        Ok(Some(out))
     }
 
     /// Like [`Repository::get_bytes`], refusing an object whose declared length `rule` does not
@@ -332,10 +445,9 @@ impl Repository {
         key: &str,
         rule: LengthRule,
     ) -> Result<Option<Vec<u8>>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let mut decoder = Decoder::new(reader, key).await?;
         check_length(&decoder, key, rule)?;
         let mut out = Vec::new();
         while let Some(block) = decoder.next_block().await? {
@@ -368,12 +480,11 @@ impl Repository {
         rule: LengthRule,
         name: impl FnOnce(Checksum) -> PathBuf,
     ) -> Result<Option<Checksum>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
         let temp = temp_beside(near);
         let written = async {
-            let mut decoder = Decoder::new(reader, key).await?;
             check_length(&decoder, key, rule)?;
             let mut out = File::create(&temp)
                 .await
@@ -395,17 +506,16 @@ impl Repository {
         publish(&temp, &dest, written).await.map(Some)
     }
 
-    /// Reads an object to its end, verifying it; returns its content length and checksum.
-    pub(crate) async fn verify(&self, key: &str) -> Result<Option<(u64, Checksum)>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+    /// Reads an object to its end, verifying it (decrypting it first if it is encrypted).
+    pub(crate) async fn verify(&self, key: &str) -> Result<Option<Verified>, RepoError> {
+        let Some((mut decoder, keys)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let mut decoder = Decoder::new(reader, key).await?;
         while decoder.next_block().await?.is_some() {}
-        Ok(Some((
-            decoder.header().content_length,
-            decoder.checksum().unwrap_or(Checksum(0)),
-        )))
+        Ok(Some(Verified {
+            content_len: decoder.header().content_length,
+            keys,
+        }))
     }
 
     /// Compares a stored object with a local file, reading both to the end so that both
@@ -415,10 +525,9 @@ impl Repository {
         key: &str,
         path: &Path,
     ) -> Result<Option<Comparison>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let mut decoder = Decoder::new(reader, key).await?;
         let (mut file, _) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
@@ -608,10 +717,22 @@ pub mod testing {
 /// A repository in a local directory, for unit tests.
 #[cfg(test)]
 pub(crate) async fn local_for_tests(dir: &Path) -> Repository {
-    let settings = Settings::load(&crate::config::FlagValues {
+    local_with_keys_for_tests(dir, crate::config::EncryptionSettings::default())
+        .await
+        .unwrap()
+}
+
+/// Like [`local_for_tests`], with encryption keys.
+#[cfg(test)]
+pub(crate) async fn local_with_keys_for_tests(
+    dir: &Path,
+    encryption: crate::config::EncryptionSettings,
+) -> Result<Repository, RepoError> {
+    let mut settings = Settings::load(&crate::config::FlagValues {
         repo: Some(format!("file://{}", dir.display())),
         ..Default::default()
     })
     .unwrap();
-    Repository::open(&settings).await.unwrap()
+    settings.encryption = encryption;
+    Repository::open(&settings).await
 }

@@ -57,10 +57,9 @@ impl Repository {
             key: key.to_owned(),
             source: e,
         })?;
-        let stored_len = encoded.len() as u64;
-        let mut writer = self.store.writer(key)?;
+        let mut writer = self.writer(key).await?;
         writer.write(encoded.into()).await?;
-        let committed = writer.commit(PutMode::IfAbsent).await?;
+        let (committed, stored_len) = writer.commit(PutMode::IfAbsent).await?;
         Ok((
             content,
             PackStored {
@@ -104,10 +103,9 @@ impl Repository {
         key: &str,
         wanted: Vec<WantedPiece>,
     ) -> Result<Option<PackPieces>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let decoder = Decoder::new(reader, key).await?;
         let content = decoder.header().content_length;
         let mut order: Vec<usize> = (0..wanted.len()).collect();
         order.sort_by_key(|&i| wanted[i].at);
