@@ -21,6 +21,7 @@ import time
 
 from archive import ArchiveSection
 from backup import BackupSection
+from encryption import EncryptionSection
 from common import SECTIONS, BenchError, log, rmtree
 from https import HttpsSection
 from pitr import PitrSection
@@ -32,7 +33,7 @@ from spool import SpoolSection
 
 
 class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, RssSection, HttpsSection,
-            SpoolSection):
+            SpoolSection, EncryptionSection):
     """One run: Setup's directories, clusters and segments, one bench_<section>() per section."""
 
     # ---------------------------------------------------------------- report

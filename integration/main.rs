@@ -6,6 +6,8 @@ mod harness;
 
 mod backup;
 
+mod encryption;
+
 mod pg_conn;
 
 mod recover;

@@ -43,6 +43,7 @@ pub(crate) const ENCRYPTION_AGE: u8 = 1;
 pub(crate) struct RawHeader {
     pub(crate) compression: u8,
     pub(crate) encryption: u8,
+    pub(crate) flags: u8,
     pub(crate) value: u64,
 }
 
@@ -72,19 +73,25 @@ impl RawHeader {
         Ok(RawHeader {
             compression: h[5],
             encryption: h[6],
+            flags: h[7],
             value: u64::from_le_bytes(value),
         })
     }
 }
 
 /// A header with the given fields and its checksum.
-pub(crate) fn raw_header(compression: u8, encryption: u8, value: u64) -> [u8; HEADER_LEN] {
+pub(crate) fn raw_header(
+    compression: u8,
+    encryption: u8,
+    flags: u8,
+    value: u64,
+) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(MAGIC);
     h[4] = FORMAT_VERSION;
     h[5] = compression;
     h[6] = encryption;
-    h[7] = 0; // flags
+    h[7] = flags;
     h[8..16].copy_from_slice(&value.to_le_bytes());
     let crc = crc32fast::hash(&h[0..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
@@ -218,6 +225,7 @@ impl Encoder {
         raw_header(
             self.compression.code(),
             ENCRYPTION_NONE,
+            0,
             self.content_length,
         )
     }

@@ -2,9 +2,10 @@
 //!
 //! An encrypted object is a header in the codec's layout (encryption code 1, the number of key
 //! fingerprints where a plain object has its length), the fingerprints of the recipients it was
-//! encrypted to with their crc32, then an age file whose plaintext is a whole plain object. The
-//! fingerprints only name keys in messages and counts; age authenticates everything else. Writers
-//! need recipients only; readers try every configured identity. Used by `repo` alone.
+//! encrypted to, for WAL the content's length and crc32 (so that a writer holding only recipients
+//! can tell an identical re-push from a conflict), a crc32 of these, then an age file whose
+//! plaintext is a whole plain object. The clear fields name keys and compare re-pushes; age
+//! authenticates the content. Readers try every configured identity. Used by `repo` alone.
 
 use std::fmt;
 use std::io::Write;
@@ -17,7 +18,9 @@ use sha2::Digest;
 use tokio::io::AsyncReadExt;
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use super::codec::{self, CodecError, RawHeader, ENCRYPTION_AGE, ENCRYPTION_NONE, HEADER_LEN};
+use super::codec::{
+    self, Checksum, CodecError, RawHeader, ENCRYPTION_AGE, ENCRYPTION_NONE, HEADER_LEN,
+};
 use super::store::{Committed, ObjectReader, ObjectWriter, PutMode, StoreError};
 use crate::config::EncryptionSettings;
 
@@ -25,6 +28,24 @@ use crate::config::EncryptionSettings;
 const MAX_RECIPIENTS: usize = 64;
 /// Largest recipients or identity file read.
 const MAX_KEY_FILE: u64 = 1 << 20;
+/// Header flag of an envelope that records its content's length and crc32.
+const FLAG_CONTENT: u8 = 1;
+
+/// What an encrypted object says in clear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Envelope {
+    /// The keys it was encrypted to.
+    pub(crate) keys: Vec<Fingerprint>,
+    /// Its content's length and crc32, for WAL.
+    pub(crate) content: Option<ClearContent>,
+}
+
+/// A content length and crc32 recorded in clear beside an encrypted WAL object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClearContent {
+    pub(crate) len: u64,
+    pub(crate) checksum: Checksum,
+}
 
 /// The short name of a recipient: the first 8 bytes of the SHA-256 of its `age1...` text, in hex.
 /// Recorded in clear beside encrypted objects, so errors and `verify` can name keys; it reveals
@@ -185,6 +206,11 @@ impl Keys {
         !self.recipients.is_empty()
     }
 
+    /// Whether an identity is configured to decrypt with.
+    pub(crate) fn decrypts(&self) -> bool {
+        !self.identities.is_empty()
+    }
+
     /// The fingerprints new objects are encrypted to, sorted.
     pub(crate) fn recipient_fingerprints(&self) -> &[Fingerprint] {
         &self.recipient_fps
@@ -237,49 +263,13 @@ pub(super) async fn open(
     mut reader: ObjectReader,
     object: &str,
     keys: &Keys,
-) -> Result<(ObjectReader, Option<Vec<Fingerprint>>), super::RepoError> {
-    let mut h = [0u8; HEADER_LEN];
-    codec::read_exact(&mut reader, &mut h, object, "header").await?;
-    let raw = RawHeader::parse(&h, object)?;
-    match raw.encryption {
-        ENCRYPTION_NONE => {
-            let again = std::io::Cursor::new(h.to_vec()).chain(reader);
-            return Ok((Box::pin(again), None));
-        }
-        ENCRYPTION_AGE => {}
-        code => {
-            return Err(CodecError::Corrupt {
-                object: object.to_owned(),
-                problem: format!("unknown encryption code {code}"),
-            }
-            .into())
-        }
-    }
-    let count = usize::try_from(raw.value)
-        .ok()
-        .filter(|n| (1..=MAX_RECIPIENTS).contains(n))
-        .ok_or_else(|| CodecError::Corrupt {
-            object: object.to_owned(),
-            problem: format!("an encrypted object naming {} keys", raw.value),
-        })?;
-    let mut list = vec![0u8; count * 8 + 4];
-    codec::read_exact(&mut reader, &mut list, object, "key fingerprints").await?;
-    let (fps, crc) = list.split_at(count * 8);
-    if crc32fast::hash(fps).to_le_bytes() != crc {
-        return Err(CodecError::Corrupt {
-            object: object.to_owned(),
-            problem: "key fingerprint checksum mismatch".into(),
-        }
-        .into());
-    }
-    let keys_named: Vec<Fingerprint> = fps
-        .chunks_exact(8)
-        .map(|c| {
-            let mut fp = [0u8; 8];
-            fp.copy_from_slice(c);
-            Fingerprint(fp)
-        })
-        .collect();
+) -> Result<(ObjectReader, Option<Envelope>), super::RepoError> {
+    let (h, envelope) = read_envelope(&mut reader, object).await?;
+    let Some(envelope) = envelope else {
+        let again = std::io::Cursor::new(h.to_vec()).chain(reader);
+        return Ok((Box::pin(again), None));
+    };
+    let keys_named = envelope.keys.clone();
     if keys.identities.is_empty() {
         return Err(CryptError::NoIdentity {
             object: object.to_owned(),
@@ -309,7 +299,58 @@ pub(super) async fn open(
             },
             e => undecryptable(e.to_string()),
         })?;
-    Ok((Box::pin(plain.compat()), Some(keys_named)))
+    Ok((Box::pin(plain.compat()), Some(envelope)))
+}
+
+/// Reads an object's header and, for an encrypted one, its envelope; returns the header too.
+pub(super) async fn read_envelope(
+    reader: &mut ObjectReader,
+    object: &str,
+) -> Result<([u8; HEADER_LEN], Option<Envelope>), super::RepoError> {
+    let corrupt = |problem: String| CodecError::Corrupt {
+        object: object.to_owned(),
+        problem,
+    };
+    let mut h = [0u8; HEADER_LEN];
+    codec::read_exact(reader, &mut h, object, "header").await?;
+    let raw = RawHeader::parse(&h, object)?;
+    match raw.encryption {
+        ENCRYPTION_NONE => return Ok((h, None)),
+        ENCRYPTION_AGE => {}
+        code => return Err(corrupt(format!("unknown encryption code {code}")).into()),
+    }
+    let count = usize::try_from(raw.value)
+        .ok()
+        .filter(|n| (1..=MAX_RECIPIENTS).contains(n))
+        .ok_or_else(|| corrupt(format!("an encrypted object naming {} keys", raw.value)))?;
+    let with_content = raw.flags & FLAG_CONTENT != 0;
+    let fields = count * 8 + if with_content { 12 } else { 0 };
+    let mut clear = vec![0u8; fields + 4];
+    codec::read_exact(reader, &mut clear, object, "envelope").await?;
+    let (fields, crc) = clear.split_at(fields);
+    if crc32fast::hash(fields).to_le_bytes() != crc {
+        return Err(corrupt("envelope checksum mismatch".into()).into());
+    }
+    let (fps, content) = fields.split_at(count * 8);
+    let keys = fps
+        .chunks_exact(8)
+        .map(|c| {
+            let mut fp = [0u8; 8];
+            fp.copy_from_slice(c);
+            Fingerprint(fp)
+        })
+        .collect();
+    let content = with_content.then(|| {
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&content[..8]);
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&content[8..12]);
+        ClearContent {
+            len: u64::from_le_bytes(len),
+            checksum: Checksum(u32::from_le_bytes(crc)),
+        }
+    });
+    Ok((h, Some(Envelope { keys, content })))
 }
 
 /// The one scheme walvault encrypts with, as the identity object records it.
@@ -353,16 +394,21 @@ impl EncryptionRecord {
 pub(super) fn admits(recorded: &RecordedEncryption, keys: &Keys, repo: &str) -> Result<(), String> {
     match (&recorded.encryption, keys.encrypts()) {
         (Some(record), _) if record.scheme != SCHEME => Err(format!(
-            "repository {repo} is encrypted with {:?}, which this walvault does not know;              nothing was written",
+            "repository {repo} is encrypted with {:?}, which this walvault does not know; \
+             nothing was written",
             record.scheme
         )),
         (Some(_), true) | (None, false) => Ok(()),
         (Some(record), false) => Err(format!(
-            "repository {repo} is encrypted (created for key {}) and this writer has no              encryption recipients: refusing to store an unencrypted object; nothing was written              (set encryption.recipients or WALVAULT_ENCRYPTION_RECIPIENTS)",
+            "repository {repo} is encrypted (created for key {}) and this writer has no \
+             encryption recipients: refusing to store an unencrypted object; nothing was written \
+             (set encryption.recipients or WALVAULT_ENCRYPTION_RECIPIENTS)",
             record.recipients.join(", ")
         )),
         (None, true) => Err(format!(
-            "repository {repo} is not encrypted and this writer has encryption recipients:              refusing to store encrypted objects into it; nothing was written (encrypt a new              repository, or migrate this one with `walvault reencrypt --migrate-plaintext`)"
+            "repository {repo} is not encrypted and this writer has encryption recipients: \
+             refusing to store encrypted objects into it; nothing was written (an encrypted \
+             repository starts empty: use a new directory or prefix and take a full backup)"
         )),
     }
 }
@@ -412,20 +458,27 @@ impl SealedWriter {
         }
     }
 
-    /// A writer that encrypts to `keys`' recipients, or stores plainly when there are none.
+    /// A writer that encrypts to `keys`' recipients, or stores plainly when there are none;
+    /// `content` goes into the envelope in clear.
     pub(super) async fn new(
         inner: ObjectWriter,
         object: &str,
         keys: &Keys,
+        content: Option<ClearContent>,
     ) -> Result<SealedWriter, super::RepoError> {
         let mut writer = SealedWriter::plain(inner, object);
         if !keys.encrypts() {
             return Ok(writer);
         }
         let fps = keys.recipient_fingerprints();
-        let mut envelope = codec::raw_header(0, ENCRYPTION_AGE, fps.len() as u64).to_vec();
+        let flags = if content.is_some() { FLAG_CONTENT } else { 0 };
+        let mut envelope = codec::raw_header(0, ENCRYPTION_AGE, flags, fps.len() as u64).to_vec();
         let start = envelope.len();
         fps.iter().for_each(|fp| envelope.extend_from_slice(&fp.0));
+        if let Some(content) = content {
+            envelope.extend_from_slice(&content.len.to_le_bytes());
+            envelope.extend_from_slice(&content.checksum.0.to_le_bytes());
+        }
         let crc = crc32fast::hash(&envelope[start..]);
         envelope.extend_from_slice(&crc.to_le_bytes());
         let encrypt_err = |problem: String| CryptError::Encrypt {
@@ -603,7 +656,7 @@ pub(crate) mod tests {
             let src = f.keys_dir.path().join("src");
             std::fs::write(&src, &big).unwrap();
             let stored = repo
-                .put_file_tapped("big", &src, PutMode::IfAbsent, |_| {})
+                .put_file_tapped("big", &src, PutMode::IfAbsent, |_| {}, None)
                 .await
                 .unwrap();
             assert_eq!(stored.stored_len, f.stored("big").len() as u64);
@@ -749,6 +802,38 @@ pub(crate) mod tests {
             .to_string();
         assert!(err.contains("is not encrypted"), "{err}");
         assert_eq!(g.object_count(), before);
+    }
+
+    /// A writer holding only recipients tells an identical re-push of WAL (success) from a
+    /// different one (conflict, nothing overwritten) by what the envelope records in clear.
+    #[tokio::test]
+    async fn writers_without_identity_compare_wal_by_the_envelope() {
+        use crate::repo::{WalContent, WalStored};
+        let f = Fixture::new();
+        let (_, recipient) = f.key("id");
+        let writer = f.repo(&[&recipient], &[]).await;
+        let name: walvault_wal::WalFileName = "000000010000000000000001".parse().unwrap();
+        let segment = content(3 * codec::MAX_BLOCK);
+        let path = f.keys_dir.path().join("seg");
+        std::fs::write(&path, &segment).unwrap();
+        let stored = writer
+            .store_wal(&name, WalContent::File(&path), |_| {})
+            .await
+            .unwrap();
+        assert!(matches!(stored, WalStored::Created(_)));
+        let before = f.stored("wal/000000010000000000000001");
+        let again = writer.store_wal(&name, WalContent::File(&path), |_| {});
+        assert!(matches!(again.await.unwrap(), WalStored::Identical));
+        let again = writer.store_wal(&name, WalContent::Bytes(&segment), |_| {});
+        assert!(matches!(again.await.unwrap(), WalStored::Identical));
+        let mut other = segment.clone();
+        other[5] ^= 1;
+        let err = writer
+            .store_wal(&name, WalContent::Bytes(&other), |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RepoError::Conflict { .. }), "{err}");
+        assert_eq!(f.stored("wal/000000010000000000000001"), before);
     }
 
     /// Rotation: objects under the old key stay readable with the old identity beside the new

@@ -27,7 +27,7 @@ use walvault_wal::WalFileName;
 
 use crate::config::Settings;
 use codec::{CodecError, Decoder, Encoder, MAX_BLOCK};
-use crypt::{CryptError, Keys, SealedWriter};
+use crypt::{ClearContent, CryptError, Envelope, Keys, SealedWriter};
 use layout::Listing;
 use store::{ObjectInfo, ObjectReader, Store, StoreError};
 
@@ -202,7 +202,11 @@ impl Repository {
 
     /// A writer for `key`, encrypting when the settings name recipients; refused before
     /// anything is written when that disagrees with what the repository recorded.
-    async fn writer(&self, key: &str) -> Result<SealedWriter, RepoError> {
+    async fn writer(
+        &self,
+        key: &str,
+        clear: Option<ClearContent>,
+    ) -> Result<SealedWriter, RepoError> {
         let recorded = match self.recorded.get() {
             Some(r) => Some(r.clone()),
             None => self.read_recorded().await?,
@@ -211,7 +215,7 @@ impl Repository {
             // Checked for every object: a refusal must come before a byte is stored.
             crypt::admits(&recorded, &self.keys, &self.url).map_err(RepoError::Refused)?;
         }
-        SealedWriter::new(self.store.writer(key)?, key, &self.keys).await
+        SealedWriter::new(self.store.writer(key)?, key, &self.keys, clear).await
     }
 
     /// Reads what the identity object records about encryption and remembers it; `None` while
@@ -252,17 +256,23 @@ impl Repository {
         Ok(recorded.map(|r| r.encryption.is_some()))
     }
 
+    /// Whether this process can read what the repository holds: it is not encrypted, or an
+    /// identity is configured.
+    pub(crate) async fn can_decrypt(&self) -> Result<bool, RepoError> {
+        Ok(self.keys.decrypts() || self.is_encrypted().await? != Some(true))
+    }
+
     /// What the identity object records about encryption for this repository's writers.
     pub(crate) fn encryption_record(&self) -> Option<crypt::EncryptionRecord> {
         crypt::EncryptionRecord::for_keys(&self.keys)
     }
 
-    /// A stored object opened for reading (decrypted if it is encrypted), and the keys an
-    /// encrypted one names. `None` when absent.
+    /// A stored object opened for reading (decrypted if it is encrypted), and an encrypted
+    /// one's envelope. `None` when absent.
     async fn decoder(
         &self,
         key: &str,
-    ) -> Result<Option<(Decoder<ObjectReader>, Option<Vec<Fingerprint>>)>, RepoError> {
+    ) -> Result<Option<(Decoder<ObjectReader>, Option<Envelope>)>, RepoError> {
         let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
         };
@@ -301,30 +311,37 @@ impl Repository {
         mut tap: impl FnMut(&[u8]) + Send,
     ) -> Result<WalStored, RepoError> {
         let key = layout::wal(name);
+        // Encrypted WAL carries its length and crc32 in clear, so that a writer holding only
+        // recipients can still tell an identical re-push from a conflict.
+        let clear = match (self.keys.encrypts(), content) {
+            (false, _) => None,
+            (true, WalContent::Bytes(bytes)) => Some(ClearContent {
+                len: bytes.len() as u64,
+                checksum: Checksum::of(bytes),
+            }),
+            (true, WalContent::File(path)) => Some(file_content(path).await?),
+        };
         for _ in 0..STORE_WAL_ATTEMPTS {
             // Checking first costs one round trip but keeps the promise even on S3 services
             // that ignore If-None-Match.
             if self.store.head(&key).await?.is_none() {
                 let stored = match content {
                     WalContent::File(path) => {
-                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap)
+                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap, clear)
                             .await?
                     }
                     WalContent::Bytes(bytes) => {
-                        self.put_bytes(&key, bytes, PutMode::IfAbsent).await?
+                        self.put_bytes_with(&key, bytes, PutMode::IfAbsent, clear)
+                            .await?
                     }
                 };
                 if stored.committed == Committed::Created {
                     return Ok(WalStored::Created(stored));
                 }
             }
-            let comparison = match content {
-                WalContent::File(path) => self.compare_with_file(&key, path).await?,
-                WalContent::Bytes(bytes) => self.get_bytes(&key).await?.map(|stored| Comparison {
-                    identical: stored == bytes,
-                    stored: Checksum::of(&stored),
-                    local: Checksum::of(bytes),
-                }),
+            let comparison = match clear.filter(|_| !self.keys.decrypts()) {
+                Some(local) => self.compare_envelope(&key, local, content).await?,
+                None => self.compare_content(&key, content).await?,
             };
             match comparison {
                 Some(cmp) if cmp.identical => return Ok(WalStored::Identical),
@@ -343,20 +360,68 @@ impl Repository {
         Err(RepoError::Vanishing(key))
     }
 
+    /// A stored WAL object compared with local content; `None` when it vanished.
+    async fn compare_content(
+        &self,
+        key: &str,
+        content: WalContent<'_>,
+    ) -> Result<Option<Comparison>, RepoError> {
+        Ok(match content {
+            WalContent::File(path) => self.compare_with_file(key, path).await?,
+            WalContent::Bytes(bytes) => self.get_bytes(key).await?.map(|stored| Comparison {
+                identical: stored == bytes,
+                stored: Checksum::of(&stored),
+                local: Checksum::of(bytes),
+            }),
+        })
+    }
+
+    /// For a writer without an identity: compares what an encrypted WAL object's envelope
+    /// records with the local content (a plain object is compared as usual).
+    async fn compare_envelope(
+        &self,
+        key: &str,
+        local: ClearContent,
+        content: WalContent<'_>,
+    ) -> Result<Option<Comparison>, RepoError> {
+        let Some(mut reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        match crypt::read_envelope(&mut reader, key).await?.1 {
+            None => self.compare_content(key, content).await,
+            Some(Envelope {
+                content: Some(stored),
+                ..
+            }) => Ok(Some(Comparison {
+                identical: stored == local,
+                stored: stored.checksum,
+                local: local.checksum,
+            })),
+            Some(envelope) => Err(CryptError::NoIdentity {
+                object: key.to_owned(),
+                keys: envelope.keys,
+            }
+            .into()),
+        }
+    }
+
     /// Stores the content of the file at `path` under `key`, handing each block of content to
     /// `tap` as it streams past, so a caller can examine the file without reading it twice.
-    pub(crate) async fn put_file_tapped(
+    /// `clear` (the file's length and checksum, read before) goes into an encrypted object's
+    /// envelope; the upload checks that it still holds.
+    async fn put_file_tapped(
         &self,
         key: &str,
         path: &Path,
         mode: PutMode,
         mut tap: impl FnMut(&[u8]) + Send,
+        clear: Option<ClearContent>,
     ) -> Result<Stored, RepoError> {
         let (mut file, len) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
         let mut encoder = Encoder::new(self.compression, len);
-        let mut writer = self.writer(key).await?;
+        let mut writer = self.writer(key, clear).await?;
         let header = Bytes::copy_from_slice(&encoder.header());
         writer.write(header).await?;
         let mut raw = vec![0u8; MAX_BLOCK];
@@ -380,13 +445,19 @@ impl Repository {
             writer.write(out.into()).await?;
         }
         let mut trailer = Vec::with_capacity(8);
-        encoder
+        let checksum = encoder
             .finish(&mut trailer)
             .map_err(|_| RepoError::FileChanged {
                 path: path.to_path_buf(),
                 announced: len,
                 read,
             })?;
+        if clear.is_some_and(|c| c.len != len || c.checksum != checksum) {
+            return Err(RepoError::Changing {
+                what: path.display().to_string(),
+                problem: "changed between its checksum and its upload; nothing was stored",
+            });
+        }
         writer.write(trailer.into()).await?;
         let (committed, stored_len) = writer.commit(mode).await?;
         Ok(Stored {
@@ -403,7 +474,17 @@ impl Repository {
         content: &[u8],
         mode: PutMode,
     ) -> Result<Stored, RepoError> {
-        let mut writer = self.writer(key).await?;
+        self.put_bytes_with(key, content, mode, None).await
+    }
+
+    async fn put_bytes_with(
+        &self,
+        key: &str,
+        content: &[u8],
+        mode: PutMode,
+        clear: Option<ClearContent>,
+    ) -> Result<Stored, RepoError> {
+        let mut writer = self.writer(key, clear).await?;
         writer
             .write(codec::encode_all(self.compression, content).into())
             .await?;
@@ -506,15 +587,42 @@ impl Repository {
         publish(&temp, &dest, written).await.map(Some)
     }
 
-    /// Reads an object to its end, verifying it (decrypting it first if it is encrypted).
+    /// Opens an object and reads its first block, so that an encrypted one the configured
+    /// identities cannot decrypt fails before a caller writes anything. An absent object passes:
+    /// reading it later reports it.
+    pub(crate) async fn check_readable(&self, key: &str) -> Result<(), RepoError> {
+        if let Some((mut decoder, _)) = self.decoder(key).await? {
+            decoder.next_block().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads an object to its end, verifying it (decrypting it first if it is encrypted, and
+    /// checking what its envelope says in clear against the content).
     pub(crate) async fn verify(&self, key: &str) -> Result<Option<Verified>, RepoError> {
-        let Some((mut decoder, keys)) = self.decoder(key).await? else {
+        let Some((mut decoder, envelope)) = self.decoder(key).await? else {
             return Ok(None);
         };
         while decoder.next_block().await?.is_some() {}
+        let content_len = decoder.header().content_length;
+        let actual = ClearContent {
+            len: content_len,
+            checksum: decoder.checksum().unwrap_or(Checksum(0)),
+        };
+        if let Some(clear) = envelope.as_ref().and_then(|e| e.content) {
+            if clear != actual {
+                return Err(RepoError::Codec(CodecError::Corrupt {
+                    object: key.to_owned(),
+                    problem: format!(
+                        "its envelope records {} bytes with {}, the content is {} bytes with {}",
+                        clear.len, clear.checksum, actual.len, actual.checksum
+                    ),
+                }));
+            }
+        }
         Ok(Some(Verified {
-            content_len: decoder.header().content_length,
-            keys,
+            content_len,
+            keys: envelope.map(|e| e.keys),
         }))
     }
 
@@ -577,6 +685,30 @@ fn check_length<R: tokio::io::AsyncRead + Unpin>(
         key: key.to_owned(),
         declared,
         rule,
+    })
+}
+
+/// The length and crc32 of a local file, read once before it is encrypted.
+async fn file_content(path: &Path) -> Result<ClearContent, RepoError> {
+    let (mut file, len) = BlockFile::open(path)
+        .await
+        .map_err(RepoError::file("open", path))?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; MAX_BLOCK];
+    loop {
+        let n;
+        (buf, n) = file
+            .read(buf, MAX_BLOCK)
+            .await
+            .map_err(RepoError::file("read", path))?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+    }
+    Ok(ClearContent {
+        len,
+        checksum: Checksum(crc.finalize()),
     })
 }
 

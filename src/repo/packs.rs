@@ -57,7 +57,7 @@ impl Repository {
             key: key.to_owned(),
             source: e,
         })?;
-        let mut writer = self.writer(key).await?;
+        let mut writer = self.writer(key, None).await?;
         writer.write(encoded.into()).await?;
         let (committed, stored_len) = writer.commit(PutMode::IfAbsent).await?;
         Ok((
