@@ -2,7 +2,8 @@
 //! leaves no plaintext in it (the same check finds it in a plain one), recovers exactly with the
 //! identity, and without one (or with the wrong one) fails before writing anything, `wal-fetch`
 //! above 125; writers that disagree with the repository are refused and change nothing; key
-//! rotation keeps old objects readable and `verify` counts objects per key; S3 server-side
+//! rotation keeps old objects readable, `verify` counts objects per key and `reencrypt` moves
+//! them to the new one; S3 server-side
 //! encryption and storage classes reach every upload.
 
 use std::collections::BTreeMap;
@@ -451,6 +452,38 @@ fn rotation_keeps_old_objects_readable_and_verify_counts_them(kind: RepoKind) {
     let out = only_new.run(&["verify"]);
     out.assert_failure();
     assert!(out.stdout.contains(&old.fingerprint), "{out}");
+
+    // reencrypt moves everything to the new key; then the old identity can go.
+    let before = repo.snapshot();
+    let dry = wv.run(&["reencrypt", "--dry-run"]);
+    dry.assert_success();
+    let n = expected[&old.fingerprint];
+    assert!(
+        dry.stdout.contains(&format!(
+            "would rewrite {n} objects from key {}",
+            old.fingerprint
+        )),
+        "{dry}"
+    );
+    repo.snapshot()
+        .assert_unchanged(&before, "reencrypt --dry-run");
+    let out = wv.run(&["reencrypt"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains(&format!("rewrote {n} objects")),
+        "{out}"
+    );
+    let total: usize = expected.values().sum();
+    let out = only_new.run(&["verify"]);
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains(&format!("key {}: {total} objects", new.fingerprint))
+            && !out.stdout.contains(&old.fingerprint),
+        "{out}"
+    );
+    let dest = env.path().join("old-after-reencrypt");
+    only_new.wal_fetch(&old_segment, &dest).assert_success();
 }
 
 /// `s3.sse` and the storage classes reach every single PUT and multipart upload (moto records

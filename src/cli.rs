@@ -116,6 +116,15 @@ pub enum Command {
         #[arg(long, default_value_t = 4, value_name = "N")]
         concurrency: usize,
     },
+    /// Rewrite every object not encrypted to the current recipients (after a key rotation)
+    Reencrypt {
+        /// Objects rewritten in parallel
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        concurrency: usize,
+        /// Only count what would be rewritten, per key
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Internal: the background prefetcher started by wal-fetch
     #[command(hide = true)]
     WalPrefetch {
@@ -146,6 +155,7 @@ impl Command {
             Command::BackupList { .. } => "backup-list",
             Command::Recover(_) => "recover",
             Command::Verify { .. } => "verify",
+            Command::Reencrypt { .. } => "reencrypt",
             Command::WalPrefetch { .. } => "wal-prefetch",
             Command::WalPushAhead { .. } => "wal-push-ahead",
         }

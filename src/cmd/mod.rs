@@ -10,6 +10,7 @@
 mod backup;
 mod receive;
 mod recover;
+mod reencrypt;
 mod verify;
 mod wal;
 
@@ -168,6 +169,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BackupList { json } => backup::list(&repo, json).await,
         Command::Recover(args) => recover::recover(&settings, &flags, quiet, repo, args).await,
         Command::Verify { concurrency } => verify::verify(repo, concurrency).await,
+        Command::Reencrypt {
+            concurrency,
+            dry_run,
+        } => reencrypt::reencrypt(repo, concurrency, dry_run).await,
     }
 }
 

@@ -12,10 +12,12 @@ mod crypt;
 pub(crate) mod identity;
 pub(crate) mod layout;
 pub(crate) mod packs;
+mod reencrypt;
 mod store;
 
 pub(crate) use codec::{Checksum, Compression};
 pub(crate) use crypt::{check_recipient, Fingerprint};
+pub(crate) use reencrypt::Rewrite;
 pub(crate) use store::{Committed, PutMode};
 
 use std::path::{Path, PathBuf};
@@ -174,6 +176,7 @@ pub(crate) struct Comparison {
 #[derive(Clone, Debug)]
 pub(crate) struct Verified {
     pub(crate) content_len: u64,
+    pub(crate) checksum: Checksum,
     /// The keys an encrypted object names; `None` for a plain object.
     pub(crate) keys: Option<Vec<Fingerprint>>,
 }
@@ -265,6 +268,14 @@ impl Repository {
     /// What the identity object records about encryption for this repository's writers.
     pub(crate) fn encryption_record(&self) -> Option<crypt::EncryptionRecord> {
         crypt::EncryptionRecord::for_keys(&self.keys)
+    }
+
+    /// What an object says in clear: `Some(None)` for a plain object, `None` when absent.
+    async fn envelope(&self, key: &str) -> Result<Option<Option<Envelope>>, RepoError> {
+        let Some(mut reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(crypt::read_envelope(&mut reader, key).await?.1))
     }
 
     /// A stored object opened for reading (decrypted if it is encrypted), and an encrypted
@@ -384,10 +395,10 @@ impl Repository {
         local: ClearContent,
         content: WalContent<'_>,
     ) -> Result<Option<Comparison>, RepoError> {
-        let Some(mut reader) = self.store.get(key).await? else {
+        let Some(envelope) = self.envelope(key).await? else {
             return Ok(None);
         };
-        match crypt::read_envelope(&mut reader, key).await?.1 {
+        match envelope {
             None => self.compare_content(key, content).await,
             Some(Envelope {
                 content: Some(stored),
@@ -622,6 +633,7 @@ impl Repository {
         }
         Ok(Some(Verified {
             content_len,
+            checksum: actual.checksum,
             keys: envelope.map(|e| e.keys),
         }))
     }
