@@ -110,6 +110,8 @@ pub(crate) enum CryptError {
     },
     #[error("encrypting {object}: {problem}")]
     Encrypt { object: String, problem: String },
+    #[error("encryption.recipients: {0}")]
+    Recipients(String),
     #[error("{what} {path}: {problem}")]
     KeyFile {
         what: &'static str,
@@ -145,11 +147,7 @@ impl Keys {
             .iter()
             .map(|text| parse_recipient(text))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|problem| CryptError::KeyFile {
-                what: "encryption.recipients",
-                path: PathBuf::new(),
-                problem,
-            })?;
+            .map_err(CryptError::Recipients)?;
         if let Some(path) = &settings.recipients_file {
             let text = read_key_file(path, "recipients file", false)?;
             for (n, line) in key_lines(&text) {
@@ -166,11 +164,9 @@ impl Keys {
         recipient_fps.sort();
         recipient_fps.dedup();
         if recipient_fps.len() > MAX_RECIPIENTS {
-            return Err(CryptError::KeyFile {
-                what: "encryption.recipients",
-                path: PathBuf::new(),
-                problem: format!("more than {MAX_RECIPIENTS} recipients"),
-            });
+            return Err(CryptError::Recipients(format!(
+                "more than {MAX_RECIPIENTS} recipients"
+            )));
         }
         let mut identities = Vec::new();
         for path in &settings.identity_files {
