@@ -18,7 +18,8 @@ PGBIN = "/usr/lib/postgresql/15/bin"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG = 16 * 1024 * 1024
 MiB = 1024 * 1024
-SECTIONS = ["archive", "restore", "backup", "pitr", "rss", "https", "spool", "status", "retention"]
+SECTIONS = ["archive", "restore", "backup", "pitr", "rss", "https", "spool", "status", "retention",
+            "encryption"]
 PG_USER = "postgres"
 T0 = time.monotonic()
 

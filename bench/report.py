@@ -72,6 +72,8 @@ class Report:
             L += self.status(s["status"])
         if "retention" in s:
             L += retention.report(s["retention"])
+        if "encryption" in s:
+            L += self.encryption(s["encryption"])
         if self.targets:
             L.append("## Targets (issue 6)\n")
             L.append("| target | measured | result |")
@@ -316,4 +318,35 @@ class Report:
                  "with a wrong checksum: as this boot's it was "
                  f"{'served (its content is not read)' if c['this_boot_served'] else 'not served'}; as an earlier "
                  f"boot's it was {'served: **the check did not run**' if c['earlier_boot_served'] else 'refused by the check and fetched from the repository'}.\n")
+        return L
+
+    def encryption(self, e):
+        """Issue 16: walvault with age encryption against walvault plain, same data, one run."""
+        plain, age = e["variants"]["plain"], e["variants"]["age"]
+        L = ["## Encryption at rest (walvault plain vs age)\n",
+             f"{e['segments']} segments archived and fetched serially; full backup and backup-fetch of the "
+             "main cluster. Ratio = encrypted / plain.\n",
+             "| measure | plain | age | ratio |", "|---|---|---|---|"]
+        rows = [
+            ("archive_command throughput (MiB/s)", plain["archive"]["mib_s"], age["archive"]["mib_s"]),
+            ("archive_command median (ms)", plain["archive"]["median_ms"], age["archive"]["median_ms"]),
+            ("restore_command median (ms)", plain["restore"]["median_ms"], age["restore"]["median_ms"]),
+            ("restore_command throughput (MiB/s)", plain["restore"]["mib_s"], age["restore"]["mib_s"]),
+            ("backup-push --full wall (s)", med(plain["backup"]["wall_s"]), med(age["backup"]["wall_s"])),
+            ("backup-fetch wall (s)", med(plain["fetch"]["wall_s"]), med(age["fetch"]["wall_s"])),
+        ]
+        for what, p, a in rows:
+            L.append(f"| {what} | {fmt(p)} | {fmt(a)} | {ratio(a, p)} |")
+        for what, key in [("wal-push", "archive"), ("wal-fetch", "restore"), ("backup-push", "backup"),
+                          ("backup-fetch", "fetch")]:
+            p, a = plain[key]["rss_kib"] / 1024, age[key]["rss_kib"] / 1024
+            L.append(f"| {what} peak RSS (MiB) | {fmt(p)} | {fmt(a)} | {ratio(a, p)} |")
+            self.target(f"{what} peak RSS encrypted within 10% of plain", f"{a:.1f} vs {p:.1f} MiB", a <= p * 1.1)
+        speed = [("archive throughput", age["archive"]["mib_s"] / plain["archive"]["mib_s"]),
+                 ("restore_command throughput", age["restore"]["mib_s"] / plain["restore"]["mib_s"]),
+                 ("backup-push speed", med(plain["backup"]["wall_s"]) / med(age["backup"]["wall_s"])),
+                 ("backup-fetch speed", med(plain["fetch"]["wall_s"]) / med(age["fetch"]["wall_s"]))]
+        for what, x in speed:
+            self.target(f"encrypted {what} ≥ 0.85× plain", f"{x:.2f}×", x >= 0.85)
+        L.append("")
         return L

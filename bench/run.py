@@ -22,6 +22,7 @@ import time
 
 from archive import ArchiveSection
 from backup import BackupSection
+from encryption import EncryptionSection
 from common import SECTIONS, BenchError, log, rmtree
 from https import HttpsSection
 from pitr import PitrSection
@@ -35,7 +36,7 @@ from status import StatusSection
 
 
 class Bench(Setup, ArchiveSection, RestoreSection, BackupSection, PitrSection, RssSection, HttpsSection,
-            SpoolSection, StatusSection, RetentionSection):
+            SpoolSection, StatusSection, RetentionSection, EncryptionSection):
     """One run: Setup's directories, clusters and segments, one bench_<section>() per section."""
 
     # ---------------------------------------------------------------- report

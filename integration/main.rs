@@ -9,6 +9,7 @@ mod backup;
 mod blockmap;
 mod crash;
 mod debian;
+mod encryption;
 mod faults;
 mod matrix;
 mod ops;

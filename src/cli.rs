@@ -167,6 +167,15 @@ pub enum Command {
     /// stores the report in the repository (drills/<time>), then stops the server and removes
     /// the scratch directory, pass or fail. Exit 0 only if every step passed.
     Drill(DrillArgs),
+    /// Rewrite every object not encrypted to the current recipients (after a key rotation)
+    Reencrypt {
+        /// Objects rewritten in parallel
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        concurrency: usize,
+        /// Only count what would be rewritten, per key
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Internal: the background prefetcher started by wal-fetch
     #[command(hide = true)]
     WalPrefetch {
@@ -203,6 +212,7 @@ impl Command {
             Command::Check(_) => "check",
             Command::Metrics { .. } => "metrics",
             Command::Drill(_) => "drill",
+            Command::Reencrypt { .. } => "reencrypt",
             Command::WalPrefetch { .. } => "wal-prefetch",
             Command::WalPushAhead { .. } => "wal-push-ahead",
         }

@@ -45,7 +45,31 @@ const KEYS: &[(&str, &str)] = &[
     ("hooks.on_success", "WALVAULT_HOOKS_ON_SUCCESS"),
     ("hooks.on_failure", "WALVAULT_HOOKS_ON_FAILURE"),
     ("hooks.timeout", "WALVAULT_HOOKS_TIMEOUT"),
+    ("s3.sse", "WALVAULT_S3_SSE"),
+    ("s3.sse_kms_key_id", "WALVAULT_S3_SSE_KMS_KEY_ID"),
+    ("s3.storage_class", "WALVAULT_S3_STORAGE_CLASS"),
+    ("s3.storage_class_wal", "WALVAULT_S3_STORAGE_CLASS_WAL"),
+    (
+        "s3.storage_class_backup",
+        "WALVAULT_S3_STORAGE_CLASS_BACKUP",
+    ),
+    ("encryption.recipients", "WALVAULT_ENCRYPTION_RECIPIENTS"),
+    (
+        "encryption.recipients_file",
+        "WALVAULT_ENCRYPTION_RECIPIENTS_FILE",
+    ),
+    (
+        "encryption.identity_file",
+        "WALVAULT_ENCRYPTION_IDENTITY_FILE",
+    ),
 ];
+
+/// Settings that hold a list: a TOML array of strings (or one string) in the file, comma-separated
+/// in the environment. Kept as newline-separated text until parsed.
+const LIST_KEYS: &[&str] = &["encryption.recipients", "encryption.identity_file"];
+
+/// The tables a config file may have, and the prefix of their keys.
+const TABLES: &[&str] = &["s3", "encryption", "retention", "hooks"];
 
 /// Settings that are never carried into a restored cluster's config file: hook command lines
 /// may embed a webhook token, and a restored cluster runs no hooks.
@@ -169,6 +193,31 @@ pub(crate) struct S3Settings {
     pub(crate) max_attempts: u32,
     /// Objects larger than this are uploaded in parts of this size.
     pub(crate) part_size: usize,
+    /// Server-side encryption asked for on every upload.
+    pub(crate) sse: Option<ServerSideEncryption>,
+    /// Storage class of WAL objects (WAL, summaries, fragments) and of everything else.
+    pub(crate) storage_class_wal: Option<String>,
+    pub(crate) storage_class_backup: Option<String>,
+}
+
+/// `s3.sse`: what the S3 service encrypts stored objects with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ServerSideEncryption {
+    Aes256,
+    /// `aws:kms`, with the key `s3.sse_kms_key_id` names (the service's default key if none).
+    Kms {
+        key_id: Option<String>,
+    },
+}
+
+/// `[encryption]`: age recipients that writers encrypt to, identity files readers decrypt with.
+/// Holds public keys and paths only; the identities are read by `repo::crypt` when a repository
+/// is opened and never kept here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct EncryptionSettings {
+    pub(crate) recipients: Vec<String>,
+    pub(crate) recipients_file: Option<PathBuf>,
+    pub(crate) identity_files: Vec<PathBuf>,
 }
 
 impl fmt::Debug for S3Settings {
@@ -183,6 +232,9 @@ impl fmt::Debug for S3Settings {
             .field("timeout", &self.timeout)
             .field("max_attempts", &self.max_attempts)
             .field("part_size", &self.part_size)
+            .field("sse", &self.sse)
+            .field("storage_class_wal", &self.storage_class_wal)
+            .field("storage_class_backup", &self.storage_class_backup)
             .finish()
     }
 }
@@ -213,6 +265,7 @@ pub(crate) struct Settings {
     /// How old leftovers of interrupted writes must be before retention removes them.
     pub(crate) retention_grace: Duration,
     pub(crate) hooks: HookSettings,
+    pub(crate) encryption: EncryptionSettings,
 }
 
 /// `[hooks]`: shell command lines run after backup-push, delete, drill and check.
@@ -387,6 +440,11 @@ impl Layers {
         }
         for (key, var) in KEYS {
             if let Some(text) = env(var) {
+                let text = if LIST_KEYS.contains(key) {
+                    text.replace(',', "\n")
+                } else {
+                    text
+                };
                 layers.set(key, text, Source::Env(var));
             }
         }
@@ -474,16 +532,25 @@ impl Layers {
             let key = format!("{prefix}{name}");
             let text = match value {
                 toml::Value::Table(inner)
-                    if prefix.is_empty() && ["s3", "hooks"].contains(&name.as_str()) =>
+                    if prefix.is_empty() && TABLES.contains(&name.as_str()) =>
                 {
                     self.read_table(inner, &format!("{name}."), path)?;
                     continue;
                 }
-                toml::Value::Table(inner) if prefix.is_empty() && name == "retention" => {
-                    self.read_table(inner, "retention.", path)?;
-                    continue;
-                }
                 toml::Value::String(s) => s.clone(),
+                toml::Value::Array(items) if LIST_KEYS.contains(&key.as_str()) => {
+                    let mut texts = Vec::with_capacity(items.len());
+                    for item in items {
+                        let toml::Value::String(text) = item else {
+                            return Err(ConfigError::File {
+                                path: path.to_path_buf(),
+                                reason: format!("key {key}: expected an array of strings"),
+                            });
+                        };
+                        texts.push(text.as_str());
+                    }
+                    texts.join("\n")
+                }
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 _ => {
@@ -550,6 +617,30 @@ impl Layers {
             part_size: self
                 .get("s3.part_size", |s| parse_in_range(s, 5 << 20, 5 << 30))?
                 .unwrap_or(8 << 20),
+            sse: self.server_side_encryption()?,
+            storage_class_wal: self
+                .get("s3.storage_class_wal", parse_storage_class)?
+                .or(self.get("s3.storage_class", parse_storage_class)?),
+            storage_class_backup: self
+                .get("s3.storage_class_backup", parse_storage_class)?
+                .or(self.get("s3.storage_class", parse_storage_class)?),
+        };
+        let encryption = EncryptionSettings {
+            recipients: self
+                .get("encryption.recipients", |s| {
+                    let list = split_list(s);
+                    for r in &list {
+                        crate::repo::check_recipient(r)?;
+                    }
+                    Ok(list)
+                })?
+                .unwrap_or_default(),
+            recipients_file: self.get("encryption.recipients_file", |s| Ok(PathBuf::from(s)))?,
+            identity_files: self
+                .get("encryption.identity_file", |s| {
+                    Ok(split_list(s).into_iter().map(PathBuf::from).collect())
+                })?
+                .unwrap_or_default(),
         };
         Ok(Settings {
             repo,
@@ -596,6 +687,7 @@ impl Layers {
                     parse_duration_in(s, Duration::ZERO, Duration::from_secs(365 * 86_400))
                 })?
                 .unwrap_or(crate::retention::plan::DEFAULT_GRACE),
+            encryption,
         })
     }
 
@@ -615,6 +707,47 @@ impl Layers {
             monthly: self.get("retention.monthly", count)?,
             yearly: self.get("retention.yearly", count)?,
         })
+    }
+
+    fn server_side_encryption(&self) -> Result<Option<ServerSideEncryption>, ConfigError> {
+        let key_id = self.get("s3.sse_kms_key_id", |s| Ok(s.to_owned()))?;
+        let sse = self.get("s3.sse", |s| match s {
+            "AES256" => Ok(ServerSideEncryption::Aes256),
+            "aws:kms" => Ok(ServerSideEncryption::Kms {
+                key_id: key_id.clone(),
+            }),
+            _ => Err("expected AES256 or aws:kms".into()),
+        })?;
+        if key_id.is_some() && !matches!(sse, Some(ServerSideEncryption::Kms { .. })) {
+            return self
+                .get("s3.sse_kms_key_id", |_| {
+                    Err::<(), _>("needs s3.sse = \"aws:kms\"".to_owned())
+                })
+                .map(|_| None);
+        }
+        Ok(sse)
+    }
+}
+
+/// The items of a list setting (newline-separated, see [`LIST_KEYS`]), trimmed, empty ones
+/// dropped.
+fn split_list(s: &str) -> Vec<String> {
+    s.lines()
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An S3 storage class name as the API spells them (`STANDARD_IA`, `GLACIER_IR`, ...).
+fn parse_storage_class(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a storage class such as STANDARD_IA or GLACIER_IR".into())
     }
 }
 
@@ -658,8 +791,9 @@ fn syntax_error(text: &str, err: &toml::de::Error) -> String {
         .split_once('=')
         .map(|(k, _)| k.trim().trim_matches(['"', '\'']))
         .filter(|k| {
-            KEYS.iter()
-                .any(|(known, _)| known == k || known.strip_prefix("s3.") == Some(k))
+            KEYS.iter().any(|(known, _)| {
+                known == k || known.split_once('.').map(|(_, name)| name) == Some(k)
+            })
         })
         .map(|k| format!(" (key {k})"))
         .unwrap_or_default();
@@ -1003,6 +1137,111 @@ mod tests {
         assert_eq!(s.prefetch, 3);
         assert_eq!(s.s3.access_key_id.as_deref(), Some("file-id"));
         assert_eq!(s.s3.secret_access_key.as_deref(), Some(secret));
+    }
+
+    const R1: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+    const R2: &str = "age1lggyhqrw2nlhcxprm67z43rta597azn8gknawjehu9d9dl0jq3yqqvfafg";
+
+    #[test]
+    fn encryption_keys_come_from_arrays_strings_and_comma_lists() {
+        let (_d, path) = config_file(&format!(
+            "repo = \"file:///r\"\n[encryption]\nrecipients = [\"{R1}\", \"{R2}\"]\n\
+             identity_file = \"/etc/walvault/id.txt\"\n"
+        ));
+        let s = load_file(path.clone(), &[]).unwrap();
+        assert_eq!(s.encryption.recipients, [R1, R2]);
+        assert_eq!(
+            s.encryption.identity_files,
+            [PathBuf::from("/etc/walvault/id.txt")]
+        );
+
+        let s = load_file(
+            path,
+            &[
+                ("WALVAULT_ENCRYPTION_RECIPIENTS", &format!(" {R2} ,")),
+                ("WALVAULT_ENCRYPTION_IDENTITY_FILE", "/a/new.txt,/a/old.txt"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.encryption.recipients, [R2]);
+        assert_eq!(
+            s.encryption.identity_files,
+            [PathBuf::from("/a/new.txt"), PathBuf::from("/a/old.txt")]
+        );
+
+        let err = load(
+            FlagValues::default(),
+            &[
+                ("WALVAULT_REPO", "file:///r"),
+                ("WALVAULT_ENCRYPTION_RECIPIENTS", "age1typo"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("encryption.recipients") && err.contains("WALVAULT_ENCRYPTION_RECIPIENTS"),
+            "{err}"
+        );
+    }
+
+    /// recover's restore_command must decrypt as planning did: the keys' settings are carried.
+    #[test]
+    fn carried_config_keeps_the_encryption_settings() {
+        let env = [
+            ("WALVAULT_REPO", "file:///r"),
+            ("WALVAULT_ENCRYPTION_RECIPIENTS", &*format!("{R1},{R2}")),
+            ("WALVAULT_ENCRYPTION_IDENTITY_FILE", "/k/a.txt,/k/b.txt"),
+            ("WALVAULT_S3_SSE", "aws:kms"),
+        ];
+        let map = env_map(&env);
+        let carried =
+            Settings::carried_from_sources(&FlagValues::default(), |k| map.get(k).cloned())
+                .unwrap();
+        let (_d, path) = config_file(&carried.toml);
+        let s = load_file(path, &[]).unwrap();
+        assert_eq!(s.encryption.recipients, [R1, R2], "{}", carried.toml);
+        assert_eq!(s.encryption.identity_files.len(), 2, "{}", carried.toml);
+        assert_eq!(s.s3.sse, Some(ServerSideEncryption::Kms { key_id: None }));
+    }
+
+    #[test]
+    fn server_side_encryption_and_storage_classes_are_checked() {
+        let base = [("WALVAULT_REPO", "s3://b")];
+        let with = |extra: &[(&str, &str)]| {
+            let mut env = base.to_vec();
+            env.extend_from_slice(extra);
+            load(FlagValues::default(), &env)
+        };
+        let s = with(&[
+            ("WALVAULT_S3_SSE", "aws:kms"),
+            ("WALVAULT_S3_SSE_KMS_KEY_ID", "alias/walvault"),
+            ("WALVAULT_S3_STORAGE_CLASS", "STANDARD_IA"),
+            ("WALVAULT_S3_STORAGE_CLASS_BACKUP", "GLACIER_IR"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.s3.sse,
+            Some(ServerSideEncryption::Kms {
+                key_id: Some("alias/walvault".into())
+            })
+        );
+        assert_eq!(s.s3.storage_class_wal.as_deref(), Some("STANDARD_IA"));
+        assert_eq!(s.s3.storage_class_backup.as_deref(), Some("GLACIER_IR"));
+        assert_eq!(
+            with(&[("WALVAULT_S3_SSE", "AES256")]).unwrap().s3.sse,
+            Some(ServerSideEncryption::Aes256)
+        );
+        for bad in [
+            &[("WALVAULT_S3_SSE", "aes256")][..],
+            &[("WALVAULT_S3_SSE_KMS_KEY_ID", "k")],
+            &[
+                ("WALVAULT_S3_SSE", "AES256"),
+                ("WALVAULT_S3_SSE_KMS_KEY_ID", "k"),
+            ],
+            &[("WALVAULT_S3_STORAGE_CLASS_WAL", "standard ia")],
+        ] {
+            assert!(with(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -6,11 +6,11 @@
 //! is checked against the objects that read back whole (`backup::consistency`). Used by the CLI
 //! and by cron.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::repo::layout::{Listing, ObjectKey};
-use crate::repo::{RepoError, Repository};
+use crate::repo::{Fingerprint, RepoError, Repository};
 
 /// What a verify pass found.
 #[derive(Debug, Default)]
@@ -21,6 +21,11 @@ pub(crate) struct Report {
     pub(crate) problems: Vec<String>,
     /// The repository holds no object at all: nothing was archived yet, or the URL is wrong.
     pub(crate) empty: bool,
+    /// How many objects each key fingerprint opens: an identity may be destroyed only once no
+    /// object needs it (an object encrypted to several keys counts for each).
+    pub(crate) keys: BTreeMap<Fingerprint, usize>,
+    /// Objects stored unencrypted, the identity object aside.
+    pub(crate) plain: usize,
 }
 
 /// Verifies every object in the repository, `concurrency` at a time.
@@ -42,6 +47,7 @@ pub(crate) async fn verify_all(
             repo.url()
         ));
     }
+    let encrypted = repo.is_encrypted().await.unwrap_or(None) == Some(true);
     for batch in objects.chunks(concurrency.max(1)) {
         let mut tasks = tokio::task::JoinSet::new();
         for object in batch {
@@ -61,8 +67,23 @@ pub(crate) async fn verify_all(
             };
             report.checked += 1;
             match result {
-                Ok(Some((len, _))) => {
+                Ok(Some(verified)) => {
+                    let len = verified.content_len;
                     report.content_bytes += len;
+                    match &verified.keys {
+                        Some(keys) => keys
+                            .iter()
+                            .for_each(|fp| *report.keys.entry(*fp).or_default() += 1),
+                        None if ObjectKey::parse(&key) == Some(ObjectKey::Identity) => {}
+                        None => {
+                            report.plain += 1;
+                            if encrypted {
+                                report.problems.push(format!(
+                                    "object {key}: not encrypted, in an encrypted repository"
+                                ));
+                            }
+                        }
+                    }
                     contents.insert(key.clone(), len);
                     report.wal_files +=
                         usize::from(matches!(ObjectKey::parse(&key), Some(ObjectKey::Wal(_))));

@@ -241,6 +241,18 @@ impl Repo {
         self.write(key, frame_object(content));
     }
 
+    /// For an S3 repository, the storage class and server-side encryption of an object.
+    pub fn s3_head(&self, key: &str) -> Option<(Option<String>, Option<String>)> {
+        match &self.location {
+            Location::Local(_) => None,
+            Location::S3 {
+                server,
+                bucket,
+                prefix,
+            } => Some(server.head(bucket, &format!("{prefix}/{key}"))),
+        }
+    }
+
     pub fn delete(&self, key: &str) {
         match &self.location {
             Location::Local(dir) => fs::remove_file(dir.join(key))

@@ -199,6 +199,18 @@ impl S3Server {
             .unwrap_or_else(|e| panic!("put s3://{bucket}/{key}: {e:?}"));
     }
 
+    /// The storage class and server-side encryption the server recorded for an object.
+    pub fn head(&self, bucket: &str, key: &str) -> (Option<String>, Option<String>) {
+        let head = self
+            .runtime
+            .block_on(self.client.head_object().bucket(bucket).key(key).send())
+            .unwrap_or_else(|e| panic!("head s3://{bucket}/{key}: {e:?}"));
+        (
+            head.storage_class().map(|c| c.as_str().to_owned()),
+            head.server_side_encryption().map(|e| e.as_str().to_owned()),
+        )
+    }
+
     pub fn delete(&self, bucket: &str, key: &str) {
         self.runtime
             .block_on(self.client.delete_object().bucket(bucket).key(key).send())

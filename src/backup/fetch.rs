@@ -87,6 +87,19 @@ pub(crate) async fn fetch(
             "its manifest lists no global/pg_control",
         ));
     }
+    // Keys missing for an encrypted backup fail here, before a directory is made.
+    for manifest in &chain {
+        let first = manifest
+            .files
+            .iter()
+            .flat_map(|f| &f.pieces)
+            .map(|p| p.pack)
+            .min();
+        if let Some(pack) = first {
+            repo.check_readable(&manifest.summary.name.pack_key(pack))
+                .await?;
+        }
+    }
     let layout = Layout::create(planned, final_manifest)?;
 
     let total: u64 = (0..=last)

@@ -132,7 +132,17 @@ struct Shared {
 pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, BackupError> {
     let (session, pgdata) = preflight(&repo, opts).await?;
     let info = session.info().clone();
-    let catalog = crate::backup::catalog::list(&repo).await?;
+    // A writer holding only recipients cannot read an encrypted repository's manifests (that is
+    // what public-key writes are for), so it has no parent to take a delta against.
+    let catalog = if repo.can_decrypt().await? {
+        crate::backup::catalog::list(&repo).await?
+    } else {
+        tracing::info!(
+            "no encryption identity to read the backups of {}: taking a full backup",
+            repo.url()
+        );
+        Vec::new()
+    };
     let started = start(&session, opts).await?;
     let parent = choose_parent_manifest(&repo, &catalog, opts, &started).await?;
     let mut planned = plan_files(&pgdata, opts, parent.as_ref(), &info).await?;

@@ -11,6 +11,7 @@ mod backup;
 mod ops;
 mod receive;
 mod recover;
+mod reencrypt;
 mod retention;
 mod verify;
 mod wal;
@@ -180,6 +181,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => ops::check(&settings, repo, args).await,
         Command::Metrics { listen } => ops::metrics(repo, listen).await,
         Command::Drill(args) => ops::drill(&settings, &flags, quiet, repo, args).await,
+        Command::Reencrypt {
+            concurrency,
+            dry_run,
+        } => reencrypt::reencrypt(repo, concurrency, dry_run).await,
     }
 }
 

@@ -22,6 +22,13 @@ pub(super) async fn verify(repo: Arc<Repository>, concurrency: usize) -> anyhow:
     for problem in &report.problems {
         println!("problem: {problem}");
     }
+    // Rotation: an old identity may be destroyed once no object is encrypted to its key.
+    for (key, objects) in &report.keys {
+        println!("verify: key {key}: {objects} objects encrypted to it");
+    }
+    if !report.keys.is_empty() {
+        println!("verify: {} objects unencrypted", report.plain);
+    }
     println!(
         "verify: {} objects checked ({} WAL files, {} of content), {} problems",
         report.checked,

@@ -16,6 +16,9 @@
 //! how large the object is. Every read checks the header checksum, each block's framing, the total
 //! length, the content crc32 and that nothing follows the trailer.
 //!
+//! An encrypted object starts with a header of the same layout whose encryption byte is set; what
+//! follows it is `repo::crypt`'s envelope around a whole plain object.
+//!
 //! Used by [`crate::repo`] only, which pairs it with the store.
 
 use std::fmt;
@@ -29,6 +32,71 @@ pub(crate) const HEADER_LEN: usize = 20;
 /// Largest block of content the writer produces and the reader accepts.
 pub(crate) const MAX_BLOCK: usize = 1 << 20;
 const UNCOMPRESSED_BIT: u32 = 1 << 31;
+/// The header's encryption codes: a plain object, or an age envelope (`repo::crypt`).
+pub(crate) const ENCRYPTION_NONE: u8 = 0;
+pub(crate) const ENCRYPTION_AGE: u8 = 1;
+
+/// A header's fields, checked for magic, checksum and version only: what `value` means depends
+/// on the encryption code (the content length of a plain object, the number of key fingerprints
+/// of an encrypted one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RawHeader {
+    pub(crate) compression: u8,
+    pub(crate) encryption: u8,
+    pub(crate) flags: u8,
+    pub(crate) value: u64,
+}
+
+impl RawHeader {
+    pub(crate) fn parse(h: &[u8; HEADER_LEN], object: &str) -> Result<RawHeader, CodecError> {
+        if &h[0..4] != MAGIC {
+            return Err(CodecError::corrupt(
+                object,
+                "not a walvault object (bad magic)",
+            ));
+        }
+        let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+        if crc32fast::hash(&h[0..16]) != crc {
+            return Err(CodecError::corrupt(object, "header checksum mismatch"));
+        }
+        if h[4] != FORMAT_VERSION {
+            return Err(CodecError::corrupt(
+                object,
+                format!(
+                    "format version {} is not supported (this walvault reads {FORMAT_VERSION})",
+                    h[4]
+                ),
+            ));
+        }
+        let mut value = [0u8; 8];
+        value.copy_from_slice(&h[8..16]);
+        Ok(RawHeader {
+            compression: h[5],
+            encryption: h[6],
+            flags: h[7],
+            value: u64::from_le_bytes(value),
+        })
+    }
+}
+
+/// A header with the given fields and its checksum.
+pub(crate) fn raw_header(
+    compression: u8,
+    encryption: u8,
+    flags: u8,
+    value: u64,
+) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(MAGIC);
+    h[4] = FORMAT_VERSION;
+    h[5] = compression;
+    h[6] = encryption;
+    h[7] = flags;
+    h[8..16].copy_from_slice(&value.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
 
 /// How the blocks of an object are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -154,16 +222,12 @@ impl Encoder {
 
     /// The header; goes first.
     pub(crate) fn header(&self) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(MAGIC);
-        h[4] = FORMAT_VERSION;
-        h[5] = self.compression.code();
-        h[6] = 0; // encryption: none
-        h[7] = 0; // flags
-        h[8..16].copy_from_slice(&self.content_length.to_le_bytes());
-        let crc = crc32fast::hash(&h[0..16]);
-        h[16..20].copy_from_slice(&crc.to_le_bytes());
-        h
+        raw_header(
+            self.compression.code(),
+            ENCRYPTION_NONE,
+            0,
+            self.content_length,
+        )
     }
 
     /// Appends one framed block holding `raw` (1..=MAX_BLOCK bytes) to `out`.
@@ -253,35 +317,24 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
     pub(crate) async fn new(mut reader: R, object: &str) -> Result<Self, CodecError> {
         let mut h = [0u8; HEADER_LEN];
         read_exact(&mut reader, &mut h, object, "header").await?;
-        if &h[0..4] != MAGIC {
-            return Err(CodecError::corrupt(
+        let raw = RawHeader::parse(&h, object)?;
+        let compression = Compression::from_code(raw.compression).ok_or_else(|| {
+            CodecError::corrupt(
                 object,
-                "not a walvault object (bad magic)",
-            ));
-        }
-        let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-        if crc32fast::hash(&h[0..16]) != crc {
-            return Err(CodecError::corrupt(object, "header checksum mismatch"));
-        }
-        if h[4] != FORMAT_VERSION {
+                format!("unknown compression code {}", raw.compression),
+            )
+        })?;
+        // Encrypted objects are opened by `repo::crypt` first; what it hands on is plain.
+        if raw.encryption != ENCRYPTION_NONE {
             return Err(CodecError::corrupt(
                 object,
                 format!(
-                    "format version {} is not supported (this walvault reads {FORMAT_VERSION})",
-                    h[4]
+                    "encryption code {} where a plain object was expected",
+                    raw.encryption
                 ),
             ));
         }
-        let compression = Compression::from_code(h[5]).ok_or_else(|| {
-            CodecError::corrupt(object, format!("unknown compression code {}", h[5]))
-        })?;
-        if h[6] != 0 {
-            return Err(CodecError::corrupt(
-                object,
-                format!("unknown encryption code {}", h[6]),
-            ));
-        }
-        let content_length = u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8]));
+        let content_length = raw.value;
         Ok(Decoder {
             reader,
             object: object.to_owned(),
@@ -392,7 +445,8 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
     }
 }
 
-/// Decodes a whole object into memory; for small objects only.
+/// Decodes a whole object into memory.
+#[cfg(test)]
 pub(crate) async fn decode_all<R: AsyncRead + Unpin>(
     reader: R,
     object: &str,
@@ -405,7 +459,7 @@ pub(crate) async fn decode_all<R: AsyncRead + Unpin>(
     Ok(out)
 }
 
-async fn read_exact<R: AsyncRead + Unpin>(
+pub(crate) async fn read_exact<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut [u8],
     object: &str,

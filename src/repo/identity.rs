@@ -3,14 +3,17 @@
 //! One repository holds one cluster. The first WAL segment pushed records the cluster's system
 //! identifier, major version and WAL segment size in the `repository` object; from then on WAL
 //! whose page headers say otherwise is refused, so two clusters can never interleave their WAL
-//! in one archive. Used by wal-push, backup-push and wal-receive.
+//! in one archive. It also records whether the repository is encrypted (`repo::crypt`), and stays
+//! plain itself so that writers holding only public keys can read it. Used by wal-push,
+//! backup-push and wal-receive.
 
 use serde::{Deserialize, Serialize};
 use walvault_wal::page::LongPageHeader;
 use walvault_wal::WalSegmentSize;
 
+use crate::repo::crypt::EncryptionRecord;
 use crate::repo::layout;
-use crate::repo::store::{Committed, PutMode};
+use crate::repo::store::Committed;
 use crate::repo::{RepoError, Repository};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +22,15 @@ pub(crate) struct Identity {
     pub(crate) pg_major: u32,
     pub(crate) wal_segment_size: u32,
     pub(crate) created_at: String,
+}
+
+/// The identity object as stored: the identity, and the mark of an encrypted repository.
+#[derive(Serialize)]
+struct Record<'a> {
+    #[serde(flatten)]
+    identity: &'a Identity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption: Option<EncryptionRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +110,7 @@ pub(crate) async fn load(repo: &Repository) -> Result<Option<Identity>, Identity
     let Some(bytes) = repo.get_bytes_checked(&key, rule).await? else {
         return Ok(None);
     };
+    repo.note_identity(&bytes);
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| IdentityError::Malformed {
@@ -117,16 +130,18 @@ pub(crate) async fn ensure(
     let recorded = match load(repo).await? {
         Some(id) => id,
         None => {
-            let json = serde_json::to_vec_pretty(found).map_err(|e| IdentityError::Malformed {
-                repo: repo.url().to_owned(),
-                reason: e.to_string(),
-            })?;
-            match repo
-                .put_bytes(&layout::identity(), &json, PutMode::IfAbsent)
-                .await?
-                .committed
-            {
+            let record = Record {
+                identity: found,
+                encryption: repo.encryption_record(),
+            };
+            let json =
+                serde_json::to_vec_pretty(&record).map_err(|e| IdentityError::Malformed {
+                    repo: repo.url().to_owned(),
+                    reason: e.to_string(),
+                })?;
+            match repo.put_identity(&json).await? {
                 Committed::Created => {
+                    repo.note_identity(&json);
                     tracing::info!(
                         "repository {} now belongs to cluster {} (PostgreSQL {})",
                         repo.url(),

@@ -10,12 +10,16 @@
 mod codec;
 #[cfg(test)]
 mod codec_fuzz;
+mod crypt;
 pub(crate) mod identity;
 pub(crate) mod layout;
 pub(crate) mod packs;
+mod reencrypt;
 mod store;
 
 pub(crate) use codec::{Checksum, Compression};
+pub(crate) use crypt::{check_recipient, Fingerprint};
+pub(crate) use reencrypt::Rewrite;
 pub(crate) use store::{Committed, Leftover, Listed, PutMode, DELETE_BATCH};
 
 use std::path::{Path, PathBuf};
@@ -27,8 +31,9 @@ use walvault_wal::WalFileName;
 
 use crate::config::Settings;
 use codec::{CodecError, Decoder, Encoder, MAX_BLOCK};
+use crypt::{ClearContent, CryptError, Envelope, Keys, SealedWriter};
 use layout::Listing;
-use store::{ObjectInfo, Store, StoreError};
+use store::{ObjectInfo, ObjectReader, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RepoError {
@@ -36,6 +41,10 @@ pub(crate) enum RepoError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    Crypt(#[from] CryptError),
+    #[error("{0}")]
+    Refused(String),
     #[error("{op} {path}: {source}")]
     File {
         op: &'static str,
@@ -85,6 +94,14 @@ pub(crate) enum RepoError {
 }
 
 impl RepoError {
+    /// The object is encrypted and no configured identity opens it.
+    pub(crate) fn is_missing_key(&self) -> bool {
+        matches!(
+            self,
+            RepoError::Crypt(CryptError::NoIdentity { .. } | CryptError::NoMatchingKey { .. })
+        )
+    }
+
     fn file<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
         move |source| RepoError::File {
             op,
@@ -157,19 +174,123 @@ pub(crate) struct Comparison {
     pub(crate) local: Checksum,
 }
 
+/// What reading an object to its end found.
+#[derive(Clone, Debug)]
+pub(crate) struct Verified {
+    pub(crate) content_len: u64,
+    pub(crate) checksum: Checksum,
+    /// The keys an encrypted object names; `None` for a plain object.
+    pub(crate) keys: Option<Vec<Fingerprint>>,
+}
+
 pub(crate) struct Repository {
     store: Store,
     url: String,
     compression: Compression,
+    keys: Keys,
+    /// What the identity object says about encryption, once read: every write is checked
+    /// against it (`crypt::admits`), so no command can store a plain object in an encrypted
+    /// repository or the other way round.
+    recorded: tokio::sync::OnceCell<crypt::RecordedEncryption>,
 }
 
 impl Repository {
     pub(crate) async fn open(settings: &Settings) -> Result<Repository, RepoError> {
         Ok(Repository {
+            keys: Keys::load(&settings.encryption)?,
             store: Store::open(settings).await?,
             url: settings.repo.to_string(),
             compression: settings.compression,
+            recorded: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// A writer for `key`, encrypting when the settings name recipients; refused before
+    /// anything is written when that disagrees with what the repository recorded.
+    async fn writer(
+        &self,
+        key: &str,
+        clear: Option<ClearContent>,
+    ) -> Result<SealedWriter, RepoError> {
+        let recorded = match self.recorded.get() {
+            Some(r) => Some(r.clone()),
+            None => self.read_recorded().await?,
+        };
+        if let Some(recorded) = recorded {
+            // Checked for every object: a refusal must come before a byte is stored.
+            crypt::admits(&recorded, &self.keys, &self.url).map_err(RepoError::Refused)?;
+        }
+        SealedWriter::new(self.store.writer(key)?, key, &self.keys, clear).await
+    }
+
+    /// Reads what the identity object records about encryption and remembers it; `None` while
+    /// the repository has no identity (its first writer records one).
+    async fn read_recorded(&self) -> Result<Option<crypt::RecordedEncryption>, RepoError> {
+        let key = layout::identity();
+        let Some(bytes) = self.get_bytes(&key).await? else {
+            return Ok(None);
+        };
+        let recorded = crypt::RecordedEncryption::parse(&bytes).map_err(|problem| {
+            RepoError::Codec(CodecError::Corrupt {
+                object: key,
+                problem,
+            })
+        })?;
+        Ok(Some(
+            self.recorded
+                .get_or_init(|| async { recorded })
+                .await
+                .clone(),
+        ))
+    }
+
+    /// Remembers what identity JSON just read or written records about encryption, sparing the
+    /// first write a read of its own. Unparseable JSON is left for that read to report.
+    pub(super) fn note_identity(&self, json: &[u8]) {
+        if let Ok(recorded) = crypt::RecordedEncryption::parse(json) {
+            let _ = self.recorded.set(recorded);
+        }
+    }
+
+    /// Whether the identity object marks the repository encrypted; `None` without an identity.
+    pub(crate) async fn is_encrypted(&self) -> Result<Option<bool>, RepoError> {
+        let recorded = match self.recorded.get() {
+            Some(r) => Some(r.clone()),
+            None => self.read_recorded().await?,
+        };
+        Ok(recorded.map(|r| r.encryption.is_some()))
+    }
+
+    /// Whether this process can read what the repository holds: it is not encrypted, or an
+    /// identity is configured.
+    pub(crate) async fn can_decrypt(&self) -> Result<bool, RepoError> {
+        Ok(self.keys.decrypts() || self.is_encrypted().await? != Some(true))
+    }
+
+    /// What the identity object records about encryption for this repository's writers.
+    pub(crate) fn encryption_record(&self) -> Option<crypt::EncryptionRecord> {
+        crypt::EncryptionRecord::for_keys(&self.keys)
+    }
+
+    /// What an object says in clear: `Some(None)` for a plain object, `None` when absent.
+    async fn envelope(&self, key: &str) -> Result<Option<Option<Envelope>>, RepoError> {
+        let Some(mut reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(crypt::read_envelope(&mut reader, key).await?.1))
+    }
+
+    /// A stored object opened for reading (decrypted if it is encrypted), and an encrypted
+    /// one's envelope. `None` when absent.
+    async fn decoder(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Decoder<ObjectReader>, Option<Envelope>)>, RepoError> {
+        let Some(reader) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let (reader, keys) = crypt::open(reader, key, &self.keys).await?;
+        Ok(Some((Decoder::new(reader, key).await?, keys)))
     }
 
     /// The repository URL, for messages.
@@ -230,32 +351,37 @@ impl Repository {
         mut tap: impl FnMut(&[u8]) + Send,
     ) -> Result<WalStored, RepoError> {
         let key = layout::wal(name);
+        // Encrypted WAL carries its length and crc32 in clear, so that a writer holding only
+        // recipients can still tell an identical re-push from a conflict.
+        let clear = match (self.keys.encrypts(), content) {
+            (false, _) => None,
+            (true, WalContent::Bytes(bytes)) => Some(ClearContent {
+                len: bytes.len() as u64,
+                checksum: Checksum::of(bytes),
+            }),
+            (true, WalContent::File(path)) => Some(file_content(path).await?),
+        };
         for _ in 0..STORE_WAL_ATTEMPTS {
             // Checking first costs one round trip but keeps the promise even on S3 services
             // that ignore If-None-Match.
             if self.store.head(&key).await?.is_none() {
                 let stored = match content {
                     WalContent::File(path) => {
-                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap)
+                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap, clear)
                             .await?
                     }
                     WalContent::Bytes(bytes) => {
-                        self.put_bytes(&key, bytes, PutMode::IfAbsent).await?
+                        self.put_bytes_with(&key, bytes, PutMode::IfAbsent, clear)
+                            .await?
                     }
                 };
                 if stored.committed == Committed::Created {
                     return Ok(WalStored::Created(stored));
                 }
             }
-            let comparison = match content {
-                WalContent::File(path) => self.compare_with_file(&key, path).await,
-                WalContent::Bytes(bytes) => self.get_bytes(&key).await.map(|stored| {
-                    stored.map(|stored| Comparison {
-                        identical: stored == bytes,
-                        stored: Checksum::of(&stored),
-                        local: Checksum::of(bytes),
-                    })
-                }),
+            let comparison = match clear.filter(|_| !self.keys.decrypts()) {
+                Some(local) => self.compare_envelope(&key, local, content).await,
+                None => self.compare_content(&key, content).await,
             };
             let comparison = match comparison {
                 Err(RepoError::Codec(CodecError::Corrupt { problem, .. })) => {
@@ -297,22 +423,69 @@ impl Repository {
         Ok(())
     }
 
+    /// A stored WAL object compared with local content; `None` when it vanished.
+    async fn compare_content(
+        &self,
+        key: &str,
+        content: WalContent<'_>,
+    ) -> Result<Option<Comparison>, RepoError> {
+        Ok(match content {
+            WalContent::File(path) => self.compare_with_file(key, path).await?,
+            WalContent::Bytes(bytes) => self.get_bytes(key).await?.map(|stored| Comparison {
+                identical: stored == bytes,
+                stored: Checksum::of(&stored),
+                local: Checksum::of(bytes),
+            }),
+        })
+    }
+
+    /// For a writer without an identity: compares what an encrypted WAL object's envelope
+    /// records with the local content (a plain object is compared as usual).
+    async fn compare_envelope(
+        &self,
+        key: &str,
+        local: ClearContent,
+        content: WalContent<'_>,
+    ) -> Result<Option<Comparison>, RepoError> {
+        let Some(envelope) = self.envelope(key).await? else {
+            return Ok(None);
+        };
+        match envelope {
+            None => self.compare_content(key, content).await,
+            Some(Envelope {
+                content: Some(stored),
+                ..
+            }) => Ok(Some(Comparison {
+                identical: stored == local,
+                stored: stored.checksum,
+                local: local.checksum,
+            })),
+            Some(envelope) => Err(CryptError::NoIdentity {
+                object: key.to_owned(),
+                keys: envelope.keys,
+            }
+            .into()),
+        }
+    }
+
     /// Stores the content of the file at `path` under `key`, handing each block of content to
     /// `tap` as it streams past, so a caller can examine the file without reading it twice.
-    pub(crate) async fn put_file_tapped(
+    /// `clear` (the file's length and checksum, read before) goes into an encrypted object's
+    /// envelope; the upload checks that it still holds.
+    async fn put_file_tapped(
         &self,
         key: &str,
         path: &Path,
         mode: PutMode,
         mut tap: impl FnMut(&[u8]) + Send,
+        clear: Option<ClearContent>,
     ) -> Result<Stored, RepoError> {
         let (mut file, len) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
         let mut encoder = Encoder::new(self.compression, len);
-        let mut writer = self.store.writer(key)?;
+        let mut writer = self.writer(key, clear).await?;
         let header = Bytes::copy_from_slice(&encoder.header());
-        let mut stored_len = header.len() as u64;
         writer.write(header).await?;
         let mut raw = vec![0u8; MAX_BLOCK];
         let mut read = 0u64;
@@ -332,7 +505,6 @@ impl Repository {
             tap(&raw[..n]);
             let mut out = Vec::with_capacity(n / 2 + 16);
             encoder.block(&raw[..n], &mut out);
-            stored_len += out.len() as u64;
             writer.write(out.into()).await?;
         }
         let mut trailer = Vec::with_capacity(8);
@@ -343,9 +515,14 @@ impl Repository {
                 announced: len,
                 read,
             })?;
-        stored_len += trailer.len() as u64;
+        if clear.is_some_and(|c| c.len != len || c.checksum != checksum) {
+            return Err(RepoError::Changing {
+                what: path.display().to_string(),
+                problem: "changed between its checksum and its upload; nothing was stored",
+            });
+        }
         writer.write(trailer.into()).await?;
-        let committed = writer.commit(mode).await?;
+        let (committed, stored_len) = writer.commit(mode).await?;
         Ok(Stored {
             committed: self.settle(key, committed, len, checksum).await?,
             content_len: len,
@@ -360,11 +537,21 @@ impl Repository {
         content: &[u8],
         mode: PutMode,
     ) -> Result<Stored, RepoError> {
-        let mut writer = self.store.writer(key)?;
-        let encoded = codec::encode_all(self.compression, content);
-        let stored_len = encoded.len() as u64;
-        writer.write(encoded.into()).await?;
-        let committed = writer.commit(mode).await?;
+        self.put_bytes_with(key, content, mode, None).await
+    }
+
+    async fn put_bytes_with(
+        &self,
+        key: &str,
+        content: &[u8],
+        mode: PutMode,
+        clear: Option<ClearContent>,
+    ) -> Result<Stored, RepoError> {
+        let mut writer = self.writer(key, clear).await?;
+        writer
+            .write(codec::encode_all(self.compression, content).into())
+            .await?;
+        let (committed, stored_len) = writer.commit(mode).await?;
         let len = content.len() as u64;
         Ok(Stored {
             committed: self
@@ -392,23 +579,39 @@ impl Repository {
             return Ok(committed);
         }
         match self.verify(key).await {
-            Ok(Some(found)) if found == (content_len, checksum) => {
+            Ok(Some(found)) if (found.content_len, found.checksum) == (content_len, checksum) => {
                 tracing::info!("{key} already holds exactly this content (a retried write)");
                 Ok(Committed::Created)
             }
-            Ok(_) | Err(RepoError::Codec(CodecError::Corrupt { .. })) => {
+            // A writer holding only recipients cannot read the object back: the caller judges.
+            Ok(_) | Err(RepoError::Codec(CodecError::Corrupt { .. }) | RepoError::Crypt(_)) => {
                 Ok(Committed::AlreadyExists)
             }
             Err(e) => Err(e),
         }
     }
 
+    /// Stores the identity object, which stays plain in an encrypted repository too: writers
+    /// that hold only recipients must read it (the cluster it holds, whether it is encrypted).
+    pub(super) async fn put_identity(&self, content: &[u8]) -> Result<Committed, RepoError> {
+        let key = layout::identity();
+        let mut writer = SealedWriter::plain(self.store.writer(&key)?, &key);
+        writer
+            .write(codec::encode_all(self.compression, content).into())
+            .await?;
+        Ok(writer.commit(PutMode::IfAbsent).await?.0)
+    }
+
     /// A small object's verified content, or `None` when absent.
     pub(crate) async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        Ok(Some(codec::decode_all(reader, key).await?))
+        let mut out = Vec::new();
+        while let Some(block) = decoder.next_block().await? {
+            out.extend_from_slice(block);
+        }
+        Ok(Some(out))
     }
 
     /// Like [`Repository::get_bytes`], refusing an object whose declared length `rule` does not
@@ -418,10 +621,9 @@ impl Repository {
         key: &str,
         rule: LengthRule,
     ) -> Result<Option<Vec<u8>>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let mut decoder = Decoder::new(reader, key).await?;
         check_length(&decoder, key, rule)?;
         let mut out = Vec::new();
         while let Some(block) = decoder.next_block().await? {
@@ -454,12 +656,11 @@ impl Repository {
         rule: LengthRule,
         name: impl FnOnce(Checksum) -> PathBuf,
     ) -> Result<Option<Checksum>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
         let temp = temp_beside(near);
         let written = async {
-            let mut decoder = Decoder::new(reader, key).await?;
             check_length(&decoder, key, rule)?;
             let mut out = File::create(&temp)
                 .await
@@ -482,17 +683,44 @@ impl Repository {
         publish(&temp, &dest, written).await.map(Some)
     }
 
-    /// Reads an object to its end, verifying it; returns its content length and checksum.
-    pub(crate) async fn verify(&self, key: &str) -> Result<Option<(u64, Checksum)>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+    /// Opens an object and reads its first block, so that an encrypted one the configured
+    /// identities cannot decrypt fails before a caller writes anything. An absent object passes:
+    /// reading it later reports it.
+    pub(crate) async fn check_readable(&self, key: &str) -> Result<(), RepoError> {
+        if let Some((mut decoder, _)) = self.decoder(key).await? {
+            decoder.next_block().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads an object to its end, verifying it (decrypting it first if it is encrypted, and
+    /// checking what its envelope says in clear against the content).
+    pub(crate) async fn verify(&self, key: &str) -> Result<Option<Verified>, RepoError> {
+        let Some((mut decoder, envelope)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let mut decoder = Decoder::new(reader, key).await?;
         while decoder.next_block().await?.is_some() {}
-        Ok(Some((
-            decoder.header().content_length,
-            decoder.checksum().unwrap_or(Checksum(0)),
-        )))
+        let content_len = decoder.header().content_length;
+        let actual = ClearContent {
+            len: content_len,
+            checksum: decoder.checksum().unwrap_or(Checksum(0)),
+        };
+        if let Some(clear) = envelope.as_ref().and_then(|e| e.content) {
+            if clear != actual {
+                return Err(RepoError::Codec(CodecError::Corrupt {
+                    object: key.to_owned(),
+                    problem: format!(
+                        "its envelope records {} bytes with {}, the content is {} bytes with {}",
+                        clear.len, clear.checksum, actual.len, actual.checksum
+                    ),
+                }));
+            }
+        }
+        Ok(Some(Verified {
+            content_len,
+            checksum: actual.checksum,
+            keys: envelope.map(|e| e.keys),
+        }))
     }
 
     /// Compares a stored object with a local file, reading both to the end so that both
@@ -502,10 +730,9 @@ impl Repository {
         key: &str,
         path: &Path,
     ) -> Result<Option<Comparison>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let mut decoder = Decoder::new(reader, key).await?;
         let (mut file, _) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
@@ -555,6 +782,30 @@ fn check_length<R: tokio::io::AsyncRead + Unpin>(
         key: key.to_owned(),
         declared,
         rule,
+    })
+}
+
+/// The length and crc32 of a local file, read once before it is encrypted.
+async fn file_content(path: &Path) -> Result<ClearContent, RepoError> {
+    let (mut file, len) = BlockFile::open(path)
+        .await
+        .map_err(RepoError::file("open", path))?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; MAX_BLOCK];
+    loop {
+        let n;
+        (buf, n) = file
+            .read(buf, MAX_BLOCK)
+            .await
+            .map_err(RepoError::file("read", path))?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+    }
+    Ok(ClearContent {
+        len,
+        checksum: Checksum(crc.finalize()),
     })
 }
 
@@ -695,12 +946,24 @@ pub mod testing {
 /// A repository in a local directory, for unit tests.
 #[cfg(test)]
 pub(crate) async fn local_for_tests(dir: &Path) -> Repository {
-    let settings = Settings::load(&crate::config::FlagValues {
+    local_with_keys_for_tests(dir, crate::config::EncryptionSettings::default())
+        .await
+        .unwrap()
+}
+
+/// Like [`local_for_tests`], with encryption keys.
+#[cfg(test)]
+pub(crate) async fn local_with_keys_for_tests(
+    dir: &Path,
+    encryption: crate::config::EncryptionSettings,
+) -> Result<Repository, RepoError> {
+    let mut settings = Settings::load(&crate::config::FlagValues {
         repo: Some(format!("file://{}", dir.display())),
         ..Default::default()
     })
     .unwrap();
-    Repository::open(&settings).await.unwrap()
+    settings.encryption = encryption;
+    Repository::open(&settings).await
 }
 
 #[cfg(test)]

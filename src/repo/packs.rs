@@ -58,10 +58,9 @@ impl Repository {
             key: key.to_owned(),
             source: e,
         })?;
-        let stored_len = encoded.len() as u64;
-        let mut writer = self.store.writer(key)?;
+        let mut writer = self.writer(key, None).await?;
         writer.write(encoded.into()).await?;
-        let committed = writer.commit(PutMode::IfAbsent).await?;
+        let (committed, stored_len) = writer.commit(PutMode::IfAbsent).await?;
         // A retried PUT may meet the object its first attempt stored.
         let committed = self.settle(key, committed, content_len, checksum).await?;
         Ok((
@@ -107,10 +106,9 @@ impl Repository {
         key: &str,
         wanted: Vec<WantedPiece>,
     ) -> Result<Option<PackPieces>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+        let Some((decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
-        let decoder = Decoder::new(reader, key).await?;
         let content = decoder.header().content_length;
         let mut order: Vec<usize> = (0..wanted.len()).collect();
         order.sort_by_key(|&i| wanted[i].at);

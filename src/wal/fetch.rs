@@ -106,9 +106,12 @@ pub(crate) async fn fetch(
                               segment is not stored",
                 }))
             }
-            // A declared length is what the object says, not a failure of the transfer.
+            // A declared length is what the object says, not a failure of the transfer; a
+            // missing key does not appear by trying again either.
             Err(FetchError::Repo(e))
-                if attempt < FETCH_ATTEMPTS && !matches!(e, RepoError::Length { .. }) =>
+                if attempt < FETCH_ATTEMPTS
+                    && !matches!(e, RepoError::Length { .. })
+                    && !e.is_missing_key() =>
             {
                 tracing::warn!(
                     "fetching {name} failed (attempt {attempt} of {FETCH_ATTEMPTS}): {e}"

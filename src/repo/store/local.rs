@@ -302,7 +302,7 @@ impl LocalWriter {
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => Committed::AlreadyExists,
                     Err(e) => return Err(io_err("link", &self.target)(e)),
                 },
-                PutMode::OverwriteDerived => {
+                PutMode::OverwriteDerived | PutMode::Replace => {
                     fs::rename(&temp, &self.target)
                         .await
                         .map_err(io_err("rename", &self.target))?;

@@ -75,6 +75,9 @@ pub(crate) enum PutMode {
     /// missing, empty or torn: readers must treat it as optional and check it (the codec does).
     /// S3 treats it as a plain PUT, every PUT being durable there.
     OverwriteDerived,
+    /// Durably replace an object with one of the same content (`walvault reencrypt`): readers
+    /// see the old object or the new one, both whole.
+    Replace,
 }
 
 /// How a commit ended.

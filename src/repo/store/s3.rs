@@ -9,6 +9,8 @@
 //! and is aborted if the writer fails or is dropped uncommitted. `IfAbsent` sends
 //! `If-None-Match: *`. Over https the CA certificates come from one bundle file read once per
 //! process ([`ca_bundle`]), not from every file of the system's certificate directory.
+//! Every `PutObject` and `CreateMultipartUpload` carries the configured server-side encryption
+//! and storage class ([`PutOptions`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -22,6 +24,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+    ServerSideEncryption as Sse, StorageClass,
 };
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
@@ -31,7 +34,8 @@ use rustls_pki_types::CertificateDer;
 
 use super::resume::{ResumingBody, Source};
 use super::{Committed, Leftover, Listed, ObjectReader, PutMode, StoreError};
-use crate::config::S3Settings;
+use crate::config::{S3Settings, ServerSideEncryption};
+use crate::repo::layout::ObjectKey;
 
 pub(crate) struct S3Store {
     client: Client,
@@ -41,6 +45,43 @@ pub(crate) struct S3Store {
     read_timeout: Duration,
     max_attempts: u32,
     part_size: usize,
+    options: PutOptions,
+}
+
+/// What every upload asks of the service besides its bytes: `s3.sse`, `s3.sse_kms_key_id`, and
+/// the storage class of WAL objects or of the rest.
+#[derive(Clone, Debug, Default)]
+struct PutOptions {
+    sse: Option<Sse>,
+    kms_key_id: Option<String>,
+    class_wal: Option<StorageClass>,
+    class_backup: Option<StorageClass>,
+}
+
+impl PutOptions {
+    fn new(s: &S3Settings) -> PutOptions {
+        let (sse, kms_key_id) = match &s.sse {
+            None => (None, None),
+            Some(ServerSideEncryption::Aes256) => (Some(Sse::Aes256), None),
+            Some(ServerSideEncryption::Kms { key_id }) => (Some(Sse::AwsKms), key_id.clone()),
+        };
+        PutOptions {
+            sse,
+            kms_key_id,
+            class_wal: s.storage_class_wal.as_deref().map(StorageClass::from),
+            class_backup: s.storage_class_backup.as_deref().map(StorageClass::from),
+        }
+    }
+
+    /// The storage class of `key`: WAL, summaries and streamed fragments are WAL's.
+    fn class(&self, key: &str) -> Option<StorageClass> {
+        match ObjectKey::parse(key) {
+            Some(ObjectKey::Wal(_) | ObjectKey::Summary(_) | ObjectKey::Fragment { .. }) => {
+                self.class_wal.clone()
+            }
+            _ => self.class_backup.clone(),
+        }
+    }
 }
 
 /// Whether `endpoint` is reached without TLS.
@@ -121,6 +162,7 @@ impl S3Store {
             read_timeout: s.timeout,
             max_attempts: s.max_attempts,
             part_size: s.part_size,
+            options: PutOptions::new(s),
         }
     }
 
@@ -356,6 +398,8 @@ impl S3Store {
             part_size: self.part_size,
             buffer: BytesMut::new(),
             upload: None,
+            class: self.options.class(key),
+            options: self.options.clone(),
         }
     }
 }
@@ -373,6 +417,8 @@ pub(crate) struct S3Writer {
     part_size: usize,
     buffer: BytesMut,
     upload: Option<Multipart>,
+    options: PutOptions,
+    class: Option<StorageClass>,
 }
 
 impl S3Writer {
@@ -411,6 +457,9 @@ impl S3Writer {
                 .bucket(&self.bucket)
                 .key(&self.full_key)
                 .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .set_server_side_encryption(self.options.sse.clone())
+                .set_ssekms_key_id(self.options.kms_key_id.clone())
+                .set_storage_class(self.class.clone())
                 .send()
                 .await
                 .map_err(|e| self.error("CreateMultipartUpload", &e))?;
@@ -465,6 +514,9 @@ impl S3Writer {
                 .bucket(&self.bucket)
                 .key(&self.full_key)
                 .set_if_none_match(if_none_match)
+                .set_server_side_encryption(self.options.sse.clone())
+                .set_ssekms_key_id(self.options.kms_key_id.clone())
+                .set_storage_class(self.class.clone())
                 .body(ByteStream::from(body))
                 .send()
                 .await
@@ -671,8 +723,37 @@ mod tests {
             timeout: Duration::MAX,
             max_attempts: u32::MAX,
             part_size: 5 << 20,
+            sse: None,
+            storage_class_wal: None,
+            storage_class_backup: None,
         };
         S3Store::new(&settings, "b".into(), String::new()).await;
+    }
+
+    #[test]
+    fn wal_objects_and_the_rest_get_their_own_storage_class() {
+        let options = PutOptions {
+            class_wal: Some(StorageClass::StandardIa),
+            class_backup: Some(StorageClass::GlacierIr),
+            ..Default::default()
+        };
+        for wal in [
+            "wal/000000010000000000000003",
+            "walsummary/000000010000000000000003",
+            "stream/000000010000000000000004/00002000-00003F10",
+        ] {
+            assert_eq!(options.class(wal), Some(StorageClass::StandardIa), "{wal}");
+        }
+        for other in [
+            "repository",
+            "backups/base_20261121T113128Z_00000001_0000000006000028/manifest",
+        ] {
+            assert_eq!(
+                options.class(other),
+                Some(StorageClass::GlacierIr),
+                "{other}"
+            );
+        }
     }
 
     #[test]
