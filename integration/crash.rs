@@ -30,6 +30,26 @@ const PAUSE: Duration = Duration::from_secs(90);
 /// Failpoints the main test does not pause at, and what covers them instead.
 const ELSEWHERE: &[(&str, &str)] = &[
     (
+        "delete-before-backups",
+        "retention::delete_killed_at_each_step_completes_when_run_again",
+    ),
+    (
+        "delete-after-manifest",
+        "retention::delete_killed_at_each_step_completes_when_run_again",
+    ),
+    (
+        "delete-before-wal",
+        "retention::delete_killed_at_each_step_completes_when_run_again",
+    ),
+    (
+        "delete-wal-batch",
+        "retention::delete_killed_at_each_step_completes_when_run_again",
+    ),
+    (
+        "delete-before-garbage",
+        "retention::delete_killed_at_each_step_completes_when_run_again",
+    ),
+    (
         "receive-fragment-stored",
         "wal_receive_killed_at_every_failpoint",
     ),
@@ -460,7 +480,7 @@ fn kills_at_every_failpoint_and_at_random_under_load(kind: RepoKind) {
     let local_only: BTreeSet<&str> = local_steps.into_iter().collect();
     let missing: Vec<&&str> = all
         .iter()
-        .filter(|p| !(covered.contains(*p) || kind == RepoKind::S3 && local_only.contains(*p)))
+        .filter(|p| !(covered.contains(*p) || kind != RepoKind::Local && local_only.contains(*p)))
         .collect();
     assert!(
         missing.is_empty(),

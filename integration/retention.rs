@@ -233,7 +233,8 @@ fn delete_keeps_what_recovery_needs(kind: RepoKind) {
 fn delete_killed_at_each_step_completes_when_run_again(kind: RepoKind) {
     let env = TestEnv::new("retention-kill");
     let (_repo, wv, source) = archiving_source(&env, kind);
-    for _ in 0..3 {
+    // With the backup archiving_source took, six fulls: each step below expires one.
+    for _ in 0..5 {
         insert(&source, 1, 2);
         archive_everything(&source);
         push(&env, &wv, &source, &["--full"]);
@@ -245,7 +246,9 @@ fn delete_killed_at_each_step_completes_when_run_again(kind: RepoKind) {
     let rows = ids(&source, "");
     archive_everything(&source);
     for (point, keep) in [
-        ("delete-after-manifest", "3"),
+        ("delete-before-backups", "5"),
+        ("delete-after-manifest", "4"),
+        ("delete-before-wal", "3"),
         ("delete-wal-batch", "2"),
         ("delete-before-garbage", "1"),
     ] {
