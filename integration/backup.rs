@@ -57,7 +57,7 @@ pub(crate) struct Listed {
     page_checksum_failures: u64,
     /// "wal" or "scan" for a delta.
     #[serde(default)]
-    delta_source: Option<String>,
+    pub(crate) delta_source: Option<String>,
 }
 
 pub(crate) fn backup_list(wv: &Walvault) -> Vec<Listed> {

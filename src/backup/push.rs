@@ -354,7 +354,7 @@ async fn plan_files(
         };
         let paged = walk::is_paged_relation(&path);
         let ctx = FileCtx {
-            parent_size: if paged {
+            parent_size: if paged && !walk::is_visibility_map(&path) {
                 parent_sizes.get(path.as_str()).copied()
             } else {
                 None

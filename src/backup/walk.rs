@@ -138,6 +138,14 @@ pub(crate) fn is_paged_relation(path: &str) -> bool {
     in_db_dir && matches!(RelFile::parse(name), Some(r) if !r.temp && r.fork != Fork::Fsm)
 }
 
+/// Whether `path` is a visibility map fork: PostgreSQL clears its bits in place (heap deletes
+/// and updates WAL-log only the heap page) without a new page LSN, so no page scan can tell
+/// a changed map page, and a delta stores the map whole (one page covers 32768 heap pages).
+pub(crate) fn is_visibility_map(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    matches!(RelFile::parse(name), Some(r) if r.fork == Fork::Vm)
+}
+
 /// The segment number of a relation file (`.N` suffix), for absolute block numbers.
 pub(crate) fn segment_number(path: &str) -> u32 {
     let name = path.rsplit('/').next().unwrap_or(path);
