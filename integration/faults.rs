@@ -662,3 +662,87 @@ fn disk_full_on_the_receive_spool() {
     walvault.run(&["verify"]).assert_success();
     drop(receiver);
 }
+
+/// backup-push's SQL session goes through a proxy that resets, cuts off, stalls, black holes
+/// and slows it: every run ends within its bound (PGCONNECT_TIMEOUT and `pg_timeout` per call),
+/// succeeding or failing with a message naming the connection, and a failed run lists no
+/// backup; with the faults off the next run completes, and the newest backup restores equal to
+/// the source.
+#[test]
+fn backup_push_through_a_faulty_sql_connection() {
+    let env = TestEnv::new("faults-sql");
+    let (_repo, wv, source) = crate::recover::archiving_source(&env, RepoKind::Local);
+    source.psql("INSERT INTO t (client) SELECT 1 FROM generate_series(1, 5000)");
+    let proxy = Proxy::start(
+        &format!("127.0.0.1:{}", source.port()),
+        Schedule {
+            seed: 0x5eed_0005,
+            per_mille: 1000,
+            faults: STREAM_FAULTS.to_vec(),
+            // The session's whole conversation is a few KiB: faults land anywhere in it.
+            max_offset: 4 << 10,
+            stall: Duration::from_secs(8),
+            spare_first: 0,
+        },
+    );
+    let port = proxy.port().to_string();
+    let datadir = source.datadir().to_str().unwrap().to_owned();
+    let sql_env = [
+        ("PGHOST", "127.0.0.1"),
+        ("PGPORT", port.as_str()),
+        ("PGUSER", "postgres"),
+        ("PGDATABASE", "postgres"),
+        ("PGDATA", datadir.as_str()),
+        ("PGCONNECT_TIMEOUT", "3"),
+        ("WALVAULT_PG_TIMEOUT", "3s"),
+    ];
+    // Connecting, the server facts, start, stop: a handful of bounded calls, each retried over
+    // libpq's host list at most once, plus reading a small cluster.
+    let bound = Duration::from_secs(60);
+    let before = crate::backup::backup_list(&wv).len();
+    let (mut failed, mut over_bound) = (0, 0);
+    for run in 0..6 {
+        let started = Instant::now();
+        let out = wv.run_with_env(&["backup-push", "--full"], &sql_env);
+        if started.elapsed() > bound {
+            over_bound += 1;
+        }
+        let listed = crate::backup::backup_list(&wv).len();
+        if out.code() == Some(0) {
+            assert_eq!(listed, before + run - failed + 1, "{out}");
+        } else {
+            failed += 1;
+            assert_eq!(
+                listed,
+                before + run + 1 - failed,
+                "a failed backup is listed\n{out}"
+            );
+            out.assert_stderr_contains("127.0.0.1");
+        }
+    }
+    let stats = proxy.stats();
+    record(
+        "backup-push through a faulty SQL connection",
+        RepoKind::Local,
+        &[&stats],
+        0,
+        over_bound,
+        0,
+    );
+    assert_eq!(over_bound, 0, "a backup-push ran past {bound:?}");
+    assert!(failed > 0, "no fault broke a session: {stats}");
+    proxy.set_enabled(false);
+    wv.run_with_env(&["backup-push", "--full"], &sql_env)
+        .assert_success();
+    wv.run(&["verify"]).assert_success();
+    std::thread::sleep(Duration::from_millis(1100));
+    let expected = crate::recover::ids(&source, "");
+    let newest = crate::backup::backup_list(&wv).pop().unwrap().name;
+    let (restored, out) = crate::recover::recover_and_start(
+        &env,
+        &wv,
+        "restored",
+        &["--backup", &newest, "--target-immediate"],
+    );
+    assert_eq!(crate::recover::ids(&restored, ""), expected, "{out}");
+}
