@@ -602,8 +602,8 @@ fn full_size_segments_in_parts(kind: RepoKind) {
     }
     let verify = walvault.run(&["verify"]);
     verify.assert_success();
-    // The identity, two segments and their two summaries.
-    assert_eq!(verify_summary(&verify), (5, 0), "{verify}");
+    // The identity, two segments, their two summaries and the status object.
+    assert_eq!(verify_summary(&verify), (6, 0), "{verify}");
 }
 
 /// A mistyped command gets suggestions of commands a user can run, never the internal helpers
@@ -638,5 +638,5 @@ fn command_help_keeps_global_options_apart() {
             .unwrap_or_else(|| panic!("{needle:?} not in the help:\n{out}"))
     };
     assert!(at("--pgdata") < at("Global options:"), "{out}");
-    assert!(at("Global options:") < at("--config"), "{out}");
+    assert!(at("Global options:") < at("--config <FILE>"), "{out}");
 }

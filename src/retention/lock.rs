@@ -2,9 +2,11 @@
 //!
 //! The lock is the object `locks/retention`, created only if absent (S3: `If-None-Match: *`;
 //! local: a hard link, which the kernel refuses over an existing name), holding the holder's
-//! host, process id, start time and a random token. After creating it the holder reads it back
-//! and proceeds only if the token is its own, so a server that ignores `If-None-Match` still lets
-//! only the last writer through. A lock is stale, and taken over with a warning, when its process
+//! host, process id, start time and a random token. A lock that is there already is read
+//! first and refused unless stale, so a server that ignores `If-None-Match` (Garage) does not
+//! let a second `delete` overwrite a held lock; after creating it the holder reads it back and
+//! proceeds only if the token is its own, so of two racing creators only the last goes on. A
+//! lock is stale, and taken over with a warning, when its process
 //! is gone on this same host, or when it is older than [`STALE_AFTER`] (a holder on another host
 //! that died). Deleting it releases it. Used by `delete` and auto retention after `backup-push`.
 
@@ -80,6 +82,13 @@ pub(crate) async fn acquire(repo: &Repository) -> Result<Held, RetentionError> {
     let json = serde_json::to_vec(&me).unwrap_or_default();
     // A second round only after a stale lock was removed.
     for _ in 0..2 {
+        if let Some(holder) = read(repo).await? {
+            if !stale(&holder, &me) {
+                return Err(locked(&holder));
+            }
+            tracing::warn!("taking over the stale retention lock ({holder})");
+            repo.delete(&key()).await?;
+        }
         // Whether this call created the object or not, what is stored now decides.
         repo.put_bytes(&key(), &json, PutMode::IfAbsent).await?;
         let Some(holder) = read(repo).await? else {
@@ -89,10 +98,7 @@ pub(crate) async fn acquire(repo: &Repository) -> Result<Held, RetentionError> {
             return Ok(Held { token: me.token });
         }
         if !stale(&holder, &me) {
-            return Err(RetentionError::Locked {
-                holder: holder.to_string(),
-                stale_after: humantime::format_duration(STALE_AFTER).to_string(),
-            });
+            return Err(locked(&holder));
         }
         tracing::warn!("taking over the stale retention lock ({holder})");
         repo.delete(&key()).await?;
@@ -101,6 +107,13 @@ pub(crate) async fn acquire(repo: &Repository) -> Result<Held, RetentionError> {
         holder: "taken again by another delete while a stale lock was replaced".into(),
         stale_after: humantime::format_duration(STALE_AFTER).to_string(),
     })
+}
+
+fn locked(holder: &Holder) -> RetentionError {
+    RetentionError::Locked {
+        holder: holder.to_string(),
+        stale_after: humantime::format_duration(STALE_AFTER).to_string(),
+    }
 }
 
 async fn read(repo: &Repository) -> Result<Option<Holder>, RetentionError> {
