@@ -687,8 +687,11 @@ async fn run_workers(
     let mut done = Vec::new();
     for file in range {
         let size = shared.files[file].size;
-        if size == 0 {
-            // Nothing to read; the file is recorded empty.
+        let whole = [(0, size)];
+        let reads = shared.files[file].reads.as_deref().unwrap_or(&whole);
+        if size == 0 || reads.is_empty() {
+            // Nothing to read: the file is recorded empty, or (nothing changed) with its size
+            // and its pages from the parent.
             done.push(ChunkDone {
                 file,
                 offset: 0,
@@ -699,20 +702,6 @@ async fn run_workers(
                 vanished: !shared.files[file].source.exists(),
             });
             continue;
-        }
-        let whole = [(0, size)];
-        let reads = shared.files[file].reads.as_deref().unwrap_or(&whole);
-        if reads.is_empty() {
-            // Nothing changed: the file is recorded with its size, its pages from the parent.
-            done.push(ChunkDone {
-                file,
-                offset: 0,
-                read: 0,
-                crc: crc32fast::Hasher::new(),
-                pieces: Vec::new(),
-                failures: Vec::new(),
-                vanished: !shared.files[file].source.exists(),
-            });
         }
         for &(start, len) in reads {
             let mut offset = start;
