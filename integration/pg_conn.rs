@@ -382,7 +382,7 @@ fn backup_stop_gives_up_when_archiving_fails() {
         ],
     );
     out.assert_failure()
-        .assert_stderr_contains("pg_backup_stop did not finish within 6s")
+        .assert_stderr_contains("did not reach the repository within 6s (backup_stop_timeout)")
         .assert_stderr_contains("archive_command is failing on WAL segment 00000001000000000000000")
         .assert_stderr_contains("still waiting for WAL archiving");
     assert!(

@@ -255,7 +255,7 @@ pub(crate) struct Settings {
     pub(crate) delta_max_steps: u32,
     /// Bound on one reply on the SQL connection (backup-push, recover --start).
     pub(crate) pg_timeout: Duration,
-    /// Bound on `pg_backup_stop`, which waits until WAL archiving caught up.
+    /// Bound on the wait for the backup's last WAL segment to reach the repository.
     pub(crate) backup_stop_timeout: Duration,
     /// `[retention]`: the policy `delete` applies (its flags layered over it).
     pub(crate) retention: crate::retention::Policy,

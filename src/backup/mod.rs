@@ -17,7 +17,7 @@ pub(crate) mod manifest;
 pub(crate) mod page;
 pub(crate) mod progress;
 pub(crate) mod push;
-pub(crate) mod standby;
+pub(crate) mod stop_wal;
 mod tree;
 pub(crate) mod walk;
 pub(crate) mod window;

@@ -36,7 +36,7 @@ use super::manifest::{
     Piece, Storage, Summary, Tablespace, FORMAT,
 };
 use super::page::{self, BlockNo, BLCKSZ};
-use super::standby::{self, StandbyOptions, StopWal};
+use super::stop_wal::{self, Shipper, StandbyOptions, StopWal};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
 use crate::pg::{BackupSession, BackupStop, ConnTarget, ServerInfo, Timeouts};
@@ -169,9 +169,17 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         verify_map(&shared, p.summary.start_lsn, started.lsn).await?;
     }
 
-    let stop = if info.in_recovery {
-        tracing::info!("all files read; stopping the backup on the standby");
-        let stop = session.stop(false).await?;
+    tracing::info!("all files read; stopping the backup");
+    let stop = session.stop().await?;
+    let shipper = if info.in_recovery {
+        Some(Shipper::Primary(&opts.standby))
+    } else if info.archive_mode == "off" {
+        // Nothing archives here; the warning at the start said what a restore will need.
+        None
+    } else {
+        Some(Shipper::Archiver(&session))
+    };
+    if let Some(shipper) = shipper {
         let wal = StopWal {
             repo: &repo,
             system_identifier: info.system_identifier,
@@ -181,12 +189,8 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
             reply: opts.pg_timeouts.reply,
             progress: opts.progress,
         };
-        standby::wait_for_stop_wal(&wal, &opts.standby).await?;
-        stop
-    } else {
-        tracing::info!("all files read; stopping the backup (PostgreSQL waits until its last WAL segment is archived)");
-        session.stop(true).await?
-    };
+        stop_wal::wait_for_stop_wal(&wal, &shipper).await?;
+    }
     tracing::info!("backup {} stopped at {}", started.name, stop.lsn);
     crate::failpoint::pause_if_enabled("backup-push-stopped").await;
     let mut manifest = manifest(

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::backup::fetch::{self, FetchOptions};
 use crate::backup::manifest::{DeltaSource, Summary};
 use crate::backup::push::{self, Mode, PushOptions};
-use crate::backup::standby::StandbyOptions;
+use crate::backup::stop_wal::StandbyOptions;
 use crate::backup::window::{Recoverable, TimelineChoice, WindowError};
 use crate::cli::BackupPushArgs;
 use crate::config::Settings;

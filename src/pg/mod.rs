@@ -50,9 +50,10 @@ pub(crate) enum PgError {
         after: Duration,
         hint: &'static str,
     },
-    #[error("PostgreSQL at {target}: pg_backup_stop did not finish within {after}: it waits until the backup's last WAL segment is archived, and {archiving}; fix archive_command (see PostgreSQL's log) or raise backup_stop_timeout (WALVAULT_BACKUP_STOP_TIMEOUT); this backup is abandoned")]
+    #[error("PostgreSQL at {target}: the backup's last WAL segment {segment} did not reach the repository within {after} (backup_stop_timeout): {archiving}; fix archive_command (see PostgreSQL's log) or raise backup_stop_timeout (WALVAULT_BACKUP_STOP_TIMEOUT); this backup is abandoned")]
     BackupStopTimeout {
         target: String,
+        segment: String,
         after: String,
         archiving: String,
     },
@@ -258,7 +259,7 @@ pub(crate) struct BackupSession {
 pub(crate) struct Timeouts {
     /// One query's reply (`pg_timeout`).
     pub(crate) reply: Duration,
-    /// `pg_backup_stop`, which waits until WAL archiving caught up (`backup_stop_timeout`).
+    /// Archiving the backup's stop segment into the repository (`backup_stop_timeout`).
     pub(crate) backup_stop: Duration,
 }
 
@@ -372,53 +373,22 @@ impl BackupSession {
         Ok((lsn, u32::try_from(timeline).unwrap_or(0)))
     }
 
-    /// Stops the backup, waiting until its last WAL segment is archived, for at most
-    /// `backup_stop` and logging what archiving does meanwhile. With `wait_for_archive` false
-    /// (a standby, whose own archiver does not ship the primary's WAL) it returns at once and
-    /// the caller waits for the WAL itself.
-    pub(crate) async fn stop(&self, wait_for_archive: bool) -> Result<BackupStop, PgError> {
+    /// Stops the backup without waiting for archiving: PostgreSQL's own wait sleeps a whole
+    /// second between looks, so the caller waits for the stop segment in the repository instead
+    /// (a standby's `pg_backup_stop` would not wait for it anyway).
+    pub(crate) async fn stop(&self) -> Result<BackupStop, PgError> {
         let sql = if self.info.major() >= 15 {
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop($1)"
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
         } else {
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, $1)"
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
         };
-        let bound = self.timeouts.backup_stop;
-        let every = (bound / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let started = tokio::time::Instant::now();
-        let deadline = started + bound;
-        let mut next_report = started + every;
-        let mut archiver = ArchiverWatch {
-            conn: &self.conn,
-            reply: self.timeouts.reply,
-            client: None,
-        };
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&wait_for_archive];
-        let stop = self.client.query_one(sql, &params);
-        tokio::pin!(stop);
-        let row = loop {
-            tokio::select! {
-                row = &mut stop => break row.map_err(|source| PgError::Query {
-                    target: self.target.clone(),
-                    what: "stopping the backup",
-                    source,
-                })?,
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(PgError::BackupStopTimeout {
-                        target: self.target.clone(),
-                        after: humantime::format_duration(bound).to_string(),
-                        archiving: archiver.describe().await,
-                    });
-                }
-                () = tokio::time::sleep_until(next_report) => {
-                    next_report += every;
-                    tracing::info!(
-                        "pg_backup_stop is still waiting for WAL archiving after {}: {}",
-                        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
-                        archiver.describe().await
-                    );
-                }
-            }
-        };
+        let row = bounded(
+            &self.target,
+            "stopping the backup",
+            self.timeouts.reply,
+            self.client.query_one(sql, &[]),
+        )
+        .await?;
         let lsn = self.lsn(row.get(0))?;
         let label: Option<String> = row.get(1);
         let map: Option<String> = row.get(2);
@@ -427,6 +397,16 @@ impl BackupSession {
             backup_label: label.unwrap_or_default(),
             tablespace_map: map.filter(|m| !m.is_empty()),
         })
+    }
+
+    /// How long archiving may take to bring the stop segment to the repository.
+    pub(crate) fn backup_stop_timeout(&self) -> Duration {
+        self.timeouts.backup_stop
+    }
+
+    /// What this server's archiver is doing, from `pg_stat_archiver` on a second session.
+    pub(crate) async fn archiving(&self) -> String {
+        describe_archiver(&self.conn, self.timeouts.reply).await
     }
 
     /// The server's `config_file`, `hba_file` and `ident_file` (names and values), those this
@@ -500,71 +480,46 @@ pub(crate) async fn bounded<T>(
         })
 }
 
-/// Reads `pg_stat_archiver` on a second session while `pg_backup_stop` waits on the first.
-struct ArchiverWatch<'a> {
-    conn: &'a ConnTarget,
-    reply: Duration,
-    client: Option<Client>,
-}
-
-/// What archiving is doing according to `pg_stat_archiver`, in words naming the segments (the
-/// last failure, if it is more recent than the last success); never fails.
+/// What archiving is doing according to `pg_stat_archiver` (read on a session of its own), in
+/// words naming the segments (the last failure, if it is more recent than the last success);
+/// never fails: a failure to look is itself the description.
 pub(crate) async fn describe_archiver(conn: &ConnTarget, reply: Duration) -> String {
-    ArchiverWatch {
-        conn,
-        reply,
-        client: None,
+    match look_at_archiver(conn, reply).await {
+        Ok(words) => words,
+        Err(e) => format!("archiver status unknown ({e})"),
     }
-    .describe()
-    .await
 }
 
-impl ArchiverWatch<'_> {
-    /// What archiving is doing, in words naming the segments; never fails (a failure to look
-    /// is itself the description).
-    async fn describe(&mut self) -> String {
-        match self.look().await {
-            Ok(words) => words,
-            Err(e) => format!("archiver status unknown ({e})"),
-        }
-    }
-
-    async fn look(&mut self) -> Result<String, PgError> {
-        let client = match self.client.take() {
-            Some(client) => client,
-            None => self.conn.connect().await?,
-        };
-        let row = bounded(
-            &self.conn.shown,
-            "reading pg_stat_archiver",
-            self.reply,
-            client.query_one(
-                "SELECT last_archived_wal, last_failed_wal, failed_count, \
+async fn look_at_archiver(conn: &ConnTarget, reply: Duration) -> Result<String, PgError> {
+    let client = conn.connect().await?;
+    let row = bounded(
+        &conn.shown,
+        "reading pg_stat_archiver",
+        reply,
+        client.query_one(
+            "SELECT last_archived_wal, last_failed_wal, failed_count, \
                  last_failed_time::text, \
                  last_failed_time IS NOT NULL \
                    AND (last_archived_time IS NULL OR last_failed_time > last_archived_time) \
                  FROM pg_stat_archiver",
-                &[],
-            ),
-        )
-        .await?;
-        // Kept only after a good answer, so a broken session is replaced at the next look.
-        self.client = Some(client);
-        let archived: Option<String> = row.get(0);
-        let failed: Option<String> = row.get(1);
-        let failures: i64 = row.get(2);
-        let failed_at: Option<String> = row.get(3);
-        let failing: bool = row.get(4);
-        let archived = archived.unwrap_or_else(|| "none yet".into());
-        Ok(match failed {
-            Some(segment) if failing => format!(
-                "archive_command is failing on WAL segment {segment} ({failures} failures, the \
+            &[],
+        ),
+    )
+    .await?;
+    let archived: Option<String> = row.get(0);
+    let failed: Option<String> = row.get(1);
+    let failures: i64 = row.get(2);
+    let failed_at: Option<String> = row.get(3);
+    let failing: bool = row.get(4);
+    let archived = archived.unwrap_or_else(|| "none yet".into());
+    Ok(match failed {
+        Some(segment) if failing => format!(
+            "archive_command is failing on WAL segment {segment} ({failures} failures, the \
                  last at {}); last archived: {archived}",
-                failed_at.unwrap_or_default()
-            ),
-            _ => format!("no archiving failure since the last success; last archived: {archived}"),
-        })
-    }
+            failed_at.unwrap_or_default()
+        ),
+        _ => format!("no archiving failure since the last success; last archived: {archived}"),
+    })
 }
 
 #[cfg(test)]

@@ -1,18 +1,15 @@
-//! Backups from a streaming standby: what differs from a backup of the primary.
-//!
-//! A standby's `pg_backup_stop` does not wait for archiving (its archiver does not ship the
-//! primary's WAL unless `archive_mode = always`), so after the stop the backup waits, bounded,
-//! until the repository holds the WAL up to the stop LSN: the whole stop segment (from the
-//! primary's `archive_command`) or `wal-receive` fragments reaching the stop LSN. With a
-//! primary connection it forces a WAL switch there so the stop segment is completed soon.
-//! Used by backup/push.
+//! The end of a backup: waiting, bounded, until the repository holds the WAL up to its stop LSN,
+//! the whole stop segment or `wal-receive` fragments reaching it. walvault waits itself rather
+//! than in `pg_backup_stop`: PostgreSQL looks once a second, and a standby's archiver does not
+//! ship the primary's WAL at all. On a primary the wait watches `pg_stat_archiver`; on a standby
+//! it may force WAL switches on the primary (`--primary-conninfo`). Used by backup/push.
 
 use std::time::Duration;
 
 use walvault_wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
 
 use super::{progress, BackupError};
-use crate::pg::{self, ConnTarget};
+use crate::pg::{self, BackupSession, ConnTarget, PgError};
 use crate::repo::layout;
 use crate::repo::Repository;
 use crate::wal::fragments;
@@ -24,6 +21,14 @@ pub(crate) struct StandbyOptions {
     pub(crate) wal_wait: Duration,
     /// A connection to the primary for `pg_switch_wal()`, if given.
     pub(crate) primary_conninfo: Option<String>,
+}
+
+/// Who ships the stop segment to the repository.
+pub(crate) enum Shipper<'a> {
+    /// The backed-up primary's own archiver, watched through `pg_stat_archiver`.
+    Archiver(&'a BackupSession),
+    /// Whatever archives the WAL of the backed-up standby's primary.
+    Primary(&'a StandbyOptions),
 }
 
 /// What the wait is for: the WAL of one backup up to its stop LSN.
@@ -59,26 +64,35 @@ fn stop_segment(
     Ok((name, needed))
 }
 
-/// Waits, within `opts.wal_wait`, until the repository holds the backup's WAL up to its stop
-/// LSN; fails naming the segment and the LSN when it does not arrive.
+/// Waits until the repository holds the backup's WAL up to its stop LSN, within
+/// `backup_stop_timeout` (primary) or `--wal-wait-timeout` (standby); fails naming the segment
+/// and the LSN when it does not arrive.
 pub(crate) async fn wait_for_stop_wal(
     wal: &StopWal<'_>,
-    opts: &StandbyOptions,
+    shipper: &Shipper<'_>,
 ) -> Result<(), BackupError> {
     let (segment, needed) = stop_segment(wal.timeline, wal.stop_lsn, wal.segment_size)?;
-    let primary = opts
-        .primary_conninfo
-        .as_deref()
-        .map(|c| ConnTarget::resolve(Some(c)))
-        .transpose()?;
+    let (bound, primary) = match shipper {
+        Shipper::Archiver(session) => (session.backup_stop_timeout(), None),
+        Shipper::Primary(opts) => (
+            opts.wal_wait,
+            opts.primary_conninfo
+                .as_deref()
+                .map(|c| ConnTarget::resolve(Some(c)))
+                .transpose()?,
+        ),
+    };
     let spinner = progress::spinner(wal.progress, format!("waiting for WAL segment {segment}"));
     let started = tokio::time::Instant::now();
-    let deadline = started + opts.wal_wait;
+    let deadline = started + bound;
     // Switching again later helps when the first switch came before the primary had written
     // past the stop LSN; a switch with nothing new written is a no-op on the primary.
     let switch_every = Duration::from_secs(15);
     let mut next_switch = started;
-    let mut pause = Duration::from_millis(100);
+    let report_every = (bound / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut next_report = started + report_every;
+    // The archiver usually delivers within tens of milliseconds of the stop's WAL switch.
+    let mut pause = Duration::from_millis(20);
     let mut last_problem = None;
     loop {
         if arrived(wal.repo, &segment, needed).await? {
@@ -92,11 +106,28 @@ pub(crate) async fn wait_for_stop_wal(
         let now = tokio::time::Instant::now();
         if now >= deadline {
             spinner.finish_and_clear();
-            return Err(not_arrived(wal, opts, &segment, last_problem));
+            return Err(match shipper {
+                Shipper::Archiver(session) => PgError::BackupStopTimeout {
+                    target: session.target().to_owned(),
+                    segment: segment.to_string(),
+                    after: humantime::format_duration(bound).to_string(),
+                    archiving: session.archiving().await,
+                }
+                .into(),
+                Shipper::Primary(opts) => not_arrived(wal, opts, &segment, last_problem),
+            });
         }
         if let Some(primary) = primary.as_ref().filter(|_| now >= next_switch) {
             next_switch = now + switch_every;
             last_problem = switch(primary, wal).await.err();
+        }
+        if let (Shipper::Archiver(session), true) = (shipper, now >= next_report) {
+            next_report = now + report_every;
+            tracing::info!(
+                "still waiting for WAL archiving of {segment} after {} s: {}",
+                started.elapsed().as_secs(),
+                session.archiving().await
+            );
         }
         spinner.set_message(format!(
             "waiting for WAL segment {segment} (stop {}) to reach the repository: {} s",
@@ -105,7 +136,7 @@ pub(crate) async fn wait_for_stop_wal(
         ));
         let wake = (now + pause).min(deadline);
         tokio::time::sleep_until(wake).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
