@@ -627,8 +627,26 @@ fn recover_from_a_delta_chain(kind: RepoKind) {
         "{dry}"
     );
     assert!(!dir.exists(), "a dry run writes nothing");
-    let (r, out) = recover_and_start(&env, &wv, "delta", &["--target-time", &target]);
+    let (mut r, out) = recover_and_start(&env, &wv, "delta", &["--target-time", &target]);
     assert_eq!(ids(&r, ""), expected, "{out}");
+
+    // Rewinding in place: the recovered server, promoted to a timeline of its own and given a
+    // row of its own, is taken to a later point by `recover --delta` over its data directory.
+    let later = last_commit_time(&source, "");
+    let later_expected = ids(&source, "");
+    let delta_args = ["--target-time", later.as_str(), "--delta"];
+    recover_start(&env, &wv, &dir, &delta_args)
+        .assert_failure()
+        .assert_stderr_contains("postmaster.pid");
+    r.psql("INSERT INTO t (client) VALUES (4)");
+    r.stop();
+    let out = recover_start(&env, &wv, &dir, &delta_args);
+    out.assert_success();
+    assert!(out.stderr.contains("differ and are written"), "{out}");
+    let mut again = env.cluster_from_copy(ClusterConfig::new("delta-again"), &dir);
+    again.stop();
+    again.start();
+    assert_eq!(ids(&again, ""), later_expected, "{out}");
 }
 
 /// Every refusal names its reason and the window and leaves the target directory untouched.
