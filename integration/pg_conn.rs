@@ -10,7 +10,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::harness::cmd::{path_str, Walvault};
+use crate::harness::cmd::{path_str, RunOutput, Walvault};
 use crate::harness::repo::toml_str;
 use crate::harness::{give_to_postgres, ClusterConfig, RepoKind, TestEnv};
 
@@ -356,35 +356,60 @@ fn a_server_that_stops_answering_queries_is_given_up_on() {
     );
 }
 
-/// pg_backup_stop waits while archive_command fails: backup-push reports the segment it waits
-/// for and gives up after backup_stop_timeout.
-#[test]
-fn backup_stop_gives_up_when_archiving_fails() {
-    let env = TestEnv::new("pg-stop-bound");
+/// A backup-push of a cluster archiving with `archive_command`, within `backup_stop_timeout`.
+fn push_archiving_with(env: &TestEnv, archive_command: &str, stop_timeout: &str) -> RunOutput {
     let repo = env.repo(RepoKind::Local);
     let wv = env.walvault(repo.config_path());
     let cluster = env.cluster(
-        ClusterConfig::new("stuck")
+        ClusterConfig::new("archiving")
             .set("wal_level", "replica")
             .set("archive_mode", "on")
-            .set("archive_command", "false"),
+            .set("archive_command", archive_command),
     );
     let port = cluster.port().to_string();
-    let started = Instant::now();
-    let out = wv.run_with_env(
+    wv.run_with_env(
         &["backup-push"],
         &[
             ("PGHOST", path_str(env.path())),
             ("PGPORT", &port),
             ("PGUSER", "postgres"),
             ("PGDATA", path_str(cluster.datadir())),
-            ("WALVAULT_BACKUP_STOP_TIMEOUT", "6s"),
+            ("WALVAULT_BACKUP_STOP_TIMEOUT", stop_timeout),
         ],
-    );
-    out.assert_failure()
+    )
+}
+
+/// While archive_command fails, backup-push waits for the stop segment, reports the segment
+/// archiving fails on and gives up after backup_stop_timeout.
+#[test]
+fn backup_stop_gives_up_when_archiving_fails() {
+    let env = TestEnv::new("pg-stop-bound");
+    let started = Instant::now();
+    push_archiving_with(&env, "false", "6s")
+        .assert_failure()
         .assert_stderr_contains("did not reach the repository within 6s (backup_stop_timeout)")
         .assert_stderr_contains("archive_command is failing on WAL segment 00000001000000000000000")
         .assert_stderr_contains("still waiting for WAL archiving");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// An archive_command that ships elsewhere (as `pg_backup_stop`'s own wait allowed): the backup
+/// completes once the archiver is done with the stop segment, and says the WAL is not in the
+/// repository.
+#[test]
+fn backup_stop_accepts_archiving_elsewhere_with_a_warning() {
+    let env = TestEnv::new("pg-stop-elsewhere");
+    let elsewhere = env.unique_dir("elsewhere");
+    give_to_postgres(&elsewhere);
+    let command = format!("cp %p {}/%f", elsewhere.display());
+    let started = Instant::now();
+    push_archiving_with(&env, &command, "10m")
+        .assert_success()
+        .assert_stderr_contains("was archived by archive_command, but not into");
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "{:?}",

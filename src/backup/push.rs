@@ -177,7 +177,10 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         // Nothing archives here; the warning at the start said what a restore will need.
         None
     } else {
-        Some(Shipper::Archiver(&session))
+        Some(Shipper::Archiver {
+            session: &session,
+            pgdata: &pgdata,
+        })
     };
     if let Some(shipper) = shipper {
         let wal = StopWal {

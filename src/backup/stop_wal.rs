@@ -4,6 +4,7 @@
 //! ship the primary's WAL at all. On a primary the wait watches `pg_stat_archiver`; on a standby
 //! it may force WAL switches on the primary (`--primary-conninfo`). Used by backup/push.
 
+use std::path::Path;
 use std::time::Duration;
 
 use walvault_wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
@@ -25,8 +26,12 @@ pub(crate) struct StandbyOptions {
 
 /// Who ships the stop segment to the repository.
 pub(crate) enum Shipper<'a> {
-    /// The backed-up primary's own archiver, watched through `pg_stat_archiver`.
-    Archiver(&'a BackupSession),
+    /// The backed-up primary's own archiver, watched through `pg_stat_archiver` and its
+    /// data directory's `archive_status`.
+    Archiver {
+        session: &'a BackupSession,
+        pgdata: &'a Path,
+    },
     /// Whatever archives the WAL of the backed-up standby's primary.
     Primary(&'a StandbyOptions),
 }
@@ -73,7 +78,7 @@ pub(crate) async fn wait_for_stop_wal(
 ) -> Result<(), BackupError> {
     let (segment, needed) = stop_segment(wal.timeline, wal.stop_lsn, wal.segment_size)?;
     let (bound, primary) = match shipper {
-        Shipper::Archiver(session) => (session.backup_stop_timeout(), None),
+        Shipper::Archiver { session, .. } => (session.backup_stop_timeout(), None),
         Shipper::Primary(opts) => (
             opts.wal_wait,
             opts.primary_conninfo
@@ -103,11 +108,24 @@ pub(crate) async fn wait_for_stop_wal(
             );
             return Ok(());
         }
+        if let Shipper::Archiver { pgdata, .. } = shipper {
+            if archived_elsewhere(pgdata, &segment) && !arrived(wal.repo, &segment, needed).await? {
+                spinner.finish_and_clear();
+                tracing::warn!(
+                    "WAL segment {segment} (the backup's stop at {}) was archived by \
+                     archive_command, but not into {}: restoring this backup needs the WAL from \
+                     its start to its stop there",
+                    wal.stop_lsn,
+                    wal.repo.url()
+                );
+                return Ok(());
+            }
+        }
         let now = tokio::time::Instant::now();
         if now >= deadline {
             spinner.finish_and_clear();
             return Err(match shipper {
-                Shipper::Archiver(session) => PgError::BackupStopTimeout {
+                Shipper::Archiver { session, .. } => PgError::BackupStopTimeout {
                     target: session.target().to_owned(),
                     segment: segment.to_string(),
                     after: humantime::format_duration(bound).to_string(),
@@ -121,7 +139,7 @@ pub(crate) async fn wait_for_stop_wal(
             next_switch = now + switch_every;
             last_problem = switch(primary, wal).await.err();
         }
-        if let (Shipper::Archiver(session), true) = (shipper, now >= next_report) {
+        if let (Shipper::Archiver { session, .. }, true) = (shipper, now >= next_report) {
             next_report = now + report_every;
             tracing::info!(
                 "still waiting for WAL archiving of {segment} after {} s: {}",
@@ -152,6 +170,24 @@ async fn arrived(
     }
     let streamed = fragments::list(repo, segment).await?;
     Ok(fragments::covered(&streamed) >= needed)
+}
+
+/// Whether the server's archiver is done with `segment` (the test `pg_backup_stop` itself makes:
+/// `archive_status/<segment>.done`, or the segment already removed), when its `archive_command`
+/// ships somewhere else than this repository. A `.ready` file means it is still to be archived.
+fn archived_elsewhere(pgdata: &Path, segment: &SegmentName) -> bool {
+    let wal = pgdata.join("pg_wal");
+    let status = wal.join("archive_status");
+    let exists = |p: std::path::PathBuf| p.symlink_metadata().is_ok();
+    if exists(status.join(format!("{segment}.done"))) {
+        return true;
+    }
+    if exists(status.join(format!("{segment}.ready"))) {
+        return false;
+    }
+    // Gone from pg_wal means recycled after archiving; the .done check is repeated first
+    // because the archiver may have finished between the looks.
+    exists(status.join(format!("{segment}.done"))) || !exists(wal.join(segment.to_string()))
 }
 
 /// One WAL switch on the primary, which must be the standby's cluster.
@@ -203,6 +239,27 @@ fn not_arrived(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `.done` or a segment gone from pg_wal mean archived; `.ready`, or a segment still there
+    /// with no status yet, do not.
+    #[test]
+    fn the_archivers_status_files_say_when_it_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = dir.path().join("pg_wal/archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        let seg: SegmentName = "000000010000000000000003".parse().unwrap();
+        assert!(archived_elsewhere(dir.path(), &seg), "gone from pg_wal");
+        std::fs::write(dir.path().join("pg_wal").join(seg.to_string()), b"").unwrap();
+        assert!(!archived_elsewhere(dir.path(), &seg), "no status yet");
+        std::fs::write(status.join(format!("{seg}.ready")), b"").unwrap();
+        assert!(!archived_elsewhere(dir.path(), &seg), "ready");
+        std::fs::rename(
+            status.join(format!("{seg}.ready")),
+            status.join(format!("{seg}.done")),
+        )
+        .unwrap();
+        assert!(archived_elsewhere(dir.path(), &seg), "done");
+    }
 
     #[test]
     fn the_stop_segment_is_the_one_holding_the_last_byte() {
