@@ -187,6 +187,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
             repo: &repo,
             system_identifier: info.system_identifier,
             timeline: started.timeline,
+            start_lsn: started.lsn,
             stop_lsn: stop.lsn,
             segment_size: info.wal_segment_size,
             reply: opts.pg_timeouts.reply,

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use walvault_wal::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+use walvault_wal::{Lsn, SegmentName, TimelineId, WalFileName, WalSegmentSize};
 
 use super::{progress, BackupError};
 use crate::pg::{self, BackupSession, ConnTarget, PgError};
@@ -41,6 +41,7 @@ pub(crate) struct StopWal<'a> {
     pub(crate) repo: &'a Repository,
     pub(crate) system_identifier: u64,
     pub(crate) timeline: u32,
+    pub(crate) start_lsn: Lsn,
     pub(crate) stop_lsn: Lsn,
     pub(crate) segment_size: u32,
     /// Bound on each call to the primary.
@@ -69,6 +70,20 @@ fn stop_segment(
     Ok((name, needed))
 }
 
+/// The backup history file a primary's `pg_backup_stop` writes and archives
+/// (`<start segment>.<start offset>.backup`).
+fn history_file(timeline: u32, start: Lsn, segment_size: u32) -> Result<WalFileName, BackupError> {
+    let bad = |e: walvault_wal::WalError| {
+        BackupError::invalid(format!("the backup's start LSN {start}"), e.to_string())
+    };
+    let size = WalSegmentSize::new(u64::from(segment_size)).map_err(bad)?;
+    let segment =
+        SegmentName::new(TimelineId(timeline), start.segment_number(size), size).map_err(bad)?;
+    // The offset is below the segment size, itself at most 1 GiB.
+    let offset = u32::try_from(start.segment_offset(size)).unwrap_or(u32::MAX);
+    Ok(WalFileName::Backup { segment, offset })
+}
+
 /// Waits until the repository holds the backup's WAL up to its stop LSN, within
 /// `backup_stop_timeout` (primary) or `--wal-wait-timeout` (standby); fails naming the segment
 /// and the LSN when it does not arrive.
@@ -77,6 +92,14 @@ pub(crate) async fn wait_for_stop_wal(
     shipper: &Shipper<'_>,
 ) -> Result<(), BackupError> {
     let (segment, needed) = stop_segment(wal.timeline, wal.stop_lsn, wal.segment_size)?;
+    // On a primary the archiver also ships the backup history file: waited for as well, as
+    // pg_backup_stop's own wait does, so nothing is still arriving once the backup is listed.
+    let history = match shipper {
+        Shipper::Archiver { .. } => {
+            Some(history_file(wal.timeline, wal.start_lsn, wal.segment_size)?)
+        }
+        Shipper::Primary(_) => None,
+    };
     let (bound, primary) = match shipper {
         Shipper::Archiver { session, .. } => (session.backup_stop_timeout(), None),
         Shipper::Primary(opts) => (
@@ -100,7 +123,7 @@ pub(crate) async fn wait_for_stop_wal(
     let mut pause = Duration::from_millis(20);
     let mut last_problem = None;
     loop {
-        if arrived(wal.repo, &segment, needed).await? {
+        if arrived(wal.repo, &segment, needed, history.as_ref()).await? {
             spinner.finish_and_clear();
             tracing::info!(
                 "WAL segment {segment} (the backup's stop at {}) is in the repository",
@@ -109,7 +132,11 @@ pub(crate) async fn wait_for_stop_wal(
             return Ok(());
         }
         if let Shipper::Archiver { pgdata, .. } = shipper {
-            if archived_elsewhere(pgdata, &segment) && !arrived(wal.repo, &segment, needed).await? {
+            let done = archived_elsewhere(pgdata, &segment.to_string())
+                && history
+                    .as_ref()
+                    .is_none_or(|h| archived_elsewhere(pgdata, &h.to_string()));
+            if done && !arrived(wal.repo, &segment, needed, history.as_ref()).await? {
                 spinner.finish_and_clear();
                 tracing::warn!(
                     "WAL segment {segment} (the backup's stop at {}) was archived by \
@@ -158,13 +185,19 @@ pub(crate) async fn wait_for_stop_wal(
     }
 }
 
-/// Whether the repository holds `segment` whole, or streamed fragments of it from its start
-/// up to `needed` bytes.
+/// Whether the repository holds `history` (when there is one), and `segment` whole or streamed
+/// fragments of it from its start up to `needed` bytes.
 async fn arrived(
     repo: &Repository,
     segment: &SegmentName,
     needed: u64,
+    history: Option<&WalFileName>,
 ) -> Result<bool, BackupError> {
+    if let Some(history) = history {
+        if repo.head(&layout::wal(history)).await?.is_none() {
+            return Ok(false);
+        }
+    }
     if repo.head(&layout::segment(segment)).await?.is_some() {
         return Ok(true);
     }
@@ -172,22 +205,22 @@ async fn arrived(
     Ok(fragments::covered(&streamed) >= needed)
 }
 
-/// Whether the server's archiver is done with `segment` (the test `pg_backup_stop` itself makes:
-/// `archive_status/<segment>.done`, or the segment already removed), when its `archive_command`
+/// Whether the server's archiver is done with WAL file `file` (the test `pg_backup_stop` itself
+/// makes: `archive_status/<file>.done`, or the file already removed), when its `archive_command`
 /// ships somewhere else than this repository. A `.ready` file means it is still to be archived.
-fn archived_elsewhere(pgdata: &Path, segment: &SegmentName) -> bool {
+fn archived_elsewhere(pgdata: &Path, file: &str) -> bool {
     let wal = pgdata.join("pg_wal");
     let status = wal.join("archive_status");
     let exists = |p: std::path::PathBuf| p.symlink_metadata().is_ok();
-    if exists(status.join(format!("{segment}.done"))) {
+    if exists(status.join(format!("{file}.done"))) {
         return true;
     }
-    if exists(status.join(format!("{segment}.ready"))) {
+    if exists(status.join(format!("{file}.ready"))) {
         return false;
     }
     // Gone from pg_wal means recycled after archiving; the .done check is repeated first
     // because the archiver may have finished between the looks.
-    exists(status.join(format!("{segment}.done"))) || !exists(wal.join(segment.to_string()))
+    exists(status.join(format!("{file}.done"))) || !exists(wal.join(file))
 }
 
 /// One WAL switch on the primary, which must be the standby's cluster.
@@ -247,18 +280,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let status = dir.path().join("pg_wal/archive_status");
         std::fs::create_dir_all(&status).unwrap();
-        let seg: SegmentName = "000000010000000000000003".parse().unwrap();
-        assert!(archived_elsewhere(dir.path(), &seg), "gone from pg_wal");
-        std::fs::write(dir.path().join("pg_wal").join(seg.to_string()), b"").unwrap();
-        assert!(!archived_elsewhere(dir.path(), &seg), "no status yet");
+        let seg = "000000010000000000000003";
+        assert!(archived_elsewhere(dir.path(), seg), "gone from pg_wal");
+        std::fs::write(dir.path().join("pg_wal").join(seg), b"").unwrap();
+        assert!(!archived_elsewhere(dir.path(), seg), "no status yet");
         std::fs::write(status.join(format!("{seg}.ready")), b"").unwrap();
-        assert!(!archived_elsewhere(dir.path(), &seg), "ready");
+        assert!(!archived_elsewhere(dir.path(), seg), "ready");
         std::fs::rename(
             status.join(format!("{seg}.ready")),
             status.join(format!("{seg}.done")),
         )
         .unwrap();
-        assert!(archived_elsewhere(dir.path(), &seg), "done");
+        assert!(archived_elsewhere(dir.path(), seg), "done");
+    }
+
+    #[test]
+    fn the_history_file_is_named_after_the_start() {
+        let name = history_file(1, "0/3000028".parse().unwrap(), 16 << 20).unwrap();
+        assert_eq!(name.to_string(), "000000010000000000000003.00000028.backup");
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //!
 //! An encrypted object is a header in the codec's layout (encryption code 1, the number of key
 //! fingerprints where a plain object has its length), the fingerprints of the recipients it was
-//! encrypted to, for WAL the content's length and crc32 (so that a writer holding only recipients
-//! can tell an identical re-push from a conflict), a crc32 of these, then an age file whose
-//! plaintext is a whole plain object. The clear fields name keys and compare re-pushes; age
-//! authenticates the content. Readers try every configured identity. Used by `repo` alone.
+//! encrypted to and their crc32, then an age file whose plaintext is a whole plain object; WAL
+//! ends with a trailer of the content's length and crc32 (so that a writer holding only
+//! recipients can tell an identical re-push from a conflict), written after the payload so the
+//! segment is read once. The clear fields name keys and compare re-pushes; age authenticates the
+//! content, and `verify` checks the trailer against it. Used by `repo` alone.
 
 use std::fmt;
 use std::io::Write;
@@ -28,16 +29,158 @@ use crate::config::EncryptionSettings;
 const MAX_RECIPIENTS: usize = 64;
 /// Largest recipients or identity file read.
 const MAX_KEY_FILE: u64 = 1 << 20;
-/// Header flag of an envelope that records its content's length and crc32.
+/// How much plaintext is sealed before the sealed bytes are passed on to the store.
+const SEAL_SLICE: usize = 1 << 20;
+/// Header flag of an envelope that records its content's length and crc32 before the payload
+/// (objects of earlier builds; read, no longer written).
 const FLAG_CONTENT: u8 = 1;
+/// Header flag of an object that ends with a [`TRAILER_LEN`]-byte trailer after the payload:
+/// the content's length (8 bytes) and crc32 (4), and a crc32 of these (4), little-endian.
+const FLAG_TRAILER: u8 = 2;
+const TRAILER_LEN: usize = 16;
 
 /// What an encrypted object says in clear.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Envelope {
     /// The keys it was encrypted to.
     pub(crate) keys: Vec<Fingerprint>,
-    /// Its content's length and crc32, for WAL.
+    /// Its content's length and crc32, for WAL of earlier builds.
     pub(crate) content: Option<ClearContent>,
+    /// Where the trailer lands once the object was read to its end, for WAL.
+    pub(crate) trailer: Option<Trailer>,
+}
+
+impl Envelope {
+    /// The content length and crc32 the object records, if any: before its payload, or in its
+    /// trailer (known once the object was read to its end).
+    pub(crate) fn clear_content(&self, object: &str) -> Result<Option<ClearContent>, CodecError> {
+        match &self.trailer {
+            None => Ok(self.content),
+            Some(trailer) => trailer.content(object).map(Some),
+        }
+    }
+}
+
+/// The last [`TRAILER_LEN`] bytes of an object, held back from the age reader by [`HoldBack`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Trailer(Arc<Mutex<Option<[u8; TRAILER_LEN]>>>);
+
+impl PartialEq for Trailer {
+    fn eq(&self, other: &Trailer) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Trailer {}
+
+impl Trailer {
+    fn encode(content: ClearContent) -> Vec<u8> {
+        let mut out = Vec::with_capacity(TRAILER_LEN);
+        out.extend_from_slice(&content.len.to_le_bytes());
+        out.extend_from_slice(&content.checksum.0.to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn content(&self, object: &str) -> Result<ClearContent, CodecError> {
+        let corrupt = |problem: &str| CodecError::Corrupt {
+            object: object.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let held = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = held.ok_or_else(|| corrupt("ends before its trailer"))?;
+        let (fields, crc) = bytes.split_at(12);
+        if crc32fast::hash(fields).to_le_bytes() != crc {
+            return Err(corrupt("trailer checksum mismatch"));
+        }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&fields[..8]);
+        let mut sum = [0u8; 4];
+        sum.copy_from_slice(&fields[8..12]);
+        Ok(ClearContent {
+            len: u64::from_le_bytes(len),
+            checksum: Checksum(u32::from_le_bytes(sum)),
+        })
+    }
+}
+
+/// Passes a reader's bytes on except the last [`TRAILER_LEN`], which it keeps in a [`Trailer`]
+/// when the reader ends (an object shorter than that leaves the trailer empty).
+struct HoldBack {
+    inner: ObjectReader,
+    held: Vec<u8>,
+    trailer: Trailer,
+    ended: bool,
+}
+
+impl HoldBack {
+    fn new(inner: ObjectReader, trailer: Trailer) -> HoldBack {
+        HoldBack {
+            inner,
+            held: Vec::with_capacity(TRAILER_LEN),
+            trailer,
+            ended: false,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for HoldBack {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut tmp = vec![0u8; buf.remaining().clamp(1, 64 << 10)];
+        loop {
+            if this.ended || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = tokio::io::ReadBuf::new(&mut tmp);
+            match this.inner.as_mut().poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let fresh = read.filled();
+            if fresh.is_empty() {
+                this.ended = true;
+                if let Ok(bytes) = <[u8; TRAILER_LEN]>::try_from(this.held.as_slice()) {
+                    *this.trailer.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            this.held.extend_from_slice(fresh);
+            let release = this.held.len().saturating_sub(TRAILER_LEN);
+            if release > 0 {
+                // `release` is at most what was just read, which fits: tmp is no larger than
+                // what `buf` has room for.
+                buf.put_slice(&this.held[..release]);
+                this.held.drain(..release);
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Reads a stored object without decrypting it: its envelope and, when it has one, its trailer.
+pub(super) async fn read_clear(
+    mut reader: ObjectReader,
+    object: &str,
+) -> Result<Option<Envelope>, super::RepoError> {
+    let (_, envelope) = read_envelope(&mut reader, object).await?;
+    if let Some(trailer) = envelope.as_ref().and_then(|e| e.trailer.clone()) {
+        let mut rest = HoldBack::new(reader, trailer);
+        tokio::io::copy(&mut rest, &mut tokio::io::sink())
+            .await
+            .map_err(|source| CodecError::Io {
+                object: object.to_owned(),
+                source,
+            })?;
+    }
+    Ok(envelope)
 }
 
 /// A content length and crc32 recorded in clear beside an encrypted WAL object.
@@ -278,6 +421,10 @@ pub(super) async fn open(
         keys: keys_named.clone(),
         problem,
     };
+    let reader: ObjectReader = match &envelope.trailer {
+        Some(trailer) => Box::pin(HoldBack::new(reader, trailer.clone())),
+        None => reader,
+    };
     let input = tokio::io::BufReader::new(reader).compat();
     let decryptor = age::Decryptor::new_async_buffered(input)
         .await
@@ -320,6 +467,7 @@ pub(super) async fn read_envelope(
         .filter(|n| (1..=MAX_RECIPIENTS).contains(n))
         .ok_or_else(|| corrupt(format!("an encrypted object naming {} keys", raw.value)))?;
     let with_content = raw.flags & FLAG_CONTENT != 0;
+    let trailer = (raw.flags & FLAG_TRAILER != 0).then(Trailer::default);
     let fields = count * 8 + if with_content { 12 } else { 0 };
     let mut clear = vec![0u8; fields + 4];
     codec::read_exact(reader, &mut clear, object, "envelope").await?;
@@ -346,7 +494,14 @@ pub(super) async fn read_envelope(
             checksum: Checksum(u32::from_le_bytes(crc)),
         }
     });
-    Ok((h, Some(Envelope { keys, content })))
+    Ok((
+        h,
+        Some(Envelope {
+            keys,
+            content,
+            trailer,
+        }),
+    ))
 }
 
 /// The one scheme walvault encrypts with, as the identity object records it.
@@ -440,6 +595,8 @@ pub(super) struct SealedWriter {
     inner: ObjectWriter,
     object: String,
     age: Option<(age::stream::StreamWriter<Drain>, Drain)>,
+    /// Whether the sealed object ends with a trailer.
+    trailer: bool,
     stored: u64,
 }
 
@@ -450,31 +607,29 @@ impl SealedWriter {
             inner,
             object: object.to_owned(),
             age: None,
+            trailer: false,
             stored: 0,
         }
     }
 
     /// A writer that encrypts to `keys`' recipients, or stores plainly when there are none;
-    /// `content` goes into the envelope in clear.
+    /// with `trailer` (WAL) an encrypted object ends with its content's length and crc32.
     pub(super) async fn new(
         inner: ObjectWriter,
         object: &str,
         keys: &Keys,
-        content: Option<ClearContent>,
+        trailer: bool,
     ) -> Result<SealedWriter, super::RepoError> {
         let mut writer = SealedWriter::plain(inner, object);
         if !keys.encrypts() {
             return Ok(writer);
         }
+        writer.trailer = trailer;
         let fps = keys.recipient_fingerprints();
-        let flags = if content.is_some() { FLAG_CONTENT } else { 0 };
+        let flags = if trailer { FLAG_TRAILER } else { 0 };
         let mut envelope = codec::raw_header(0, ENCRYPTION_AGE, flags, fps.len() as u64).to_vec();
         let start = envelope.len();
         fps.iter().for_each(|fp| envelope.extend_from_slice(&fp.0));
-        if let Some(content) = content {
-            envelope.extend_from_slice(&content.len.to_le_bytes());
-            envelope.extend_from_slice(&content.checksum.0.to_le_bytes());
-        }
         let crc = crc32fast::hash(&envelope[start..]);
         envelope.extend_from_slice(&crc.to_le_bytes());
         let encrypt_err = |problem: String| CryptError::Encrypt {
@@ -508,26 +663,38 @@ impl SealedWriter {
             self.stored += chunk.len() as u64;
             return Ok(self.inner.write(chunk).await?);
         };
-        stream.write_all(&chunk).map_err(|e| CryptError::Encrypt {
-            object: self.object.clone(),
-            problem: e.to_string(),
-        })?;
-        let sealed = drain.take();
-        Ok(self.pass_on(sealed).await?)
+        // In slices, so a whole pack is never held twice (plain and sealed) at once.
+        for slice in chunk.chunks(SEAL_SLICE) {
+            stream.write_all(slice).map_err(|e| CryptError::Encrypt {
+                object: self.object.clone(),
+                problem: e.to_string(),
+            })?;
+            let sealed = drain.take();
+            self.stored += sealed.len() as u64;
+            if !sealed.is_empty() {
+                self.inner.write(sealed.into()).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Ends the age stream (its last chunk is marked final, so a truncated object never
-    /// decrypts) and commits; returns how the commit ended and the bytes stored.
+    /// decrypts), adds the trailer recording `content` if this writer has one, and commits;
+    /// returns how the commit ended and the bytes stored.
     pub(super) async fn commit(
         mut self,
         mode: PutMode,
+        content: ClearContent,
     ) -> Result<(Committed, u64), super::RepoError> {
         if let Some((stream, drain)) = self.age.take() {
             stream.finish().map_err(|e| CryptError::Encrypt {
                 object: self.object.clone(),
                 problem: e.to_string(),
             })?;
-            let sealed = drain.take();
+            let mut sealed = drain.take();
+            if self.trailer {
+                sealed.extend_from_slice(&Trailer::encode(content));
+            }
             self.pass_on(sealed).await?;
         }
         let committed = self.inner.commit(mode).await?;
@@ -652,7 +819,7 @@ pub(crate) mod tests {
             let src = f.keys_dir.path().join("src");
             std::fs::write(&src, &big).unwrap();
             let stored = repo
-                .put_file_tapped("big", &src, PutMode::IfAbsent, |_| {}, None)
+                .put_file_tapped("big", &src, PutMode::IfAbsent, |_| {}, false)
                 .await
                 .unwrap();
             assert_eq!(stored.stored_len, f.stored("big").len() as u64);
@@ -714,6 +881,42 @@ pub(crate) mod tests {
             let err = repo.get_bytes("o").await.expect_err("a flipped byte");
             assert!(err.to_string().contains("object o"), "byte {i}: {err}");
         }
+    }
+
+    /// An encrypted WAL object ends with a trailer, which `verify` checks too: every flipped
+    /// byte fails, and so does a trailer forged to record other content with a matching crc32.
+    #[tokio::test]
+    async fn every_flipped_byte_of_an_encrypted_wal_object_fails_verify() {
+        let f = Fixture::new();
+        let (id, recipient) = f.key("id");
+        let repo = f.repo(&[&recipient], &[&id]).await;
+        let name: walvault_wal::WalFileName = "000000010000000000000001".parse().unwrap();
+        let wal = content(3000);
+        repo.store_wal(&name, crate::repo::WalContent::Bytes(&wal), |_| {})
+            .await
+            .unwrap();
+        let key = "wal/000000010000000000000001";
+        let good = f.stored(key);
+        let v = repo.verify(key).await.unwrap().unwrap();
+        assert_eq!(v.content_len, 3000);
+        let write = |bytes: &[u8]| std::fs::write(f.dir.path().join(key), bytes).unwrap();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x01;
+            write(&bad);
+            let err = repo.verify(key).await.expect_err("a flipped byte");
+            assert!(err.to_string().contains(key), "byte {i}: {err}");
+        }
+        let mut forged = good.clone();
+        let at = forged.len() - TRAILER_LEN;
+        forged[at] ^= 0x01;
+        let crc = crc32fast::hash(&forged[at..at + 12]);
+        forged[at + 12..].copy_from_slice(&crc.to_le_bytes());
+        write(&forged);
+        let err = repo.verify(key).await.unwrap_err().to_string();
+        assert!(err.contains("its envelope records 3001 bytes"), "{err}");
+        write(&good[..good.len() - 1]);
+        assert!(repo.verify(key).await.is_err());
     }
 
     #[tokio::test]

@@ -207,11 +207,7 @@ impl Repository {
 
     /// A writer for `key`, encrypting when the settings name recipients; refused before
     /// anything is written when that disagrees with what the repository recorded.
-    async fn writer(
-        &self,
-        key: &str,
-        clear: Option<ClearContent>,
-    ) -> Result<SealedWriter, RepoError> {
+    async fn writer(&self, key: &str, trailer: bool) -> Result<SealedWriter, RepoError> {
         let recorded = match self.recorded.get() {
             Some(r) => Some(r.clone()),
             None => self.read_recorded().await?,
@@ -220,7 +216,7 @@ impl Repository {
             // Checked for every object: a refusal must come before a byte is stored.
             crypt::admits(&recorded, &self.keys, &self.url).map_err(RepoError::Refused)?;
         }
-        SealedWriter::new(self.store.writer(key)?, key, &self.keys, clear).await
+        SealedWriter::new(self.store.writer(key)?, key, &self.keys, trailer).await
     }
 
     /// Reads what the identity object records about encryption and remembers it; `None` while
@@ -272,12 +268,13 @@ impl Repository {
         crypt::EncryptionRecord::for_keys(&self.keys)
     }
 
-    /// What an object says in clear: `Some(None)` for a plain object, `None` when absent.
+    /// What an object says in clear (an encrypted WAL object is read to its trailer):
+    /// `Some(None)` for a plain object, `None` when absent.
     async fn envelope(&self, key: &str) -> Result<Option<Option<Envelope>>, RepoError> {
-        let Some(mut reader) = self.store.get(key).await? else {
+        let Some(reader) = self.store.get(key).await? else {
             return Ok(None);
         };
-        Ok(Some(crypt::read_envelope(&mut reader, key).await?.1))
+        Ok(Some(crypt::read_clear(reader, key).await?))
     }
 
     /// A stored object opened for reading (decrypted if it is encrypted), and an encrypted
@@ -351,27 +348,17 @@ impl Repository {
         mut tap: impl FnMut(&[u8]) + Send,
     ) -> Result<WalStored, RepoError> {
         let key = layout::wal(name);
-        // Encrypted WAL carries its length and crc32 in clear, so that a writer holding only
-        // recipients can still tell an identical re-push from a conflict.
-        let clear = match (self.keys.encrypts(), content) {
-            (false, _) => None,
-            (true, WalContent::Bytes(bytes)) => Some(ClearContent {
-                len: bytes.len() as u64,
-                checksum: Checksum::of(bytes),
-            }),
-            (true, WalContent::File(path)) => Some(file_content(path).await?),
-        };
         for _ in 0..STORE_WAL_ATTEMPTS {
             // Checking first costs one round trip but keeps the promise even on S3 services
             // that ignore If-None-Match.
             if self.store.head(&key).await?.is_none() {
                 let stored = match content {
                     WalContent::File(path) => {
-                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap, clear)
+                        self.put_file_tapped(&key, path, PutMode::IfAbsent, &mut tap, true)
                             .await?
                     }
                     WalContent::Bytes(bytes) => {
-                        self.put_bytes_with(&key, bytes, PutMode::IfAbsent, clear)
+                        self.put_bytes_with(&key, bytes, PutMode::IfAbsent, true)
                             .await?
                     }
                 };
@@ -379,9 +366,10 @@ impl Repository {
                     return Ok(WalStored::Created(stored));
                 }
             }
-            let comparison = match clear.filter(|_| !self.keys.decrypts()) {
-                Some(local) => self.compare_envelope(&key, local, content).await,
-                None => self.compare_content(&key, content).await,
+            let comparison = if self.keys.encrypts() && !self.keys.decrypts() {
+                self.compare_envelope(&key, content).await
+            } else {
+                self.compare_content(&key, content).await
             };
             let comparison = match comparison {
                 Err(RepoError::Codec(CodecError::Corrupt { problem, .. })) => {
@@ -439,52 +427,56 @@ impl Repository {
         })
     }
 
-    /// For a writer without an identity: compares what an encrypted WAL object's envelope
-    /// records with the local content (a plain object is compared as usual).
+    /// For a writer without an identity: compares what an encrypted WAL object records in clear
+    /// with the local content (a plain object is compared as usual).
     async fn compare_envelope(
         &self,
         key: &str,
-        local: ClearContent,
         content: WalContent<'_>,
     ) -> Result<Option<Comparison>, RepoError> {
         let Some(envelope) = self.envelope(key).await? else {
             return Ok(None);
         };
-        match envelope {
-            None => self.compare_content(key, content).await,
-            Some(Envelope {
-                content: Some(stored),
-                ..
-            }) => Ok(Some(Comparison {
-                identical: stored == local,
-                stored: stored.checksum,
-                local: local.checksum,
-            })),
-            Some(envelope) => Err(CryptError::NoIdentity {
+        let Some(envelope) = envelope else {
+            return self.compare_content(key, content).await;
+        };
+        let Some(stored) = envelope.clear_content(key)? else {
+            return Err(CryptError::NoIdentity {
                 object: key.to_owned(),
                 keys: envelope.keys,
             }
-            .into()),
-        }
+            .into());
+        };
+        let local = match content {
+            WalContent::Bytes(bytes) => ClearContent {
+                len: bytes.len() as u64,
+                checksum: Checksum::of(bytes),
+            },
+            WalContent::File(path) => file_content(path).await?,
+        };
+        Ok(Some(Comparison {
+            identical: stored == local,
+            stored: stored.checksum,
+            local: local.checksum,
+        }))
     }
 
     /// Stores the content of the file at `path` under `key`, handing each block of content to
     /// `tap` as it streams past, so a caller can examine the file without reading it twice.
-    /// `clear` (the file's length and checksum, read before) goes into an encrypted object's
-    /// envelope; the upload checks that it still holds.
+    /// With `trailer` an encrypted object records the content's length and crc32 after it.
     async fn put_file_tapped(
         &self,
         key: &str,
         path: &Path,
         mode: PutMode,
         mut tap: impl FnMut(&[u8]) + Send,
-        clear: Option<ClearContent>,
+        trailer: bool,
     ) -> Result<Stored, RepoError> {
         let (mut file, len) = BlockFile::open(path)
             .await
             .map_err(RepoError::file("open", path))?;
         let mut encoder = Encoder::new(self.compression, len);
-        let mut writer = self.writer(key, clear).await?;
+        let mut writer = self.writer(key, trailer).await?;
         let header = Bytes::copy_from_slice(&encoder.header());
         writer.write(header).await?;
         let mut raw = vec![0u8; MAX_BLOCK];
@@ -515,14 +507,8 @@ impl Repository {
                 announced: len,
                 read,
             })?;
-        if clear.is_some_and(|c| c.len != len || c.checksum != checksum) {
-            return Err(RepoError::Changing {
-                what: path.display().to_string(),
-                problem: "changed between its checksum and its upload; nothing was stored",
-            });
-        }
         writer.write(trailer.into()).await?;
-        let (committed, stored_len) = writer.commit(mode).await?;
+        let (committed, stored_len) = writer.commit(mode, ClearContent { len, checksum }).await?;
         Ok(Stored {
             committed: self.settle(key, committed, len, checksum).await?,
             content_len: len,
@@ -537,7 +523,7 @@ impl Repository {
         content: &[u8],
         mode: PutMode,
     ) -> Result<Stored, RepoError> {
-        self.put_bytes_with(key, content, mode, None).await
+        self.put_bytes_with(key, content, mode, false).await
     }
 
     async fn put_bytes_with(
@@ -545,18 +531,17 @@ impl Repository {
         key: &str,
         content: &[u8],
         mode: PutMode,
-        clear: Option<ClearContent>,
+        trailer: bool,
     ) -> Result<Stored, RepoError> {
-        let mut writer = self.writer(key, clear).await?;
+        let mut writer = self.writer(key, trailer).await?;
         writer
             .write(codec::encode_all(self.compression, content).into())
             .await?;
-        let (committed, stored_len) = writer.commit(mode).await?;
         let len = content.len() as u64;
+        let checksum = Checksum::of(content);
+        let (committed, stored_len) = writer.commit(mode, ClearContent { len, checksum }).await?;
         Ok(Stored {
-            committed: self
-                .settle(key, committed, len, Checksum::of(content))
-                .await?,
+            committed: self.settle(key, committed, len, checksum).await?,
             content_len: len,
             stored_len,
         })
@@ -599,7 +584,11 @@ impl Repository {
         writer
             .write(codec::encode_all(self.compression, content).into())
             .await?;
-        Ok(writer.commit(PutMode::IfAbsent).await?.0)
+        let clear = ClearContent {
+            len: content.len() as u64,
+            checksum: Checksum::of(content),
+        };
+        Ok(writer.commit(PutMode::IfAbsent, clear).await?.0)
     }
 
     /// A small object's verified content, or `None` when absent.
@@ -705,7 +694,11 @@ impl Repository {
             len: content_len,
             checksum: decoder.checksum().unwrap_or(Checksum(0)),
         };
-        if let Some(clear) = envelope.as_ref().and_then(|e| e.content) {
+        let recorded = match &envelope {
+            Some(e) => e.clear_content(key)?,
+            None => None,
+        };
+        if let Some(clear) = recorded {
             if clear != actual {
                 return Err(RepoError::Codec(CodecError::Corrupt {
                     object: key.to_owned(),

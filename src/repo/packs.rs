@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use crc32fast::Hasher;
 
 use super::codec::{CodecError, Decoder, Encoder, MAX_BLOCK};
+use super::crypt::ClearContent;
 use super::store::{Committed, ObjectReader, PutMode};
 use super::{RepoError, Repository};
 
@@ -58,9 +59,13 @@ impl Repository {
             key: key.to_owned(),
             source: e,
         })?;
-        let mut writer = self.writer(key, None).await?;
+        let mut writer = self.writer(key, false).await?;
         writer.write(encoded.into()).await?;
-        let (committed, stored_len) = writer.commit(PutMode::IfAbsent).await?;
+        let clear = ClearContent {
+            len: content_len,
+            checksum,
+        };
+        let (committed, stored_len) = writer.commit(PutMode::IfAbsent, clear).await?;
         // A retried PUT may meet the object its first attempt stored.
         let committed = self.settle(key, committed, content_len, checksum).await?;
         Ok((

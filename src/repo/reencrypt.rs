@@ -49,15 +49,12 @@ impl Repository {
             return Ok(None);
         };
         let wal = matches!(ObjectKey::parse(key), Some(ObjectKey::Wal(_)));
-        let clear = wal.then_some(ClearContent {
-            len: old.content_len,
-            checksum: old.checksum,
-        });
+
         let Some((mut decoder, _)) = self.decoder(key).await? else {
             return Ok(None);
         };
         let mut encoder = Encoder::new(decoder.header().compression, old.content_len);
-        let mut writer = self.writer(key, clear).await?;
+        let mut writer = self.writer(key, wal).await?;
         writer
             .write(Bytes::copy_from_slice(&encoder.header()))
             .await?;
@@ -83,7 +80,11 @@ impl Repository {
             )));
         }
         writer.write(trailer.into()).await?;
-        writer.commit(PutMode::Replace).await?;
+        let clear = ClearContent {
+            len: old.content_len,
+            checksum,
+        };
+        writer.commit(PutMode::Replace, clear).await?;
         let new = self.verify(key).await?;
         let same = new.as_ref().is_some_and(|n| {
             n.content_len == old.content_len
