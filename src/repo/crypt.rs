@@ -589,12 +589,27 @@ impl Write for Drain {
     }
 }
 
+type AgeStream = age::stream::StreamWriter<Drain>;
+
+/// Where the age stream is: here, or out on a blocking thread sealing one slice.
+enum Sealer {
+    Idle(AgeStream),
+    Busy(tokio::task::JoinHandle<std::io::Result<(AgeStream, Vec<u8>)>>),
+}
+
+/// The encrypting part of a [`SealedWriter`]; `sealer` is `None` only after a failure, and
+/// then nothing more is written (never plaintext in its place).
+struct Sealing {
+    sealer: Option<Sealer>,
+    drain: Drain,
+}
+
 /// A store writer that encrypts what it is given when the repository is encrypted. Counts the
 /// bytes it stores.
 pub(super) struct SealedWriter {
     inner: ObjectWriter,
     object: String,
-    age: Option<(age::stream::StreamWriter<Drain>, Drain)>,
+    age: Option<Sealing>,
     /// Whether the sealed object ends with a trailer.
     trailer: bool,
     stored: u64,
@@ -645,7 +660,10 @@ impl SealedWriter {
             .wrap_output(drain.clone())
             .map_err(|e| encrypt_err(e.to_string()))?;
         envelope.extend_from_slice(&drain.take());
-        writer.age = Some((stream, drain));
+        writer.age = Some(Sealing {
+            sealer: Some(Sealer::Idle(stream)),
+            drain,
+        });
         writer.pass_on(envelope).await?;
         Ok(writer)
     }
@@ -658,22 +676,52 @@ impl SealedWriter {
         self.inner.write(bytes.into()).await
     }
 
+    fn encrypt_error(&self, problem: String) -> super::RepoError {
+        CryptError::Encrypt {
+            object: self.object.clone(),
+            problem,
+        }
+        .into()
+    }
+
+    /// The age stream back from the slice being sealed, if one is, that slice passed on.
+    async fn idle_stream(&mut self) -> Result<AgeStream, super::RepoError> {
+        let sealer = self.age.as_mut().and_then(|a| a.sealer.take());
+        match sealer {
+            Some(Sealer::Idle(stream)) => Ok(stream),
+            Some(Sealer::Busy(job)) => {
+                let (stream, sealed) = job
+                    .await
+                    .map_err(|e| super::RepoError::Task(e.to_string()))?
+                    .map_err(|e| self.encrypt_error(e.to_string()))?;
+                self.pass_on(sealed).await?;
+                Ok(stream)
+            }
+            None => Err(self.encrypt_error("an earlier failure ended its encryption".into())),
+        }
+    }
+
     pub(super) async fn write(&mut self, chunk: Bytes) -> Result<(), super::RepoError> {
-        let Some((stream, drain)) = &mut self.age else {
+        if self.age.is_none() {
             self.stored += chunk.len() as u64;
             return Ok(self.inner.write(chunk).await?);
-        };
-        // In slices, so a whole pack is never held twice (plain and sealed) at once.
-        for slice in chunk.chunks(SEAL_SLICE) {
-            stream.write_all(slice).map_err(|e| CryptError::Encrypt {
-                object: self.object.clone(),
-                problem: e.to_string(),
-            })?;
-            let sealed = drain.take();
-            self.stored += sealed.len() as u64;
-            if !sealed.is_empty() {
-                self.inner.write(sealed.into()).await?;
-            }
+        }
+        // Each slice is sealed on a blocking thread while the caller prepares the next (reads
+        // and compresses it), so encryption costs little wall time on a second core; one slice
+        // at a time, so a pack is never held twice (plain and sealed).
+        let mut at = 0;
+        while at < chunk.len() {
+            let slice = chunk.slice(at..chunk.len().min(at + SEAL_SLICE));
+            at += slice.len();
+            let mut stream = self.idle_stream().await?;
+            let Some(age) = self.age.as_mut() else {
+                return Err(self.encrypt_error("its encryption was lost".into()));
+            };
+            let drain = age.drain.clone();
+            age.sealer = Some(Sealer::Busy(tokio::task::spawn_blocking(move || {
+                stream.write_all(&slice)?;
+                Ok((stream, drain.take()))
+            })));
         }
         Ok(())
     }
@@ -686,11 +734,11 @@ impl SealedWriter {
         mode: PutMode,
         content: ClearContent,
     ) -> Result<(Committed, u64), super::RepoError> {
-        if let Some((stream, drain)) = self.age.take() {
-            stream.finish().map_err(|e| CryptError::Encrypt {
-                object: self.object.clone(),
-                problem: e.to_string(),
-            })?;
+        if self.age.is_some() {
+            let stream = self.idle_stream().await?;
+            let drain = stream
+                .finish()
+                .map_err(|e| self.encrypt_error(e.to_string()))?;
             let mut sealed = drain.take();
             if self.trailer {
                 sealed.extend_from_slice(&Trailer::encode(content));
