@@ -250,6 +250,8 @@ fn parts_of(
         return Vec::new();
     };
     let last = chain.len() - 1;
+    // What newer layers cover, sorted and merged: a file of a long chain has thousands of
+    // pieces, so each lookup must not scan (or sort) them all.
     let mut covered: Vec<(u64, u64)> = Vec::new();
     let mut parts = Vec::new();
     let mut clip = u64::MAX;
@@ -262,6 +264,8 @@ fn parts_of(
         if layer == last {
             final_size = entry.size;
         }
+        // A layer's own pieces do not overlap one another: they cover older layers only.
+        let mut this_layer = Vec::with_capacity(entry.pieces.len());
         for piece in &entry.pieces {
             let start = piece.file_offset;
             let end = (start + piece.len).min(clip);
@@ -281,10 +285,11 @@ fn parts_of(
                 });
             }
             if start < end {
-                covered.push((start, end));
+                this_layer.push((start, end));
             }
         }
-        covered.sort_unstable();
+        covered.append(&mut this_layer);
+        covered = merged(covered);
     }
     for (a, b) in uncovered(&covered, 0, final_size) {
         parts.push(Part {
@@ -297,20 +302,32 @@ fn parts_of(
     parts
 }
 
-/// The sub-ranges of `start..end` no range of `covered` (sorted by start) overlaps.
+/// `ranges` sorted, with overlapping and touching ones joined.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some((_, end)) if a <= *end => *end = (*end).max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// The sub-ranges of `start..end` no range of `covered` (sorted, disjoint) overlaps.
 fn uncovered(covered: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
     let mut free = Vec::new();
     let mut at = start;
-    let mut sorted: Vec<&(u64, u64)> = covered.iter().collect();
-    sorted.sort_unstable();
-    for (a, b) in sorted {
-        if *b <= at || *a >= end {
-            continue;
+    let first = covered.partition_point(|&(_, b)| b <= start);
+    for &(a, b) in &covered[first..] {
+        if a >= end {
+            break;
         }
-        if *a > at {
-            free.push((at, *a));
+        if a > at {
+            free.push((at, a));
         }
-        at = at.max(*b);
+        at = at.max(b);
     }
     if at < end {
         free.push((at, end));
@@ -367,17 +384,24 @@ fn differing(
     let Some(local) = root.open_read(&t.dest.rel)? else {
         return Ok(parts);
     };
-    let mut buf = Vec::new();
+    let mut buf = vec![0u8; COMPARE_READ];
     let mut needed = Vec::new();
     for p in parts {
         let same = match p.source {
             Source::Piece {
                 piece, whole: true, ..
-            } => read_local(&local, p.offset, p.len, &mut buf)
-                .is_some_and(|bytes| crc32fast::hash(bytes) == piece.crc32),
+            } => {
+                let mut crc = crc32fast::Hasher::new();
+                local_chunks(&local, p.offset, p.len, &mut buf, |b| crc.update(b))
+                    && crc.finalize() == piece.crc32
+            }
             Source::Piece { .. } => false,
-            Source::Zeros => read_local(&local, p.offset, p.len, &mut buf)
-                .is_some_and(|bytes| bytes.iter().all(|b| *b == 0)),
+            Source::Zeros => {
+                let mut zero = true;
+                local_chunks(&local, p.offset, p.len, &mut buf, |b| {
+                    zero &= b.iter().all(|x| *x == 0)
+                }) && zero
+            }
         };
         if !same {
             needed.push(p);
@@ -386,16 +410,27 @@ fn differing(
     Ok(needed)
 }
 
-/// The `len` bytes of `file` at `offset`, if it has them all.
-fn read_local<'a>(
+/// Hands the `len` bytes of `file` at `offset` to `each`, a buffer at a time; whether the file
+/// had them all.
+fn local_chunks(
     file: &std::fs::File,
     offset: u64,
     len: u64,
-    buf: &'a mut Vec<u8>,
-) -> Option<&'a [u8]> {
-    buf.resize(usize::try_from(len).ok()?, 0);
-    file.read_exact_at(buf, offset).ok()?;
-    Some(buf)
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]),
+) -> bool {
+    let mut done = 0;
+    while done < len {
+        let n = buf
+            .len()
+            .min(usize::try_from(len - done).unwrap_or(usize::MAX));
+        if file.read_exact_at(&mut buf[..n], offset + done).is_err() {
+            return false;
+        }
+        each(&buf[..n]);
+        done += n as u64;
+    }
+    true
 }
 
 /// Sets every file's size, then writes the parts that differ, pack by pack.
@@ -512,6 +547,7 @@ async fn write_pack(
         };
         let (roots, targets, parts) = (Arc::clone(roots), Arc::clone(targets), parts.clone());
         tokio::task::spawn_blocking(move || {
+            let mut local = vec![0u8; COMPARE_READ];
             for p in parts {
                 let Source::Piece { skip, .. } = p.source else {
                     continue;
@@ -524,13 +560,65 @@ async fn write_pack(
                         object: targets[p.file].path.clone(),
                         problem: "a piece shorter than its place".into(),
                     })?;
-                write_at(&roots, &targets[p.file], p.offset, bytes)?;
+                write_changed(&roots, &targets[p.file], p.offset, bytes, &mut local)?;
             }
             Ok::<_, BackupError>(())
         })
         .await??;
     }
     Ok(())
+}
+
+/// What a restore compares before it writes: PostgreSQL's page.
+const PAGE: usize = 8192;
+/// How much of the local file is read at once for the comparison.
+const COMPARE_READ: usize = 32 * PAGE;
+
+/// Writes `data` at `offset` except the pages the local file already holds: a piece cut by a
+/// newer layer cannot be checked by its crc32, so it is fetched, and then costs a read rather
+/// than a rewrite where the local copy did not change.
+fn write_changed(
+    roots: &[Root],
+    t: &Target,
+    offset: u64,
+    data: &[u8],
+    local: &mut [u8],
+) -> Result<(), BackupError> {
+    let root = &roots[t.dest.root];
+    let file = root.open_file_rw(&t.dest.rel)?;
+    let shown = root.display(&t.dest.rel);
+    let mut at = 0;
+    while at < data.len() {
+        let pos = offset + at as u64;
+        let n = local.len().min(data.len() - at);
+        let want = &data[at..at + n];
+        let have = read_up_to(&file, &mut local[..n], pos);
+        // Page by page, aligned to the file's pages, so a changed page is one write.
+        let mut i = 0;
+        while i < n {
+            let end = (i + PAGE - ((pos + i as u64) % PAGE as u64) as usize).min(n);
+            if end > have || local[i..end] != want[i..end] {
+                file.write_all_at(&want[i..end], pos + i as u64)
+                    .map_err(BackupError::io("write", &shown))?;
+            }
+            i = end;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Reads into `buf` from `offset` as far as the file goes; how many bytes were read (a read
+/// error counts as the end: those bytes are then written).
+fn read_up_to(file: &std::fs::File, buf: &mut [u8], offset: u64) -> usize {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => filled += n,
+        }
+    }
+    filled
 }
 
 fn write_at(roots: &[Root], t: &Target, offset: u64, data: &[u8]) -> Result<(), BackupError> {

@@ -319,6 +319,11 @@ impl Root {
         self.open_file_with(rel, OFlags::WRONLY | OFlags::NOFOLLOW, 0)
     }
 
+    /// Opens file `rel` for reading and writing (a `--delta` restore compares before it writes).
+    pub(crate) fn open_file_rw(&self, rel: &str) -> Result<File, BackupError> {
+        self.open_file_with(rel, OFlags::RDWR | OFlags::NOFOLLOW, 0)
+    }
+
     fn open_file_with(&self, rel: &str, flags: OFlags, mode: u32) -> Result<File, BackupError> {
         let (dir, last) = self.parent(rel, false)?;
         let fd = rustix::fs::openat(
