@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use crate::backup::{amcheck, backup_push, enable_checksums, restore};
 use crate::harness::{
-    cmd::path_str, give_to_postgres, repo_kind_tests, Cluster, ClusterConfig, Repo, RepoKind,
-    TestEnv, Walvault,
+    cmd::path_str, give_to_postgres, repo_kind_tests, wait_until, Cluster, ClusterConfig, Repo,
+    RepoKind, TestEnv, Walvault,
 };
+use crate::recover::{archiving_source, backup_env};
 
 /// (name, delta_source, start_lsn) of every backup, oldest first.
 fn listed(wv: &Walvault) -> Vec<(String, Option<String>, String)> {
@@ -259,6 +260,76 @@ fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts
 }
 
 repo_kind_tests!(delta_from_block_maps);
+
+/// A segment wal-push has stored but not yet summarised (paused between the two, so PostgreSQL
+/// still holds its `.ready`) is mapped from pg_wal: the delta still comes from the block maps
+/// (the suite's `WALVAULT_VERIFY_MAP` checks it against the page scan) and restores equal.
+#[test]
+fn a_segment_being_archived_is_mapped_from_pg_wal() {
+    let env = TestEnv::new("blockmap-in-flight");
+    let (repo, wv, src) = archiving_source(&env, RepoKind::Local);
+    let command = src.psql("SHOW archive_command").replace('\'', "''");
+    let set_command = |c: &str| {
+        src.psql(&format!("ALTER SYSTEM SET archive_command = '{c}'"));
+        src.psql("SELECT pg_reload_conf()");
+    };
+    set_command(&format!("WALVAULT_FAILPOINTS=wal-stored {command}"));
+    src.psql("INSERT INTO t (client) SELECT 1 FROM generate_series(1, 2000)");
+    let segment = src.switch_wal();
+    let (wal, summary) = (format!("wal/{segment}"), format!("walsummary/{segment}"));
+    wait_until(
+        "the segment stored, its summary not",
+        Duration::from_secs(60),
+        || {
+            let keys = repo.keys();
+            keys.contains(&wal) && !keys.contains(&summary)
+        },
+    );
+    set_command(&command);
+    let envs = backup_env(&env, &src);
+    let args: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut push = wv.spawn(&["backup-push", "--delta"], &args);
+    // The map is decided before any file is read; then the archiver may go on.
+    push.wait_for_stderr("all files read", Duration::from_secs(120));
+    kill_paused_wal_push(&env, &segment);
+    let (status, stderr) = push.wait(Duration::from_secs(300));
+    let stderr = stderr.join("\n");
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("delta from the WAL's block maps"),
+        "{stderr}"
+    );
+    let newest = listed(&wv).pop().unwrap();
+    assert_eq!(newest.1.as_deref(), Some("wal"), "{stderr}");
+    let restored = restore(&env, &wv, &newest.0, src.install(), None);
+    assert_eq!(
+        restored.psql("SELECT count(*), sum(id) FROM t"),
+        src.psql("SELECT count(*), sum(id) FROM t")
+    );
+}
+
+/// Kills this test's wal-push of `segment`, paused at its failpoint (and the shell around it).
+fn kill_paused_wal_push(env: &TestEnv, segment: &str) {
+    let ours = env.path().display().to_string();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&ours) && cmdline.contains("wal-push") && cmdline.contains(segment) {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            let ok = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .unwrap()
+                .success();
+            killed += usize::from(ok);
+        }
+    }
+    // The shell PostgreSQL started for archive_command names it too.
+    assert!(killed > 0, "no paused wal-push of {segment}");
+}
 
 /// One record as `pg_waldump` describes it.
 struct Dumped {

@@ -156,15 +156,20 @@ pub(crate) async fn compose(req: &MapRequest<'_>) -> Result<BlockMap, String> {
 }
 
 /// The block map of an archived-range segment without a summary: scanned from `pg_wal` when the
-/// archive does not hold it yet (the archiver lags behind the backup's start), unusable when it
-/// does (its summary was lost or predates block maps).
+/// archive does not hold it yet (the archiver lags behind the backup's start) or is storing it
+/// now (wal-push stores the segment, then its summary, then PostgreSQL marks it `.done`),
+/// unusable otherwise (its summary was lost or predates block maps).
 async fn not_archived_yet(req: &MapRequest<'_>, seg: &SegmentName) -> Result<BlockSummary, String> {
     let archived = req
         .repo
         .head(&layout::wal(&WalFileName::Segment(*seg)))
         .await
         .map_err(|e| format!("checking whether {seg} is archived: {e}"))?;
-    if archived.is_some() {
+    let ready = req
+        .pgdata
+        .join("pg_wal/archive_status")
+        .join(format!("{seg}.ready"));
+    if archived.is_some() && !ready.exists() {
         return Err(format!(
             "segment {seg} has no block map (its summary is missing or from an older walvault)"
         ));
