@@ -15,6 +15,7 @@ use walvault_wal::{
     WalFileName, WalSegmentSize,
 };
 
+use super::merged_ranges;
 use super::page::{self, PageState, BLCKSZ, RELSEG_BLOCKS};
 use super::walk::{Fork, RelFile};
 use crate::repo::{layout, Repository};
@@ -50,8 +51,7 @@ struct ForkMap {
 
 impl ForkMap {
     fn tidy(&mut self) {
-        self.ranges.sort_unstable();
-        self.ranges = merge(std::mem::take(&mut self.ranges));
+        self.ranges = merged_ranges(std::mem::take(&mut self.ranges));
         self.merged = self.ranges.len();
     }
 }
@@ -219,17 +219,6 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-fn merge(sorted: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
-    let mut out: Vec<(u32, u32)> = Vec::with_capacity(sorted.len());
-    for (a, b) in sorted {
-        match out.last_mut() {
-            Some((_, end)) if a <= *end => *end = (*end).max(b),
-            _ => out.push((a, b)),
-        }
-    }
-    out
-}
-
 impl BlockMap {
     fn add(&mut self, seg: &SegmentName, blocks: &BlockSummary) -> Result<(), String> {
         for f in &blocks.forks {
@@ -308,10 +297,9 @@ impl BlockMap {
             }
             let parent_blocks = u32::try_from(parent_size / BLCKSZ as u64).unwrap_or(u32::MAX);
             wanted.push((parent_blocks.min(nblocks), nblocks));
-            wanted.sort_unstable();
         }
         Some(
-            merge(wanted)
+            merged_ranges(wanted)
                 .into_iter()
                 .filter(|(a, b)| a < b)
                 .map(|(a, b)| {

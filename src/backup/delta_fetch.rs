@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::fetch::{base_layers, dest, Dest, FetchOptions, Fetched, CONTROL};
 use super::manifest::{FileEntry, Manifest, PackId, Piece};
 use super::tree::{Root, DIR_MODE_MAX};
-use super::BackupError;
+use super::{merged_ranges, BackupError};
 use crate::repo::packs::WantedPiece;
 use crate::repo::Repository;
 
@@ -289,7 +289,7 @@ fn parts_of(
             }
         }
         covered.append(&mut this_layer);
-        covered = merged(covered);
+        covered = merged_ranges(covered);
     }
     for (a, b) in uncovered(&covered, 0, final_size) {
         parts.push(Part {
@@ -300,19 +300,6 @@ fn parts_of(
         });
     }
     parts
-}
-
-/// `ranges` sorted, with overlapping and touching ones joined.
-fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (a, b) in ranges {
-        match out.last_mut() {
-            Some((_, end)) if a <= *end => *end = (*end).max(b),
-            _ => out.push((a, b)),
-        }
-    }
-    out
 }
 
 /// The sub-ranges of `start..end` no range of `covered` (sorted, disjoint) overlaps.

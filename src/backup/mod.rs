@@ -36,6 +36,19 @@ pub(crate) const PACK_TARGET: usize = 8 << 20;
 /// Files are read in chunks of this size, so one huge relation is spread over many workers.
 pub(crate) const CHUNK: u64 = 8 << 20;
 
+/// Half-open `ranges` sorted, with overlapping and touching ones joined.
+pub(crate) fn merged_ranges<T: Ord + Copy>(mut ranges: Vec<(T, T)>) -> Vec<(T, T)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some((_, end)) if a <= *end => *end = (*end).max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BackupError {
     #[error(transparent)]
