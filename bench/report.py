@@ -290,7 +290,7 @@ class Report:
         for name, x in a["commands"].items():
             L.append(f"| `walvault {name}` | {x['wall_median']:.2f} ({min(x['wall_s']):.2f}–{max(x['wall_s']):.2f}) "
                      f"| {med(x['cpu_s']):.2f} | {x['maxrss_median_mib']:.0f} |")
-        L.append("\nLocal repository; the WAL objects are hard links of one stored segment (listing only: neither "
+        L.append("\nLocal repository; the WAL objects are hard links of three stored segments (listing only: neither "
                  "command reads a WAL object).\n")
         return L
 

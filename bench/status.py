@@ -32,12 +32,13 @@ class StatusSection:
             if t.rc != 0:
                 raise BenchError(f"wal-push failed on {n} (exit {t.rc}); see {errlog}")
         n = OBJECTS_QUICK if self.quick else OBJECTS
-        stored = os.path.join(repo, "wal", real[0])
+        # Linked from each stored segment in turn: one inode takes at most 65000 links (ext4).
+        stored = [os.path.join(repo, "wal", r) for r in real]
         tli = int(real[0][:8], 16)
         first = int(real[-1][8:16], 16) * 256 + int(real[-1][16:], 16) + 1
         log(f"status: hard-linking {n} fake WAL objects")
         for i in range(n):
-            os.link(stored, os.path.join(repo, "wal", segment_name(tli, first + i)))
+            os.link(stored[i % len(stored)], os.path.join(repo, "wal", segment_name(tli, first + i)))
         out = {"objects": n + len(real), "commands": {}}
         for cmd in (["status", "--json"], ["metrics"]):
             runs = []
