@@ -110,6 +110,8 @@ impl Trailer {
 struct HoldBack {
     inner: ObjectReader,
     held: Vec<u8>,
+    /// What one read of `inner` lands in, kept from read to read.
+    scratch: Vec<u8>,
     trailer: Trailer,
     ended: bool,
 }
@@ -119,6 +121,7 @@ impl HoldBack {
         HoldBack {
             inner,
             held: Vec::with_capacity(TRAILER_LEN),
+            scratch: Vec::new(),
             trailer,
             ended: false,
         }
@@ -133,12 +136,12 @@ impl tokio::io::AsyncRead for HoldBack {
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
         let this = &mut *self;
-        let mut tmp = vec![0u8; buf.remaining().clamp(1, 64 << 10)];
+        this.scratch.resize(buf.remaining().clamp(1, 64 << 10), 0);
         loop {
             if this.ended || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            let mut read = tokio::io::ReadBuf::new(&mut tmp);
+            let mut read = tokio::io::ReadBuf::new(&mut this.scratch);
             match this.inner.as_mut().poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -155,8 +158,8 @@ impl tokio::io::AsyncRead for HoldBack {
             this.held.extend_from_slice(fresh);
             let release = this.held.len().saturating_sub(TRAILER_LEN);
             if release > 0 {
-                // `release` is at most what was just read, which fits: tmp is no larger than
-                // what `buf` has room for.
+                // `release` is at most what was just read, which fits: the scratch buffer is no
+                // larger than what `buf` has room for.
                 buf.put_slice(&this.held[..release]);
                 this.held.drain(..release);
                 return Poll::Ready(Ok(()));

@@ -268,13 +268,21 @@ impl Repository {
         crypt::EncryptionRecord::for_keys(&self.keys)
     }
 
-    /// What an object says in clear (an encrypted WAL object is read to its trailer):
-    /// `Some(None)` for a plain object, `None` when absent.
-    async fn envelope(&self, key: &str) -> Result<Option<Option<Envelope>>, RepoError> {
-        let Some(reader) = self.store.get(key).await? else {
+    /// What an object says in clear, and with `trailer` an encrypted WAL object's trailer too
+    /// (which takes reading it to its end): `Some(None)` for a plain object, `None` when absent.
+    async fn envelope(
+        &self,
+        key: &str,
+        trailer: bool,
+    ) -> Result<Option<Option<Envelope>>, RepoError> {
+        let Some(mut reader) = self.store.get(key).await? else {
             return Ok(None);
         };
-        Ok(Some(crypt::read_clear(reader, key).await?))
+        Ok(Some(if trailer {
+            crypt::read_clear(reader, key).await?
+        } else {
+            crypt::read_envelope(&mut reader, key).await?.1
+        }))
     }
 
     /// A stored object opened for reading (decrypted if it is encrypted), and an encrypted
@@ -434,7 +442,7 @@ impl Repository {
         key: &str,
         content: WalContent<'_>,
     ) -> Result<Option<Comparison>, RepoError> {
-        let Some(envelope) = self.envelope(key).await? else {
+        let Some(envelope) = self.envelope(key, true).await? else {
             return Ok(None);
         };
         let Some(envelope) = envelope else {

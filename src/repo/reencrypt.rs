@@ -33,7 +33,8 @@ impl Repository {
         key: &str,
         dry_run: bool,
     ) -> Result<Option<Rewrite>, RepoError> {
-        let Some(envelope) = self.envelope(key).await? else {
+        // The keys are in the head: no need to read the object to its trailer.
+        let Some(envelope) = self.envelope(key, false).await? else {
             return Ok(None);
         };
         let mut before = envelope.map(|e| e.keys).unwrap_or_default();
