@@ -40,7 +40,7 @@ const FLAG_TRAILER: u8 = 2;
 const TRAILER_LEN: usize = 16;
 
 /// What an encrypted object says in clear.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct Envelope {
     /// The keys it was encrypted to.
     pub(crate) keys: Vec<Fingerprint>,
@@ -64,14 +64,6 @@ impl Envelope {
 /// The last [`TRAILER_LEN`] bytes of an object, held back from the age reader by [`HoldBack`].
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Trailer(Arc<Mutex<Option<[u8; TRAILER_LEN]>>>);
-
-impl PartialEq for Trailer {
-    fn eq(&self, other: &Trailer) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for Trailer {}
 
 impl Trailer {
     fn encode(content: ClearContent) -> Vec<u8> {
