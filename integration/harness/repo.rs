@@ -238,7 +238,7 @@ impl Repo {
             fs::create_dir_all(&parent)
                 .unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
         }
-        self.write(key, frame_object(content));
+        self.write(key, frame_object(content, false));
     }
 
     /// For an S3 repository, the storage class and server-side encryption of an object.
@@ -265,11 +265,17 @@ impl Repo {
         }
     }
 
-    /// Flips every bit of the byte at `offset` of an object.
+    /// Flips every bit of the byte at `offset` of an object, or of the first byte after it whose
+    /// flip changes what the object holds: lz4 has slack (a match offset into a run of zeros copies
+    /// the same zeros), so some flips inside a compressed block leave the content, and its
+    /// checksum, as they were, and no reader could or should fail on them.
     pub fn corrupt(&self, key: &str, offset: usize) {
         let mut data = self.read(key);
         assert!(offset < data.len(), "{key} has only {} bytes", data.len());
-        data[offset] ^= 0xff;
+        let at = (offset..data.len())
+            .find(|&at| !lz4_slack(&data, at))
+            .unwrap_or_else(|| panic!("no byte of {key} from {offset} on changes its content"));
+        data[at] ^= 0xff;
         self.write(key, data);
     }
 
@@ -289,19 +295,24 @@ impl Repo {
     }
 }
 
-/// An object in walvault's format: header (magic, version 1, no compression or encryption,
-/// content length, header crc32), blocks of at most 1 MiB stored uncompressed (bit 31 of the
-/// stored length), end marker and content crc32.
-fn frame_object(content: &[u8]) -> Vec<u8> {
+/// An object in walvault's format: header (magic, version 1, compression none or lz4, no
+/// encryption, content length, header crc32), blocks of at most 1 MiB (stored uncompressed, bit 31
+/// of the stored length, unless `lz4`), end marker and content crc32.
+pub fn frame_object(content: &[u8], lz4: bool) -> Vec<u8> {
     let mut out = b"WVLT".to_vec();
-    out.extend_from_slice(&[1, 0, 0, 0]);
+    out.extend_from_slice(&[1, u8::from(lz4), 0, 0]);
     out.extend_from_slice(&(content.len() as u64).to_le_bytes());
     let header_crc = crc32fast::hash(&out);
     out.extend_from_slice(&header_crc.to_le_bytes());
     for block in content.chunks(1 << 20) {
+        let (stored, flag) = if lz4 {
+            (lz4_flex::block::compress(block), 0)
+        } else {
+            (block.to_vec(), 1 << 31)
+        };
         out.extend_from_slice(&(block.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(block.len() as u32 | 1 << 31).to_le_bytes());
-        out.extend_from_slice(block);
+        out.extend_from_slice(&(stored.len() as u32 | flag).to_le_bytes());
+        out.extend_from_slice(&stored);
     }
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(content).to_le_bytes());
@@ -313,23 +324,66 @@ fn frame_object(content: &[u8]) -> Vec<u8> {
 pub fn object_content(framed: &[u8]) -> Vec<u8> {
     assert_eq!(&framed[..4], b"WVLT", "not a walvault object");
     assert_eq!(framed[6], 0, "encrypted object");
-    let mut at = 20;
-    let mut content = Vec::new();
-    loop {
-        let raw = u32::from_le_bytes(framed[at..at + 4].try_into().unwrap()) as usize;
-        if raw == 0 {
-            return content;
-        }
-        let stored = u32::from_le_bytes(framed[at + 4..at + 8].try_into().unwrap());
-        let len = (stored & !(1 << 31)) as usize;
-        let bytes = &framed[at + 8..at + 8 + len];
-        if stored & 1 << 31 != 0 {
-            content.extend_from_slice(bytes);
-        } else {
-            content.extend(lz4_flex::block::decompress(bytes, raw).expect("lz4 block"));
-        }
-        at += 8 + len;
+    blocks(framed).flat_map(|block| block.content()).collect()
+}
+
+/// Whether flipping the byte at `at` of an object leaves its content as it was: true only inside
+/// an lz4 block of an unencrypted object whose decoding the flip does not change (any flipped
+/// byte of an encrypted object fails its authentication).
+pub fn lz4_slack(framed: &[u8], at: usize) -> bool {
+    if framed[6] != 0 {
+        return false;
     }
+    let Some(block) = blocks(framed).find(|b| b.start <= at && at < b.start + b.stored.len())
+    else {
+        return false;
+    };
+    if !block.compressed {
+        return false;
+    }
+    let mut flipped = block.stored.to_vec();
+    flipped[at - block.start] ^= 0xff;
+    lz4_flex::block::decompress(&flipped, block.raw).ok() == Some(block.content())
+}
+
+/// One block of a framed object: where its stored bytes start, and how to read them.
+struct Block<'a> {
+    start: usize,
+    raw: usize,
+    compressed: bool,
+    stored: &'a [u8],
+}
+
+impl Block<'_> {
+    fn content(&self) -> Vec<u8> {
+        if self.compressed {
+            lz4_flex::block::decompress(self.stored, self.raw).expect("lz4 block")
+        } else {
+            self.stored.to_vec()
+        }
+    }
+}
+
+/// The blocks of an unencrypted framed object, up to its end marker.
+fn blocks(framed: &[u8]) -> impl Iterator<Item = Block<'_>> {
+    let u32_at = |at: usize| u32::from_le_bytes(framed[at..at + 4].try_into().unwrap());
+    let mut at = 20;
+    std::iter::from_fn(move || {
+        let raw = u32_at(at) as usize;
+        if raw == 0 {
+            return None;
+        }
+        let stored = u32_at(at + 4);
+        let len = (stored & !(1 << 31)) as usize;
+        let block = Block {
+            start: at + 8,
+            raw,
+            compressed: stored & 1 << 31 == 0,
+            stored: &framed[at + 8..at + 8 + len],
+        };
+        at += 8 + len;
+        Some(block)
+    })
 }
 
 fn walk(root: &Path, dir: &Path, keys: &mut Vec<String>) {
