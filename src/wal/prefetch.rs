@@ -57,7 +57,7 @@ struct SpoolFile {
 impl Prefetched {
     /// What the prefetcher of repository `repo_url` spooled.
     pub(crate) fn read(spool: &Spool, repo_url: &str) -> Prefetched {
-        Prefetched::scan(repo_dir(spool, repo_url), boot_id())
+        Prefetched::scan(spool.prefetch_repo_dir(repo_url), boot_id())
     }
 
     fn scan(dir: PathBuf, boot: Option<String>) -> Prefetched {
@@ -197,14 +197,6 @@ fn file_crc(path: &Path) -> std::io::Result<u32> {
     }
 }
 
-/// The spool directory of one repository's prefetcher: a spool shared by several clusters (one
-/// repository each) never serves one's segments to another.
-fn repo_dir(spool: &Spool, repo_url: &str) -> PathBuf {
-    spool
-        .prefetch_dir()
-        .join(format!("{:08x}", Checksum::of(repo_url.as_bytes()).0))
-}
-
 /// This boot of the machine, as the kernel names it (hex digits only); `None` where the kernel
 /// does not say, and then every spooled file is checked.
 fn boot_id() -> Option<String> {
@@ -304,7 +296,7 @@ pub(crate) async fn prefetch(
     window: Vec<SegmentName>,
     concurrency: usize,
 ) -> Result<usize, FetchError> {
-    let dir = repo_dir(spool, repo.url());
+    let dir = spool.prefetch_repo_dir(repo.url());
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|source| RepoError::File {
@@ -406,7 +398,7 @@ mod tests {
     async fn setup() -> (Setup, Spool) {
         let s = fetch_setup().await;
         let spool = Spool::locate(None, &s.pg_wal);
-        std::fs::create_dir_all(repo_dir(&spool, s.repo.url())).unwrap();
+        std::fs::create_dir_all(spool.prefetch_repo_dir(s.repo.url())).unwrap();
         (s, spool)
     }
 
@@ -424,7 +416,7 @@ mod tests {
     async fn spooled_segments_of_an_earlier_boot_are_checked_before_they_are_served() {
         let (s, spool) = setup().await;
         let (repo, wal_dir) = (&s.repo, &s.pg_wal);
-        let prefetch = repo_dir(&spool, repo.url());
+        let prefetch = spool.prefetch_repo_dir(repo.url());
         let content = |n| segment(&seg(n).to_string());
         let this_boot = boot_id().expect("Linux names its boots");
         let earlier_boot = "0".repeat(32);
@@ -475,8 +467,8 @@ mod tests {
     async fn only_segments_of_this_repository_and_cluster_are_served() {
         let (s, spool) = setup().await;
         let wal_dir = &s.pg_wal;
-        let ours = repo_dir(&spool, s.repo.url());
-        let theirs = repo_dir(&spool, "s3://another/cluster");
+        let ours = spool.prefetch_repo_dir(s.repo.url());
+        let theirs = spool.prefetch_repo_dir("s3://another/cluster");
         std::fs::create_dir_all(&theirs).unwrap();
         let boot = boot_id().expect("Linux names its boots");
         let content = |n: u32| segment(&seg(n).to_string());
@@ -510,7 +502,7 @@ mod tests {
     async fn a_call_waits_for_the_download_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::locate(None, &dir.path().join("pg_wal"));
-        let prefetch = repo_dir(&spool, "file:///repo");
+        let prefetch = spool.prefetch_repo_dir("file:///repo");
         std::fs::create_dir_all(&prefetch).unwrap();
         let seg: SegmentName = "000000010000000000000007".parse().unwrap();
         let temp = prefetch.join(format!(".{seg}.walvault-9.tmp"));

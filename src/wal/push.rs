@@ -282,6 +282,56 @@ pub(crate) mod tests {
         assert_eq!(third.1, Pushed::AlreadyArchived);
     }
 
+    /// A cluster archiving into two repositories (`wal-push` twice in its archive_command) has
+    /// push-ahead for each: one repository's markers neither stop the other's pusher nor are
+    /// consumed by the other's calls.
+    #[tokio::test]
+    async fn two_repositories_each_keep_their_push_ahead() {
+        let (dir, first, _, wal_dir) = archiver_and_dirs().await;
+        let other_dir = dir.path().join("other-repo");
+        std::fs::create_dir(&other_dir).unwrap();
+        let second = Archiver::new(Arc::new(crate::repo::local_for_tests(&other_dir).await));
+        let names = ["000000010000000000000001", "000000010000000000000002"];
+        for name in names {
+            std::fs::write(wal_dir.join(name), segment(name)).unwrap();
+            std::fs::write(wal_dir.join(format!("archive_status/{name}.ready")), "").unwrap();
+        }
+        let spool = Spool::locate(None, &wal_dir);
+        assert_eq!(first.push_ahead(&wal_dir, &spool, 4).await, 2);
+
+        // PostgreSQL's archive_command for the first segment: both calls, then `.done`.
+        let (_, pushed) = first
+            .push_requested(&wal_dir.join(names[0]), &spool, || {})
+            .await
+            .unwrap();
+        assert_eq!(pushed, Pushed::Ahead);
+        let mut started = false;
+        let (_, pushed) = second
+            .push_requested(&wal_dir.join(names[0]), &spool, || started = true)
+            .await
+            .unwrap();
+        assert!(
+            started,
+            "the first repository's markers stopped the second's pusher"
+        );
+        assert!(matches!(pushed, Pushed::Stored { .. }), "{pushed:?}");
+        std::fs::rename(
+            wal_dir.join(format!("archive_status/{}.ready", names[0])),
+            wal_dir.join(format!("archive_status/{}.done", names[0])),
+        )
+        .unwrap();
+        assert_eq!(second.push_ahead(&wal_dir, &spool, 4).await, 1);
+
+        // The second segment: each call finds its own repository's marker.
+        for archiver in [&first, &second] {
+            let (_, pushed) = archiver
+                .push_requested(&wal_dir.join(names[1]), &spool, || {})
+                .await
+                .unwrap();
+            assert_eq!(pushed, Pushed::Ahead);
+        }
+    }
+
     async fn archiver_and_dirs() -> (tempfile::TempDir, Arc<Archiver>, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let (repo_dir, wal_dir) = (dir.path().join("repo"), dir.path().join("pg_wal"));

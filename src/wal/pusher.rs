@@ -194,9 +194,9 @@ impl FileStamp {
 const PUSHER_LOCK: &str = "lock";
 const CLAIM_SUFFIX: &str = ".claim";
 
-/// The pusher's state in the spool's `pushed/` directory: a marker `<name>` for each segment
-/// stored ahead (the stamp of the file stored, and the repository it went to), a claim lock
-/// `<name>.claim` per segment being stored, and the pusher's own lock.
+/// A repository's pusher state in the spool's `pushed/<repository>/` directory: a marker `<name>`
+/// for each segment stored ahead (the stamp of the file stored, and the repository's URL), a
+/// claim lock `<name>.claim` per segment being stored, and the pusher's own lock.
 #[derive(Clone)]
 pub(super) struct Markers {
     dir: PathBuf,
@@ -206,7 +206,7 @@ pub(super) struct Markers {
 impl Markers {
     pub(super) fn new(spool: &Spool, repo: &str) -> Markers {
         Markers {
-            dir: spool.pushed_dir(),
+            dir: spool.pushed_dir(repo),
             repo: repo.to_owned(),
         }
     }

@@ -1,11 +1,15 @@
 //! The local spool: walvault's scratch directory on the database host.
 //!
 //! It holds two kinds of small state, both safe to delete at any time:
-//! - `pushed/<name>`: a marker that a segment was already stored by push-ahead, with the checksum
-//!   and length of what was stored, so the archiver's later call for it returns at once;
+//! - `pushed/<repository>/<name>`: a marker that a segment was already stored into that
+//!   repository by push-ahead, with the checksum and length of what was stored, so the archiver's
+//!   later call for it returns at once;
 //! - `prefetch/<repository>/<name>`: segments the prefetcher downloaded and verified ahead of
-//!   recovery asking for them, by repository, named with their checksum and the boot they were
-//!   written in (see [prefetch](super::prefetch)).
+//!   recovery asking for them, named with their checksum and the boot they were written in (see
+//!   [prefetch](super::prefetch)).
+//!
+//! `<repository>` is a hash of the repository's URL: a cluster archiving into two repositories
+//! (or clusters sharing a spool) keep apart what each repository holds.
 //!
 //! It lives outside `pg_wal` (by default `<PGDATA>/walvault_spool`, next to `pg_wal`), so nothing
 //! in `pg_wal` is ever a file PostgreSQL or pg_rewind did not expect. The background helpers that
@@ -16,6 +20,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::repo::Checksum;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Spool {
@@ -37,12 +43,19 @@ impl Spool {
         &self.dir
     }
 
-    pub(crate) fn pushed_dir(&self) -> PathBuf {
-        self.dir.join("pushed")
+    /// The push-ahead markers and lock of one repository.
+    pub(crate) fn pushed_dir(&self, repo_url: &str) -> PathBuf {
+        self.dir.join("pushed").join(repo_tag(repo_url))
     }
 
+    /// The prefetched segments of every repository, one directory each.
     pub(crate) fn prefetch_dir(&self) -> PathBuf {
         self.dir.join("prefetch")
+    }
+
+    /// The prefetched segments of one repository.
+    pub(crate) fn prefetch_repo_dir(&self, repo_url: &str) -> PathBuf {
+        self.prefetch_dir().join(repo_tag(repo_url))
     }
 
     /// Deletes prefetched segments nobody has asked for in `max_age`: what a finished recovery
@@ -74,6 +87,11 @@ impl Spool {
             }
         }
     }
+}
+
+/// A repository's directory name in the spool: its URL's crc32, in hex.
+fn repo_tag(repo_url: &str) -> String {
+    format!("{:08x}", Checksum::of(repo_url.as_bytes()).0)
 }
 
 /// Takes an exclusive lock on `path` (created if missing) without waiting: `Ok(None)` when another
@@ -189,6 +207,13 @@ mod tests {
             Some(Path::new("/var/spool/wv")),
             Path::new("/data/pg/pg_wal"),
         );
-        assert_eq!(s.pushed_dir(), Path::new("/var/spool/wv/pushed"));
+        assert_eq!(
+            s.pushed_dir("file:///repo"),
+            Path::new("/var/spool/wv/pushed").join(repo_tag("file:///repo"))
+        );
+        assert_ne!(
+            s.pushed_dir("file:///repo"),
+            s.pushed_dir("s3://bucket/repo")
+        );
     }
 }
