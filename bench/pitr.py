@@ -23,13 +23,43 @@ class PitrSection:
     def bench_pitr(self):
         c = self.main_cluster()
         self.db_repos()
+        self.pitr_prepare(c)
+        log("PITR: fresh full backups (walvault, pgBackRest)")
+        wvb = self.backup_walvault("full")
+        pbb = self.backup_pgbr("full")
+        w = self.pitr_workload(c, "archived into both repositories")
+        target_s, truth, wal_mib, wl_secs = w["target"], w["truth"], w["wal_mib"], w["workload_s"]
+        res = {"walvault": [], "pgBackRest": []}
+        for i in range(self.repeat):
+            for t in (["walvault", "pgBackRest"] if i % 2 == 0 else ["pgBackRest", "walvault"]):
+                log(f"PITR {i + 1}/{self.repeat}: {t}")
+                r = (self.pitr_walvault(i, target_s, ["--repo", f"file://{self.db['wv_repo']}"])
+                     if t == "walvault" else self.pitr_pgbr(i, target_s))
+                r["marks_exact"] = r.pop("marks") == truth
+                res[t].append(r)
+                log(f"  restore {r['restore']:.1f} s + replay {r['replay']:.1f} s = {r['total']:.1f} s; "
+                    f"marks exact: {r['marks_exact']}; {r['check']}")
+        c.psql("DROP TABLE IF EXISTS bench_walgen")
+        self.drop_db_repos()
+        checks = {json.dumps(r["check"]) for t in res for r in res[t]}
+        self.results["sections"]["pitr"] = {
+            "target": target_s, "wal_mib": wal_mib, "workload_s": wl_secs, "marks_truth": len(truth),
+            "tools": res, "consistent": len(checks) == 1,
+            "backups": {"walvault": wvb, "pgBackRest": pbb}}
+        if len(checks) != 1:
+            self.results["notes"].append(f"PITR: recovered clusters differ: {sorted(checks)}")
+
+    def pitr_prepare(self, c):
+        """The side table of timed marks and the write workload's table, before the backups."""
         c.psql("CREATE TABLE IF NOT EXISTS bench_marks (id bigserial PRIMARY KEY, t timestamptz NOT NULL)")
         c.psql("TRUNCATE bench_marks")
         self.walgen_setup(c)
         c.psql("VACUUM (ANALYZE)")
-        log("PITR: fresh full backups (walvault, pgBackRest)")
-        wvb = self.backup_walvault("full")
-        pbb = self.backup_pgbr("full")
+
+    def pitr_workload(self, c, archived_into):
+        """The write workload with a mark every ~50 ms until pitr_wal_mib of WAL are written, then a
+        target time midway between two marks ~5 s before its end, the marks a recovery to it must
+        hold (by commit timestamp), and the wait until the last segment is archived."""
         start_lsn = c.psql("SELECT pg_current_wal_lsn()")
         # marks writer: one row every ~50 ms, each its own transaction
         marks = subprocess.Popen(
@@ -39,7 +69,7 @@ class PitrSection:
             env=c.env({"PGAPPNAME": "bench_marks"}), user=PG_USER, group=PG_USER, extra_groups=[],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target_bytes = self.pitr_wal_mib * MiB
-        log(f"PITR: workload until {self.pitr_wal_mib} MiB of WAL are written (archived into both repositories)")
+        log(f"PITR: workload until {self.pitr_wal_mib} MiB of WAL are written ({archived_into})")
         wl_start = time.monotonic()
         self.walgen(c, lambda: int(c.psql(f"SELECT pg_current_wal_lsn() - '{start_lsn}'::pg_lsn")) >= target_bytes,
                     min_secs=20)
@@ -63,24 +93,7 @@ class PitrSection:
         log(f"PITR: target {target_s}; waiting for {last} to be archived")
         wait_for(lambda: (c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") or "") >= last,
                  600, f"{last} to be archived", interval=0.2)
-        res = {"walvault": [], "pgBackRest": []}
-        for i in range(self.repeat):
-            for t in (["walvault", "pgBackRest"] if i % 2 == 0 else ["pgBackRest", "walvault"]):
-                log(f"PITR {i + 1}/{self.repeat}: {t}")
-                r = self.pitr_walvault(i, target_s) if t == "walvault" else self.pitr_pgbr(i, target_s)
-                r["marks_exact"] = r.pop("marks") == truth
-                res[t].append(r)
-                log(f"  restore {r['restore']:.1f} s + replay {r['replay']:.1f} s = {r['total']:.1f} s; "
-                    f"marks exact: {r['marks_exact']}; {r['check']}")
-        c.psql("DROP TABLE IF EXISTS bench_walgen")
-        self.drop_db_repos()
-        checks = {json.dumps(r["check"]) for t in res for r in res[t]}
-        self.results["sections"]["pitr"] = {
-            "target": target_s, "wal_mib": wal_mib, "workload_s": wl_secs, "marks_truth": len(truth),
-            "tools": res, "consistent": len(checks) == 1,
-            "backups": {"walvault": wvb, "pgBackRest": pbb}}
-        if len(checks) != 1:
-            self.results["notes"].append(f"PITR: recovered clusters differ: {sorted(checks)}")
+        return {"target": target_s, "truth": truth, "wal_mib": wal_mib, "workload_s": wl_secs}
 
     def pitr_check(self, port, sock):
         k = Cluster("", port, sock, "")
@@ -90,19 +103,21 @@ class PitrSection:
         marks = [int(x) for x in k.psql("SELECT id FROM bench_marks ORDER BY id").split()]
         return {"accounts": accounts, "history": int(hist), "walgen": walgen, "marks_rows": len(marks)}, marks
 
-    def pitr_walvault(self, i, target):
+    def pitr_walvault(self, i, target, repo_args, tag="walvault"):
+        """`walvault recover --start` of the repository `repo_args` names to `target`, timed and
+        checked; `tag` names its directory and logs."""
         self.ensure_restore_space()
-        d = self.p("pitr", f"walvault-{i}")
+        d = self.p("pitr", f"{tag}-{i}")
         mkdir_pg(os.path.dirname(d), 0o755)
         rmtree(d)
         port = 55440
         drop_caches()
-        r = must(timed([self.wv, "--repo", f"file://{self.db['wv_repo']}", "recover", "--pgdata", d,
+        r = must(timed([self.wv, *repo_args, "recover", "--pgdata", d,
                         "--target-time", target, "--start", "--port", str(port), "--socket-dir", self.sock,
                         "--pg-bin", PGBIN], env=pg_env(), cwd=self.p("pitr")), "walvault recover")
         k = Cluster(d, port, self.sock, "")
         STARTED.append(k)
-        with open(os.path.join(self.logs, f"pitr-walvault-{i}.log"), "w") as f:
+        with open(os.path.join(self.logs, f"pitr-{tag}-{i}.log"), "w") as f:
             f.write(r.out + r.err)
         try:
             m = re.search(r"([0-9.]+) s in total \(([0-9.]+) s of recovery\)", r.out + r.err)
@@ -113,7 +128,7 @@ class PitrSection:
         finally:
             k.stop("immediate")
             server_log = os.path.join(d, "walvault-recover.log")
-            kept_log = os.path.join(self.logs, f"pitr-walvault-{i}.server.log")
+            kept_log = os.path.join(self.logs, f"pitr-{tag}-{i}.server.log")
             if os.path.exists(server_log):
                 shutil.copy(server_log, kept_log)
         rmtree(d)

@@ -324,8 +324,11 @@ class Report:
         """Issue 16: walvault with age encryption against walvault plain, same data, one run."""
         plain, age = e["variants"]["plain"], e["variants"]["age"]
         L = ["## Encryption at rest (walvault plain vs age)\n",
-             f"{e['segments']} segments archived and fetched serially; full backup and backup-fetch of the "
-             "main cluster. Ratio = encrypted / plain.\n",
+             f"{e['segments']} segments archived serially (twice per variant, in alternating order, into "
+             "an empty repository) and fetched serially; full backup and backup-fetch of the "
+             "main cluster; PITR (`recover --start`) of the newest full backup and "
+             f"{e.get('pitr_wal_mib', 0):.0f} MiB of WAL to a time, from each repository. "
+             "Ratio = encrypted / plain.\n",
              "| measure | plain | age | ratio |", "|---|---|---|---|"]
         rows = [
             ("archive_command throughput (MiB/s)", plain["archive"]["mib_s"], age["archive"]["mib_s"]),
@@ -335,8 +338,16 @@ class Report:
             ("backup-push --full wall (s)", med(plain["backup"]["wall_s"]), med(age["backup"]["wall_s"])),
             ("backup-fetch wall (s)", med(plain["fetch"]["wall_s"]), med(age["fetch"]["wall_s"])),
         ]
+        pitr = "pitr" in plain and "pitr" in age
+        if pitr:
+            for what, key in [("PITR restore + replay (s)", "total"), ("PITR replay (s)", "replay")]:
+                rows.append((what, med([r[key] for r in plain["pitr"]]), med([r[key] for r in age["pitr"]])))
         for what, p, a in rows:
             L.append(f"| {what} | {fmt(p)} | {fmt(a)} | {ratio(a, p)} |")
+        if pitr:
+            exact = all(r["marks_exact"] for v in (plain, age) for r in v["pitr"])
+            L.append(f"| PITR marks exact (every run) | | {'yes' if exact else '**NO**'} | |")
+            self.target("encrypted PITR exact", "yes" if exact else "no", exact)
         for what, key in [("wal-push", "archive"), ("wal-fetch", "restore"), ("backup-push", "backup"),
                           ("backup-fetch", "fetch")]:
             p, a = plain[key]["rss_kib"] / 1024, age[key]["rss_kib"] / 1024
@@ -346,6 +357,9 @@ class Report:
                  ("restore_command throughput", age["restore"]["mib_s"] / plain["restore"]["mib_s"]),
                  ("backup-push speed", med(plain["backup"]["wall_s"]) / med(age["backup"]["wall_s"])),
                  ("backup-fetch speed", med(plain["fetch"]["wall_s"]) / med(age["fetch"]["wall_s"]))]
+        if pitr:
+            speed.append(("PITR speed", med([r["total"] for r in plain["pitr"]]) /
+                          med([r["total"] for r in age["pitr"]])))
         for what, x in speed:
             self.target(f"encrypted {what} ≥ 0.85× plain", f"{x:.2f}×", x >= 0.85)
         L.append("")

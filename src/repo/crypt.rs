@@ -564,6 +564,16 @@ pub(super) fn admits(recorded: &RecordedEncryption, keys: &Keys, repo: &str) -> 
 struct Drain(Arc<Mutex<Vec<u8>>>);
 
 impl Drain {
+    /// Room for what sealing `plain` bytes writes (each 64 KiB chunk of age's STREAM gains a
+    /// 16-byte tag), so the output is not copied as it grows.
+    fn reserve_for(&self, plain: usize) {
+        let sealed = plain + plain.div_ceil(64 << 10) * 16;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reserve(sealed);
+    }
+
     fn take(&self) -> Vec<u8> {
         // A panic while the lock was held cannot leave the Vec inconsistent.
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
@@ -714,6 +724,7 @@ impl SealedWriter {
             };
             let drain = age.drain.clone();
             age.sealer = Some(Sealer::Busy(tokio::task::spawn_blocking(move || {
+                drain.reserve_for(slice.len());
                 stream.write_all(&slice)?;
                 Ok((stream, drain.take()))
             })));
