@@ -123,54 +123,60 @@ impl RecoverySettings {
     /// Writes `recovery.signal` and appends the settings to `postgresql.auto.conf` in `pgdata`,
     /// after dropping the recovery targets an earlier recover left there (a backup of a cluster
     /// that was itself recovered carries them, and two kinds of target make PostgreSQL refuse to
-    /// start).
+    /// start). Each file is replaced whole and durably, so a crash leaves either the restored
+    /// file or the new one, never a truncated `postgresql.auto.conf`, and a symlink the backup
+    /// held is replaced, not followed.
     pub(crate) fn write(&self, pgdata: &Path) -> Result<(), RecoverError> {
         let settings = self.render()?;
-        self.write_carried(pgdata)?;
+        replace_file(pgdata, CARRIED_CONFIG_FILE, self.carried.toml.as_bytes())?;
         let auto_conf = pgdata.join("postgresql.auto.conf");
-        let earlier = match std::fs::read_to_string(&auto_conf) {
+        // Not followed if it is a link: its text would be copied into the new file.
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&auto_conf)
+            .and_then(std::io::read_to_string);
+        let earlier = match read {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io("read", &auto_conf)(e)),
         };
-        let kept: String = earlier
+        let mut text: String = earlier
             .lines()
             .filter(|l| !l.trim_start().starts_with("recovery_target"))
             .map(|l| format!("{l}\n"))
             .collect();
-        let mut file = std::fs::File::create(&auto_conf).map_err(io("open", &auto_conf))?;
-        file.write_all(kept.as_bytes())
-            .and_then(|()| file.write_all(settings.as_bytes()))
-            .and_then(|()| file.sync_all())
-            .map_err(io("write", &auto_conf))?;
-        let signal = pgdata.join("recovery.signal");
-        std::fs::write(&signal, b"").map_err(io("create", &signal))?;
+        text.push_str(&settings);
+        replace_file(pgdata, "postgresql.auto.conf", text.as_bytes())?;
         // A standby.signal from the backup would make the server a standby that never ends
         // recovery, ignoring the target.
         let standby = pgdata.join("standby.signal");
         if standby.exists() {
             std::fs::remove_file(&standby).map_err(io("remove", &standby))?;
         }
-        Ok(())
+        replace_file(pgdata, "recovery.signal", b"")?;
+        std::fs::File::open(pgdata)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io("sync", pgdata))
     }
+}
 
-    /// Writes [`CARRIED_CONFIG_FILE`] whole (a temporary file renamed over any copy the backup
-    /// held, so a planted symlink is replaced, not followed), readable by its owner only.
-    fn write_carried(&self, pgdata: &Path) -> Result<(), RecoverError> {
-        let path = pgdata.join(CARRIED_CONFIG_FILE);
-        let temp = pgdata.join(format!(".{CARRIED_CONFIG_FILE}.tmp"));
-        let _ = std::fs::remove_file(&temp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(io("create", &temp))?;
-        file.write_all(self.carried.toml.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io("write", &temp))?;
-        std::fs::rename(&temp, &path).map_err(io("rename", &path))
-    }
+/// Replaces `dir/name` with `content`, readable by its owner only: a temporary file written and
+/// fsynced, then renamed over it (the caller syncs the directory).
+fn replace_file(dir: &Path, name: &str, content: &[u8]) -> Result<(), RecoverError> {
+    let path = dir.join(name);
+    let temp = dir.join(format!(".{name}.walvault-tmp"));
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io("create", &temp))?;
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(io("write", &temp))?;
+    std::fs::rename(&temp, &path).map_err(io("rename", &path))
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecoverError {
@@ -338,25 +344,56 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
+    /// Every file `write` leaves is private and replaces a link the backup held (to a file
+    /// outside the data directory) instead of writing through it.
     #[test]
-    fn carried_config_is_private_and_replaces_a_planted_link() {
+    fn written_files_are_private_and_replace_planted_links() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let outside = dir.path().join("outside");
-        std::fs::write(&outside, "keep").unwrap();
         let pgdata = dir.path().join("pgdata");
         std::fs::create_dir(&pgdata).unwrap();
-        std::os::unix::fs::symlink(&outside, pgdata.join(CARRIED_CONFIG_FILE)).unwrap();
+        let names = [CARRIED_CONFIG_FILE, "recovery.signal"];
+        for name in names {
+            let outside = dir.path().join(format!("outside-{name}"));
+            std::fs::write(&outside, "keep\n").unwrap();
+            std::os::unix::fs::symlink(&outside, pgdata.join(name)).unwrap();
+        }
         let s = settings(Target::Immediate);
         s.write(&pgdata).unwrap();
-        let carried = pgdata.join(CARRIED_CONFIG_FILE);
-        let meta = std::fs::symlink_metadata(&carried).unwrap();
-        assert!(meta.is_file());
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::read_to_string(&carried).unwrap(), s.carried.toml);
-        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+        for name in names {
+            let meta = std::fs::symlink_metadata(pgdata.join(name)).unwrap();
+            assert!(meta.is_file(), "{name} is still a link");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+            let outside = dir.path().join(format!("outside-{name}"));
+            assert_eq!(
+                std::fs::read_to_string(&outside).unwrap(),
+                "keep\n",
+                "{name}"
+            );
+        }
+        let carried = std::fs::read_to_string(pgdata.join(CARRIED_CONFIG_FILE)).unwrap();
+        assert_eq!(carried, s.carried.toml);
         let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
         assert!(auto.contains("recovery_target = 'immediate'"), "{auto}");
+        assert!(std::fs::read(pgdata.join("recovery.signal"))
+            .unwrap()
+            .is_empty());
+        assert!(!pgdata.read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with("walvault-tmp")));
+
+        // postgresql.auto.conf is read before it is replaced: a link there is refused, neither
+        // read nor written through.
+        let outside = dir.path().join("secret");
+        std::fs::write(&outside, "secret\n").unwrap();
+        let auto_conf = pgdata.join("postgresql.auto.conf");
+        std::fs::remove_file(&auto_conf).unwrap();
+        std::os::unix::fs::symlink(&outside, &auto_conf).unwrap();
+        let err = s.write(&pgdata).unwrap_err().to_string();
+        assert!(err.contains("postgresql.auto.conf"), "{err}");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret\n");
     }
 
     #[test]
