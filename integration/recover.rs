@@ -798,6 +798,35 @@ fn recover_across_a_timeline_switch(kind: RepoKind) {
     let rows_two = ids(&fork, "");
     archive_everything(&fork);
 
+    // status shows the window along each timeline: timeline 1 up to where the fork left it.
+    let status: serde_json::Value =
+        serde_json::from_str(&wv.run(&["status", "--json"]).assert_success().stdout).unwrap();
+    assert_eq!(status["window"]["timeline"], 2, "{status:#}");
+    let along: Vec<(u64, String)> = status["timelines"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no timelines in {status:#}"))
+        .iter()
+        .map(|w| {
+            let end = w["end_time"].as_str().unwrap_or_else(|| panic!("{w:#}"));
+            (w["timeline"].as_u64().unwrap(), end.replace('T', " "))
+        })
+        .collect();
+    assert_eq!(
+        along.iter().map(|w| w.0).collect::<Vec<_>>(),
+        [1, 2],
+        "{status:#}"
+    );
+    assert!(
+        along[0].1 >= lost,
+        "timeline 1 ends at {} before {lost}",
+        along[0].1
+    );
+    assert!(
+        along[1].1 >= last_commit,
+        "timeline 2 ends at {} before {last_commit}",
+        along[1].1
+    );
+
     let (again, out) = recover_and_start(&env, &wv, "again", &["--target-time", &last_commit]);
     assert!(out.contains("timeline: 2"), "{out}");
     assert_eq!(ids(&again, ""), rows_two, "{out}");

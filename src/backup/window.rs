@@ -124,13 +124,7 @@ impl Recoverable {
         })?;
         let archive = Archive::load(repo, seg_size).await?;
         let history = target_history(repo, &archive, timeline, newest).await?;
-        let newest_segment = archive.newest_on(&history);
-        let window = Window {
-            oldest_backup_end: first_backup(&backups, &archive, &history, newest_segment)
-                .map(|b| (b.name.clone(), b.stop_time.clone(), b.stop_lsn)),
-            last_xact_end: last_xact_end(repo, &archive, &history, newest_segment).await,
-            newest_segment,
-        };
+        let window = window_along(repo, &backups, &archive, &history).await;
         Ok(Recoverable {
             backups,
             archive,
@@ -145,6 +139,36 @@ impl Recoverable {
         usable_on(backup, &self.history)
     }
 
+    /// The window along every timeline the archive holds (a segment or a history file), in
+    /// timeline order: an older timeline stays recoverable up to where it was left (with
+    /// `recovery_target_timeline` naming it). A timeline whose history cannot be read is
+    /// reported with its error.
+    pub(crate) async fn windows_by_timeline(
+        &self,
+        repo: &Repository,
+    ) -> Vec<(TimelineId, Result<Window, WindowError>)> {
+        let mut timelines: BTreeSet<TimelineId> = self.archive.histories.clone();
+        timelines.extend(self.archive.segments.keys().map(|s| s.tli));
+        let Some(newest) = self.backups.last() else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(timelines.len());
+        for tli in timelines {
+            let window = if tli == self.history.timeline {
+                Ok(self.window.clone())
+            } else {
+                match target_history(repo, &self.archive, TimelineChoice::Id(tli), newest).await {
+                    Ok(history) => {
+                        Ok(window_along(repo, &self.backups, &self.archive, &history).await)
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            out.push((tli, window));
+        }
+        out
+    }
+
     /// A walk over the archived segments of the history.
     pub(crate) fn walk<'a>(&'a self, repo: &'a Arc<Repository>) -> Walk<'a> {
         Walk {
@@ -152,6 +176,23 @@ impl Recoverable {
             archive: &self.archive,
             history: &self.history,
         }
+    }
+}
+
+/// The window along `history`: from the end of its first backup to its last archived
+/// transaction end.
+async fn window_along(
+    repo: &Repository,
+    backups: &[Summary],
+    archive: &Archive,
+    history: &TimelineHistory,
+) -> Window {
+    let newest_segment = archive.newest_on(history);
+    Window {
+        oldest_backup_end: first_backup(backups, archive, history, newest_segment)
+            .map(|b| (b.name.clone(), b.stop_time.clone(), b.stop_lsn)),
+        last_xact_end: last_xact_end(repo, archive, history, newest_segment).await,
+        newest_segment,
     }
 }
 

@@ -330,8 +330,17 @@ impl std::fmt::Display for Status {
             }
         }
         match &self.window {
-            Some(w) => writeln!(f, "recoverable window (latest timeline): {}", w.text)?,
+            Some(w) => writeln!(
+                f,
+                "recoverable window (latest timeline, {}): {}",
+                w.timeline, w.text
+            )?,
             None => writeln!(f, "recoverable window: none (no backups)")?,
+        }
+        if self.timelines.len() > 1 {
+            for w in &self.timelines {
+                writeln!(f, "  along timeline {}: {}", w.timeline, w.text)?;
+            }
         }
         if let Some(end) = self.window.as_ref().and_then(|w| w.end) {
             writeln!(

@@ -1,6 +1,6 @@
 //! `walvault status`: what the repository holds and promises, gathered cheaply for operators,
-//! `check` and `metrics`: identity, backups, the recoverable window (latest timeline), archive
-//! lag, the last drill, sizes and object counts.
+//! `check` and `metrics`: identity, backups, the recoverable window (along the latest timeline,
+//! and along each timeline archived), archive lag, the last drill, sizes and object counts.
 //!
 //! One listing of the repository gives sizes and counts; manifests give the backups; the window
 //! reads at most a bounded tail of segment summaries; `status/wal` (see `wal::newest`) gives
@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use walvault_wal::{SegmentName, WalFileName};
+use walvault_wal::{SegmentName, TimelineId, WalFileName};
 
 use crate::backup::manifest::{BackupKind, Summary};
 use crate::backup::window::{self, Recoverable, TimelineChoice, WindowError};
@@ -42,6 +42,9 @@ pub(crate) struct Status {
     pub(crate) backups: Backups,
     /// Along the latest timeline; `None` without backups.
     pub(crate) window: Option<RecoveryWindow>,
+    /// Along each timeline the archive holds, oldest first (the latest among them); empty
+    /// without backups.
+    pub(crate) timelines: Vec<RecoveryWindow>,
     pub(crate) wal: Wal,
     /// The configured retention policy's verdict; omitted without a policy.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +113,7 @@ pub(crate) struct Backup {
 
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct RecoveryWindow {
+    pub(crate) timeline: u32,
     pub(crate) start_time: Option<String>,
     #[serde(skip)]
     pub(crate) start: Option<UnixMicros>,
@@ -204,7 +208,16 @@ impl Status {
             Some(r) if !policy.is_empty() => retention_verdict(repo, policy, r, now).await,
             _ => None,
         };
-        let window = recoverable.map(|r| r.window);
+        let mut timelines = Vec::new();
+        if let Some(r) = &recoverable {
+            for (tli, window) in r.windows_by_timeline(repo).await {
+                timelines.push(match window {
+                    Ok(w) => recovery_window(tli, &w),
+                    Err(e) => unknown_window(tli, &e),
+                });
+            }
+        }
+        let window = recoverable.map(|r| recovery_window(r.history.timeline, &r.window));
         let hint = newest::load(repo).await;
         let hint_seg = hint.as_ref().and_then(|h| h.segment_name());
         let stale = match (&newest_segment, &hint_seg) {
@@ -236,7 +249,8 @@ impl Status {
                 wal_segment_size: identity.as_ref().map(|i| i.wal_segment_size),
             },
             backups: summarise_backups(&backups, now),
-            window: window.map(|w| recovery_window(&w)),
+            window,
+            timelines,
             wal,
             retention,
             last_drill,
@@ -371,7 +385,7 @@ fn summarise_backups(backups: &[Summary], now: UnixMicros) -> Backups {
     }
 }
 
-fn recovery_window(w: &window::Window) -> RecoveryWindow {
+fn recovery_window(timeline: TimelineId, w: &window::Window) -> RecoveryWindow {
     let (start_backup, start_time, start_lsn) = match &w.oldest_backup_end {
         Some((name, time, lsn)) => (name.to_string(), Some(time.clone()), lsn.to_string()),
         None => (String::new(), None, String::new()),
@@ -382,6 +396,7 @@ fn recovery_window(w: &window::Window) -> RecoveryWindow {
         .last_xact_end
         .filter(|m| start_lsn_value.is_none_or(|s| m.lsn >= s));
     RecoveryWindow {
+        timeline: timeline.0,
         start: start_time.as_deref().and_then(UnixMicros::parse_rfc3339),
         start_time,
         start_lsn,
@@ -390,5 +405,21 @@ fn recovery_window(w: &window::Window) -> RecoveryWindow {
         end: end.map(|m| UnixMicros(m.time_us)),
         end_lsn: end.map(|m| m.lsn.to_string()),
         text: w.to_string(),
+    }
+}
+
+/// A timeline whose window could not be worked out (its history file unreadable): listed with
+/// the reason rather than left out.
+fn unknown_window(timeline: TimelineId, problem: &WindowError) -> RecoveryWindow {
+    RecoveryWindow {
+        timeline: timeline.0,
+        start_time: None,
+        start: None,
+        start_lsn: String::new(),
+        start_backup: String::new(),
+        end_time: None,
+        end: None,
+        end_lsn: None,
+        text: format!("unknown: {problem}"),
     }
 }
