@@ -3,7 +3,7 @@
 //! identity, and without one (or with the wrong one) fails before writing anything, `wal-fetch`
 //! above 125; writers that disagree with the repository are refused and change nothing; key
 //! rotation keeps old objects readable, `verify` counts objects per key and `reencrypt` moves
-//! them to the new one; S3 server-side
+//! them to the new one; a plain repository migrates by archiving into both; S3 server-side
 //! encryption and storage classes reach every upload.
 
 use std::collections::BTreeMap;
@@ -492,6 +492,56 @@ fn rotation_keeps_old_objects_readable_and_verify_counts_them(kind: RepoKind) {
     );
     let dest = env.path().join("old-after-reencrypt");
     only_new.wal_fetch(&old_segment, &dest).assert_success();
+}
+
+/// The documented migration of a plain repository to an encrypted one: the cluster archives into
+/// both for the transition (`wal-push` twice in its archive_command), a full backup goes into the
+/// new one, and each repository alone then recovers the cluster exactly; the new one holds only
+/// encrypted objects.
+#[test]
+fn migration_archives_into_both_repositories() {
+    let env = TestEnv::new("encryption-migration");
+    let (old_config, _) = plain_repository(&env, RepoKind::Local);
+    let old = walvault(&env, "old.toml", &old_config);
+    let cluster = source(&env, &old);
+    cluster.psql("INSERT INTO t (note) SELECT 'before ' || g FROM generate_series(1, 100) g");
+    backup_push(&env, &old, &cluster).assert_success();
+
+    let repo = env.repo(RepoKind::Local);
+    let a = key(&env, "a");
+    let new = walvault(&env, "new.toml", &with_keys(repo.config(), &[&a], &[&a]));
+    let both = format!("{} && {}", old.archive_command(), new.archive_command());
+    cluster.psql(&format!("ALTER SYSTEM SET archive_command = '{both}'"));
+    cluster.psql("SELECT pg_reload_conf()");
+    archive_everything(&cluster);
+    backup_push(&env, &new, &cluster).assert_success();
+    // Several 1 MiB segments, so they queue up and each repository's pusher stores ahead.
+    cluster.psql("INSERT INTO t (note) SELECT repeat('x', 1000) FROM generate_series(1, 4000)");
+    archive_everything(&cluster);
+    let expected =
+        cluster.psql("SELECT count(*) || ' ' || md5(string_agg(note, ',' ORDER BY id)) FROM t");
+
+    for (name, wv) in [("from-new", &new), ("from-old", &old)] {
+        let dir = env.path().join(name);
+        // No target: all the WAL the repository holds is replayed.
+        recover_start(&env, wv, &dir, &[]).assert_success();
+        let mut recovered = env.cluster_from_copy(ClusterConfig::new(name), &dir);
+        recovered.stop();
+        recovered.start();
+        assert_eq!(
+            recovered
+                .psql("SELECT count(*) || ' ' || md5(string_agg(note, ',' ORDER BY id)) FROM t"),
+            expected,
+            "recovered {name}"
+        );
+    }
+    for key in repo.objects() {
+        if key != "repository" {
+            let keys = envelope_keys(&repo.read(&key));
+            assert_eq!(keys, Some(vec![a.fingerprint.clone()]), "{key}");
+        }
+    }
+    new.run(&["verify"]).assert_success();
 }
 
 /// `s3.sse` and the storage classes reach every single PUT and multipart upload (moto records
