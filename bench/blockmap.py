@@ -6,7 +6,13 @@
   delta with no change at all;
 - wal-push throughput of the same segments with block maps (this build) and without (an older
   build given with --without, e.g. the main branch's release binary);
-- `backup-fetch --delta` over a restore that differs by ~3% vs a fresh `backup-fetch`.
+- `backup-fetch --delta` over a restore that differs by ~3% vs a fresh `backup-fetch`;
+- with --pg17 (the bin directory of a PostgreSQL 17 server, e.g. the npm build integration/run.sh
+  unpacks into .test-tools/pg/17/native/bin): on a PostgreSQL 17 cluster with `summarize_wal`, a
+  walvault delta from block maps vs PostgreSQL's own `pg_basebackup --incremental` (wall, CPU,
+  bytes written), both after the same ~3% change and with no change. The npm build has no
+  client tools, so pg_basebackup 17 comes from Debian 13's packages, downloaded once into the
+  work directory's cache and run with their own loader and libraries.
 
 Standalone (standard library plus common.py); run as root:
 
@@ -33,6 +39,8 @@ def main():
     ap.add_argument("--scale", type=int, default=100)
     ap.add_argument("--segments", type=int, default=40, help="segments pushed per wal-push run")
     ap.add_argument("--work", default="/var/tmp/walvault-blockmap-bench")
+    ap.add_argument("--pg17", help="bin directory of a PostgreSQL 17 server: compare with pg_basebackup --incremental")
+    ap.add_argument("--only-pg17", action="store_true", help="run only the PostgreSQL 17 comparison")
     ap.add_argument("--out")
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
@@ -41,6 +49,10 @@ def main():
     shutil.copy(a.walvault, wv)
     os.chmod(wv, 0o755)
     results = {"scale": a.scale}
+    if a.pg17:
+        results["pg17"] = pg17(a, work, wv)
+    if a.only_pg17:
+        return finish(a, work, results)
     c = Cluster(work, wv)
     try:
         c.start()
@@ -55,6 +67,10 @@ def main():
         results["wal_push"] = wal_push(c, a)
     finally:
         c.stop()
+    finish(a, work, results)
+
+
+def finish(a, work, results):
     report = render(results)
     print(report)
     if a.out:
@@ -63,10 +79,10 @@ def main():
 
 
 class Cluster:
-    def __init__(self, work, wv):
-        self.work, self.wv = work, wv
-        self.data = os.path.join(work, "data")
-        self.repo = mkdir_pg(os.path.join(work, "repo"))
+    def __init__(self, work, wv, bindir=PGBIN, name="data", settings=""):
+        self.work, self.wv, self.bindir, self.settings = work, wv, bindir, settings
+        self.data = os.path.join(work, name)
+        self.repo = mkdir_pg(os.path.join(work, f"repo-{name}"))
         self.port = 55000 + os.getpid() % 1000
         self.sock = work
 
@@ -76,16 +92,16 @@ class Cluster:
         return e
 
     def start(self):
-        run([f"{PGBIN}/initdb", "-D", self.data, "-k"], env=self.env())
+        run([f"{self.bindir}/initdb", "-D", self.data, "-k"], env=self.env())
         with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as f:
             f.write(f"port = {self.port}\nunix_socket_directories = '{self.sock}'\nlisten_addresses = ''\n"
                     f"archive_mode = on\narchive_command = '{self.wv} -q --repo file://{self.repo} wal-push %p'\n"
-                    "max_wal_size = 4GB\nshared_buffers = 256MB\n")
-        run([f"{PGBIN}/pg_ctl", "-D", self.data, "-l", os.path.join(self.work, "log"), "-w", "start"],
-            env=self.env())
+                    f"max_wal_size = 4GB\nshared_buffers = 256MB\n{self.settings}")
+        run([f"{self.bindir}/pg_ctl", "-D", self.data, "-l", os.path.join(self.work, f"{os.path.basename(self.data)}.log"),
+             "-w", "start"], env=self.env())
 
     def stop(self):
-        run([f"{PGBIN}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"], env=self.env(), check=False)
+        run([f"{self.bindir}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"], env=self.env(), check=False)
 
     def psql(self, sql):
         return run([f"{PGBIN}/psql", "-X", "-A", "-t", "-q", "-c", sql], env=self.env()).stdout.strip()
@@ -198,6 +214,89 @@ def wal_push(c, a):
     return out
 
 
+# Debian 13's packages that pg_basebackup 17 and its loader need (bookworm's glibc is too old
+# for its binaries, so they run with trixie's own loader and libraries).
+TRIXIE_DEBS = ["postgresql-client-17", "libpq5", "libc6", "libgssapi-krb5-2", "libkrb5-3", "libk5crypto3",
+               "libkrb5support0", "libcom-err2", "libkeyutils1", "libldap2", "libsasl2-2", "libgnutls30t64",
+               "libssl3t64", "libzstd1", "liblz4-1", "zlib1g", "libreadline8t64", "libtinfo6", "libidn2-0",
+               "libunistring5", "libtasn1-6", "libnettle8t64", "libhogweed6t64", "libgmp10", "libp11-kit0",
+               "libffi8"]
+
+
+def pg_basebackup17(cache):
+    """The command prefix that runs Debian 13's pg_basebackup 17, downloaded once into `cache`
+    (apt with its own lists and cache there: the system's apt state is untouched)."""
+    root = os.path.join(cache, "root")
+    lib = os.path.join(root, "usr", "lib", "x86_64-linux-gnu")
+    binary = os.path.join(root, "usr", "lib", "postgresql", "17", "bin", "pg_basebackup")
+    if not os.path.exists(binary):
+        log("downloading pg_basebackup 17 from Debian 13 (trixie)")
+        for d in ("lists/partial", "cache/archives/partial", "debs"):
+            os.makedirs(os.path.join(cache, d), exist_ok=True)
+        sources = os.path.join(cache, "trixie.list")
+        with open(sources, "w") as f:
+            f.write("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                    "http://deb.debian.org/debian trixie main\n")
+        status = os.path.join(cache, "status")
+        open(status, "a").close()
+        opts = ["-o", f"Dir::Etc::sourcelist={sources}", "-o", "Dir::Etc::sourceparts=-",
+                "-o", f"Dir::State::Lists={cache}/lists", "-o", f"Dir::Cache={cache}/cache",
+                "-o", f"Dir::State::status={status}"]
+        run(["apt-get", *opts, "update"], user=None)
+        debs = os.path.join(cache, "debs")
+        run(["apt-get", *opts, "download", *TRIXIE_DEBS], user=None, cwd=debs)
+        for deb in sorted(os.listdir(debs)):
+            run(["dpkg-deb", "-x", os.path.join(debs, deb), root], user=None)
+    return [os.path.join(lib, "ld-linux-x86-64.so.2"), "--library-path", lib, binary]
+
+
+def pg17(a, work, wv):
+    """walvault's delta from block maps against pg_basebackup --incremental on PostgreSQL 17, on
+    the same cluster after the same change; each tool's full backup is its delta's parent."""
+    basebackup = pg_basebackup17(os.path.join(os.path.dirname(os.path.abspath(a.work)), "walvault-bench-pg17"))
+    c = Cluster(work, wv, bindir=a.pg17, name="pg17", settings="summarize_wal = on\n")
+    out = {"walvault": {"full": [], "delta": [], "nochange": []},
+           "pg_basebackup": {"full": [], "delta": [], "nochange": []}}
+    dirs = mkdir_pg(os.path.join(work, "pg17-backups"), 0o755)
+
+    def basebackup_run(kind, dest, parent=None):
+        shutil.rmtree(dest, ignore_errors=True)
+        args = [*basebackup, "-D", dest, "-c", "fast", "-X", "none"]
+        if parent:
+            args.append(f"--incremental={parent}/backup_manifest")
+        drop_caches()
+        r = must(timed(args, env=c.env(), cwd=work), f"pg_basebackup {kind}")
+        written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dest) for f in fs)
+        return {"wall": r.wall, "cpu": r.cpu, "stored": written}
+
+    try:
+        c.start()
+        log(f"PostgreSQL 17: pgbench -i -s {a.scale}")
+        must(timed([f"{PGBIN}/pgbench", "-i", "-q", "-s", str(a.scale), "postgres"], env=c.env()), "pgbench -i")
+        c.psql("VACUUM (FREEZE, ANALYZE)")
+        c.psql("CHECKPOINT")
+        out["db_bytes"] = int(c.psql("SELECT pg_database_size('postgres')"))
+        for i in range(2):
+            log(f"PostgreSQL 17: full backups {i + 1}")
+            out["walvault"]["full"].append(push(c, "full"))
+            full = os.path.join(dirs, "full")
+            out["pg_basebackup"]["full"].append(basebackup_run("full", full))
+            touch(c)
+            log("PostgreSQL 17: deltas after 3%")
+            out["walvault"]["delta"].append(push(c, "delta"))
+            incr = os.path.join(dirs, "incr")
+            out["pg_basebackup"]["delta"].append(basebackup_run("--incremental", incr, parent=full))
+            c.psql("CHECKPOINT")
+            log("PostgreSQL 17: deltas with no change")
+            out["walvault"]["nochange"].append(push(c, "delta"))
+            again = os.path.join(dirs, "incr-again")
+            out["pg_basebackup"]["nochange"].append(basebackup_run("--incremental", again, parent=incr))
+    finally:
+        c.stop()
+        shutil.rmtree(dirs, ignore_errors=True)
+    return out
+
+
 def pg_ids():
     import pwd
     p = pwd.getpwnam("postgres")
@@ -205,10 +304,13 @@ def pg_ids():
 
 
 def render(r):
+    lines = render_pg17(r["pg17"]) if "pg17" in r else []
+    if "backups" not in r:
+        return "\n".join(lines) + "\n"
     b = r["backups"]
     m = lambda xs, k: med([x[k] for x in xs])  # noqa: E731
     full_wall, full_cpu = m(b["full"], "wall"), m(b["full"], "cpu")
-    lines = [
+    lines += [
         f"## Deltas from block maps: pgbench scale {r['scale']} ({r['db_bytes'] / 2**20:.0f} MiB), "
         "2 runs each, page cache dropped before each",
         "",
@@ -235,6 +337,26 @@ def render(r):
             continue
         lines.append(f"| {label} | {m(runs, 'wall'):.2f} | {m(runs, 'cpu'):.2f} | {m(runs, 'mib_s'):.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def render_pg17(p):
+    m = lambda xs, k: med([x[k] for x in xs])  # noqa: E731
+    lines = [f"## PostgreSQL 17: walvault's delta from block maps vs `pg_basebackup --incremental` "
+             f"({p['db_bytes'] / 2**20:.0f} MiB, `summarize_wal = on`), 2 runs each, page cache dropped before each",
+             "",
+             "| measurement | walvault wall s | CPU s | stored MiB | pg_basebackup wall s | CPU s | written MiB | "
+             "wall walvault / pg_basebackup |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, label in [("full", "full"), ("delta", "delta after 3%"), ("nochange", "delta with no change")]:
+        w, g = p["walvault"][key], p["pg_basebackup"][key]
+        lines.append(f"| {label} | {m(w, 'wall'):.2f} | {m(w, 'cpu'):.2f} | {m(w, 'stored') / 2**20:.1f} | "
+                     f"{m(g, 'wall'):.2f} | {m(g, 'cpu'):.2f} | {m(g, 'stored') / 2**20:.1f} | "
+                     f"{m(w, 'wall') / m(g, 'wall'):.2f}× |")
+    sources = sorted({str(x["source"]) for k in ("delta", "nochange") for x in p["walvault"][k]})
+    lines += ["", f"walvault's deltas came from: {', '.join(sources)}. pg_basebackup writes a plain, "
+              "uncompressed directory (incremental files hold only the changed blocks); walvault stores lz4 "
+              "packs. CPU is the client's (pg_basebackup's; the walsender reading the files is the server's).", ""]
+    return lines
 
 
 if __name__ == "__main__":
