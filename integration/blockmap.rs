@@ -155,6 +155,9 @@ fn delta_from_block_maps(kind: RepoKind) {
     backups.push(src.pg_dumpall());
     let out = push_delta(&env, &wv, &src);
     assert!(out.contains("--verify-map: the page scan"), "{out}");
+    // The summary line says what was read, not the size of the cluster.
+    let (covered, read) = sizes_of_push(&out);
+    assert!(read < covered / 2.0, "read {read} of {covered} bytes:\n{out}");
 
     workload_two(&src);
     backups.push(src.pg_dumpall());
@@ -181,6 +184,37 @@ fn delta_from_block_maps(kind: RepoKind) {
     check_restores(&env, &wv, &src, &named, &ts_oid);
     wv.run(&["verify"]).assert_success();
     restore_delta_over_a_stale_copy(&env, &wv, &named[1].0, &ts_oid);
+}
+
+/// From backup-push's last line, "complete: N files of SIZE, SIZE read, ...": the bytes the
+/// backup covers and the bytes it read, as their rounded sizes say.
+fn sizes_of_push(out: &str) -> (f64, f64) {
+    let size = |text: &str| -> f64 {
+        let (value, unit) = text
+            .trim()
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("{text}"));
+        let scale = match unit {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            _ => panic!("unit of {text}"),
+        };
+        value.parse::<f64>().unwrap() * scale
+    };
+    let line = out
+        .lines()
+        .find(|l| l.contains(") complete: "))
+        .unwrap_or_else(|| panic!("no summary line:\n{out}"));
+    let rest = line
+        .split(" files of ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    let mut parts = rest.split(", ");
+    let covered = size(parts.next().unwrap());
+    let read = size(parts.next().unwrap().trim_end_matches(" read"));
+    (covered, read)
 }
 
 /// Every file below `dir` (links by target, not followed) with its content.

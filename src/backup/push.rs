@@ -79,6 +79,8 @@ pub(crate) struct PushOptions {
 pub(crate) struct Pushed {
     pub(crate) summary: Summary,
     pub(crate) files: usize,
+    /// Bytes read from the data directory (a delta from block maps reads only listed blocks).
+    pub(crate) read: u64,
 }
 
 /// One file being backed up.
@@ -130,6 +132,8 @@ struct Shared {
     verify_from: Option<Lsn>,
     next_pack: AtomicU32,
     stored: AtomicU64,
+    /// Bytes read from the data directory (the bar's position is its total once finished).
+    read: AtomicU64,
     bar: ProgressBar,
 }
 
@@ -168,6 +172,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
         verify_from: info.data_checksums.then_some(started.lsn),
         next_pack: AtomicU32::new(0),
         stored: AtomicU64::new(0),
+        read: AtomicU64::new(0),
     });
     let done = copy_files(&shared, opts.concurrency).await?;
     if let (Some(DeltaSource::Wal), Some(p), true) = (delta_source, &parent, opts.verify_map) {
@@ -217,6 +222,7 @@ pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pu
     crate::failpoint::pause_if_enabled("backup-push-manifest-written").await;
     Ok(Pushed {
         files: manifest.files.len(),
+        read: shared.read.load(Ordering::Relaxed),
         summary: manifest.summary,
     })
 }
@@ -854,6 +860,7 @@ async fn worker(
         pack = filled;
         for chunk in chunks {
             shared.bar.inc(chunk.read);
+            shared.read.fetch_add(chunk.read, Ordering::Relaxed);
             done.push(chunk);
         }
     }

@@ -77,7 +77,7 @@ pub(super) async fn push(
     };
     let s = &pushed.summary;
     tracing::info!(
-        "backup {} ({}{}) complete: {} files, {} read, {} stored, {} to {}, in {:.1} s",
+        "backup {} ({}{}) complete: {} files of {}, {} read, {} stored, {} to {}, in {:.1} s",
         s.name,
         s.kind.as_str(),
         s.parent
@@ -86,6 +86,7 @@ pub(super) async fn push(
             .unwrap_or_default(),
         pushed.files,
         human_bytes(s.original_size),
+        human_bytes(pushed.read),
         human_bytes(s.stored_size),
         s.start_lsn,
         s.stop_lsn,
