@@ -157,7 +157,10 @@ fn delta_from_block_maps(kind: RepoKind) {
     assert!(out.contains("--verify-map: the page scan"), "{out}");
     // The summary line says what was read, not the size of the cluster.
     let (covered, read) = sizes_of_push(&out);
-    assert!(read < covered / 2.0, "read {read} of {covered} bytes:\n{out}");
+    assert!(
+        read < covered / 2.0,
+        "read {read} of {covered} bytes:\n{out}"
+    );
 
     workload_two(&src);
     backups.push(src.pg_dumpall());
