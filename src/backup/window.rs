@@ -139,25 +139,30 @@ impl Recoverable {
         usable_on(backup, &self.history)
     }
 
-    /// The window along every timeline the archive holds (a segment or a history file), in
-    /// timeline order: an older timeline stays recoverable up to where it was left (with
-    /// `recovery_target_timeline` naming it). A timeline whose history cannot be read is
+    /// The window along each of the `newest` highest timelines the archive holds (a segment or
+    /// a history file), in timeline order: an older timeline stays recoverable up to where it
+    /// was left (with `recovery_target_timeline` naming it). Each costs a history file and a
+    /// bounded tail of summaries, hence the limit. A timeline whose history cannot be read is
     /// reported with its error.
     pub(crate) async fn windows_by_timeline(
         &self,
         repo: &Repository,
+        newest: usize,
     ) -> Vec<(TimelineId, Result<Window, WindowError>)> {
         let mut timelines: BTreeSet<TimelineId> = self.archive.histories.clone();
         timelines.extend(self.archive.segments.keys().map(|s| s.tli));
-        let Some(newest) = self.backups.last() else {
+        let skipped = timelines.len().saturating_sub(newest);
+        let Some(newest_backup) = self.backups.last() else {
             return Vec::new();
         };
-        let mut out = Vec::with_capacity(timelines.len());
-        for tli in timelines {
+        let mut out = Vec::with_capacity(timelines.len() - skipped);
+        for tli in timelines.into_iter().skip(skipped) {
             let window = if tli == self.history.timeline {
                 Ok(self.window.clone())
             } else {
-                match target_history(repo, &self.archive, TimelineChoice::Id(tli), newest).await {
+                match target_history(repo, &self.archive, TimelineChoice::Id(tli), newest_backup)
+                    .await
+                {
                     Ok(history) => {
                         Ok(window_along(repo, &self.backups, &self.archive, &history).await)
                     }

@@ -21,6 +21,10 @@ use crate::retention::Policy;
 use crate::time::UnixMicros;
 use crate::wal::newest::{self, position};
 
+/// How many timelines `status` gives a window for, the highest ones: each costs a history file
+/// and a bounded tail of summaries.
+pub(crate) const TIMELINES_SHOWN: usize = 8;
+
 /// The largest drill report read back (check-sql output is bounded well below this).
 pub(crate) const MAX_DRILL_REPORT: u64 = 4 << 20;
 
@@ -42,8 +46,8 @@ pub(crate) struct Status {
     pub(crate) backups: Backups,
     /// Along the latest timeline; `None` without backups.
     pub(crate) window: Option<RecoveryWindow>,
-    /// Along each timeline the archive holds, oldest first (the latest among them); empty
-    /// without backups.
+    /// Along each of the [`TIMELINES_SHOWN`] highest timelines the archive holds, oldest first
+    /// (the latest among them); empty without backups.
     pub(crate) timelines: Vec<RecoveryWindow>,
     pub(crate) wal: Wal,
     /// The configured retention policy's verdict; omitted without a policy.
@@ -210,7 +214,7 @@ impl Status {
         };
         let mut timelines = Vec::new();
         if let Some(r) = &recoverable {
-            for (tli, window) in r.windows_by_timeline(repo).await {
+            for (tli, window) in r.windows_by_timeline(repo, TIMELINES_SHOWN).await {
                 timelines.push(match window {
                     Ok(w) => recovery_window(tli, &w),
                     Err(e) => unknown_window(tli, &e),
