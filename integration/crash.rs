@@ -508,13 +508,17 @@ fn holds_open(pid: i32, suffix: &str) -> bool {
         .any(|target| target.to_string_lossy().ends_with(suffix))
 }
 
-/// Whether the pusher recorded a marker (a file named by a segment) in `dir`.
+/// Whether the pusher recorded a marker (a file named by a segment) in a repository's directory
+/// below `dir`.
 fn marker_written(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit())
+    let mut repositories = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    repositories.any(|repo| {
+        std::fs::read_dir(repo.path()).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit())
+            })
         })
     })
 }
