@@ -187,6 +187,7 @@ fn delta_from_block_maps(kind: RepoKind) {
     check_restores(&env, &wv, &src, &named, &ts_oid);
     wv.run(&["verify"]).assert_success();
     restore_delta_over_a_stale_copy(&env, &wv, &named[1].0, &ts_oid);
+    restore_delta_fetches_only_differing_pages(&env, &wv, &repo, &named, &ts_oid);
 }
 
 /// From backup-push's last line, "complete: N files of SIZE, SIZE read, ...": the bytes the
@@ -294,6 +295,44 @@ fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts
     );
     std::fs::remove_dir_all(stale_ts.join("PG_99_202601011")).unwrap();
     assert_eq!(tree(&stale_ts), tree(&fresh_ts), "tablespace after --delta");
+}
+
+/// `backup-fetch --delta` of the newest backup over a restore of the first delta compares
+/// pages with the page sums and fetches only what changed since, which the newer deltas hold:
+/// it succeeds, byte for byte, with every pack of the full backup gone from the repository
+/// (before page sums, each full-backup piece a delta's page cut was fetched whole).
+fn restore_delta_fetches_only_differing_pages(
+    env: &TestEnv,
+    wv: &Walvault,
+    repo: &Repo,
+    named: &[(String, String)],
+    ts_oid: &str,
+) {
+    let fetch = |name: &str, dir: &Path, ts: &Path, delta: bool| {
+        let ts_arg = format!("{ts_oid}={}", ts.display());
+        let mut args = vec!["backup-fetch", name, path_str(dir), "--tablespace", &ts_arg];
+        if delta {
+            args.push("--delta");
+        }
+        wv.run(&args)
+    };
+    let (older, older_ts) = (env.unique_dir("older"), env.path().join("older-ts"));
+    fetch(&named[1].0, &older, &older_ts, false).assert_success();
+    let (fresh, fresh_ts) = (env.unique_dir("fresh-2"), env.path().join("fresh-2-ts"));
+    fetch("LATEST", &fresh, &fresh_ts, false).assert_success();
+    let full_packs = format!("backups/{}/packs/", named[0].0);
+    let gone: Vec<String> = repo
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&full_packs))
+        .collect();
+    assert!(!gone.is_empty(), "no packs under {full_packs}");
+    for key in &gone {
+        repo.delete(key);
+    }
+    fetch("LATEST", &older, &older_ts, true).assert_success();
+    assert_eq!(tree(&older), tree(&fresh), "data directory after --delta");
+    assert_eq!(tree(&older_ts), tree(&fresh_ts), "tablespace after --delta");
 }
 
 repo_kind_tests!(delta_from_block_maps);

@@ -182,6 +182,14 @@ fn delete_keeps_what_recovery_needs(kind: RepoKind) {
         [b1.as_str(), b4.as_str(), b5.as_str()]
     );
     assert!(names[0].1, "B1 is pinned: {names:?}");
+    // Nothing of a deleted backup stays: its packs' page sums went with them.
+    let kept: Vec<String> = names.iter().map(|n| format!("backups/{}/", n.0)).collect();
+    let left: Vec<String> = repo
+        .objects()
+        .into_iter()
+        .filter(|k| k.starts_with("backups/") && !kept.iter().any(|n| k.starts_with(n)))
+        .collect();
+    assert!(left.is_empty(), "objects of deleted backups: {left:?}");
     wv.run(&["verify"]).assert_success();
 
     // Every kept backup restores to its own end, equal to the source then.

@@ -1,9 +1,10 @@
 //! `backup-fetch --delta`: restores a backup over an existing, stopped data directory of the same
 //! cluster, reading the local files and writing only what differs, as pgBackRest's
 //! `restore --delta` does. Each file's final content is worked out from the chain as the plain
-//! restore builds it (newest layer wins, each layer's size clips older pieces); a piece that
-//! survives whole is compared with the local bytes by crc32 and skipped when equal, everything
-//! else is written. Files and directories the backup does not have are removed, walking by
+//! restore builds it (newest layer wins, each layer's size clips older pieces); each part is
+//! compared page by page with its pack's page sums (`pagesums.rs`), and only the pages that
+//! differ are fetched and written (a backup without sums compares whole pieces by crc32 and
+//! fetches cut ones). Files and directories the backup does not have are removed, walking by
 //! descriptor without following links, only below the data directory and the backup's version
 //! directory in each of its tablespaces; `global/pg_control` is written last, as in a plain
 //! restore.
@@ -16,10 +17,11 @@ use std::sync::Arc;
 
 use super::fetch::{base_layers, dest, Dest, FetchOptions, Fetched, CONTROL};
 use super::manifest::{FileEntry, Manifest, PackId, Piece};
+use super::pagesums::{self, PageSums};
 use super::tree::{Root, DIR_MODE_MAX};
 use super::{merged_ranges, BackupError};
 use crate::repo::packs::WantedPiece;
-use crate::repo::Repository;
+use crate::repo::{LengthRule, Repository};
 
 /// One part of a file's final content: bytes `range` of `piece` of backup `layer`, or zeros.
 #[derive(Clone, Debug)]
@@ -117,7 +119,7 @@ pub(super) async fn fetch(
         .flat_map(|(i, t)| parts_of(&by_path, &bases, i, &t.path))
         .collect();
     let targets = Arc::new(targets);
-    let needed = compare(&roots, &targets, parts, opts.concurrency).await?;
+    let needed = compare(&repo, &chain, &roots, &targets, parts, opts.concurrency).await?;
     let written: u64 = needed.iter().map(|p| p.len).sum();
     tracing::info!(
         "--delta: {removed} entries removed; {} parts ({written} bytes) differ and are written",
@@ -322,79 +324,196 @@ fn uncovered(covered: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
     free
 }
 
-/// The parts whose local bytes differ (or cannot be checked: a piece cut by a newer layer).
+/// The parts whose local bytes differ, pack by pack so that one pack's page sums at a time are
+/// in memory: a piece is compared page by page with its page sums, so only the pages that
+/// differ are fetched; without sums (older backups) a piece that survives whole is compared by
+/// its crc32 and a cut one is fetched.
 async fn compare(
+    repo: &Arc<Repository>,
+    chain: &Arc<Vec<Manifest>>,
     roots: &Arc<Vec<Root>>,
     targets: &Arc<Vec<Target>>,
     parts: Vec<Part>,
     concurrency: usize,
 ) -> Result<Vec<Part>, BackupError> {
-    let mut by_file: BTreeMap<usize, Vec<Part>> = BTreeMap::new();
+    let mut by_pack: BTreeMap<Option<(usize, PackId)>, Vec<Part>> = BTreeMap::new();
     for p in parts {
-        by_file.entry(p.file).or_default().push(p);
+        let pack = match p.source {
+            Source::Piece { layer, piece, .. } => Some((layer, piece.pack)),
+            Source::Zeros => None,
+        };
+        by_pack.entry(pack).or_default().push(p);
     }
-    let groups: Vec<Vec<Part>> = by_file.into_values().collect();
-    let per_task = groups.len().div_ceil(concurrency.max(1)).max(1);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut groups = groups.into_iter();
-    loop {
-        let batch: Vec<Vec<Part>> = groups.by_ref().take(per_task).collect();
-        if batch.is_empty() {
-            break;
-        }
-        let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
-        tasks.spawn_blocking(move || {
-            let mut needed = Vec::new();
-            for file_parts in batch {
-                needed.extend(differing(&roots, &targets, file_parts)?);
-            }
-            Ok::<_, BackupError>(needed)
-        });
-    }
+    let mut groups = by_pack.into_iter();
     let mut needed = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
+    loop {
+        while tasks.len() < concurrency.max(1) {
+            let Some((pack, parts)) = groups.next() else {
+                break;
+            };
+            let (repo, chain) = (Arc::clone(repo), Arc::clone(chain));
+            let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+            tasks.spawn(async move {
+                let sums = match pack {
+                    Some((layer, pack)) => page_sums(&repo, &chain[layer], pack, &parts).await,
+                    None => None,
+                };
+                tokio::task::spawn_blocking(move || {
+                    differing(&roots, &targets, parts, &sums.unwrap_or_default())
+                })
+                .await?
+            });
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
         needed.extend(joined??);
     }
     Ok(needed)
+}
+
+/// The page sums of `pack` of `manifest` for the pieces `parts` use, when it has them and they
+/// can be read; otherwise those pieces are compared as a whole (the sums are advisory).
+async fn page_sums(
+    repo: &Repository,
+    manifest: &Manifest,
+    pack: PackId,
+    parts: &[Part],
+) -> Option<PageSums> {
+    let pieces: Vec<Piece> = parts
+        .iter()
+        .filter_map(|p| match p.source {
+            Source::Piece { piece, .. } if piece.len > PAGE as u64 => Some(piece),
+            _ => None,
+        })
+        .collect();
+    if !manifest.summary.page_sums || pieces.is_empty() {
+        return None;
+    }
+    let key = manifest.summary.name.page_sums_key(pack);
+    let problem = match repo
+        .get_bytes_checked(&key, LengthRule::AtMost(pagesums::MAX_OBJECT))
+        .await
+    {
+        Ok(Some(bytes)) => match PageSums::parse(&bytes, &pieces) {
+            Ok(sums) => return Some(sums),
+            Err(problem) => problem,
+        },
+        Ok(None) => "missing".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!("page sums {key}: {problem}; its pieces are compared whole");
+    None
 }
 
 fn differing(
     roots: &[Root],
     targets: &[Target],
     parts: Vec<Part>,
+    sums: &PageSums,
 ) -> Result<Vec<Part>, BackupError> {
-    let Some(first) = parts.first() else {
-        return Ok(parts);
-    };
-    let t = &targets[first.file];
-    let root = &roots[t.dest.root];
-    let Some(local) = root.open_read(&t.dest.rel)? else {
-        return Ok(parts);
-    };
     let mut buf = vec![0u8; COMPARE_READ];
     let mut needed = Vec::new();
+    let mut open: Option<(usize, Option<std::fs::File>)> = None;
     for p in parts {
-        let same = match p.source {
-            Source::Piece {
-                piece, whole: true, ..
-            } => {
-                let mut crc = crc32fast::Hasher::new();
-                local_chunks(&local, p.offset, p.len, &mut buf, |b| crc.update(b))
-                    && crc.finalize() == piece.crc32
-            }
-            Source::Piece { .. } => false,
+        if open.as_ref().is_none_or(|(file, _)| *file != p.file) {
+            let t = &targets[p.file];
+            open = Some((p.file, roots[t.dest.root].open_read(&t.dest.rel)?));
+        }
+        let Some(local) = open.as_ref().and_then(|(_, f)| f.as_ref()) else {
+            needed.push(p);
+            continue;
+        };
+        match p.source {
+            Source::Piece { piece, whole, .. } => match sums.of(&piece) {
+                Some(expected) => differing_pages(local, &p, &expected, &mut buf, &mut needed),
+                None => {
+                    let mut crc = crc32fast::Hasher::new();
+                    let same = whole
+                        && local_chunks(local, p.offset, p.len, &mut buf, |b| crc.update(b))
+                        && crc.finalize() == piece.crc32;
+                    if !same {
+                        needed.push(p);
+                    }
+                }
+            },
             Source::Zeros => {
                 let mut zero = true;
-                local_chunks(&local, p.offset, p.len, &mut buf, |b| {
+                let read = local_chunks(local, p.offset, p.len, &mut buf, |b| {
                     zero &= b.iter().all(|x| *x == 0)
-                }) && zero
+                });
+                if !(read && zero) {
+                    needed.push(p);
+                }
             }
-        };
-        if !same {
-            needed.push(p);
         }
     }
     Ok(needed)
+}
+
+/// Adds to `needed` the runs of part `p` (of a piece whose page checksums are `expected`) whose
+/// local pages differ. A page the part holds only in part (cut by a newer layer's unaligned
+/// piece) cannot be checked and counts as differing.
+fn differing_pages(
+    local: &std::fs::File,
+    p: &Part,
+    expected: &[u32],
+    buf: &mut [u8],
+    needed: &mut Vec<Part>,
+) {
+    let Source::Piece {
+        layer, piece, skip, ..
+    } = p.source
+    else {
+        return;
+    };
+    let page = PAGE as u64;
+    let end = skip + p.len;
+    // Whole pages of the piece inside the part: from the first boundary on, to the last
+    // boundary (or the piece's end, whose last page may be short).
+    let first = skip.next_multiple_of(page).min(end);
+    let last = if end == piece.len {
+        end
+    } else {
+        end / page * page
+    }
+    .max(first);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut differs = |a: u64, b: u64| match runs.last_mut() {
+        Some((_, e)) if *e == a => *e = b,
+        _ if a < b => runs.push((a, b)),
+        _ => {}
+    };
+    differs(skip, first);
+    let mut at = first;
+    while at < last {
+        let n = usize::try_from(last - at).map_or(buf.len(), |left| left.min(buf.len()));
+        let have = read_up_to(local, &mut buf[..n], p.offset + (at - skip));
+        for (i, bytes) in buf[..n].chunks(PAGE).enumerate() {
+            let from = at + (i * PAGE) as u64;
+            let to = from + bytes.len() as u64;
+            let k = usize::try_from(from / page).unwrap_or(usize::MAX);
+            let same =
+                i * PAGE + bytes.len() <= have && expected.get(k) == Some(&crc32fast::hash(bytes));
+            if !same {
+                differs(from, to);
+            }
+        }
+        at += n as u64;
+    }
+    differs(last, end);
+    needed.extend(runs.into_iter().map(|(a, b)| Part {
+        file: p.file,
+        offset: p.offset + (a - skip),
+        len: b - a,
+        source: Source::Piece {
+            layer,
+            piece,
+            skip: a,
+            whole: false,
+        },
+    }));
 }
 
 /// Hands the `len` bytes of `file` at `offset` to `each`, a buffer at a time; whether the file

@@ -85,6 +85,9 @@ pub(crate) struct Summary {
     /// How a delta learned what changed; absent for full backups and older manifests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) delta_source: Option<DeltaSource>,
+    /// Whether every pack has a page sums object (`pagesums.rs`); absent in older manifests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) page_sums: bool,
 }
 
 /// How a delta backup found the pages to store.
@@ -387,6 +390,7 @@ pub(crate) mod tests {
                 packs: 1,
                 page_checksum_failures: vec![],
                 delta_source: None,
+                page_sums: false,
             },
             backup_label: String::new(),
             tablespace_map: None,

@@ -15,6 +15,7 @@ pub(crate) mod external_config;
 pub(crate) mod fetch;
 pub(crate) mod manifest;
 pub(crate) mod page;
+mod pagesums;
 pub(crate) mod progress;
 pub(crate) mod push;
 pub(crate) mod stop_wal;

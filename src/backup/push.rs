@@ -36,6 +36,7 @@ use super::manifest::{
     Piece, Storage, Summary, Tablespace, FORMAT,
 };
 use super::page::{self, BlockNo, BLCKSZ};
+use super::pagesums::{self, PackSums};
 use super::stop_wal::{self, Shipper, StandbyOptions, StopWal};
 use super::walk::{self, Found};
 use super::{progress, BackupError, CHUNK, PACK_TARGET};
@@ -582,6 +583,7 @@ fn manifest(
         stop_lsn: stop.lsn,
         timeline: started.timeline,
         delta_source: None,
+        page_sums: true,
         pg_version_num: info.version_num,
         system_identifier: info.system_identifier,
         wal_segment_size: info.wal_segment_size,
@@ -825,6 +827,8 @@ struct PackBuf {
     /// crc32 of `content`, combined from the pieces' checksums as they are appended, so the
     /// encoder need not hash the content again.
     crc: crc32fast::Hasher,
+    /// The page checksums of its pieces, stored beside it.
+    sums: PackSums,
 }
 
 async fn worker(
@@ -836,6 +840,7 @@ async fn worker(
         id: None,
         content: Vec::with_capacity(PACK_TARGET + CHUNK as usize),
         crc: crc32fast::Hasher::new(),
+        sums: PackSums::new(),
     };
     loop {
         let batch = jobs.lock().await.recv().await;
@@ -882,20 +887,28 @@ async fn store_pack(shared: &Shared, mut pack: PackBuf) -> Result<PackBuf, Backu
         bytes: std::mem::take(&mut pack.content),
         crc: std::mem::replace(&mut pack.crc, crc32fast::Hasher::new()),
     };
-    let (content, stored) = shared.repo.put_pack(&key, content).await?;
+    let sums_key = shared.name.page_sums_key(id);
+    let sums = pack.sums.take();
+    let ((content, stored), sums_stored) = tokio::try_join!(
+        shared.repo.put_pack(&key, content),
+        shared.repo.put_bytes(&sums_key, &sums, PutMode::IfAbsent)
+    )?;
     pack.content = content.bytes;
     // Names carry the start LSN, which every pg_backup_start moves on, so a pack of the same
     // name with other content can only come from a concurrent push that shared our checkpoint:
     // never replace it. (One with exactly this content, a retried PUT's own, counts as stored.)
-    if stored.committed == Committed::AlreadyExists {
-        return Err(BackupError::invalid(
-            format!("backup {}", shared.name),
-            format!("{key} already exists: is another backup-push running?"),
-        ));
+    for (key, committed) in [(&key, stored.committed), (&sums_key, sums_stored.committed)] {
+        if committed == Committed::AlreadyExists {
+            return Err(BackupError::invalid(
+                format!("backup {}", shared.name),
+                format!("{key} already exists: is another backup-push running?"),
+            ));
+        }
     }
-    shared
-        .stored
-        .fetch_add(stored.stored_len, Ordering::Relaxed);
+    shared.stored.fetch_add(
+        stored.stored_len + sums_stored.stored_len,
+        Ordering::Relaxed,
+    );
     tracing::debug!("stored {key} ({} bytes)", stored.stored_len);
     crate::failpoint::pause_if_enabled("backup-push-pack-stored").await;
     Ok(pack)
@@ -939,7 +952,10 @@ fn read_chunk(
         .map_err(BackupError::io("read", &ctx.source))?;
     let raw = &pack.content[start..];
     result.read = raw.len() as u64;
-    result.crc.update(raw);
+    // Jobs start on a page boundary, so these are the file's pages.
+    let page_crcs = pagesums::page_crcs(raw);
+    let chunk_crc = pagesums::fold(&page_crcs, result.read);
+    result.crc = pagesums::hasher(chunk_crc.unwrap_or_default(), result.read);
     let paged = ctx.check_pages || (shared.delta_base.is_some() && ctx.parent_size.is_some());
     let runs = if !paged {
         let whole = (!raw.is_empty()).then_some((job.offset, 0..raw.len()));
@@ -963,24 +979,33 @@ fn read_chunk(
     // Move the kept runs down in place so the pack holds only what is stored.
     let mut end = start;
     for (file_offset, range) in runs {
+        // Runs start on a page of the chunk (kept pages, or all of it).
+        let pages = &page_crcs[range.start / BLCKSZ..range.end.div_ceil(BLCKSZ)];
+        let len = range.len() as u64;
         let crc = if range == (0..raw_len) {
-            result.crc.clone() // the whole chunk: its checksum is already known
+            chunk_crc // the whole chunk: its checksum is already known
         } else {
-            let mut h = crc32fast::Hasher::new();
-            h.update(&pack.content[start + range.start..start + range.end]);
-            h
+            pagesums::fold(pages, len)
+        };
+        // Only a run not starting on a page could fail to fold, and none does.
+        let Some(crc) = crc else {
+            return Err(BackupError::invalid(
+                &ctx.path,
+                format!("a run at byte {} does not start on a page", range.start),
+            ));
         };
         if start + range.start != end {
             pack.content
                 .copy_within(start + range.start..start + range.end, end);
         }
-        pack.crc.combine(&crc);
+        pack.crc.combine(&pagesums::hasher(crc, len));
+        pack.sums.add(end as u64, len, pages);
         result.pieces.push(Piece {
             pack: id,
             at: end as u64,
-            len: range.len() as u64,
+            len,
             file_offset,
-            crc32: crc.finalize(),
+            crc32: crc,
         });
         end += range.len();
     }

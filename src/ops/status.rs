@@ -182,6 +182,7 @@ fn kind_of(key: Option<&ObjectKey>) -> &'static str {
         Some(ObjectKey::Fragment { .. }) => "fragment",
         Some(ObjectKey::Manifest(_)) => "manifest",
         Some(ObjectKey::Pack(..)) => "pack",
+        Some(ObjectKey::PageSums(..)) => "pagesums",
         Some(ObjectKey::StatusWal) => "status",
         Some(ObjectKey::Drill(_)) => "drill",
         Some(ObjectKey::Pin(_)) => "pin",

@@ -22,6 +22,7 @@ const STREAM: &str = "stream/";
 const BACKUPS: &str = "backups/";
 const MANIFEST: &str = "manifest";
 const PACKS: &str = "packs/";
+const PAGE_SUMS: &str = "pagesums/";
 /// A backup's pin: `backups/<name>/keep`, present while retention must keep the backup.
 const PIN: &str = "keep";
 /// The lock that makes `delete` runs take turns.
@@ -76,6 +77,8 @@ pub(crate) enum ObjectKey {
     },
     Manifest(BackupName),
     Pack(BackupName, PackId),
+    /// The page checksums of a pack's pieces (`backup::pagesums`).
+    PageSums(BackupName, PackId),
     /// The backup is pinned: retention keeps it (and its chain) whatever the policy.
     Pin(BackupName),
     /// Held by the `delete` that is running (retention).
@@ -98,6 +101,7 @@ impl ObjectKey {
             }
             ObjectKey::Manifest(name) => format!("{BACKUPS}{name}/{MANIFEST}"),
             ObjectKey::Pack(name, id) => format!("{BACKUPS}{name}/{PACKS}{:06}", id.0),
+            ObjectKey::PageSums(name, id) => format!("{BACKUPS}{name}/{PAGE_SUMS}{:06}", id.0),
             ObjectKey::Pin(name) => format!("{BACKUPS}{name}/{PIN}"),
             ObjectKey::RetentionLock => RETENTION_LOCK.to_owned(),
             ObjectKey::StatusWal => STATUS_WAL.to_owned(),
@@ -149,11 +153,15 @@ impl ObjectKey {
         if what == PIN {
             return Some(ObjectKey::Pin(name));
         }
-        let id = what.strip_prefix(PACKS)?;
-        if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
+        let pack_id = |id: &str| {
+            (id.len() >= 6 && id.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| id.parse().ok().map(PackId))
+                .flatten()
+        };
+        if let Some(id) = what.strip_prefix(PAGE_SUMS) {
+            return Some(ObjectKey::PageSums(name, pack_id(id)?));
         }
-        Some(ObjectKey::Pack(name, PackId(id.parse().ok()?)))
+        Some(ObjectKey::Pack(name, pack_id(what.strip_prefix(PACKS)?)?))
     }
 }
 
@@ -242,6 +250,10 @@ impl BackupName {
         ObjectKey::Pack(self.clone(), pack).key()
     }
 
+    pub(crate) fn page_sums_key(&self, pack: PackId) -> String {
+        ObjectKey::PageSums(self.clone(), pack).key()
+    }
+
     pub(crate) fn pin_key(&self) -> String {
         ObjectKey::Pin(self.clone()).key()
     }
@@ -328,7 +340,8 @@ mod tests {
             ObjectKey::Manifest(backup.clone()),
             ObjectKey::Pin(backup.clone()),
             ObjectKey::RetentionLock,
-            ObjectKey::Pack(backup, PackId(7)),
+            ObjectKey::Pack(backup.clone(), PackId(7)),
+            ObjectKey::PageSums(backup, PackId(7)),
             ObjectKey::StatusWal,
             ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
         ];
@@ -420,7 +433,8 @@ mod tests {
             ObjectKey::Manifest(name.clone()),
             ObjectKey::Pin(name.clone()),
             ObjectKey::RetentionLock,
-            ObjectKey::Pack(name, PackId(0)),
+            ObjectKey::Pack(name.clone(), PackId(0)),
+            ObjectKey::PageSums(name, PackId(0)),
             ObjectKey::StatusWal,
             ObjectKey::Drill(DrillTime::parse("20261130T091500Z").unwrap()),
         ] {

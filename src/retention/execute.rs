@@ -34,11 +34,7 @@ pub(crate) async fn execute(
         repo.delete(&backup.name.manifest_key()).await?;
         tracing::debug!("deleted the manifest of backup {}", backup.name);
         pause_if_enabled("delete-after-manifest").await;
-        let mut keys: Vec<String> = backup
-            .packs
-            .iter()
-            .map(|&id| backup.name.pack_key(id))
-            .collect();
+        let mut keys: Vec<String> = backup.contents.iter().map(ObjectKey::key).collect();
         if backup.pinned {
             keys.push(backup.name.pin_key());
         }

@@ -17,7 +17,7 @@ use walvault_wal::{SegmentName, SegmentNo, TimelineId, WalFileName, WalSegmentSi
 
 use super::policy::{self, Policy, Verdicts};
 use super::RetentionError;
-use crate::backup::manifest::{BackupName, PackId, Summary};
+use crate::backup::manifest::{BackupName, Summary};
 use crate::backup::window::{Missing, Recoverable, TimelineChoice, Window, WindowError};
 use crate::repo::layout::{Listing, ObjectKey};
 use crate::repo::{Leftover, Repository};
@@ -66,7 +66,8 @@ pub(crate) struct Doomed {
 #[derive(Clone, Debug)]
 pub(crate) struct DoomedBackup {
     pub(crate) name: BackupName,
-    pub(crate) packs: Vec<PackId>,
+    /// Its packs and their page sums.
+    pub(crate) contents: Vec<ObjectKey>,
     pub(crate) pinned: bool,
     pub(crate) bytes: u64,
 }
@@ -93,7 +94,7 @@ impl Plan {
         let backups: u64 = self
             .doomed_backups
             .iter()
-            .map(|b| 1 + b.packs.len() as u64 + u64::from(b.pinned))
+            .map(|b| 1 + b.contents.len() as u64 + u64::from(b.pinned))
             .sum();
         backups
             + self.doomed_wal.len() as u64
@@ -207,7 +208,8 @@ fn segments_of(b: &Summary, seg_size: WalSegmentSize) -> (SegmentNo, SegmentNo) 
 struct Stored {
     manifest: bool,
     pinned: bool,
-    packs: Vec<(PackId, u64)>,
+    /// Packs and their page sums, with their sizes.
+    contents: Vec<(ObjectKey, u64)>,
     newest: Option<SystemTime>,
 }
 
@@ -259,11 +261,11 @@ pub(crate) async fn plan(
         let objects = stored.get(&b.name);
         doomed_backups.push(DoomedBackup {
             name: b.name.clone(),
-            packs: objects
-                .map(|o| o.packs.iter().map(|p| p.0).collect())
+            contents: objects
+                .map(|o| o.contents.iter().map(|p| p.0.clone()).collect())
                 .unwrap_or_default(),
             pinned: objects.is_some_and(|o| o.pinned),
-            bytes: objects.map_or(0, |o| o.packs.iter().map(|p| p.1).sum()),
+            bytes: objects.map_or(0, |o| o.contents.iter().map(|p| p.1).sum()),
         });
     }
     for (name, objects) in &stored {
@@ -275,10 +277,10 @@ pub(crate) async fn plan(
         if !abandoned {
             continue;
         }
-        for &(id, size) in &objects.packs {
+        for (key, size) in &objects.contents {
             garbage.push(Doomed {
-                key: ObjectKey::Pack(name.clone(), id),
-                size,
+                key: key.clone(),
+                size: *size,
             });
         }
         if objects.pinned {
@@ -447,23 +449,27 @@ fn prove_wal(
 async fn stored_backups(repo: &Repository) -> Result<BTreeMap<BackupName, Stored>, RetentionError> {
     let mut stored: BTreeMap<BackupName, Stored> = BTreeMap::new();
     repo.list_each(Listing::Backups, &mut |o| {
-        let (name, pack) = match ObjectKey::parse(&o.key) {
-            Some(ObjectKey::Manifest(name) | ObjectKey::Pin(name)) => (name, None),
-            Some(ObjectKey::Pack(name, id)) => (name, Some(id)),
+        let Some(key) = ObjectKey::parse(&o.key) else {
+            return;
+        };
+        let name = match &key {
+            ObjectKey::Manifest(name)
+            | ObjectKey::Pin(name)
+            | ObjectKey::Pack(name, _)
+            | ObjectKey::PageSums(name, _) => name.clone(),
             _ => return,
         };
-        let is_pin = o.key == name.pin_key();
         let entry = stored.entry(name).or_default();
         entry.newest = entry.newest.max(o.modified);
-        match pack {
-            Some(id) => entry.packs.push((id, o.size)),
-            None if is_pin => entry.pinned = true,
-            None => entry.manifest = true,
+        match key {
+            ObjectKey::Manifest(_) => entry.manifest = true,
+            ObjectKey::Pin(_) => entry.pinned = true,
+            _ => entry.contents.push((key, o.size)),
         }
     })
     .await?;
     for objects in stored.values_mut() {
-        objects.packs.sort();
+        objects.contents.sort_by_key(|(key, _)| key.key());
     }
     Ok(stored)
 }
