@@ -9,7 +9,7 @@
 //! directory in each of its tablespaces; `global/pg_control` is written last, as in a plain
 //! restore.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use super::fetch::{base_layers, dest, Dest, FetchOptions, Fetched, CONTROL};
 use super::manifest::{FileEntry, Manifest, PackId, Piece};
 use super::pagesums::{self, PageSums};
 use super::tree::{Root, DIR_MODE_MAX};
-use super::{merged_ranges, BackupError};
+use super::{merged_ranges, BackupError, CHUNK};
 use crate::repo::packs::WantedPiece;
 use crate::repo::{LengthRule, Repository};
 
@@ -31,6 +31,8 @@ struct Part {
     offset: u64,
     len: u64,
     source: Source,
+    /// Every page of it was compared and differs: it is written without reading it again.
+    differs: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -284,6 +286,7 @@ fn parts_of(
                         skip: a - start,
                         whole,
                     },
+                    differs: false,
                 });
             }
             if start < end {
@@ -299,6 +302,7 @@ fn parts_of(
             offset: a,
             len: b - a,
             source: Source::Zeros,
+            differs: false,
         });
     }
     parts
@@ -324,10 +328,10 @@ fn uncovered(covered: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
     free
 }
 
-/// The parts whose local bytes differ, pack by pack so that one pack's page sums at a time are
-/// in memory: a piece is compared page by page with its page sums, so only the pages that
-/// differ are fetched; without sums (older backups) a piece that survives whole is compared by
-/// its crc32 and a cut one is fetched.
+/// The parts whose local bytes differ, a file at a time (each read once, in order): a piece is
+/// compared page by page with its pack's page sums, so only the pages that differ are fetched;
+/// without sums (older backups) a piece that survives whole is compared by its crc32 and a cut
+/// one is fetched.
 async fn compare(
     repo: &Arc<Repository>,
     chain: &Arc<Vec<Manifest>>,
@@ -336,33 +340,31 @@ async fn compare(
     parts: Vec<Part>,
     concurrency: usize,
 ) -> Result<Vec<Part>, BackupError> {
-    let mut by_pack: BTreeMap<Option<(usize, PackId)>, Vec<Part>> = BTreeMap::new();
+    // A file a stretch at a time, so that the few large files that hold most of a cluster are
+    // read by several tasks at once (each reads its stretch in order).
+    let mut by_file: BTreeMap<(usize, u64), Vec<Part>> = BTreeMap::new();
     for p in parts {
-        let pack = match p.source {
-            Source::Piece { layer, piece, .. } => Some((layer, piece.pack)),
-            Source::Zeros => None,
-        };
-        by_pack.entry(pack).or_default().push(p);
+        by_file
+            .entry((p.file, p.offset / COMPARE_STRETCH))
+            .or_default()
+            .push(p);
     }
+    let cache = Arc::new(SumsCache::default());
     let mut tasks = tokio::task::JoinSet::new();
-    let mut groups = by_pack.into_iter();
+    let mut files = by_file.into_values();
     let mut needed = Vec::new();
     loop {
         while tasks.len() < concurrency.max(1) {
-            let Some((pack, parts)) = groups.next() else {
+            let Some(mut parts) = files.next() else {
                 break;
             };
-            let (repo, chain) = (Arc::clone(repo), Arc::clone(chain));
+            parts.sort_by_key(|p| p.offset);
+            let (repo, chain, cache) = (Arc::clone(repo), Arc::clone(chain), Arc::clone(&cache));
             let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
             tasks.spawn(async move {
-                let sums = match pack {
-                    Some((layer, pack)) => page_sums(&repo, &chain[layer], pack, &parts).await,
-                    None => None,
-                };
-                tokio::task::spawn_blocking(move || {
-                    differing(&roots, &targets, parts, &sums.unwrap_or_default())
-                })
-                .await?
+                let sums = sums_for(&repo, &chain, &cache, &parts).await;
+                tokio::task::spawn_blocking(move || differing(&roots, &targets, parts, &sums))
+                    .await?
             });
         }
         let Some(joined) = tasks.join_next().await else {
@@ -373,22 +375,68 @@ async fn compare(
     Ok(needed)
 }
 
-/// The page sums of `pack` of `manifest` for the pieces `parts` use, when it has them and they
-/// can be read; otherwise those pieces are compared as a whole (the sums are advisory).
-async fn page_sums(
+/// The page sums of one pack of one layer, `None` where they are missing or unreadable.
+type PackSumsOf = HashMap<(usize, PackId), Arc<Option<PageSums>>>;
+
+/// Page sums read lately: consecutive files share packs (a pack holds a few consecutive chunks,
+/// or a delta's pages of many files). Bounded, so memory does not grow with the cluster.
+#[derive(Default)]
+struct SumsCache(std::sync::Mutex<VecDeque<((usize, PackId), Arc<Option<PageSums>>)>>);
+
+const SUMS_CACHED: usize = 256;
+
+impl SumsCache {
+    fn get(&self, key: (usize, PackId)) -> Option<Arc<Option<PageSums>>> {
+        let cached = self.0.lock().ok()?;
+        cached
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| Arc::clone(v))
+    }
+
+    fn put(&self, key: (usize, PackId), sums: Arc<Option<PageSums>>) {
+        if let Ok(mut cached) = self.0.lock() {
+            if cached.len() >= SUMS_CACHED {
+                cached.pop_front();
+            }
+            cached.push_back((key, sums));
+        }
+    }
+}
+
+/// The page sums of every pack holding a piece of more than a page that `parts` use.
+async fn sums_for(
     repo: &Repository,
-    manifest: &Manifest,
-    pack: PackId,
+    chain: &[Manifest],
+    cache: &SumsCache,
     parts: &[Part],
-) -> Option<PageSums> {
-    let pieces: Vec<Piece> = parts
-        .iter()
-        .filter_map(|p| match p.source {
-            Source::Piece { piece, .. } if piece.len > PAGE as u64 => Some(piece),
-            _ => None,
-        })
-        .collect();
-    if !manifest.summary.page_sums || pieces.is_empty() {
+) -> PackSumsOf {
+    let mut sums = PackSumsOf::new();
+    for p in parts {
+        let Source::Piece { layer, piece, .. } = p.source else {
+            continue;
+        };
+        let key = (layer, piece.pack);
+        if piece.len <= PAGE as u64 || sums.contains_key(&key) {
+            continue;
+        }
+        let found = match cache.get(key) {
+            Some(found) => found,
+            None => {
+                let found = Arc::new(page_sums(repo, &chain[layer], piece.pack).await);
+                cache.put(key, Arc::clone(&found));
+                found
+            }
+        };
+        sums.insert(key, found);
+    }
+    sums
+}
+
+/// Reads the page sums of `pack` of `manifest`, when it has them; they are advisory, so a
+/// problem costs a warning and a comparison of whole pieces.
+async fn page_sums(repo: &Repository, manifest: &Manifest, pack: PackId) -> Option<PageSums> {
+    if !manifest.summary.page_sums {
         return None;
     }
     let key = manifest.summary.name.page_sums_key(pack);
@@ -396,7 +444,7 @@ async fn page_sums(
         .get_bytes_checked(&key, LengthRule::AtMost(pagesums::MAX_OBJECT))
         .await
     {
-        Ok(Some(bytes)) => match PageSums::parse(&bytes, &pieces) {
+        Ok(Some(bytes)) => match PageSums::parse(&bytes) {
             Ok(sums) => return Some(sums),
             Err(problem) => problem,
         },
@@ -411,27 +459,70 @@ fn differing(
     roots: &[Root],
     targets: &[Target],
     parts: Vec<Part>,
-    sums: &PageSums,
+    sums: &PackSumsOf,
 ) -> Result<Vec<Part>, BackupError> {
-    let mut buf = vec![0u8; COMPARE_READ];
+    // One window per thread for its whole life: a fresh megabyte per file would cost the page
+    // faults of touching it every time.
+    thread_local! {
+        static WINDOW_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+    }
+    let mut window = WINDOW_BUF.with(|w| w.borrow_mut().take());
+    let needed = compare_file(roots, targets, parts, sums, &mut window);
+    WINDOW_BUF.with(|w| *w.borrow_mut() = window);
+    needed
+}
+
+fn compare_file(
+    roots: &[Root],
+    targets: &[Target],
+    parts: Vec<Part>,
+    sums: &PackSumsOf,
+    window: &mut Option<AlignedBuf>,
+) -> Result<Vec<Part>, BackupError> {
+    let none = PageSums::default();
+    // For the comparisons by crc32 only (older backups, zeros): allocated when first needed.
+    let mut buf = Vec::new();
     let mut needed = Vec::new();
-    let mut open: Option<(usize, Option<std::fs::File>)> = None;
+    let mut open: Option<(usize, Option<LocalFile>)> = None;
     for p in parts {
         if open.as_ref().is_none_or(|(file, _)| *file != p.file) {
             let t = &targets[p.file];
-            open = Some((p.file, roots[t.dest.root].open_read(&t.dest.rel)?));
+            let root = &roots[t.dest.root];
+            // The window moves from file to file.
+            if let Some((_, Some(local))) = open.take() {
+                *window = Some(local.window);
+            }
+            let local = root.open_read(&t.dest.rel)?.map(|file| LocalFile {
+                file,
+                direct: root.open_read_direct(&t.dest.rel),
+                window: window.take().unwrap_or_else(|| AlignedBuf::new(WINDOW)),
+                start: 0,
+                got: None,
+            });
+            open = Some((p.file, local));
         }
-        let Some(local) = open.as_ref().and_then(|(_, f)| f.as_ref()) else {
+        let Some(local) = open.as_mut().and_then(|(_, f)| f.as_mut()) else {
             needed.push(p);
             continue;
         };
         match p.source {
-            Source::Piece { piece, whole, .. } => match sums.of(&piece) {
-                Some(expected) => differing_pages(local, &p, &expected, &mut buf, &mut needed),
+            Source::Piece {
+                layer,
+                piece,
+                whole,
+                ..
+            } => match sums
+                .get(&(layer, piece.pack))
+                .and_then(|s| s.as_ref().as_ref())
+                .unwrap_or(&none)
+                .of(&piece)
+            {
+                Some(expected) => differing_pages(local, &p, &expected, &mut needed),
                 None => {
+                    buf.resize(COMPARE_READ, 0);
                     let mut crc = crc32fast::Hasher::new();
                     let same = whole
-                        && local_chunks(local, p.offset, p.len, &mut buf, |b| crc.update(b))
+                        && local_chunks(&local.file, p.offset, p.len, &mut buf, |b| crc.update(b))
                         && crc.finalize() == piece.crc32;
                     if !same {
                         needed.push(p);
@@ -439,8 +530,9 @@ fn differing(
                 }
             },
             Source::Zeros => {
+                buf.resize(COMPARE_READ, 0);
                 let mut zero = true;
-                let read = local_chunks(local, p.offset, p.len, &mut buf, |b| {
+                let read = local_chunks(&local.file, p.offset, p.len, &mut buf, |b| {
                     zero &= b.iter().all(|x| *x == 0)
                 });
                 if !(read && zero) {
@@ -449,19 +541,16 @@ fn differing(
             }
         }
     }
+    if let Some((_, Some(local))) = open.take() {
+        *window = Some(local.window);
+    }
     Ok(needed)
 }
 
 /// Adds to `needed` the runs of part `p` (of a piece whose page checksums are `expected`) whose
 /// local pages differ. A page the part holds only in part (cut by a newer layer's unaligned
 /// piece) cannot be checked and counts as differing.
-fn differing_pages(
-    local: &std::fs::File,
-    p: &Part,
-    expected: &[u32],
-    buf: &mut [u8],
-    needed: &mut Vec<Part>,
-) {
+fn differing_pages(local: &mut LocalFile, p: &Part, expected: &[u32], needed: &mut Vec<Part>) {
     let Source::Piece {
         layer, piece, skip, ..
     } = p.source
@@ -488,19 +577,15 @@ fn differing_pages(
     differs(skip, first);
     let mut at = first;
     while at < last {
-        let n = usize::try_from(last - at).map_or(buf.len(), |left| left.min(buf.len()));
-        let have = read_up_to(local, &mut buf[..n], p.offset + (at - skip));
-        for (i, bytes) in buf[..n].chunks(PAGE).enumerate() {
-            let from = at + (i * PAGE) as u64;
-            let to = from + bytes.len() as u64;
-            let k = usize::try_from(from / page).unwrap_or(usize::MAX);
-            let same =
-                i * PAGE + bytes.len() <= have && expected.get(k) == Some(&crc32fast::hash(bytes));
-            if !same {
-                differs(from, to);
-            }
+        let to = (at + page).min(last);
+        let k = usize::try_from(at / page).unwrap_or(usize::MAX);
+        let same = local
+            .bytes(p.offset + (at - skip), (to - at) as usize)
+            .is_some_and(|b| expected.get(k) == Some(&crc32fast::hash(b)));
+        if !same {
+            differs(at, to);
         }
-        at += n as u64;
+        at = to;
     }
     differs(last, end);
     needed.extend(runs.into_iter().map(|(a, b)| Part {
@@ -513,6 +598,7 @@ fn differing_pages(
             skip: a,
             whole: false,
         },
+        differs: true,
     }));
 }
 
@@ -647,65 +733,197 @@ async fn write_pack(
             object: key.clone(),
             problem: "missing".into(),
         })?;
-    while let Some((i, data)) = reader.next().await.map_err(restore_error)? {
-        let Some((_, parts)) = by_piece.get(i) else {
-            continue;
-        };
-        let (roots, targets, parts) = (Arc::clone(roots), Arc::clone(targets), parts.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut local = vec![0u8; COMPARE_READ];
-            for p in parts {
-                let Source::Piece { skip, .. } = p.source else {
-                    continue;
-                };
-                let from = usize::try_from(skip).unwrap_or(usize::MAX);
-                let bytes = usize::try_from(p.len)
-                    .ok()
-                    .and_then(|len| data.get(from..from.checked_add(len)?))
-                    .ok_or_else(|| BackupError::Corrupt {
-                        object: targets[p.file].path.clone(),
-                        problem: "a piece shorter than its place".into(),
-                    })?;
-                write_changed(&roots, &targets[p.file], p.offset, bytes, &mut local)?;
+    // Pieces are written a batch at a time on a blocking thread, with one read buffer: a delta's
+    // pack holds thousands of small pieces, which one by one would cost a thread hop and a
+    // buffer each.
+    let mut batch: Vec<(Vec<Part>, Vec<u8>)> = Vec::new();
+    let mut batched = 0;
+    let mut local = vec![0u8; COMPARE_READ];
+    loop {
+        let next = reader.next().await.map_err(restore_error)?;
+        let done = next.is_none();
+        if let Some((i, data)) = next {
+            let Some((_, parts)) = by_piece.get(i) else {
+                continue;
+            };
+            batched += data.len();
+            batch.push((parts.clone(), data));
+            if batched < CHUNK as usize {
+                continue;
             }
-            Ok::<_, BackupError>(())
+        }
+        let (roots, targets) = (Arc::clone(roots), Arc::clone(targets));
+        let pieces = std::mem::take(&mut batch);
+        batched = 0;
+        local = tokio::task::spawn_blocking(move || {
+            write_pieces(&roots, &targets, pieces, &mut local).map(|()| local)
         })
         .await??;
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes each fetched piece's parts where they land, except the pages the local files hold.
+fn write_pieces(
+    roots: &[Root],
+    targets: &[Target],
+    pieces: Vec<(Vec<Part>, Vec<u8>)>,
+    local: &mut [u8],
+) -> Result<(), BackupError> {
+    let mut open: Option<(usize, std::fs::File)> = None;
+    for (parts, data) in pieces {
+        for p in parts {
+            let Source::Piece { skip, .. } = p.source else {
+                continue;
+            };
+            let t = &targets[p.file];
+            let from = usize::try_from(skip).unwrap_or(usize::MAX);
+            let bytes = usize::try_from(p.len)
+                .ok()
+                .and_then(|len| data.get(from..from.checked_add(len)?))
+                .ok_or_else(|| BackupError::Corrupt {
+                    object: t.path.clone(),
+                    problem: "a piece shorter than its place".into(),
+                })?;
+            let file = match open.take() {
+                Some((i, file)) if i == p.file => file,
+                _ => roots[t.dest.root].open_file_rw(&t.dest.rel)?,
+            };
+            let shown = || roots[t.dest.root].display(&t.dest.rel);
+            if p.differs {
+                file.write_all_at(bytes, p.offset)
+                    .map_err(|e| BackupError::io("write", &shown())(e))?;
+            } else {
+                write_changed(&file, shown, p.offset, bytes, local)?;
+            }
+            open = Some((p.file, file));
+        }
     }
     Ok(())
 }
 
 /// What a restore compares before it writes: PostgreSQL's page.
 const PAGE: usize = 8192;
-/// How much of the local file is read at once for the comparison.
+/// How much of the local file is read at once for a comparison by crc32 or before a write.
 const COMPARE_READ: usize = 32 * PAGE;
+/// How much of a local file is read at once for the page comparison.
+const WINDOW: usize = 512 * PAGE;
+/// How much of a file one comparison task reads.
+const COMPARE_STRETCH: u64 = 64 << 20;
+/// What direct I/O needs buffers, offsets and lengths aligned to (the largest logical block size
+/// of common devices).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A local file being compared, read in windows in file order. Past the page cache where the
+/// file system allows: the comparison reads the whole data directory once, and through the page
+/// cache that costs twice the CPU and time (copies, page allocation, readahead) for pages read
+/// only once.
+struct LocalFile {
+    file: std::fs::File,
+    direct: Option<std::fs::File>,
+    window: AlignedBuf,
+    /// The file offset of the window.
+    start: u64,
+    /// How many bytes the window holds, once loaded.
+    got: Option<usize>,
+}
+
+/// A read buffer that direct I/O accepts.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    /// Where the aligned part starts, if the allocation could be aligned.
+    aligned: Option<usize>,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let aligned = Some(raw.as_ptr().align_offset(DIRECT_ALIGN)).filter(|s| *s < DIRECT_ALIGN);
+        AlignedBuf { raw, aligned }
+    }
+
+    fn area(&mut self) -> &mut [u8] {
+        let from = self.aligned.unwrap_or(0);
+        &mut self.raw[from..from + WINDOW]
+    }
+}
+
+impl LocalFile {
+    /// The `len` bytes (at most a page) at `offset`, or `None` when the file does not have them
+    /// all (or cannot be read there: those pages then differ).
+    fn bytes(&mut self, offset: u64, len: usize) -> Option<&[u8]> {
+        let inside = self.got.is_some()
+            && offset >= self.start
+            && offset + len as u64 <= self.start + WINDOW as u64;
+        if !inside {
+            self.load(offset);
+        }
+        let from = usize::try_from(offset - self.start).ok()?;
+        let from = self.window.aligned.unwrap_or(0) + from;
+        let got = self.window.aligned.unwrap_or(0) + self.got?;
+        (from + len <= got).then(|| &self.window.raw[from..from + len])
+    }
+
+    /// Fills the window from `offset` rounded down to the alignment.
+    fn load(&mut self, offset: u64) {
+        self.start = offset - offset % DIRECT_ALIGN as u64;
+        let start = self.start;
+        if let (Some(direct), Some(_)) = (&self.direct, self.window.aligned) {
+            let area = self.window.area();
+            let mut filled = 0;
+            let mut failed = false;
+            while filled < area.len() {
+                match direct.read_at(&mut area[filled..], start + filled as u64) {
+                    Ok(0) => break,
+                    Ok(got) => filled += got,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+                // A short read that breaks the alignment is the end of the file.
+                if filled % DIRECT_ALIGN != 0 {
+                    break;
+                }
+            }
+            if !failed {
+                self.got = Some(filled);
+                return;
+            }
+            // Refused (alignment rules stricter than assumed): read through the cache.
+            self.direct = None;
+        }
+        let area = self.window.area();
+        self.got = Some(read_up_to(&self.file, area, start));
+    }
+}
 
 /// Writes `data` at `offset` except the pages the local file already holds: a piece cut by a
 /// newer layer cannot be checked by its crc32, so it is fetched, and then costs a read rather
 /// than a rewrite where the local copy did not change.
 fn write_changed(
-    roots: &[Root],
-    t: &Target,
+    file: &std::fs::File,
+    shown: impl Fn() -> PathBuf,
     offset: u64,
     data: &[u8],
     local: &mut [u8],
 ) -> Result<(), BackupError> {
-    let root = &roots[t.dest.root];
-    let file = root.open_file_rw(&t.dest.rel)?;
-    let shown = root.display(&t.dest.rel);
     let mut at = 0;
     while at < data.len() {
         let pos = offset + at as u64;
         let n = local.len().min(data.len() - at);
         let want = &data[at..at + n];
-        let have = read_up_to(&file, &mut local[..n], pos);
+        let have = read_up_to(file, &mut local[..n], pos);
         // Page by page, aligned to the file's pages, so a changed page is one write.
         let mut i = 0;
         while i < n {
             let end = (i + PAGE - ((pos + i as u64) % PAGE as u64) as usize).min(n);
             if end > have || local[i..end] != want[i..end] {
                 file.write_all_at(&want[i..end], pos + i as u64)
-                    .map_err(BackupError::io("write", &shown))?;
+                    .map_err(|e| BackupError::io("write", &shown())(e))?;
             }
             i = end;
         }

@@ -4,9 +4,10 @@
 //! and file checksums (a fixed-length crc32 shift, so no byte is hashed twice); the page checksums
 //! of pieces longer than a page go into the pack's sums object. `backup-fetch --delta` compares
 //! local pages with them and fetches only the pages that differ. Sums are advisory and untrusted:
-//! a record counts only if it names a piece of the manifest and folds to that piece's crc32.
+//! a record counts only where it names a piece of the manifest and folds to that piece's crc32.
 //! Used by backup-push and `backup-fetch --delta`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -126,22 +127,21 @@ pub(crate) const MAX_OBJECT: u64 = (MAGIC.len()
     + (super::PACK_TARGET + super::CHUNK as usize) / BLCKSZ * (RECORD_HEAD + 8))
     as u64;
 
-/// The page checksums read back for one pack, checked against the manifest's pieces.
+/// The page checksums read back for one pack. A record is used only for a piece of the
+/// manifest with its length, and only if it folds to that piece's crc32.
 #[derive(Debug, Default)]
 pub(crate) struct PageSums {
-    /// Piece offset in the pack → its page checksums.
-    by_at: HashMap<u64, Vec<u32>>,
+    /// Piece offset in the pack → its length and page checksums.
+    by_at: HashMap<u64, (u64, Vec<u32>)>,
 }
 
 impl PageSums {
-    /// Reads a sums object, keeping the records of `pieces` (this pack's, from its manifest)
-    /// whose length matches and whose page checksums fold to the piece's crc32; anything else in
-    /// it is ignored. An error only for an object that is not a sums object at all.
-    pub(crate) fn parse(bytes: &[u8], pieces: &[Piece]) -> Result<PageSums, String> {
+    /// Reads a sums object (at most [`MAX_OBJECT`] bytes); an error for one that is not a sums
+    /// object at all.
+    pub(crate) fn parse(bytes: &[u8]) -> Result<PageSums, String> {
         let body = bytes
             .strip_prefix(MAGIC.as_slice())
             .ok_or("does not start like a page sums object")?;
-        let wanted: HashMap<u64, &Piece> = pieces.iter().map(|p| (p.at, p)).collect();
         let mut by_at = HashMap::new();
         let mut rest = body;
         while !rest.is_empty() {
@@ -154,34 +154,29 @@ impl PageSums {
                 u64::from_le_bytes(b)
             };
             let (at, len) = (word(0), word(8));
-            let count = pages_in(len);
-            let (crcs, tail) = count
+            let (crcs, tail) = pages_in(len)
                 .checked_mul(4)
                 .and_then(|n| tail.split_at_checked(n))
                 .ok_or_else(|| format!("record of the piece at {at} runs past the end"))?;
             rest = tail;
-            let Some(piece) = wanted.get(&at).filter(|p| p.len == len) else {
-                continue;
-            };
-            let crcs: Vec<u32> = crcs
+            let crcs = crcs
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            if fold(&crcs, len) == Some(piece.crc32) {
-                by_at.insert(at, crcs);
-            }
+            by_at.insert(at, (len, crcs));
         }
         Ok(PageSums { by_at })
     }
 
-    /// The page checksums of `piece`: from its record, or its own crc32 when it is one page.
-    pub(crate) fn of(&self, piece: &Piece) -> Option<std::borrow::Cow<'_, [u32]>> {
+    /// The page checksums of `piece`: its own crc32 when it is one page, else its record if
+    /// that matches the piece.
+    pub(crate) fn of(&self, piece: &Piece) -> Option<Cow<'_, [u32]>> {
         if piece.len <= BLCKSZ as u64 {
-            return Some(std::borrow::Cow::Owned(vec![piece.crc32]));
+            return Some(Cow::Owned(vec![piece.crc32]));
         }
-        self.by_at
-            .get(&piece.at)
-            .map(|c| std::borrow::Cow::Borrowed(c.as_slice()))
+        let (len, crcs) = self.by_at.get(&piece.at)?;
+        (*len == piece.len && fold(crcs, *len) == Some(piece.crc32))
+            .then_some(Cow::Borrowed(crcs.as_slice()))
     }
 }
 
@@ -241,27 +236,26 @@ mod tests {
         assert_eq!(sums.take(), MAGIC.to_vec());
         assert!((bytes.len() as u64) < MAX_OBJECT);
 
-        let read = PageSums::parse(&bytes, &[pa, pb, pc]).unwrap();
+        let read = PageSums::parse(&bytes).unwrap();
         assert_eq!(read.of(&pa).unwrap().as_ref(), page_crcs(&a).as_slice());
         assert_eq!(read.of(&pb).unwrap().as_ref(), &[pb.crc32]);
         assert!(
             read.of(&pc).is_none(),
             "a record that does not fold was used"
         );
-        let other = Piece {
+        let shorter = Piece {
             len: pa.len - 1,
             ..pa
         };
-        assert!(PageSums::parse(&bytes, &[other])
-            .unwrap()
-            .of(&other)
-            .is_none());
+        assert!(read.of(&shorter).is_none());
+        let elsewhere = Piece { at: 5, ..pa };
+        assert!(read.of(&elsewhere).is_none());
 
-        assert!(PageSums::parse(b"not sums", &[pa]).is_err());
-        assert!(PageSums::parse(&bytes[..bytes.len() - 2], &[pa]).is_err());
+        assert!(PageSums::parse(b"not sums").is_err());
+        assert!(PageSums::parse(&bytes[..bytes.len() - 2]).is_err());
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&0u64.to_le_bytes());
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(PageSums::parse(&huge, &[pa]).is_err());
+        assert!(PageSums::parse(&huge).is_err());
     }
 }
