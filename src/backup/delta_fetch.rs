@@ -31,7 +31,8 @@ struct Part {
     offset: u64,
     len: u64,
     source: Source,
-    /// Every page of it was compared and differs: it is written without reading it again.
+    /// It was compared page by page and differs (or holds a page only in part, which cannot be
+    /// checked): it is written without reading it again.
     differs: bool,
 }
 
@@ -375,18 +376,22 @@ async fn compare(
     Ok(needed)
 }
 
-/// The page sums of one pack of one layer, `None` where they are missing or unreadable.
-type PackSumsOf = HashMap<(usize, PackId), Arc<Option<PageSums>>>;
+/// A pack of one layer of the chain.
+type LayerPack = (usize, PackId);
+/// Its page sums, `None` where they are missing or unreadable.
+type SumsOf = Arc<Option<PageSums>>;
+/// The page sums of the packs one comparison needs.
+type PackSumsOf = HashMap<LayerPack, SumsOf>;
 
 /// Page sums read lately: consecutive files share packs (a pack holds a few consecutive chunks,
 /// or a delta's pages of many files). Bounded, so memory does not grow with the cluster.
 #[derive(Default)]
-struct SumsCache(std::sync::Mutex<VecDeque<((usize, PackId), Arc<Option<PageSums>>)>>);
+struct SumsCache(std::sync::Mutex<VecDeque<(LayerPack, SumsOf)>>);
 
 const SUMS_CACHED: usize = 256;
 
 impl SumsCache {
-    fn get(&self, key: (usize, PackId)) -> Option<Arc<Option<PageSums>>> {
+    fn get(&self, key: LayerPack) -> Option<SumsOf> {
         let cached = self.0.lock().ok()?;
         cached
             .iter()
@@ -394,7 +399,7 @@ impl SumsCache {
             .map(|(_, v)| Arc::clone(v))
     }
 
-    fn put(&self, key: (usize, PackId), sums: Arc<Option<PageSums>>) {
+    fn put(&self, key: LayerPack, sums: SumsOf) {
         if let Ok(mut cached) = self.0.lock() {
             if cached.len() >= SUMS_CACHED {
                 cached.pop_front();
@@ -772,34 +777,38 @@ fn write_pieces(
     pieces: Vec<(Vec<Part>, Vec<u8>)>,
     local: &mut [u8],
 ) -> Result<(), BackupError> {
+    // File by file, so each is opened once per batch (a delta's pack mixes many files).
+    let mut order: Vec<(&Part, &[u8])> = pieces
+        .iter()
+        .flat_map(|(parts, data)| parts.iter().map(move |p| (p, data.as_slice())))
+        .collect();
+    order.sort_by_key(|(p, _)| (p.file, p.offset));
     let mut open: Option<(usize, std::fs::File)> = None;
-    for (parts, data) in pieces {
-        for p in parts {
-            let Source::Piece { skip, .. } = p.source else {
-                continue;
-            };
-            let t = &targets[p.file];
-            let from = usize::try_from(skip).unwrap_or(usize::MAX);
-            let bytes = usize::try_from(p.len)
-                .ok()
-                .and_then(|len| data.get(from..from.checked_add(len)?))
-                .ok_or_else(|| BackupError::Corrupt {
-                    object: t.path.clone(),
-                    problem: "a piece shorter than its place".into(),
-                })?;
-            let file = match open.take() {
-                Some((i, file)) if i == p.file => file,
-                _ => roots[t.dest.root].open_file_rw(&t.dest.rel)?,
-            };
-            let shown = || roots[t.dest.root].display(&t.dest.rel);
-            if p.differs {
-                file.write_all_at(bytes, p.offset)
-                    .map_err(|e| BackupError::io("write", &shown())(e))?;
-            } else {
-                write_changed(&file, shown, p.offset, bytes, local)?;
-            }
-            open = Some((p.file, file));
+    for (p, data) in order {
+        let Source::Piece { skip, .. } = p.source else {
+            continue;
+        };
+        let t = &targets[p.file];
+        let from = usize::try_from(skip).unwrap_or(usize::MAX);
+        let bytes = usize::try_from(p.len)
+            .ok()
+            .and_then(|len| data.get(from..from.checked_add(len)?))
+            .ok_or_else(|| BackupError::Corrupt {
+                object: t.path.clone(),
+                problem: "a piece shorter than its place".into(),
+            })?;
+        let file = match open.take() {
+            Some((i, file)) if i == p.file => file,
+            _ => roots[t.dest.root].open_file_rw(&t.dest.rel)?,
+        };
+        let shown = || roots[t.dest.root].display(&t.dest.rel);
+        if p.differs {
+            file.write_all_at(bytes, p.offset)
+                .map_err(|e| BackupError::io("write", &shown())(e))?;
+        } else {
+            write_changed(&file, shown, p.offset, bytes, local)?;
         }
+        open = Some((p.file, file));
     }
     Ok(())
 }
@@ -1006,5 +1015,58 @@ mod tests {
         assert_eq!(uncovered(&[], 0, 10), vec![(0, 10)]);
         assert_eq!(uncovered(&[(2, 4), (6, 20)], 0, 10), vec![(0, 2), (4, 6)]);
         assert_eq!(uncovered(&[(0, 10)], 3, 5), vec![]);
+    }
+
+    /// Pages come back whole, past the page cache or through it, across windows and up to a
+    /// short end; a page the file does not have (whole) is `None`.
+    #[test]
+    fn local_pages_read_in_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..WINDOW * 2 + 3 * PAGE + 100)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        std::fs::write(&path, &content).unwrap();
+        for direct in [true, false] {
+            let mut local = LocalFile {
+                file: std::fs::File::open(&path).unwrap(),
+                direct: direct
+                    .then(|| {
+                        use std::os::unix::fs::OpenOptionsExt;
+                        std::fs::OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc_o_direct())
+                            .open(&path)
+                            .ok()
+                    })
+                    .flatten(),
+                window: AlignedBuf::new(WINDOW),
+                start: 0,
+                got: None,
+            };
+            let mut at = 0;
+            while at < content.len() {
+                let len = PAGE.min(content.len() - at);
+                let got = local.bytes(at as u64, len).map(<[u8]>::to_vec);
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&content[at..at + len]),
+                    "{direct} {at}"
+                );
+                at += len;
+            }
+            let end = content.len() as u64;
+            assert!(local.bytes(end - 100, PAGE).is_none(), "{direct}");
+            assert!(local.bytes(end + PAGE as u64, PAGE).is_none(), "{direct}");
+            // Backwards, too (parts of a file come in order, but a window must not assume it).
+            assert_eq!(
+                local.bytes(PAGE as u64, 10),
+                Some(&content[PAGE..PAGE + 10])
+            );
+        }
+    }
+
+    fn libc_o_direct() -> i32 {
+        rustix::fs::OFlags::DIRECT.bits() as i32
     }
 }
