@@ -186,7 +186,7 @@ fn delta_from_block_maps(kind: RepoKind) {
     let named: Vec<(String, String)> = list.iter().map(|b| b.0.clone()).zip(backups).collect();
     check_restores(&env, &wv, &src, &named, &ts_oid);
     wv.run(&["verify"]).assert_success();
-    restore_delta_over_a_stale_copy(&env, &wv, &named[1].0, &ts_oid);
+    restore_delta_over_a_stale_copy(&env, &wv, &repo, &named, &ts_oid);
     restore_delta_fetches_only_differing_pages(&env, &wv, &repo, &named, &ts_oid);
 }
 
@@ -244,8 +244,16 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// `backup-fetch --delta` over an older restore that was then damaged and littered equals a
-/// fresh restore, byte for byte; a running server's directory is refused.
-fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts_oid: &str) {
+/// fresh restore, byte for byte, also with the newest backup's page sums lost (its pieces are
+/// then compared whole); a running server's directory is refused.
+fn restore_delta_over_a_stale_copy(
+    env: &TestEnv,
+    wv: &Walvault,
+    repo: &Repo,
+    named: &[(String, String)],
+    ts_oid: &str,
+) {
+    let older = named[1].0.as_str();
     let fetch = |name: &str, dir: &Path, ts: &Path, delta: bool| {
         let ts_arg = format!("{ts_oid}={}", ts.display());
         let mut args = vec!["backup-fetch", name, path_str(dir), "--tablespace", &ts_arg];
@@ -285,9 +293,20 @@ fn restore_delta_over_a_stale_copy(env: &TestEnv, wv: &Walvault, older: &str, ts
         .assert_failure()
         .assert_stderr_contains("postmaster.pid");
     std::fs::remove_file(stale.join("postmaster.pid")).unwrap();
+    let newest_sums = format!("backups/{}/pagesums/", named[named.len() - 1].0);
+    let lost: Vec<String> = repo
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&newest_sums))
+        .collect();
+    assert!(!lost.is_empty(), "no page sums under {newest_sums}");
+    for key in &lost {
+        repo.delete(key);
+    }
     let out = fetch("LATEST", &stale, &stale_ts, true);
     out.assert_success();
     assert!(out.stderr.contains("entries removed"), "{out}");
+    assert!(out.stderr.contains("compared whole"), "{out}");
     assert_eq!(tree(&stale), tree(&fresh), "data directory after --delta");
     assert_eq!(
         std::fs::read(foreign.join("16384")).unwrap(),
