@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use crate::backup::{amcheck, backup_push, enable_checksums, restore};
 use crate::harness::{
-    cmd::path_str, give_to_postgres, repo_kind_tests, wait_until, Cluster, ClusterConfig, Repo,
-    RepoKind, TestEnv, Walvault,
+    cmd::{path_str, RunOutput},
+    give_to_postgres, repo_kind_tests, wait_until, Cluster, ClusterConfig, Repo, RepoKind, TestEnv,
+    Walvault,
 };
 use crate::recover::{archiving_source, backup_env};
 
@@ -254,14 +255,8 @@ fn restore_delta_over_a_stale_copy(
     ts_oid: &str,
 ) {
     let older = named[1].0.as_str();
-    let fetch = |name: &str, dir: &Path, ts: &Path, delta: bool| {
-        let ts_arg = format!("{ts_oid}={}", ts.display());
-        let mut args = vec!["backup-fetch", name, path_str(dir), "--tablespace", &ts_arg];
-        if delta {
-            args.push("--delta");
-        }
-        wv.run(&args)
-    };
+    let fetch =
+        |name: &str, dir: &Path, ts: &Path, delta: bool| fetch_to(wv, ts_oid, name, dir, ts, delta);
     let (stale, stale_ts) = (env.unique_dir("stale"), env.path().join("stale-ts"));
     fetch(older, &stale, &stale_ts, false).assert_success();
     // Litter and damage: files and directories the backup lacks, a truncated and a changed file.
@@ -293,16 +288,10 @@ fn restore_delta_over_a_stale_copy(
         .assert_failure()
         .assert_stderr_contains("postmaster.pid");
     std::fs::remove_file(stale.join("postmaster.pid")).unwrap();
-    let newest_sums = format!("backups/{}/pagesums/", named[named.len() - 1].0);
-    let lost: Vec<String> = repo
-        .keys()
-        .into_iter()
-        .filter(|k| k.starts_with(&newest_sums))
-        .collect();
-    assert!(!lost.is_empty(), "no page sums under {newest_sums}");
-    for key in &lost {
-        repo.delete(key);
-    }
+    delete_all_under(
+        repo,
+        &format!("backups/{}/pagesums/", named[named.len() - 1].0),
+    );
     let out = fetch("LATEST", &stale, &stale_ts, true);
     out.assert_success();
     assert!(out.stderr.contains("entries removed"), "{out}");
@@ -327,31 +316,46 @@ fn restore_delta_fetches_only_differing_pages(
     named: &[(String, String)],
     ts_oid: &str,
 ) {
-    let fetch = |name: &str, dir: &Path, ts: &Path, delta: bool| {
-        let ts_arg = format!("{ts_oid}={}", ts.display());
-        let mut args = vec!["backup-fetch", name, path_str(dir), "--tablespace", &ts_arg];
-        if delta {
-            args.push("--delta");
-        }
-        wv.run(&args)
-    };
+    let fetch =
+        |name: &str, dir: &Path, ts: &Path, delta: bool| fetch_to(wv, ts_oid, name, dir, ts, delta);
     let (older, older_ts) = (env.unique_dir("older"), env.path().join("older-ts"));
     fetch(&named[1].0, &older, &older_ts, false).assert_success();
     let (fresh, fresh_ts) = (env.unique_dir("fresh-2"), env.path().join("fresh-2-ts"));
     fetch("LATEST", &fresh, &fresh_ts, false).assert_success();
-    let full_packs = format!("backups/{}/packs/", named[0].0);
-    let gone: Vec<String> = repo
-        .keys()
-        .into_iter()
-        .filter(|k| k.starts_with(&full_packs))
-        .collect();
-    assert!(!gone.is_empty(), "no packs under {full_packs}");
-    for key in &gone {
-        repo.delete(key);
-    }
+    delete_all_under(repo, &format!("backups/{}/packs/", named[0].0));
     fetch("LATEST", &older, &older_ts, true).assert_success();
     assert_eq!(tree(&older), tree(&fresh), "data directory after --delta");
     assert_eq!(tree(&older_ts), tree(&fresh_ts), "tablespace after --delta");
+}
+
+/// `backup-fetch NAME DIR` with the test's tablespace put in `ts`, and `--delta` if asked.
+fn fetch_to(
+    wv: &Walvault,
+    ts_oid: &str,
+    name: &str,
+    dir: &Path,
+    ts: &Path,
+    delta: bool,
+) -> RunOutput {
+    let ts_arg = format!("{ts_oid}={}", ts.display());
+    let mut args = vec!["backup-fetch", name, path_str(dir), "--tablespace", &ts_arg];
+    if delta {
+        args.push("--delta");
+    }
+    wv.run(&args)
+}
+
+/// Deletes every object whose key starts with `prefix`; there must be some.
+fn delete_all_under(repo: &Repo, prefix: &str) {
+    let doomed: Vec<String> = repo
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(prefix))
+        .collect();
+    assert!(!doomed.is_empty(), "no objects under {prefix}");
+    for key in &doomed {
+        repo.delete(key);
+    }
 }
 
 repo_kind_tests!(delta_from_block_maps);
