@@ -954,6 +954,7 @@ fn read_chunk(
     result.read = raw.len() as u64;
     // Jobs start on a page boundary, so these are the file's pages.
     let page_crcs = pagesums::page_crcs(raw);
+    // Folding cannot fail here: the page checksums were made from these very bytes.
     let chunk_crc = pagesums::fold(&page_crcs, result.read);
     result.crc = pagesums::hasher(chunk_crc.unwrap_or_default(), result.read);
     let paged = ctx.check_pages || (shared.delta_base.is_some() && ctx.parent_size.is_some());
