@@ -288,9 +288,16 @@ fn restore_delta_over_a_stale_copy(
         .assert_failure()
         .assert_stderr_contains("postmaster.pid");
     std::fs::remove_file(stale.join("postmaster.pid")).unwrap();
-    delete_all_under(
-        repo,
-        &format!("backups/{}/pagesums/", named[named.len() - 1].0),
+    let newest_sums = format!("backups/{}/pagesums/", named[named.len() - 1].0);
+    delete_all_under(repo, &newest_sums);
+    // verify names what is gone.
+    let out = wv.run(&["verify"]);
+    out.assert_failure();
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("problem: ") && l.contains(&newest_sums)),
+        "{out}"
     );
     let out = fetch("LATEST", &stale, &stale_ts, true);
     out.assert_success();

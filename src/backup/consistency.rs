@@ -2,15 +2,17 @@
 //!
 //! Understands what makes a backup restorable beyond every object's own checksum (which
 //! `verify` checks by reading each object): every piece a manifest names lies inside a pack that
-//! exists and read back whole, files stored whole are covered by their pieces without gaps, the
-//! delta chain resolves to a full backup, and the WAL from each backup's start to its stop
-//! segment is in the archive. Used by [`crate::verify`].
+//! exists and read back whole (and so do the pack's page sums, where the backup has them), files
+//! stored whole are covered by their pieces without gaps, the delta chain resolves to a full
+//! backup, and the WAL from each backup's start to its stop segment is in the archive. Used by
+//! [`crate::verify`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use walvault_wal::{SegmentName, TimelineId, WalSegmentSize};
 
 use super::manifest::{Manifest, Storage};
+use super::page::BLCKSZ;
 use crate::repo::layout;
 use crate::repo::Repository;
 
@@ -44,6 +46,7 @@ pub(crate) async fn check(repo: &Repository, contents: &HashMap<String, u64>) ->
 fn check_manifest(manifest: &Manifest, contents: &HashMap<String, u64>) -> Vec<String> {
     let s = &manifest.summary;
     let mut problems = Vec::new();
+    let mut reported = HashSet::new();
     for file in &manifest.files {
         let mut covered = 0u64;
         for piece in &file.pieces {
@@ -64,6 +67,20 @@ fn check_manifest(manifest: &Manifest, contents: &HashMap<String, u64>) -> Vec<S
                     break;
                 }
                 Some(_) => covered += piece.len,
+            }
+        }
+        for piece in file
+            .pieces
+            .iter()
+            .filter(|p| s.page_sums && p.len > BLCKSZ as u64)
+        {
+            let key = s.name.page_sums_key(piece.pack);
+            if !contents.contains_key(&key) && reported.insert(key.clone()) {
+                problems.push(format!(
+                    "backup {}: {key} is missing or damaged (a --delta restore compares the pieces \
+                     of that pack whole)",
+                    s.name
+                ));
             }
         }
         if file.storage == Storage::Whole && covered != file.size {
