@@ -132,7 +132,7 @@ def push(c, kind, verify=False):
     r = must(c.walvault(*args, env=env), f"backup-push {kind}")
     b = c.listed()[-1]
     return {"wall": r.wall, "cpu": r.cpu, "stored": b["stored_size"], "source": b.get("delta_source"),
-            "name": b["name"]}
+            "name": b["name"], "read": r.read_bytes}
 
 
 def backups(c):
@@ -314,16 +314,18 @@ def render(r):
         f"## Deltas from block maps: pgbench scale {r['scale']} ({r['db_bytes'] / 2**20:.0f} MiB), "
         "2 runs each, page cache dropped before each",
         "",
-        "| measurement | wall s | CPU s | stored MiB | wall / full | CPU / full | delta_source |",
-        "|---|---|---|---|---|---|---|",
+        "| measurement | wall s | CPU s | read from disk MiB | stored MiB | wall / full | CPU / full | delta_source |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, label in [("full", "full"), ("wal", "delta after 3%, block maps"),
                        ("scan", "delta after 3%, page scan (a summary removed)"),
                        ("nochange", "delta with no change, block maps")]:
         xs = b[key]
-        lines.append(f"| {label} | {m(xs, 'wall'):.2f} | {m(xs, 'cpu'):.2f} | {m(xs, 'stored') / 2**20:.1f} | "
-                     f"{m(xs, 'wall') / full_wall:.2f}× | {m(xs, 'cpu') / full_cpu:.2f}× | "
-                     f"{', '.join(sorted(set(str(x['source']) for x in xs)))} |")
+        # Runs recorded before the read column have none.
+        read = f"{m(xs, 'read') / 2**20:.1f}" if all("read" in x for x in xs) else "-"
+        lines.append(f"| {label} | {m(xs, 'wall'):.2f} | {m(xs, 'cpu'):.2f} | {read} | "
+                     f"{m(xs, 'stored') / 2**20:.1f} | {m(xs, 'wall') / full_wall:.2f}× | "
+                     f"{m(xs, 'cpu') / full_cpu:.2f}× | {', '.join(sorted(set(str(x['source']) for x in xs)))} |")
     rs = r["restore"]
     lines += ["", "| restore | wall s | CPU s |", "|---|---|---|",
               f"| backup-fetch (fresh) | {m(rs['fresh'], 'wall'):.2f} | {m(rs['fresh'], 'cpu'):.2f} |",

@@ -69,10 +69,12 @@ def run(cmd, *, cwd=None, env=None, check=True, user=PG_USER, input=None, timeou
 
 class Timed:
     """Result of one measured process: exit code, wall seconds, CPU seconds (user+sys of the
-    process and every descendant it waited for), peak RSS in KiB (max over the same tree)."""
+    process and every descendant it waited for), peak RSS in KiB (max over the same tree), and
+    bytes the same tree read from storage (ru_inblock: page-cache hits are not counted)."""
 
-    def __init__(self, rc, wall, cpu, maxrss_kib, out, err):
+    def __init__(self, rc, wall, cpu, maxrss_kib, out, err, read_bytes=0):
         self.rc, self.wall, self.cpu, self.maxrss_kib, self.out, self.err = rc, wall, cpu, maxrss_kib, out, err
+        self.read_bytes = read_bytes
 
 
 def timed(cmd, *, cwd=None, env=None, user=PG_USER, errfile=None, capture=True):
@@ -103,7 +105,7 @@ def timed(cmd, *, cwd=None, env=None, user=PG_USER, errfile=None, capture=True):
         err_f.close()
     elif err_f is not subprocess.DEVNULL:
         err_f.close()
-    return Timed(p.returncode, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss, out, err)
+    return Timed(p.returncode, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss, out, err, ru.ru_inblock * 512)
 
 
 def must(t, what):

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use crate::backup::manifest::{BackupKind, BackupName, Manifest, Summary};
 use crate::backup::BackupError;
-use crate::repo::layout::{Listing, ObjectKey};
+use crate::repo::layout::Listing;
 use crate::repo::{LengthRule, RepoError, Repository};
 
 /// The largest manifest read. Manifests are read whole, at roughly 200 bytes per file piece, so
@@ -37,20 +37,23 @@ pub(crate) async fn list(repo: &Repository) -> Result<Vec<Summary>, BackupError>
 pub(crate) async fn scan(repo: &Repository) -> Result<(Vec<Summary>, Vec<String>), BackupError> {
     let mut summaries = Vec::new();
     let mut unreadable = Vec::new();
-    for object in repo.list(Listing::Backups).await? {
-        let Some(ObjectKey::Manifest(name)) = ObjectKey::parse(&object.key) else {
+    // Only the backups' names are listed, not their packs: a full backup has hundreds.
+    for dir in repo.children(Listing::Backups).await? {
+        let Ok(name) = BackupName::parse(&dir) else {
             continue;
         };
-        let bytes = match repo.get_bytes_checked(&object.key, MANIFEST_RULE).await {
+        let key = name.manifest_key();
+        let bytes = match repo.get_bytes_checked(&key, MANIFEST_RULE).await {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => continue, // deleted while listing
+            // An interrupted push (packs, no manifest), or a backup deleted while listing.
+            Ok(None) => continue,
             Err(e @ (RepoError::Codec(_) | RepoError::Length { .. })) => {
                 unreadable.push(e.to_string());
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
-        match read_summary(&object.key, &name, &bytes) {
+        match read_summary(&key, &name, &bytes) {
             Ok(summary) => summaries.push(summary),
             Err(e) => unreadable.push(e.to_string()),
         }
@@ -163,6 +166,7 @@ pub(crate) async fn chain(
 mod tests {
     use super::*;
     use crate::backup::manifest::tests::sample;
+    use crate::repo::layout::PackId;
     use crate::repo::PutMode;
 
     /// Names are only labels: a backup whose name sorts first but that started later comes later.
@@ -211,6 +215,30 @@ mod tests {
 
     /// A damaged manifest (bad framing, bad JSON) is skipped by the listing and LATEST, and
     /// reported by the scan verify uses.
+    #[tokio::test]
+    async fn only_backups_with_a_manifest_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = crate::repo::local_for_tests(dir.path()).await;
+        put(&repo, &sample("base_a", "2026-01-01T00:00:00Z")).await;
+        put(&repo, &sample("base_b", "2026-01-02T00:00:00Z")).await;
+        // An interrupted push: packs, no manifest.
+        let torn = BackupName::parse("base_c").unwrap();
+        repo.put_bytes(&torn.pack_key(PackId(0)), b"pack", PutMode::IfAbsent)
+            .await
+            .unwrap();
+        // What is not a backup's directory: a stray file, a name no backup can have.
+        std::fs::write(dir.path().join("backups/stray"), b"x").unwrap();
+        std::fs::create_dir_all(dir.path().join("backups/not a backup")).unwrap();
+
+        let names: Vec<String> = list(&repo)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name.to_string())
+            .collect();
+        assert_eq!(names, ["base_a", "base_b"]);
+    }
+
     #[tokio::test]
     async fn unreadable_manifests_are_skipped_and_reported() {
         let dir = tempfile::tempdir().unwrap();

@@ -142,18 +142,9 @@ struct Shared {
 pub(crate) async fn push(repo: Arc<Repository>, opts: &PushOptions) -> Result<Pushed, BackupError> {
     let (session, pgdata) = preflight(&repo, opts).await?;
     let info = session.info().clone();
-    // A writer holding only recipients cannot read an encrypted repository's manifests (that is
-    // what public-key writes are for), so it has no parent to take a delta against.
-    let catalog = if repo.can_decrypt().await? {
-        crate::backup::catalog::list(&repo).await?
-    } else {
-        tracing::info!(
-            "no encryption identity to read the backups of {}: taking a full backup",
-            repo.url()
-        );
-        Vec::new()
-    };
-    let started = start(&session, opts).await?;
+    // The catalog is read while PostgreSQL checkpoints: for a small delta, each is a good part
+    // of the whole. A failure of either ends the session, which aborts the started backup.
+    let (catalog, started) = tokio::try_join!(readable_catalog(&repo), start(&session, opts))?;
     let parent = choose_parent_manifest(&repo, &catalog, opts, &started).await?;
     let mut planned = plan_files(&pgdata, opts, parent.as_ref(), &info).await?;
     let external = external_config(&session, &pgdata).await?;
@@ -291,6 +282,21 @@ struct Started {
     time: String,
     lsn: Lsn,
     timeline: u32,
+}
+
+/// The backups a delta may take as its parent: none when this writer cannot read manifests.
+async fn readable_catalog(repo: &Repository) -> Result<Vec<Summary>, BackupError> {
+    // A writer holding only recipients cannot read an encrypted repository's manifests (that is
+    // what public-key writes are for), so it has no parent to take a delta against.
+    if repo.can_decrypt().await? {
+        crate::backup::catalog::list(repo).await
+    } else {
+        tracing::info!(
+            "no encryption identity to read the backups of {}: taking a full backup",
+            repo.url()
+        );
+        Ok(Vec::new())
+    }
 }
 
 async fn start(session: &BackupSession, opts: &PushOptions) -> Result<Started, BackupError> {

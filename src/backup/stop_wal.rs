@@ -119,8 +119,9 @@ pub(crate) async fn wait_for_stop_wal(
     let mut next_switch = started;
     let report_every = (bound / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
     let mut next_report = started + report_every;
-    // The archiver usually delivers within tens of milliseconds of the stop's WAL switch.
-    let mut pause = Duration::from_millis(20);
+    // The archiver usually delivers within tens of milliseconds of the stop's WAL switch, and a
+    // small delta takes about a hundred: the first looks come close together.
+    let mut pause = Duration::from_millis(5);
     let mut last_problem = None;
     loop {
         if arrived(wal.repo, &segment, needed, history.as_ref()).await? {

@@ -308,6 +308,12 @@ impl Repository {
         Ok(self.store.list(&what.prefix()).await?)
     }
 
+    /// The names one level below a group's prefix (under `backups/`, the backups' names),
+    /// without listing the objects below them.
+    pub(crate) async fn children(&self, what: Listing<'_>) -> Result<Vec<String>, RepoError> {
+        Ok(self.store.children(&what.prefix()).await?)
+    }
+
     /// The stored size of an object, or `None` when it is absent.
     pub(crate) async fn head(&self, key: &str) -> Result<Option<u64>, RepoError> {
         Ok(self.store.head(key).await?)

@@ -119,6 +119,29 @@ impl LocalStore {
         Ok(())
     }
 
+    pub(crate) async fn children(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.absent().await?;
+        let path = self.root.join(prefix.trim_end_matches('/'));
+        let mut entries = match fs::read_dir(&path).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &path)(e)),
+        };
+        let mut names = Vec::new();
+        while let Some(entry) = entries.next_entry().await.map_err(io_err("list", &path))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Hidden entries are temp files; a directory removed since the read is skipped.
+            if name.starts_with('.') {
+                continue;
+            }
+            match entry.file_type().await {
+                Ok(kind) if kind.is_dir() => names.push(name),
+                _ => {}
+            }
+        }
+        Ok(names)
+    }
+
     /// Temp files of writers that are gone (no such process here) and were last written before
     /// `before`, anywhere below the root.
     pub(crate) async fn leftovers(&self, before: SystemTime) -> Result<Vec<Leftover>, StoreError> {

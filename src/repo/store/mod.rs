@@ -192,6 +192,19 @@ impl Store {
         }
     }
 
+    /// The names one level below `prefix` (which ends in `/`) that have objects under them,
+    /// sorted: the backups under `backups/` without listing every pack of every backup. One
+    /// directory read on a local store, a delimited listing on S3.
+    pub(crate) async fn children(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        check_key(prefix.trim_end_matches('/'))?;
+        let mut names = match self {
+            Store::Local(s) => s.children(prefix).await?,
+            Store::S3(s) => s.children(prefix).await?,
+        };
+        names.sort();
+        Ok(names)
+    }
+
     /// Deletes up to [`DELETE_BATCH`] keys at a time (one `DeleteObjects` request each on S3);
     /// absent keys are not an error, and any key the store refused fails the call, naming it.
     pub(crate) async fn delete_batch(&self, keys: &[String]) -> Result<(), StoreError> {

@@ -256,6 +256,32 @@ impl S3Store {
         Ok(())
     }
 
+    pub(crate) async fn children(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let full = self.full_key(prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        let mut names = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("ListObjectsV2", prefix, &e))?;
+            for common in page.common_prefixes() {
+                let name = common
+                    .prefix()
+                    .and_then(|p| p.strip_prefix(&full))
+                    .and_then(|p| p.strip_suffix('/'));
+                if let Some(name) = name.filter(|n| !n.is_empty()) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        Ok(names)
+    }
+
     pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.client
             .delete_object()
