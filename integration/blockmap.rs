@@ -291,14 +291,7 @@ fn restore_delta_over_a_stale_copy(
     let newest_sums = format!("backups/{}/pagesums/", named[named.len() - 1].0);
     delete_all_under(repo, &newest_sums);
     // verify names what is gone.
-    let out = wv.run(&["verify"]);
-    out.assert_failure();
-    assert!(
-        out.stdout
-            .lines()
-            .any(|l| l.starts_with("problem: ") && l.contains(&newest_sums)),
-        "{out}"
-    );
+    wv.run(&["verify"]).assert_problem_names(&newest_sums);
     let out = fetch("LATEST", &stale, &stale_ts, true);
     out.assert_success();
     assert!(out.stderr.contains("entries removed"), "{out}");

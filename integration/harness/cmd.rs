@@ -64,6 +64,18 @@ impl RunOutput {
         );
         self
     }
+
+    /// Asserts that this is a failed `verify` whose report has a `problem:` line naming `what`.
+    pub fn assert_problem_names(&self, what: &str) -> &Self {
+        self.assert_failure();
+        assert!(
+            self.stdout
+                .lines()
+                .any(|l| l.starts_with("problem: ") && l.contains(what)),
+            "expected a problem naming {what:?}:\n{self}"
+        );
+        self
+    }
 }
 
 impl fmt::Display for RunOutput {
