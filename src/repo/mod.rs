@@ -577,13 +577,28 @@ impl Repository {
         if committed != Committed::AlreadyExists {
             return Ok(committed);
         }
+        // Why the key stays taken is said here: the caller's refusal names only the key.
         match self.verify(key).await {
             Ok(Some(found)) if (found.content_len, found.checksum) == (content_len, checksum) => {
                 tracing::info!("{key} already holds exactly this content (a retried write)");
                 Ok(Committed::Created)
             }
+            Ok(Some(found)) => {
+                tracing::warn!(
+                    "{key} is taken by other content: {} bytes with {}, not {content_len} bytes \
+                     with {checksum}",
+                    found.content_len,
+                    found.checksum
+                );
+                Ok(Committed::AlreadyExists)
+            }
+            Ok(None) => {
+                tracing::warn!("{key} was taken, then gone when read back");
+                Ok(Committed::AlreadyExists)
+            }
             // A writer holding only recipients cannot read the object back: the caller judges.
-            Ok(_) | Err(RepoError::Codec(CodecError::Corrupt { .. }) | RepoError::Crypt(_)) => {
+            Err(e @ (RepoError::Codec(CodecError::Corrupt { .. }) | RepoError::Crypt(_))) => {
+                tracing::warn!("{key} is taken by an object that does not read back: {e}");
                 Ok(Committed::AlreadyExists)
             }
             Err(e) => Err(e),
