@@ -644,9 +644,18 @@ async fn write(
         tokio::task::spawn_blocking(move || {
             for t in targets.iter() {
                 let root = &roots[t.dest.root];
-                root.open_or_create(&t.dest.rel, t.mode)?
-                    .set_len(t.size)
-                    .map_err(BackupError::io("set length of", &root.display(&t.dest.rel)))?;
+                let file = root.open_or_create(&t.dest.rel, t.mode)?;
+                let shown = || root.display(&t.dest.rel);
+                // Only where it differs: truncating to the same length still costs a journal
+                // transaction per file, and most files keep theirs.
+                let len = file
+                    .metadata()
+                    .map_err(BackupError::io("stat", &shown()))?
+                    .len();
+                if len != t.size {
+                    file.set_len(t.size)
+                        .map_err(BackupError::io("set length of", &shown()))?;
+                }
             }
             Ok::<_, BackupError>(())
         })

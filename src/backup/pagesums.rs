@@ -131,8 +131,16 @@ pub(crate) const MAX_OBJECT: u64 = (MAGIC.len()
 /// manifest with its length, and only if it folds to that piece's crc32.
 #[derive(Debug, Default)]
 pub(crate) struct PageSums {
-    /// Piece offset in the pack → its length and page checksums.
-    by_at: HashMap<u64, (u64, Vec<u32>)>,
+    /// Piece offset in the pack → its length, page checksums and what they fold to (folded once
+    /// here: a restore asks for a piece once for every part a newer backup cuts it into).
+    by_at: HashMap<u64, Record>,
+}
+
+#[derive(Debug)]
+struct Record {
+    len: u64,
+    crcs: Vec<u32>,
+    folded: Option<u32>,
 }
 
 impl PageSums {
@@ -159,11 +167,12 @@ impl PageSums {
                 .and_then(|n| tail.split_at_checked(n))
                 .ok_or_else(|| format!("record of the piece at {at} runs past the end"))?;
             rest = tail;
-            let crcs = crcs
+            let crcs: Vec<u32> = crcs
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            by_at.insert(at, (len, crcs));
+            let folded = fold(&crcs, len);
+            by_at.insert(at, Record { len, crcs, folded });
         }
         Ok(PageSums { by_at })
     }
@@ -174,9 +183,9 @@ impl PageSums {
         if piece.len <= BLCKSZ as u64 {
             return Some(Cow::Owned(vec![piece.crc32]));
         }
-        let (len, crcs) = self.by_at.get(&piece.at)?;
-        (*len == piece.len && fold(crcs, *len) == Some(piece.crc32))
-            .then_some(Cow::Borrowed(crcs.as_slice()))
+        let record = self.by_at.get(&piece.at)?;
+        (record.len == piece.len && record.folded == Some(piece.crc32))
+            .then_some(Cow::Borrowed(record.crcs.as_slice()))
     }
 }
 
