@@ -213,8 +213,8 @@ mod tests {
         );
     }
 
-    /// A damaged manifest (bad framing, bad JSON) is skipped by the listing and LATEST, and
-    /// reported by the scan verify uses.
+    /// The catalog lists backups by their directories and keeps those with a manifest: not an
+    /// interrupted push's packs, a stray file, or a directory no backup could be named.
     #[tokio::test]
     async fn only_backups_with_a_manifest_are_listed() {
         let dir = tempfile::tempdir().unwrap();
@@ -239,6 +239,8 @@ mod tests {
         assert_eq!(names, ["base_a", "base_b"]);
     }
 
+    /// A damaged manifest (bad framing, bad JSON) is skipped by the listing and LATEST, and
+    /// reported by the scan verify uses.
     #[tokio::test]
     async fn unreadable_manifests_are_skipped_and_reported() {
         let dir = tempfile::tempdir().unwrap();
