@@ -500,7 +500,7 @@ fn compare_file(
             let local = root.open_read(&t.dest.rel)?.map(|file| LocalFile {
                 file,
                 direct: root.open_read_direct(&t.dest.rel),
-                window: window.take().unwrap_or_else(|| AlignedBuf::new(WINDOW)),
+                window: window.take().unwrap_or_else(AlignedBuf::new),
                 start: 0,
                 got: None,
             });
@@ -848,7 +848,7 @@ struct LocalFile {
     got: Option<usize>,
 }
 
-/// A read buffer that direct I/O accepts.
+/// A read buffer of [`WINDOW`] bytes that direct I/O accepts.
 struct AlignedBuf {
     raw: Vec<u8>,
     /// Where the aligned part starts, if the allocation could be aligned.
@@ -856,8 +856,8 @@ struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let raw = vec![0u8; len + DIRECT_ALIGN];
+    fn new() -> AlignedBuf {
+        let raw = vec![0u8; WINDOW + DIRECT_ALIGN];
         let aligned = Some(raw.as_ptr().align_offset(DIRECT_ALIGN)).filter(|s| *s < DIRECT_ALIGN);
         AlignedBuf { raw, aligned }
     }
@@ -1049,7 +1049,7 @@ mod tests {
                             .ok()
                     })
                     .flatten(),
-                window: AlignedBuf::new(WINDOW),
+                window: AlignedBuf::new(),
                 start: 0,
                 got: None,
             };
