@@ -17,7 +17,8 @@ use std::time::Duration;
 pub enum Fault {
     /// Forwards the answer up to a byte offset, then resets both ends.
     Reset,
-    /// Forwards the request up to a byte offset (a write cut off part-way), then resets.
+    /// Forwards the request up to a byte offset (a write cut off part-way), then resets. Of an
+    /// HTTP request cut inside its head, nothing is forwarded (see [`WholeHeads`]).
     PartialWrite,
     /// Answers the first request with `500 InternalError` without forwarding it (HTTP only).
     ServerError,
@@ -291,12 +292,34 @@ fn pump(shared: &Shared, from: TcpStream, to: TcpStream, plan: Option<(Fault, us
     let mut buf = vec![0u8; 16 * 1024];
     let mut sent = 0usize;
     let mut plan = plan;
+    let mut heads: Option<WholeHeads> = None;
     loop {
         let n = match (&from).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let mut chunk = &buf[..n];
+        if let Some((Fault::PartialWrite, offset, _)) = plan {
+            if sent == 0 && is_http_request(chunk) {
+                heads = Some(WholeHeads::default());
+            }
+            if let Some(heads) = &mut heads {
+                let cut = sent + n > offset;
+                let take = if cut { offset - sent } else { n };
+                let ready = heads.pass(&chunk[..take]);
+                sent += take;
+                if (&to).write_all(&ready).is_err() {
+                    break;
+                }
+                if cut {
+                    fired(shared, Fault::PartialWrite);
+                    reset(&to);
+                    reset(&from);
+                    return;
+                }
+                continue;
+            }
+        }
         if let Some((fault, offset, stall)) = plan {
             if fault == Fault::SlowBody {
                 if sent == 0 {
@@ -342,39 +365,98 @@ fn pump(shared: &Shared, from: TcpStream, to: TcpStream, plan: Option<(Fault, us
     let _ = from.shutdown(Shutdown::Read);
 }
 
+/// Whether a connection's first bytes are an HTTP request (S3), not PostgreSQL's protocol.
+fn is_http_request(first: &[u8]) -> bool {
+    ["GET ", "PUT ", "POST ", "HEAD ", "DELETE "]
+        .iter()
+        .any(|m| first.starts_with(m.as_bytes()))
+}
+
+/// Holds back each request head of an HTTP stream until it is whole, so that a request cut off
+/// part-way loses its body or all of itself, as on a real network, where S3 refuses the rest.
+/// Python's HTTP server (moto's) takes a head cut short for a whole request: without its
+/// signature or Content-Length, an empty PUT that stores an empty object under the key, which
+/// no S3 server would accept and which a retry then meets as "other content".
+#[derive(Default)]
+struct WholeHeads {
+    held: Vec<u8>,
+    /// Body bytes of the current request still to pass before the next head.
+    body_left: u64,
+}
+
+impl WholeHeads {
+    /// Takes the next bytes of the stream and returns those that may go on now.
+    fn pass(&mut self, mut bytes: &[u8]) -> Vec<u8> {
+        let mut ready = Vec::with_capacity(bytes.len());
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
+                ready.extend_from_slice(&bytes[..n]);
+                self.body_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            // Only the bytes up to a head's end join it; what follows is its body.
+            let searched_from = self.held.len().saturating_sub(3);
+            self.held.extend_from_slice(bytes);
+            let Some(end) = self.held[searched_from..]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| searched_from + i + 4)
+            else {
+                return ready;
+            };
+            let extra = self.held.len() - end;
+            bytes = &bytes[bytes.len() - extra..];
+            self.held.truncate(end);
+            self.body_left = body_length(&self.held);
+            ready.append(&mut self.held);
+        }
+        ready
+    }
+}
+
+/// What [`body_length`] says of a chunked body: everything that follows may be its.
+const CHUNKED: u64 = u64::MAX;
+
+/// The body length a request head announces: its Content-Length, or [`CHUNKED`].
+fn body_length(head: &[u8]) -> u64 {
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let mut length = 0;
+    for line in head.lines() {
+        if let Some(v) = line.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line.starts_with("transfer-encoding:") && line.contains("chunked") {
+            return CHUNKED;
+        }
+    }
+    length
+}
+
 /// Reads one HTTP request (head and body) and answers it with an S3 error, closing the
 /// connection.
 fn answer_with_error(client: &TcpStream, fault: Fault) -> io::Result<()> {
     let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(client);
-    let mut content_length = 0usize;
-    let mut chunked = false;
-    let mut first = true;
+    let mut head = String::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let line = line.trim_end();
-        if line.is_empty() && !first {
+        if line.trim_end().is_empty() && !head.is_empty() {
             break;
         }
-        first = false;
-        let lower = line.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            content_length = v.trim().parse().unwrap_or(0);
-        }
-        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
-            chunked = true;
-        }
+        head.push_str(&line);
     }
-    if chunked {
-        drain_chunked(&mut reader)?;
-    } else {
-        io::copy(
-            &mut (&mut reader).take(content_length as u64),
-            &mut io::sink(),
-        )?;
+    match body_length(head.as_bytes()) {
+        CHUNKED => drain_chunked(&mut reader)?,
+        len => {
+            io::copy(&mut (&mut reader).take(len), &mut io::sink())?;
+        }
     }
     let (status, code, message) = match fault {
         Fault::SlowDown => (
