@@ -466,10 +466,10 @@ fn differing(
     parts: Vec<Part>,
     sums: &PackSumsOf,
 ) -> Result<Vec<Part>, BackupError> {
-    // One window per thread for its whole life: a fresh megabyte per file would cost the page
+    // One window per thread for its whole life: a fresh one per file would cost the page
     // faults of touching it every time.
     thread_local! {
-        static WINDOW_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+        static WINDOW_BUF: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
     }
     let mut window = WINDOW_BUF.with(|w| w.borrow_mut().take());
     let needed = compare_file(roots, targets, parts, sums, &mut window);
@@ -482,7 +482,7 @@ fn compare_file(
     targets: &[Target],
     parts: Vec<Part>,
     sums: &PackSumsOf,
-    window: &mut Option<AlignedBuf>,
+    window: &mut Option<Vec<u8>>,
 ) -> Result<Vec<Part>, BackupError> {
     let none = PageSums::default();
     // For the comparisons by crc32 only (older backups, zeros): allocated when first needed.
@@ -499,8 +499,7 @@ fn compare_file(
             }
             let local = root.open_read(&t.dest.rel)?.map(|file| LocalFile {
                 file,
-                direct: root.open_read_direct(&t.dest.rel),
-                window: window.take().unwrap_or_else(AlignedBuf::new),
+                window: window.take().unwrap_or_else(|| vec![0; WINDOW]),
                 start: 0,
                 got: None,
             });
@@ -830,42 +829,18 @@ const COMPARE_READ: usize = 32 * PAGE;
 const WINDOW: usize = 512 * PAGE;
 /// How much of a file one comparison task reads.
 const COMPARE_STRETCH: u64 = 64 << 20;
-/// What direct I/O needs buffers, offsets and lengths aligned to (the largest logical block size
-/// of common devices).
-const DIRECT_ALIGN: usize = 4096;
-
-/// A local file being compared, read in windows in file order. Past the page cache where the
-/// file system allows: the comparison reads the whole data directory once, and through the page
-/// cache that costs twice the CPU and time (copies, page allocation, readahead) for pages read
-/// only once.
+/// A local file being compared, read in windows in file order through the page cache, whose
+/// readahead keeps the disk busy while the window already read is compared. Direct reads, one
+/// window at a time per task, left the disk idle meanwhile and took half as long again
+/// (bench/RESULTS.md).
 struct LocalFile {
     file: std::fs::File,
-    direct: Option<std::fs::File>,
-    window: AlignedBuf,
+    /// [`WINDOW`] bytes.
+    window: Vec<u8>,
     /// The file offset of the window.
     start: u64,
     /// How many bytes the window holds, once loaded.
     got: Option<usize>,
-}
-
-/// A read buffer of [`WINDOW`] bytes that direct I/O accepts.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    /// Where the aligned part starts, if the allocation could be aligned.
-    aligned: Option<usize>,
-}
-
-impl AlignedBuf {
-    fn new() -> AlignedBuf {
-        let raw = vec![0u8; WINDOW + DIRECT_ALIGN];
-        let aligned = Some(raw.as_ptr().align_offset(DIRECT_ALIGN)).filter(|s| *s < DIRECT_ALIGN);
-        AlignedBuf { raw, aligned }
-    }
-
-    fn area(&mut self) -> &mut [u8] {
-        let from = self.aligned.unwrap_or(0);
-        &mut self.raw[from..from + WINDOW]
-    }
 }
 
 impl LocalFile {
@@ -876,46 +851,11 @@ impl LocalFile {
             && offset >= self.start
             && offset + len as u64 <= self.start + WINDOW as u64;
         if !inside {
-            self.load(offset);
+            self.start = offset;
+            self.got = Some(read_up_to(&self.file, &mut self.window, offset));
         }
         let from = usize::try_from(offset - self.start).ok()?;
-        let from = self.window.aligned.unwrap_or(0) + from;
-        let got = self.window.aligned.unwrap_or(0) + self.got?;
-        (from + len <= got).then(|| &self.window.raw[from..from + len])
-    }
-
-    /// Fills the window from `offset` rounded down to the alignment.
-    fn load(&mut self, offset: u64) {
-        self.start = offset - offset % DIRECT_ALIGN as u64;
-        let start = self.start;
-        if let (Some(direct), Some(_)) = (&self.direct, self.window.aligned) {
-            let area = self.window.area();
-            let mut filled = 0;
-            let mut failed = false;
-            while filled < area.len() {
-                match direct.read_at(&mut area[filled..], start + filled as u64) {
-                    Ok(0) => break,
-                    Ok(got) => filled += got,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-                // A short read that breaks the alignment is the end of the file.
-                if filled % DIRECT_ALIGN != 0 {
-                    break;
-                }
-            }
-            if !failed {
-                self.got = Some(filled);
-                return;
-            }
-            // Refused (alignment rules stricter than assumed): read through the cache.
-            self.direct = None;
-        }
-        let area = self.window.area();
-        self.got = Some(read_up_to(&self.file, area, start));
+        (from + len <= self.got?).then(|| &self.window[from..from + len])
     }
 }
 
@@ -1026,8 +966,8 @@ mod tests {
         assert_eq!(uncovered(&[(0, 10)], 3, 5), vec![]);
     }
 
-    /// Pages come back whole, past the page cache or through it, across windows and up to a
-    /// short end; a page the file does not have (whole) is `None`.
+    /// Pages come back whole, across windows and up to a short end; a page the file does not
+    /// have (whole) is `None`.
     #[test]
     fn local_pages_read_in_windows() {
         let dir = tempfile::tempdir().unwrap();
@@ -1036,46 +976,26 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         std::fs::write(&path, &content).unwrap();
-        for direct in [true, false] {
-            let mut local = LocalFile {
-                file: std::fs::File::open(&path).unwrap(),
-                direct: direct
-                    .then(|| {
-                        use std::os::unix::fs::OpenOptionsExt;
-                        std::fs::OpenOptions::new()
-                            .read(true)
-                            .custom_flags(libc_o_direct())
-                            .open(&path)
-                            .ok()
-                    })
-                    .flatten(),
-                window: AlignedBuf::new(),
-                start: 0,
-                got: None,
-            };
-            let mut at = 0;
-            while at < content.len() {
-                let len = PAGE.min(content.len() - at);
-                let got = local.bytes(at as u64, len).map(<[u8]>::to_vec);
-                assert_eq!(
-                    got.as_deref(),
-                    Some(&content[at..at + len]),
-                    "{direct} {at}"
-                );
-                at += len;
-            }
-            let end = content.len() as u64;
-            assert!(local.bytes(end - 100, PAGE).is_none(), "{direct}");
-            assert!(local.bytes(end + PAGE as u64, PAGE).is_none(), "{direct}");
-            // Backwards, too (parts of a file come in order, but a window must not assume it).
-            assert_eq!(
-                local.bytes(PAGE as u64, 10),
-                Some(&content[PAGE..PAGE + 10])
-            );
+        let mut local = LocalFile {
+            file: std::fs::File::open(&path).unwrap(),
+            window: vec![0; WINDOW],
+            start: 0,
+            got: None,
+        };
+        let mut at = 0;
+        while at < content.len() {
+            let len = PAGE.min(content.len() - at);
+            let got = local.bytes(at as u64, len).map(<[u8]>::to_vec);
+            assert_eq!(got.as_deref(), Some(&content[at..at + len]), "{at}");
+            at += len;
         }
-    }
-
-    fn libc_o_direct() -> i32 {
-        rustix::fs::OFlags::DIRECT.bits() as i32
+        let end = content.len() as u64;
+        assert!(local.bytes(end - 100, PAGE).is_none());
+        assert!(local.bytes(end + PAGE as u64, PAGE).is_none());
+        // Backwards, too (parts of a file come in order, but a window must not assume it).
+        assert_eq!(
+            local.bytes(PAGE as u64, 10),
+            Some(&content[PAGE..PAGE + 10])
+        );
     }
 }

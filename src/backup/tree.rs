@@ -151,16 +151,6 @@ impl Root {
 
     /// Opens file `rel` for reading; `None` when it does not exist.
     pub(crate) fn open_read(&self, rel: &str) -> Result<Option<File>, BackupError> {
-        self.open_read_with(rel, OFlags::empty())
-    }
-
-    /// Like [`Root::open_read`], past the page cache (`O_DIRECT`); `None` also when the file
-    /// system does not offer that.
-    pub(crate) fn open_read_direct(&self, rel: &str) -> Option<File> {
-        self.open_read_with(rel, OFlags::DIRECT).ok().flatten()
-    }
-
-    fn open_read_with(&self, rel: &str, extra: OFlags) -> Result<Option<File>, BackupError> {
         let (dir, last) = match self.parent(rel, false) {
             Ok(found) => found,
             Err(BackupError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
@@ -168,7 +158,7 @@ impl Root {
             }
             Err(e) => return Err(e),
         };
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | extra;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         match rustix::fs::openat(
             dir.as_ref().unwrap_or(&self.fd),
             last.as_str(),
