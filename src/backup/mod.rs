@@ -10,6 +10,7 @@
 mod blockmap;
 pub(crate) mod catalog;
 pub(crate) mod consistency;
+mod copy;
 mod delta_fetch;
 pub(crate) mod external_config;
 pub(crate) mod fetch;
