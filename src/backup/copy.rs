@@ -46,10 +46,38 @@ struct Job {
     len: u64,
 }
 
-/// Jobs of one file handed to a worker together, at most [`CHUNK`] bytes in all: a delta from
+/// Jobs of one file handed to a worker together, at most [`CHUNK`] bytes in all (a delta from
 /// block maps reads thousands of scattered pages, which one at a time would cost a thread hop
-/// each.
-type Batch = Vec<Job>;
+/// each), with the read-ahead advice that became due as they were handed out.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    advice: Advice,
+}
+
+/// Ranges of one file to advise (`posix_fadvise(WILLNEED)`) before a batch is read. Advice
+/// submits the reads and can wait for room in the device's queue, so the worker gives it on its
+/// blocking thread, not the task that hands out the batches on the runtime's.
+#[derive(Default)]
+struct Advice {
+    file: Option<Arc<File>>,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Advice {
+    /// Advice only: a failure costs speed, never correctness.
+    fn give(&self) {
+        let Some(file) = &self.file else { return };
+        for &(start, len) in &self.ranges {
+            let _ = rustix::fs::fadvise(
+                &**file,
+                start,
+                std::num::NonZeroU64::new(len),
+                rustix::fs::Advice::WillNeed,
+            );
+        }
+    }
+}
 
 /// What reading one chunk produced.
 pub(super) struct ChunkDone {
@@ -98,27 +126,38 @@ pub(super) async fn copy_files(
 const PREFETCH_RANGES: usize = 1024;
 const PREFETCH_BYTES: u64 = 64 << 20;
 
-/// Read-ahead advice (`posix_fadvise(WILLNEED)`) for the ranges of one file of a delta from
-/// block maps. Advice only: a failure to open or advise costs speed, never correctness.
+/// Which ranges of one file of a delta from block maps to advise ahead of the workers. A file
+/// that cannot be opened here is read without advice.
 struct Prefetch {
-    file: File,
+    file: Arc<File>,
     /// The first range not yet advised.
     next: usize,
     /// Bytes advised and not yet handed to a worker.
     ahead: u64,
+    /// Advice due and not yet attached to a batch.
+    due: Vec<(u64, u64)>,
 }
 
 impl Prefetch {
     fn open(ctx: &FileCtx) -> Option<Prefetch> {
         ctx.reads.as_ref()?;
         Some(Prefetch {
-            file: File::open(&ctx.source).ok()?,
+            file: Arc::new(File::open(&ctx.source).ok()?),
             next: 0,
             ahead: 0,
+            due: Vec::new(),
         })
     }
 
-    /// Called as range `at` is handed out: advises the ranges after it, within the bounds.
+    /// The advice due so far, for the batch about to be handed out.
+    fn take(&mut self) -> Advice {
+        Advice {
+            file: Some(Arc::clone(&self.file)),
+            ranges: std::mem::take(&mut self.due),
+        }
+    }
+
+    /// Called as range `at` is handed out: the ranges after it become due, within the bounds.
     fn advise_past(&mut self, reads: &[(u64, u64)], at: usize) {
         if self.next > at {
             self.ahead = self.ahead.saturating_sub(reads[at].1);
@@ -131,12 +170,7 @@ impl Prefetch {
             && self.ahead < PREFETCH_BYTES
         {
             let (start, len) = reads[self.next];
-            let _ = rustix::fs::fadvise(
-                &self.file,
-                start,
-                std::num::NonZeroU64::new(len),
-                rustix::fs::Advice::WillNeed,
-            );
+            self.due.push((start, len));
             self.ahead += len;
             self.next += 1;
         }
@@ -177,7 +211,7 @@ async fn run_workers(
             continue;
         }
         let mut prefetch = Prefetch::open(&shared.files[file]);
-        let mut batch = Batch::new();
+        let mut batch = Batch::default();
         let mut batched = 0;
         for (i, &(start, len)) in reads.iter().enumerate() {
             if let Some(p) = prefetch.as_mut() {
@@ -186,18 +220,20 @@ async fn run_workers(
             let mut offset = start;
             while offset < start + len {
                 let len = CHUNK.min(start + len - offset);
-                if batched + len > CHUNK && !batch.is_empty() {
+                if batched + len > CHUNK && !batch.jobs.is_empty() {
                     batched = 0;
+                    batch.advice = prefetch.as_mut().map(Prefetch::take).unwrap_or_default();
                     if tx.send(std::mem::take(&mut batch)).await.is_err() {
                         break; // every worker stopped: their error is reported below
                     }
                 }
-                batch.push(Job { file, offset, len });
+                batch.jobs.push(Job { file, offset, len });
                 batched += len;
                 offset += len;
             }
         }
-        if !batch.is_empty() && tx.send(batch).await.is_err() {
+        batch.advice = prefetch.as_mut().map(Prefetch::take).unwrap_or_default();
+        if !batch.jobs.is_empty() && tx.send(batch).await.is_err() {
             break;
         }
     }
@@ -257,7 +293,9 @@ async fn worker(
             .get_or_insert_with(|| PackId(shared.next_pack.fetch_add(1, Ordering::Relaxed)));
         let job_shared = Arc::clone(&shared);
         let (filled, chunks) = tokio::task::spawn_blocking(move || {
+            batch.advice.give();
             let chunks: Result<Vec<ChunkDone>, BackupError> = batch
+                .jobs
                 .iter()
                 .map(|job| read_chunk(&job_shared, job, &mut pack, id))
                 .collect();
