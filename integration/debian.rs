@@ -138,6 +138,15 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
     let mut text = std::fs::read_to_string(&main_conf).unwrap();
     text.push_str(&format!("include = '{}'\n", extra.display()));
     std::fs::write(&main_conf, text).unwrap();
+    // pg_hba.conf naming a user list by absolute path (`@file`), in a rule no connection meets:
+    // the restored cluster must read the list's restored copy, not the source's.
+    let users = source.config_dir.join("walvault_users");
+    std::fs::write(&users, "walvault_probe\n").unwrap();
+    crate::harness::give_to_postgres(&users);
+    let hba = source.config_dir.join("pg_hba.conf");
+    let mut text = std::fs::read_to_string(&hba).unwrap();
+    text.push_str(&format!("local all @{} reject\n", users.display()));
+    std::fs::write(&hba, text).unwrap();
     source.start(&env);
     assert_eq!(
         source.psql(&env, "SHOW config_file"),
@@ -162,6 +171,7 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
             .contains("configuration outside the data directory"),
         "{pushed}"
     );
+    std::fs::write(&users, "changed_after_the_backup\n").unwrap();
     source.psql(
         &env,
         "INSERT INTO t SELECT g, 'after' FROM generate_series(5001, 6000) g",
@@ -224,6 +234,17 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
         assert!(ours(file), "{file} read\n{out}");
     }
     assert_eq!(restored_sql("SHOW work_mem"), "7MB");
+    assert_eq!(
+        restored_sql(
+            "SELECT string_agg(array_to_string(user_name, ','), ';') FROM pg_hba_file_rules \
+             WHERE auth_method = 'reject'"
+        ),
+        "walvault_probe"
+    );
+    assert_eq!(
+        restored_sql("SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL"),
+        "0"
+    );
     for setting in ["config_file", "hba_file", "ident_file", "data_directory"] {
         let value = restored_sql(&format!("SHOW {setting}"));
         assert!(ours(&value), "{setting} = {value}\n{out}");

@@ -1,7 +1,7 @@
 //! Configuration kept outside the data directory, as Debian and Ubuntu keep it in
 //! `/etc/postgresql/<major>/<name>`: found at backup time from `config_file`, `hba_file`,
 //! `ident_file` and the `include`, `include_if_exists` and `include_dir` directives of the
-//! configuration files; stored as ordinary backup files under [`DIR`] in the backup (their
+//! configuration files (and `@file` lists of the `pg_hba.conf`-syntax ones); stored as ordinary backup files under [`DIR`] in the backup (their
 //! absolute path mirrored below it, so relative includes still resolve) and recorded in the
 //! manifest's `external_config` section; on restore the data directory gets settings that point
 //! the cluster at the restored copies, never at the source's files. Used by push, fetch, manifest.
@@ -37,6 +37,10 @@ pub(crate) enum Role {
     IdentFile,
     /// Named by an include directive of a configuration file.
     Included,
+    /// Named by an include directive (PostgreSQL 16+) or an `@file` reference of the
+    /// `hba_file`, the `ident_file` or a file they name: `pg_hba.conf` syntax, not
+    /// `postgresql.conf`'s.
+    AuthIncluded,
 }
 
 impl Role {
@@ -45,7 +49,7 @@ impl Role {
             Role::ConfigFile => Some("config_file"),
             Role::HbaFile => Some("hba_file"),
             Role::IdentFile => Some("ident_file"),
-            Role::Included => None,
+            Role::Included | Role::AuthIncluded => None,
         }
     }
 
@@ -117,8 +121,10 @@ pub(crate) fn discover(
         }
         any_outside = true;
         found.copy(role, &path)?;
-        if role == Role::ConfigFile {
-            found.includes(&path, 0)?;
+        match role {
+            Role::ConfigFile => found.follow(&path, Syntax::Conf, 0)?,
+            Role::HbaFile | Role::IdentFile => found.follow(&path, Syntax::Auth, 0)?,
+            Role::Included | Role::AuthIncluded => {}
         }
     }
     if !any_outside {
@@ -202,8 +208,10 @@ impl Finder {
         Ok(())
     }
 
-    /// Follows the include directives of configuration file `file`, as PostgreSQL does.
-    fn includes(&mut self, file: &Path, depth: usize) -> Result<(), BackupError> {
+    /// Follows the files configuration file `file` names, as PostgreSQL does: relative names
+    /// from the file's directory, `include_dir`'s `*.conf` files by name, a missing
+    /// `include_if_exists` or `@file` skipped. Each is copied in the syntax of `file`.
+    fn follow(&mut self, file: &Path, syntax: Syntax, depth: usize) -> Result<(), BackupError> {
         if depth >= MAX_DEPTH {
             return Err(BackupError::invalid(
                 file.display().to_string(),
@@ -212,13 +220,13 @@ impl Finder {
         }
         let text = std::fs::read(file).map_err(BackupError::io("read", file))?;
         let base = file.parent().unwrap_or(Path::new("/"));
-        for directive in directives(&String::from_utf8_lossy(&text)) {
-            let named = base.join(&directive.value);
-            let targets = match directive.name.as_str() {
-                "include" => vec![named],
-                "include_if_exists" if named.exists() => vec![named],
-                "include_dir" => conf_files_in(&named)?,
-                _ => continue,
+        for (kind, name) in syntax.references(&String::from_utf8_lossy(&text)) {
+            let named = base.join(&name);
+            let targets = match kind {
+                Reference::Include => vec![named],
+                Reference::IncludeDir => conf_files_in(&named)?,
+                Reference::IncludeIfExists | Reference::File if named.exists() => vec![named],
+                Reference::IncludeIfExists | Reference::File => continue,
             };
             for target in targets {
                 if self.inside(&target).is_some() {
@@ -227,14 +235,150 @@ impl Finder {
                 let first = !self
                     .seen
                     .contains(&lexical(&target).map(PathBuf::from).unwrap_or_default());
-                self.copy(Role::Included, &target)?;
+                self.copy(syntax.role(), &target)?;
                 if first {
-                    self.includes(&target, depth + 1)?;
+                    self.follow(&target, syntax, depth + 1)?;
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The two syntaxes of PostgreSQL's configuration files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Syntax {
+    /// `postgresql.conf`: `name = value`.
+    Conf,
+    /// `pg_hba.conf` and `pg_ident.conf`: records of tokens.
+    Auth,
+}
+
+impl Syntax {
+    /// The role of a file named from a file of this syntax.
+    fn role(self) -> Role {
+        match self {
+            Syntax::Conf => Role::Included,
+            Syntax::Auth => Role::AuthIncluded,
+        }
+    }
+
+    /// The other files `text` names, in order.
+    fn references(self, text: &str) -> Vec<(Reference, String)> {
+        match self {
+            Syntax::Conf => directives(text)
+                .into_iter()
+                .filter_map(|d| {
+                    let kind = match d.name.as_str() {
+                        "include" => Reference::Include,
+                        "include_if_exists" => Reference::IncludeIfExists,
+                        "include_dir" => Reference::IncludeDir,
+                        _ => return None,
+                    };
+                    Some((kind, d.value))
+                })
+                .collect(),
+            Syntax::Auth => text
+                .lines()
+                .flat_map(auth_references)
+                .map(|(kind, t)| (kind, t.text))
+                .collect(),
+        }
+    }
+}
+
+/// How a configuration file names another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reference {
+    Include,
+    IncludeIfExists,
+    IncludeDir,
+    /// `@file` (pg_hba.conf syntax only): a list of names read from a file, in a record.
+    File,
+}
+
+/// One token of a `pg_hba.conf`-syntax line: its text without quotes, whether it began with a
+/// quote (then `@` is literal), and where it lies in the line.
+#[derive(Debug, PartialEq, Eq)]
+struct AuthToken {
+    text: String,
+    quoted: bool,
+    span: std::ops::Range<usize>,
+}
+
+/// The tokens of a line as PostgreSQL's `next_token` cuts them: separated by blanks or commas
+/// outside double quotes (`""` inside quotes is a literal quote), up to a `#` outside quotes.
+fn auth_tokens(line: &str) -> Vec<AuthToken> {
+    let mut tokens = Vec::new();
+    let mut chars = line.char_indices().peekable();
+    loop {
+        while chars
+            .next_if(|(_, c)| c.is_whitespace() || *c == ',')
+            .is_some()
+        {}
+        let Some(&(start, first)) = chars.peek() else {
+            break;
+        };
+        if first == '#' {
+            break;
+        }
+        let (mut text, mut in_quote, mut end) = (String::new(), false, start);
+        while let Some(&(at, c)) = chars.peek() {
+            // A quote left open ends with the line, as in PostgreSQL.
+            if matches!(c, '\n' | '\r') || !in_quote && (c.is_whitespace() || c == ',' || c == '#')
+            {
+                break;
+            }
+            chars.next();
+            end = at + c.len_utf8();
+            if c != '"' {
+                text.push(c);
+            } else if in_quote && chars.peek().is_some_and(|(_, n)| *n == '"') {
+                chars.next();
+                end += 1;
+                text.push('"');
+            } else {
+                in_quote = !in_quote;
+            }
+        }
+        tokens.push(AuthToken {
+            text,
+            quoted: first == '"',
+            span: start..end,
+        });
+    }
+    tokens
+}
+
+/// The other files a `pg_hba.conf`-syntax line names: the file of an include directive (a
+/// line of exactly two tokens, the first unquoted), or each unquoted `@file` token's file.
+fn auth_references(line: &str) -> Vec<(Reference, AuthToken)> {
+    let mut tokens = auth_tokens(line);
+    let directive = match tokens.first() {
+        Some(t) if !t.quoted && tokens.len() == 2 => match t.text.as_str() {
+            "include" => Some(Reference::Include),
+            "include_if_exists" => Some(Reference::IncludeIfExists),
+            "include_dir" => Some(Reference::IncludeDir),
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(kind) = directive {
+        return tokens
+            .pop()
+            .map(|named| (kind, named))
+            .into_iter()
+            .collect();
+    }
+    tokens
+        .into_iter()
+        .filter(|t| !t.quoted && t.text.len() > 1 && t.text.starts_with('@'))
+        .map(|mut t| {
+            t.text.remove(0);
+            t.span.start += 1;
+            (Reference::File, t)
+        })
+        .collect()
 }
 
 /// The `*.conf` files of an `include_dir`, by name, as PostgreSQL reads them.
@@ -345,7 +489,7 @@ pub(crate) fn validate(entries: &[ExternalConfig], files: &[FileEntry]) -> Resul
                 e.original, e.path
             ));
         }
-        if e.role != Role::Included && !roles.insert(e.role) {
+        if e.role.setting().is_some() && !roles.insert(e.role) {
             return Err(format!("{:?} is recorded twice", e.role));
         }
     }
@@ -447,11 +591,16 @@ pub(crate) fn point_restored(
             text.push_str(&format!("{setting} = {}\n", quoted(&at(e))));
         }
     }
-    for e in entries.iter().filter(|e| {
-        matches!(e.role, Role::ConfigFile | Role::Included)
-            && e.path.starts_with(&format!("{DIR}/"))
-    }) {
-        redirect_includes(&place, e, entries)?;
+    for e in entries
+        .iter()
+        .filter(|e| e.path.starts_with(&format!("{DIR}/")))
+    {
+        match e.role {
+            Role::ConfigFile | Role::Included => redirect_includes(&place, e, entries)?,
+            Role::HbaFile | Role::IdentFile | Role::AuthIncluded => {
+                redirect_auth_references(&place, e, entries)?
+            }
+        }
     }
     if config.is_some() {
         if has_conf {
@@ -477,6 +626,19 @@ impl Place<'_> {
             (Some(copies), Some(Some(rel))) => (copies, rel),
             _ => (self.data, path),
         }
+    }
+
+    /// The restored copy of source path `original` when the manifest holds it, or holds files
+    /// below it (a directory).
+    fn restored(&self, entries: &[ExternalConfig], original: &str) -> Option<String> {
+        let clean = lexical(Path::new(original))?;
+        let known = entries.iter().any(|x| {
+            x.original == clean
+                || x.original
+                    .strip_prefix(&clean)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        known.then(|| self.copy_of(&clean))
     }
 
     /// The absolute path of the copy of source file `original`.
@@ -508,29 +670,14 @@ fn redirect_includes(
     e: &ExternalConfig,
     entries: &[ExternalConfig],
 ) -> Result<(), BackupError> {
-    let (root, rel) = place.of(&e.path);
-    let text = root.read_small(rel, MAX_FILE_SIZE)?;
-    let text = String::from_utf8_lossy(&text);
-    let restored = |original: &str| -> Option<String> {
-        let clean = lexical(Path::new(original))?;
-        let known = entries.iter().any(|x| {
-            x.original == clean
-                || x.original
-                    .strip_prefix(&clean)
-                    .is_some_and(|rest| rest.starts_with('/'))
-        });
-        known.then(|| place.copy_of(&clean))
-    };
-    let mut changed = false;
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        let rewritten = directive(line).and_then(|d| {
+    rewrite_lines(place, e, |line| {
+        Ok(directive(line).and_then(|d| {
             let include = matches!(
                 d.name.as_str(),
                 "include" | "include_if_exists" | "include_dir"
             );
             let to = (include && d.value.starts_with('/'))
-                .then(|| restored(&d.value))
+                .then(|| place.restored(entries, &d.value))
                 .flatten()?;
             Some(format!(
                 "{} = {}  # walvault: was {}\n",
@@ -538,8 +685,74 @@ fn redirect_includes(
                 quoted(&to),
                 quoted(&d.value)
             ))
-        });
-        match rewritten {
+        }))
+    })
+}
+
+/// The same for restored `pg_hba.conf`-syntax file `e`: include directives and `@file`
+/// references. An `@file` cannot be quoted, so a restored copy whose path holds a blank, a
+/// comma, a quote or `#` cannot be named there: that is an error naming the file, not a
+/// cluster left reading the source's file.
+fn redirect_auth_references(
+    place: &Place<'_>,
+    e: &ExternalConfig,
+    entries: &[ExternalConfig],
+) -> Result<(), BackupError> {
+    rewrite_lines(place, e, |line| {
+        let mut out = line.to_owned();
+        let mut was = Vec::new();
+        // From the end, so the spans before each edit stay valid.
+        for (kind, token) in auth_references(line).into_iter().rev() {
+            let Some(to) = token
+                .text
+                .starts_with('/')
+                .then(|| place.restored(entries, &token.text))
+                .flatten()
+            else {
+                continue;
+            };
+            let written = if kind != Reference::File {
+                format!("\"{}\"", to.replace('"', "\"\""))
+            } else if to.contains(|c: char| c.is_whitespace() || matches!(c, ',' | '"' | '#')) {
+                return Err(BackupError::invalid(
+                    e.original.clone(),
+                    format!(
+                        "its @{} would have to name the restored copy {to}, which pg_hba.conf \
+                         syntax cannot carry after @ (a blank, comma, quote or #); restore with \
+                         --config-dir set to a plain path",
+                        token.text
+                    ),
+                ));
+            } else {
+                to
+            };
+            out.replace_range(token.span, &written);
+            was.push(token.text);
+        }
+        if was.is_empty() {
+            return Ok(None);
+        }
+        let end = out.trim_end_matches(['\n', '\r']).len();
+        was.reverse();
+        out.insert_str(end, &format!("  # walvault: was {}", was.join(", ")));
+        Ok(Some(out))
+    })
+}
+
+/// Rewrites restored file `e` line by line (`edit` returns a line's replacement, if any),
+/// through a new file renamed over it; untouched when no line changes.
+fn rewrite_lines(
+    place: &Place<'_>,
+    e: &ExternalConfig,
+    mut edit: impl FnMut(&str) -> Result<Option<String>, BackupError>,
+) -> Result<(), BackupError> {
+    let (root, rel) = place.of(&e.path);
+    let text = root.read_small(rel, MAX_FILE_SIZE)?;
+    let text = String::from_utf8_lossy(&text);
+    let mut changed = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        match edit(line)? {
             Some(line) => {
                 changed = true;
                 out.push_str(&line);
@@ -766,5 +979,189 @@ mod tests {
             );
         }
         assert!(validate(&[good.clone(), good], &files).is_err(), "twice");
+    }
+
+    #[test]
+    fn auth_references_follow_pg_hba_syntax() {
+        let refs = |line: &str| -> Vec<(Reference, String)> {
+            auth_references(line)
+                .into_iter()
+                .map(|(k, t)| {
+                    let shown = if k == Reference::File {
+                        &line[t.span.start - 1..t.span.end]
+                    } else {
+                        &line[t.span.clone()]
+                    };
+                    assert!(shown.contains(t.text.trim_start_matches('/')), "{line}");
+                    (k, t.text)
+                })
+                .collect()
+        };
+        let r = |k, t: &str| (k, t.to_owned());
+        assert_eq!(
+            refs("include \"/etc/pg/hba d/x.conf\"  # note\n"),
+            [r(Reference::Include, "/etc/pg/hba d/x.conf")]
+        );
+        assert_eq!(
+            refs("include_if_exists  rel.conf"),
+            [r(Reference::IncludeIfExists, "rel.conf")]
+        );
+        assert_eq!(
+            refs("include_dir /etc/pg/hba.d"),
+            [r(Reference::IncludeDir, "/etc/pg/hba.d")]
+        );
+        assert_eq!(
+            refs("local all @admins,@/etc/pg/more,bob trust # @not_this"),
+            [
+                r(Reference::File, "admins"),
+                r(Reference::File, "/etc/pg/more")
+            ]
+        );
+        assert_eq!(refs("host \"@literal\" all 127.0.0.1/32 md5"), []);
+        assert_eq!(
+            refs("host \"a\"\"b\" @\"x\" all md5"),
+            [r(Reference::File, "x")]
+        );
+        // Not directives: a quoted keyword, a third token; then only `@` tokens count.
+        assert_eq!(refs("\"include\" x.conf"), []);
+        assert_eq!(refs("include a.conf b.conf"), []);
+        assert_eq!(refs("local all @ trust"), []);
+        assert_eq!(refs("include \"/open\n"), [r(Reference::Include, "/open")]);
+    }
+
+    /// pg_hba.conf's and pg_ident.conf's own references (PostgreSQL 16+ include directives,
+    /// `@file` lists in every version) are followed, in their syntax, not postgresql.conf's.
+    #[test]
+    fn discovery_follows_the_auth_files_references() {
+        let tmp = tempfile::tempdir().unwrap();
+        let etc = tmp.path().join("etc/main");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(etc.join("hba.d")).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(
+            etc.join("pg_hba.conf"),
+            "include_dir hba.d\ninclude_if_exists absent.conf\n\
+             local all @admins trust\nlocal all @missing trust\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("admins"), "alice\n@more\n").unwrap();
+        std::fs::write(etc.join("more"), "bob\n").unwrap();
+        std::fs::write(etc.join("hba.d/a.conf"), "include ../shared.conf\n").unwrap();
+        std::fs::write(etc.join("hba.d/b.conf"), "local all @admins trust\n").unwrap();
+        std::fs::write(etc.join("pg_ident.conf"), "include_if_exists maps.conf\n").unwrap();
+        std::fs::write(etc.join("maps.conf"), "m root postgres\n").unwrap();
+        let s = |p: &Path| p.to_str().unwrap().to_owned();
+        let settings = [
+            ("hba_file".to_owned(), s(&etc.join("pg_hba.conf"))),
+            ("ident_file".to_owned(), s(&etc.join("pg_ident.conf"))),
+        ];
+        // `..` in a name is refused, as in postgresql.conf's includes.
+        let err = discover(&data, &settings).err().unwrap().to_string();
+        assert!(err.contains("shared.conf") && err.contains(".."), "{err}");
+        std::fs::write(etc.join("hba.d/a.conf"), "include /etc-elsewhere-absent\n").unwrap();
+        let err = discover(&data, &settings).err().unwrap().to_string();
+        assert!(err.contains("/etc-elsewhere-absent"), "{err}");
+        std::fs::write(etc.join("hba.d/a.conf"), "# none\n").unwrap();
+        let found = discover(&data, &settings).unwrap();
+        let got: Vec<(Role, String)> = found
+            .entries
+            .iter()
+            .map(|e| (e.role, e.original.replace(etc.to_str().unwrap(), "")))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Role::HbaFile, "/pg_hba.conf".into()),
+                (Role::AuthIncluded, "/hba.d/a.conf".into()),
+                (Role::AuthIncluded, "/hba.d/b.conf".into()),
+                (Role::AuthIncluded, "/admins".into()),
+                (Role::AuthIncluded, "/more".into()),
+                (Role::IdentFile, "/pg_ident.conf".into()),
+                (Role::AuthIncluded, "/maps.conf".into()),
+            ]
+        );
+        let files = found
+            .files
+            .iter()
+            .map(|f| FileEntry {
+                path: f.path.clone(),
+                size: f.size,
+                mode: f.mode,
+                storage: super::super::manifest::Storage::Whole,
+                crc32: 0,
+                pieces: vec![],
+            })
+            .collect::<Vec<_>>();
+        assert!(validate(&found.entries, &files).is_ok());
+    }
+
+    /// A restore rewrites the auth files' absolute references to the restored copies, in
+    /// pg_hba.conf syntax, and refuses a copy an `@file` cannot name.
+    #[test]
+    fn restored_auth_files_name_only_restored_copies() {
+        use super::super::tree::Parent;
+        let tmp = tempfile::tempdir().unwrap();
+        let entry = |role, original: &str| ExternalConfig {
+            role,
+            original: original.into(),
+            path: format!("{DIR}{original}"),
+        };
+        let entries = [
+            entry(Role::HbaFile, "/etc/pg/pg_hba.conf"),
+            entry(Role::AuthIncluded, "/etc/pg/hba.d/a.conf"),
+            entry(Role::AuthIncluded, "/etc/pg/admins"),
+            entry(Role::IdentFile, "/etc/pg/pg_ident.conf"),
+        ];
+        let hba = "include_dir \"/etc/pg/hba.d\" # mine\n\
+                   include_if_exists /elsewhere/x.conf\n\
+                   local all @/etc/pg/admins,@relative trust\n\
+                   host all \"@/etc/pg/admins\" 127.0.0.1/32 md5\n";
+        let restore = |target: &Path, copies: Option<&Path>| {
+            let data = Root::open(target, "target", Parent::Create).unwrap();
+            let copies = copies.map(|c| Root::open(c, "copies", Parent::Create).unwrap());
+            let place = Place {
+                data: &data,
+                copies: copies.as_ref(),
+            };
+            for e in &entries {
+                let (root, rel) = place.of(&e.path);
+                root.make_dir(rel.rsplit_once('/').unwrap().0, 0o700)
+                    .unwrap();
+                let text = if e.role == Role::HbaFile { hba } else { "" };
+                root.write_new(rel, text.as_bytes()).unwrap();
+            }
+            data.write_new("postgresql.conf", b"port = 1\n").unwrap();
+            point_restored(&data, copies.as_ref(), &entries, true, 160_000)
+        };
+
+        let target = tmp.path().join("restored");
+        restore(&target, None).unwrap();
+        let t = format!("{}/{DIR}", target.display());
+        let got = std::fs::read_to_string(target.join(&entries[0].path)).unwrap();
+        assert_eq!(
+            got,
+            format!(
+                "include_dir \"{t}/etc/pg/hba.d\" # mine  # walvault: was /etc/pg/hba.d\n\
+                 include_if_exists /elsewhere/x.conf\n\
+                 local all @{t}/etc/pg/admins,@relative trust  # walvault: was /etc/pg/admins\n\
+                 host all \"@/etc/pg/admins\" 127.0.0.1/32 md5\n"
+            )
+        );
+        let pointer = std::fs::read_to_string(target.join("postgresql.conf")).unwrap();
+        assert!(pointer.contains(&format!("hba_file = '{t}/etc/pg/pg_hba.conf'")));
+
+        // Copies in a directory whose name has a blank: the include can be quoted, the @file
+        // cannot, and the restore says so instead of leaving the source's file named.
+        let err = restore(
+            &tmp.path().join("second"),
+            Some(&tmp.path().join("my copies")),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("/etc/pg/pg_hba.conf") && err.contains("--config-dir"),
+            "{err}"
+        );
     }
 }
