@@ -9,6 +9,7 @@
 
 mod blockmap;
 pub(crate) mod catalog;
+mod conf_syntax;
 pub(crate) mod consistency;
 mod copy;
 mod delta_fetch;
