@@ -4,6 +4,9 @@
 - full backup vs a delta after ~3% of pgbench_accounts' pages changed, read from the block maps
   (`delta_source` wal) and by the page scan (one summary removed from the range forces it), and a
   delta with no change at all;
+- the floors under those deltas, each measured alone: PostgreSQL's part of any backup (psql doing
+  only pg_backup_start and pg_backup_stop, then the archiver delivering the stop segment) and
+  reading cold just the pages the update changed (found beforehand with pageinspect);
 - wal-push throughput of the same segments with block maps (this build) and without (an older
   build given with --without, e.g. the main branch's release binary);
 - `backup-fetch --delta` over a restore that differs by ~3% vs a fresh `backup-fetch`;
@@ -23,13 +26,15 @@ Standalone (standard library plus common.py); run as root:
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (PGBIN, drop_caches, log, med, mkdir_pg, must, run, timed)  # noqa: E402
+from common import (PGBIN, drop_caches, log, med, mkdir_pg, must, run, timed, wait_for)  # noqa: E402
 
 
 def main():
@@ -135,27 +140,91 @@ def push(c, kind, verify=False):
             "name": b["name"], "read": r.read_bytes}
 
 
+def segment_of(lsn):
+    """The name of the timeline-1 segment holding lsn (the bench's clusters never change timeline)."""
+    hi, lo = lsn.split("/")
+    segno = ((int(hi, 16) << 32) | int(lo, 16)) >> 24
+    return f"{1:08X}{segno >> 8:08X}{segno & 0xFF:08X}"
+
+
 def backups(c):
-    out = {"full": [], "wal": [], "scan": [], "nochange": []}
+    out = {"full": [], "wal": [], "scan": [], "nochange": [], "floor_pg": [], "floor_read": []}
     for i in range(2):
         log(f"full {i + 1}")
         out["full"].append(push(c, "full"))
         touch(c)
+        log("reading alone the pages the 3% update changed")
+        out["floor_read"].append(read_floor(changed_pages(c, c.listed()[-1]["start_lsn"])))
         log("delta from block maps after 3%")
         out["wal"].append(push(c, "delta"))
         log("delta with no change")
         c.psql("CHECKPOINT")
         out["nochange"].append(push(c, "delta"))
+        log("PostgreSQL's part of a backup alone")
+        out["floor_pg"].append(pg_floor(c))
         touch(c)
         # Losing one summary in the range makes the next delta scan every page.
-        start = c.listed()[-1]["start_lsn"]
-        hi, lo = start.split("/")
-        segno = ((int(hi, 16) << 32) | int(lo, 16)) >> 24
-        name = f"{1:08X}{segno >> 8:08X}{segno & 0xFF:08X}"
+        name = segment_of(c.listed()[-1]["start_lsn"])
         os.remove(os.path.join(c.repo, "walsummary", name))
         log("delta by page scan after 3%")
         out["scan"].append(push(c, "delta"))
     return out
+
+
+def pg_floor(c):
+    """What no backup can skip, done by psql alone from a cold page cache: connecting,
+    pg_backup_start with a fast checkpoint, pg_backup_stop without waiting for the archive, then
+    the archiver delivering the stop segment (its .done file), which a backup must wait for."""
+    drop_caches()
+    start = time.monotonic()
+    r = must(timed([f"{PGBIN}/psql", "-X", "-A", "-t", "-q", "-c", "SELECT pg_backup_start('bench floor', true)",
+                    "-c", "SELECT lsn FROM pg_backup_stop(false)"], env=c.env()), "psql backup start and stop")
+    done = os.path.join(c.data, "pg_wal", "archive_status", segment_of(r.out.split()[-1]) + ".done")
+    wait_for(lambda: os.path.exists(done), 60, done, interval=0.001)
+    return {"wall": time.monotonic() - start, "cpu": r.cpu}
+
+
+def changed_pages(c, since):
+    """The blocks of pgbench_accounts and its primary key whose page LSN is past `since`, as
+    (file, offset) pairs. pageinspect reads the pages raw, so looking sets no hint bit."""
+    c.psql("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    pages = []
+    for rel in ("pgbench_accounts", "pgbench_accounts_pkey"):
+        path = os.path.join(c.data, c.psql(f"SELECT pg_relation_filepath('{rel}')"))
+        listed = c.psql(f"SELECT string_agg(b::text, ',') "
+                        f"FROM generate_series(0, pg_relation_size('{rel}') / 8192 - 1) b "
+                        f"WHERE (page_header(get_raw_page('{rel}', b))).lsn > '{since}'::pg_lsn")
+        for b in (int(x) for x in listed.split(",") if x):
+            seg, blk = divmod(b, 131072)  # 1 GiB relation segments of 8 KiB blocks
+            pages.append((path + (f".{seg}" if seg else ""), blk * 8192))
+    return sorted(pages)
+
+
+def read_floor(pages, threads=4):
+    """Reads the given blocks from a cold page cache and nothing else, the fastest way tried on
+    the bench machine: WILLNEED advice for every block, then `threads` readers. Files are opened
+    before the clock starts. Returns wall, the CPU this process spent, and the block count."""
+    drop_caches()
+    fds = {path: os.open(path, os.O_RDONLY) for path in {p for p, _ in pages}}
+    located = [(fds[p], off) for p, off in pages]
+
+    def read(part):
+        for fd, off in part:
+            os.pread(fd, 8192, off)
+
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    for fd, off in located:
+        os.posix_fadvise(fd, off, 8192, os.POSIX_FADV_WILLNEED)
+    readers = [threading.Thread(target=read, args=(located[i::threads],)) for i in range(threads)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    wall, after = time.monotonic() - start, resource.getrusage(resource.RUSAGE_SELF)
+    for fd in fds.values():
+        os.close(fd)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "pages": len(pages)}
 
 
 def restore_delta(c):
@@ -326,6 +395,8 @@ def render(r):
         lines.append(f"| {label} | {m(xs, 'wall'):.2f} | {m(xs, 'cpu'):.2f} | {read} | "
                      f"{m(xs, 'stored') / 2**20:.1f} | {m(xs, 'wall') / full_wall:.2f}× | "
                      f"{m(xs, 'cpu') / full_cpu:.2f}× | {', '.join(sorted(set(str(x['source']) for x in xs)))} |")
+    if b.get("floor_pg"):
+        lines += floors(b, r["db_bytes"], full_wall, full_cpu)
     rs = r["restore"]
     lines += ["", "| restore | wall s | CPU s |", "|---|---|---|",
               f"| backup-fetch (fresh) | {m(rs['fresh'], 'wall'):.2f} | {m(rs['fresh'], 'cpu'):.2f} |",
@@ -339,6 +410,31 @@ def render(r):
             continue
         lines.append(f"| {label} | {m(runs, 'wall'):.2f} | {m(runs, 'cpu'):.2f} | {m(runs, 'mib_s'):.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def floors(b, db_bytes, full_wall, full_cpu):
+    """What no delta can skip, set against the full backup of the same run and issue 17's targets."""
+    m = lambda xs, k: med([x[k] for x in xs])  # noqa: E731
+    pg, rd = b["floor_pg"], b["floor_read"]
+    pages = m(rd, "pages")
+    both_wall, both_cpu = m(pg, "wall") + m(rd, "wall"), m(pg, "cpu") + m(rd, "cpu")
+    return [
+        "", "What no delta can skip, measured alone in the same run (page cache dropped before each):", "",
+        "| floor | wall s | CPU s | wall / full | CPU / full |", "|---|---|---|---|---|",
+        f"| PostgreSQL's part of any backup, by `psql` alone: connect, `pg_backup_start` (fast), `pg_backup_stop`, "
+        f"the archiver delivering the stop segment | {m(pg, 'wall'):.3f} | {m(pg, 'cpu'):.3f} | "
+        f"{m(pg, 'wall') / full_wall:.3f}× | {m(pg, 'cpu') / full_cpu:.3f}× |",
+        f"| reading alone the {pages:.0f} pages of pgbench_accounts and its key changed by the 3% update "
+        f"({pages * 8192 / db_bytes * 100:.1f}% of the database's pages), advised, 4 readers | {m(rd, 'wall'):.3f} | "
+        f"{m(rd, 'cpu'):.3f} | {m(rd, 'wall') / full_wall:.3f}× | {m(rd, 'cpu') / full_cpu:.3f}× |",
+        f"| the two together: no delta after the 3% update can take less | {both_wall:.3f} | {both_cpu:.3f} | "
+        f"{both_wall / full_wall:.3f}× | {both_cpu / full_cpu:.3f}× |",
+        "",
+        f"Issue 17's targets against these floors: no-change delta ≤ 0.05× the full's wall, floor "
+        f"{m(pg, 'wall') / full_wall:.3f}×; delta after 3% ≤ 0.15× its wall, floor {both_wall / full_wall:.3f}×, and "
+        f"≤ 0.1× its CPU, floor {both_cpu / full_cpu:.3f}× (the floors leave out loading walvault, the catalog, "
+        "the walk of the data directory and compression).",
+    ]
 
 
 def render_pg17(p):
