@@ -2,15 +2,22 @@
 //! `pg_hba.conf`, `pg_ident.conf` and `conf.d/` live in `/etc/postgresql/<major>/<name>`:
 //! archived and backed up with walvault, then `recover --start` into a new directory just works,
 //! reads only the restored configuration, and holds the same data. Needs postgresql-common
-//! (`pg_createcluster`), which Debian's postgresql-15 brings; without it the test fails.
+//! (`pg_createcluster`), which Debian's postgresql-15 brings; without it the test fails. Also,
+//! on 16 (an npm build from integration/run.sh), an `hba_file` outside the data directory whose
+//! `include` and `include_dir` records name more files: the restore reads their backed-up copies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::harness::cmd::run_bounded;
-use crate::harness::{free_port, repo_kind_tests, wait_until, ClusterConfig, RepoKind, TestEnv};
+use crate::backup::backup_push;
+use crate::harness::cmd::{path_str, run_bounded};
+use crate::harness::{
+    free_port, give_to_postgres, repo_kind_tests, wait_until, ClusterConfig, PgInstall, RepoKind,
+    TestEnv,
+};
+use crate::recover::recover_start;
 
 repo_kind_tests!(debian_cluster_recovers_with_its_configuration);
 
@@ -269,4 +276,95 @@ fn debian_cluster_recovers_with_its_configuration(kind: RepoKind) {
         restored.psql("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM t"),
         expected
     );
+}
+
+/// PostgreSQL 16's `include` and `include_dir` records in an `hba_file` outside the data
+/// directory: the backup stores the files they name, and the recovered cluster reads those
+/// copies, not the source's files, which change after the backup.
+#[test]
+fn hba_include_records_outside_the_data_directory_pg16() {
+    let Some(install) = PgInstall::required_or_skip(16) else {
+        return;
+    };
+    let env = TestEnv::new("hba-include");
+    let repo = env.repo(RepoKind::Local);
+    let wv = env.walvault(repo.config_path());
+    let etc = env.path().join("etc");
+    let rules_dir = etc.join("hba.d");
+    std::fs::create_dir_all(&rules_dir).unwrap();
+    let hba = etc.join("pg_hba.conf");
+    let included = etc.join("walvault_rules.conf");
+    let in_dir = rules_dir.join("10-walvault.conf");
+    // Reject rules no connection meets (the trust rules come first): they show only in
+    // pg_hba_file_rules, which names the user and the file each rule was read from.
+    for (path, text) in [
+        (
+            &hba,
+            format!(
+                "local all all trust\nhost all all 127.0.0.1/32 trust\n\
+                 include {}\ninclude_dir {}\n",
+                included.display(),
+                rules_dir.display()
+            ),
+        ),
+        (&included, "local all walvault_probe reject\n".to_owned()),
+        (&in_dir, "local all walvault_probe_dir reject\n".to_owned()),
+    ] {
+        std::fs::write(path, text).unwrap();
+    }
+    for path in [&etc, &rules_dir, &hba, &included, &in_dir] {
+        give_to_postgres(path);
+    }
+    let source = env.cluster(
+        ClusterConfig::new("src")
+            .install(install.clone())
+            .set("hba_file", path_str(&hba))
+            .archive_with(&wv),
+    );
+    let rejected = "SELECT string_agg(array_to_string(user_name, ','), ';' ORDER BY rule_number) \
+                    FROM pg_hba_file_rules WHERE auth_method = 'reject'";
+    assert_eq!(source.psql(rejected), "walvault_probe;walvault_probe_dir");
+    source.psql(
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 3000) g",
+    );
+    let pushed = backup_push(&env, &wv, &source, &["--full"]);
+    assert!(
+        pushed.contains("configuration outside the data directory"),
+        "{pushed}"
+    );
+    std::fs::write(&included, "local all changed_after_the_backup reject\n").unwrap();
+    std::fs::write(&in_dir, "local all changed_after_the_backup_dir reject\n").unwrap();
+    source.psql("INSERT INTO t SELECT g, 'after' FROM generate_series(3001, 4000) g");
+    let expected = source.psql("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM t");
+    let segment = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    wait_until("the last segment archived", Duration::from_secs(60), || {
+        source.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") >= segment
+    });
+
+    let target = env.path().join("restored");
+    let out = recover_start(
+        &env,
+        &wv,
+        &target,
+        &["--pg-bin", path_str(install.bindir())],
+    );
+    out.assert_success();
+    let mut restored =
+        env.cluster_from_copy(ClusterConfig::new("restored").install(install), &target);
+    restored.stop();
+    restored.start();
+    assert_eq!(
+        restored.psql("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM t"),
+        expected
+    );
+    assert_eq!(restored.psql(rejected), "walvault_probe;walvault_probe_dir");
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL"),
+        "0"
+    );
+    let files = restored.psql("SELECT string_agg(DISTINCT file_name, ',') FROM pg_hba_file_rules");
+    let hba_file = restored.psql("SHOW hba_file");
+    for file in files.split(',').chain([hba_file.as_str()]) {
+        assert!(Path::new(file).starts_with(&target), "{file} read\n{out}");
+    }
 }
