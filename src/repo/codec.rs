@@ -22,6 +22,7 @@
 //! Used by [`crate::repo`] only, which pairs it with the store.
 
 use std::fmt;
+use std::sync::Mutex;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -188,9 +189,17 @@ pub(crate) struct Encoder {
     /// False when the caller supplied the content's crc32 up front.
     hash_blocks: bool,
     /// Where blocks are compressed before the result is appended to the caller's buffer: one
-    /// zeroed allocation per object instead of zeroing a worst-case tail for every block.
+    /// zeroed allocation per encoder (taken from [`SPARE`] when one is there) instead of zeroing
+    /// a worst-case tail for every block.
     scratch: Vec<u8>,
 }
+
+/// Compression scratch buffers of finished encoders, for the next ones: a backup encodes a pack
+/// every few megabytes, and a fresh zeroed megabyte for each cost a memset and a page fault per
+/// 4 KiB every time. At most [`SPARE_SCRATCH`] are kept, so memory stays bounded by the encoders
+/// alive at once.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const SPARE_SCRATCH: usize = 4;
 
 impl Encoder {
     pub(crate) fn new(compression: Compression, content_length: u64) -> Self {
@@ -213,11 +222,10 @@ impl Encoder {
         content_length: u64,
         content_crc: crc32fast::Hasher,
     ) -> Self {
-        Encoder {
-            crc: content_crc,
-            hash_blocks: false,
-            ..Encoder::new(compression, content_length)
-        }
+        let mut encoder = Encoder::new(compression, content_length);
+        encoder.crc = content_crc;
+        encoder.hash_blocks = false;
+        encoder
     }
 
     /// The header; goes first.
@@ -243,7 +251,16 @@ impl Encoder {
             Compression::Lz4 => {
                 let bound = lz4_flex::block::get_maximum_output_size(raw.len());
                 if self.scratch.len() < bound {
-                    self.scratch.resize(bound, 0);
+                    if self.scratch.is_empty() {
+                        self.scratch = SPARE
+                            .lock()
+                            .ok()
+                            .and_then(|mut s| s.pop())
+                            .unwrap_or_default();
+                    }
+                    if self.scratch.len() < bound {
+                        self.scratch.resize(bound, 0);
+                    }
                 }
                 match lz4_flex::block::compress_into(raw, &mut self.scratch) {
                     Ok(n) if n < raw.len() => Some(&self.scratch[..n]),
@@ -271,10 +288,23 @@ impl Encoder {
                 written: self.seen,
             });
         }
-        let crc = self.crc.finalize();
+        let crc = self.crc.clone().finalize();
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(Checksum(crc))
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        if self.scratch.is_empty() {
+            return;
+        }
+        if let Ok(mut spare) = SPARE.lock() {
+            if spare.len() < SPARE_SCRATCH {
+                spare.push(std::mem::take(&mut self.scratch));
+            }
+        }
     }
 }
 
