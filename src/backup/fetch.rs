@@ -23,7 +23,7 @@ use super::external_config;
 use super::manifest::{BackupName, FileEntry, Manifest, PackId, Piece, Storage};
 use super::tree::{self, Found, Parent, Root, DIR_MODE_MAX};
 use super::{progress, BackupError};
-use crate::repo::packs::WantedPiece;
+use crate::repo::packs::{recycle_piece, WantedPiece};
 use crate::repo::Repository;
 
 #[derive(Clone, Debug, Default)]
@@ -613,7 +613,11 @@ async fn apply_pack(
             Arc::clone(&target.file),
             target.piece.file_offset,
         );
-        tokio::task::spawn_blocking(move || write_at(&layout, &file.1, offset, &data)).await??;
+        let written = tokio::task::spawn_blocking(move || {
+            write_at(&layout, &file.1, offset, &data).map(|()| data)
+        })
+        .await??;
+        recycle_piece(written);
         bar.inc(target.piece.len);
     }
 }

@@ -189,17 +189,38 @@ pub(crate) struct Encoder {
     /// False when the caller supplied the content's crc32 up front.
     hash_blocks: bool,
     /// Where blocks are compressed before the result is appended to the caller's buffer: one
-    /// zeroed allocation per encoder (taken from [`SPARE`] when one is there) instead of zeroing
+    /// zeroed allocation per encoder (a kept one when there is one) instead of zeroing
     /// a worst-case tail for every block.
     scratch: Vec<u8>,
 }
 
-/// Compression scratch buffers of finished encoders, for the next ones: a backup encodes a pack
-/// every few megabytes, and a fresh zeroed megabyte for each cost a memset and a page fault per
-/// 4 KiB every time. At most [`SPARE_SCRATCH`] are kept, so memory stays bounded by the encoders
-/// alive at once.
+/// Block buffers of finished encoders and decoders, for the next ones: a backup encodes a pack
+/// every few megabytes and a restore decodes one, and a fresh zeroed megabyte for each cost a
+/// memset and a page fault per 4 KiB every time. At most [`SPARE_BUFFERS`] are kept, so memory
+/// stays bounded by the encoders and decoders alive at once.
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const SPARE_SCRATCH: usize = 4;
+const SPARE_BUFFERS: usize = 8;
+
+/// A kept buffer, or an empty one.
+fn spare_buffer() -> Vec<u8> {
+    SPARE
+        .lock()
+        .ok()
+        .and_then(|mut spare| spare.pop())
+        .unwrap_or_default()
+}
+
+/// Keeps `buf` for a later encoder or decoder, unless enough are kept.
+fn keep_buffer(buf: &mut Vec<u8>) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    if let Ok(mut spare) = SPARE.lock() {
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(std::mem::take(buf));
+        }
+    }
+}
 
 impl Encoder {
     pub(crate) fn new(compression: Compression, content_length: u64) -> Self {
@@ -252,11 +273,7 @@ impl Encoder {
                 let bound = lz4_flex::block::get_maximum_output_size(raw.len());
                 if self.scratch.len() < bound {
                     if self.scratch.is_empty() {
-                        self.scratch = SPARE
-                            .lock()
-                            .ok()
-                            .and_then(|mut s| s.pop())
-                            .unwrap_or_default();
+                        self.scratch = spare_buffer();
                     }
                     if self.scratch.len() < bound {
                         self.scratch.resize(bound, 0);
@@ -297,14 +314,7 @@ impl Encoder {
 
 impl Drop for Encoder {
     fn drop(&mut self) {
-        if self.scratch.is_empty() {
-            return;
-        }
-        if let Ok(mut spare) = SPARE.lock() {
-            if spare.len() < SPARE_SCRATCH {
-                spare.push(std::mem::take(&mut self.scratch));
-            }
-        }
+        keep_buffer(&mut self.scratch);
     }
 }
 
@@ -415,6 +425,9 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                 "block framing is inconsistent (raw {raw_len}, stored {stored_len})"
             )));
         }
+        if self.stored.capacity() == 0 {
+            (self.stored, self.raw) = (spare_buffer(), spare_buffer());
+        }
         self.stored.resize(stored_len, 0);
         read_exact(&mut self.reader, &mut self.stored, &self.object, "block").await?;
         self.raw.resize(raw_len, 0);
@@ -472,6 +485,13 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
 
     fn corrupt(&self, problem: impl Into<String>) -> CodecError {
         CodecError::corrupt(&self.object, problem)
+    }
+}
+
+impl<R> Drop for Decoder<R> {
+    fn drop(&mut self) {
+        keep_buffer(&mut self.stored);
+        keep_buffer(&mut self.raw);
     }
 }
 

@@ -8,6 +8,7 @@
 //! bound it by bounding piece sizes. Used by backup-push and backup-fetch.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 
 use crc32fast::Hasher;
 
@@ -100,6 +101,26 @@ pub(crate) struct PackPieces {
     partial: Vec<u8>,
     ready: VecDeque<(usize, Vec<u8>)>,
     done: bool,
+}
+
+/// Buffers of pieces already written, for the next pieces to be assembled in: a restore moves
+/// every byte of the database through them, and a fresh allocation per piece cost a page fault
+/// per 4 KiB of it. At most [`SPARE_PIECES`] are kept, so memory stays bounded by the pieces in
+/// flight.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const SPARE_PIECES: usize = 2;
+
+/// Hands back the buffer of a piece [`PackPieces::next`] returned, once its bytes are written.
+pub(crate) fn recycle_piece(mut buf: Vec<u8>) {
+    buf.clear();
+    if buf.capacity() == 0 {
+        return;
+    }
+    if let Ok(mut spare) = SPARE.lock() {
+        if spare.len() < SPARE_PIECES {
+            spare.push(buf);
+        }
+    }
 }
 
 impl Repository {
@@ -204,6 +225,13 @@ impl PackPieces {
             }
             let (from, to) = (w.at.max(start), piece_end.min(end));
             if from < to {
+                if self.partial.capacity() == 0 {
+                    self.partial = SPARE
+                        .lock()
+                        .ok()
+                        .and_then(|mut s| s.pop())
+                        .unwrap_or_default();
+                }
                 // Both offsets lie inside this block, whose length is a usize.
                 self.partial
                     .extend_from_slice(&block[(from - start) as usize..(to - start) as usize]);
@@ -223,6 +251,12 @@ impl PackPieces {
         }
         self.pos = end;
         Ok(())
+    }
+}
+
+impl Drop for PackPieces {
+    fn drop(&mut self) {
+        recycle_piece(std::mem::take(&mut self.partial));
     }
 }
 
