@@ -22,9 +22,10 @@
 //! Used by [`crate::repo`] only, which pairs it with the store.
 
 use std::fmt;
-use std::sync::Mutex;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::spare::Spare;
 
 const MAGIC: &[u8; 4] = b"WVLT";
 const FORMAT_VERSION: u8 = 1;
@@ -194,33 +195,9 @@ pub(crate) struct Encoder {
     scratch: Vec<u8>,
 }
 
-/// Block buffers of finished encoders and decoders, for the next ones: a backup encodes a pack
-/// every few megabytes and a restore decodes one, and a fresh zeroed megabyte for each cost a
-/// memset and a page fault per 4 KiB every time. At most [`SPARE_BUFFERS`] are kept, so memory
-/// stays bounded by the encoders and decoders alive at once.
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const SPARE_BUFFERS: usize = 8;
-
-/// A kept buffer, or an empty one.
-fn spare_buffer() -> Vec<u8> {
-    SPARE
-        .lock()
-        .ok()
-        .and_then(|mut spare| spare.pop())
-        .unwrap_or_default()
-}
-
-/// Keeps `buf` for a later encoder or decoder, unless enough are kept.
-fn keep_buffer(buf: &mut Vec<u8>) {
-    if buf.capacity() == 0 {
-        return;
-    }
-    if let Ok(mut spare) = SPARE.lock() {
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(std::mem::take(buf));
-        }
-    }
-}
+/// Block buffers of finished encoders and decoders, for the next ones (a backup encodes a pack
+/// every few megabytes, a restore decodes one): at most 8, about 1 MiB each.
+static SPARE: Spare = Spare::new(8);
 
 impl Encoder {
     pub(crate) fn new(compression: Compression, content_length: u64) -> Self {
@@ -273,7 +250,7 @@ impl Encoder {
                 let bound = lz4_flex::block::get_maximum_output_size(raw.len());
                 if self.scratch.len() < bound {
                     if self.scratch.is_empty() {
-                        self.scratch = spare_buffer();
+                        self.scratch = SPARE.take();
                     }
                     if self.scratch.len() < bound {
                         self.scratch.resize(bound, 0);
@@ -314,7 +291,7 @@ impl Encoder {
 
 impl Drop for Encoder {
     fn drop(&mut self) {
-        keep_buffer(&mut self.scratch);
+        SPARE.keep(&mut self.scratch);
     }
 }
 
@@ -426,7 +403,7 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
             )));
         }
         if self.stored.capacity() == 0 {
-            (self.stored, self.raw) = (spare_buffer(), spare_buffer());
+            (self.stored, self.raw) = (SPARE.take(), SPARE.take());
         }
         self.stored.resize(stored_len, 0);
         read_exact(&mut self.reader, &mut self.stored, &self.object, "block").await?;
@@ -490,8 +467,8 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
 
 impl<R> Drop for Decoder<R> {
     fn drop(&mut self) {
-        keep_buffer(&mut self.stored);
-        keep_buffer(&mut self.raw);
+        SPARE.keep(&mut self.stored);
+        SPARE.keep(&mut self.raw);
     }
 }
 

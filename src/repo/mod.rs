@@ -15,6 +15,7 @@ pub(crate) mod identity;
 pub(crate) mod layout;
 pub(crate) mod packs;
 mod reencrypt;
+mod spare;
 mod store;
 
 pub(crate) use codec::{Checksum, Compression};

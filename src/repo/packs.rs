@@ -8,12 +8,12 @@
 //! bound it by bounding piece sizes. Used by backup-push and backup-fetch.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use crc32fast::Hasher;
 
 use super::codec::{CodecError, Decoder, Encoder, MAX_BLOCK};
 use super::crypt::ClearContent;
+use super::spare::Spare;
 use super::store::{Committed, ObjectReader, PutMode};
 use super::{RepoError, Repository};
 
@@ -103,24 +103,14 @@ pub(crate) struct PackPieces {
     done: bool,
 }
 
-/// Buffers of pieces already written, for the next pieces to be assembled in: a restore moves
-/// every byte of the database through them, and a fresh allocation per piece cost a page fault
-/// per 4 KiB of it. At most [`SPARE_PIECES`] are kept, so memory stays bounded by the pieces in
-/// flight.
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const SPARE_PIECES: usize = 2;
+/// Buffers of pieces already written, for the next pieces to be assembled in: at most 2, of
+/// at most a piece (8 MiB) each.
+static SPARE: Spare = Spare::new(2);
 
 /// Hands back the buffer of a piece [`PackPieces::next`] returned, once its bytes are written.
 pub(crate) fn recycle_piece(mut buf: Vec<u8>) {
     buf.clear();
-    if buf.capacity() == 0 {
-        return;
-    }
-    if let Ok(mut spare) = SPARE.lock() {
-        if spare.len() < SPARE_PIECES {
-            spare.push(buf);
-        }
-    }
+    SPARE.keep(&mut buf);
 }
 
 impl Repository {
@@ -226,11 +216,7 @@ impl PackPieces {
             let (from, to) = (w.at.max(start), piece_end.min(end));
             if from < to {
                 if self.partial.capacity() == 0 {
-                    self.partial = SPARE
-                        .lock()
-                        .ok()
-                        .and_then(|mut s| s.pop())
-                        .unwrap_or_default();
+                    self.partial = SPARE.take();
                 }
                 // Both offsets lie inside this block, whose length is a usize.
                 self.partial
